@@ -1,0 +1,62 @@
+"""Global settings: ``vcell.settings``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+logger = logging.getLogger("vcell")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("vcell: %(message)s"))
+    logger.addHandler(_handler)
+logger.setLevel(logging.INFO)
+logger.propagate = False
+
+
+class VCellSettings:
+    """Package-wide defaults.
+
+    Attributes
+    ----------
+    seed
+        Default random seed for every stochastic function that gets ``seed=None``/``random_state=None``.
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+    n_jobs
+        Number of CPU workers for data loading.
+    progress_bar
+        Show progress bars on long work.
+    verbosity
+        Logging level of the ``vcell`` logger (``"warning"``, ``"info"``, ``"debug"``).
+    """
+
+    def __init__(self) -> None:
+        self.seed: int = 0
+        self.device: Literal["auto", "cpu", "cuda"] = "auto"
+        self.n_jobs: int = 1
+        self.progress_bar: bool = True
+        self._verbosity = "info"
+
+    @property
+    def verbosity(self) -> str:
+        """Logging level of the ``vcell`` logger."""
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: str) -> None:
+        levels = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+        if value not in levels:
+            msg = f"verbosity must be one of {sorted(levels)}, got {value!r}"
+            raise ValueError(msg)
+        self._verbosity = value
+        logger.setLevel(levels[value])
+
+    def __repr__(self) -> str:
+        return (
+            f"VCellSettings(seed={self.seed}, device={self.device!r}, n_jobs={self.n_jobs}, "
+            f"progress_bar={self.progress_bar}, verbosity={self.verbosity!r})"
+        )
+
+
+settings = VCellSettings()
