@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--accelerator", default="cpu", help="accelerator for model tests: cpu, gpu or auto")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def accelerator(request) -> str:
+    return request.config.getoption("--accelerator")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data folder not found at {SHARED_DATA}; tests expect ../shared/data beside the clone")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kang_path(shared_data) -> Path:
+    return shared_data / "kang2018_pbmc_ifnb_small.h5ad"
+
+
+@pytest.fixture(scope="session")
+def papalexi_path(shared_data) -> Path:
+    return shared_data / "papalexi2021_eccite_thp1_rna299_sceptre.h5ad"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
