@@ -1,0 +1,106 @@
+"""Registration of perturbation screens in scvi-tools' :class:`~scvi.data.AnnDataManager`.
+
+Every vcell model's ``setup_anndata`` goes through :func:`setup_perturbation_anndata`, so all models read
+the same fields under the same keys (``vcell._constants.REGISTRY_KEYS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from .._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from scvi.data import AnnDataManager
+
+#: key of the registry entry holding vcell's own setup facts
+VCELL_STATE_KEY = "vcell_setup"
+
+
+def context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray:
+    """Joint label of the context columns per cell (``"CD4T|batch1"``); ``"all"`` when there are none."""
+    if not context_keys:
+        return np.full(len(obs), "all", dtype=object)
+    cols = [obs[k].astype(str).to_numpy() for k in context_keys]
+    out = cols[0].astype(object)
+    for c in cols[1:]:
+        out = out + "|" + c
+    return out
+
+
+def setup_perturbation_anndata(
+    cls: Any,
+    adata: AnnData,
+    *,
+    setup_method_args: dict,
+    perturbation_key: str,
+    control: str | Sequence[str],
+    dose_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    layer: str | None = None,
+    batch_key: str | None = None,
+    sep: str = "+",
+    **kwargs: Any,
+) -> None:
+    """Harmonise labels and register a perturbation screen for the model class ``cls``.
+
+    Sets the following fields
+    -------------------------
+    ``adata.obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``
+        Canonical labels from :func:`vcell.pp.harmonize` (plus ``adata.uns['vcell_harmonize']``).
+    ``adata.obs['_scvi_*']``, ``adata.uns['_scvi_uuid']``, ``adata.uns['_scvi_manager_uuid']``
+        scvi-tools' registry bookkeeping.
+    """
+    from scvi.data import AnnDataManager
+    from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField, NumericalObsField
+
+    from .. import pp
+
+    covariate_keys = list(covariate_keys or ())
+    check_obs_keys(adata, [perturbation_key], what="perturbation_key")
+    check_obs_keys(adata, [dose_key], what="dose_key")
+    check_obs_keys(adata, covariate_keys, what="covariate key")
+    check_obs_keys(adata, [batch_key], what="batch_key")
+    X = get_matrix(adata, layer)
+    check_finite_nonnegative(X, name=f"adata.layers[{layer!r}]" if layer else "adata.X")
+    counts = is_count_matrix(X)
+
+    pp.harmonize(adata, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key)
+
+    fields = [
+        LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+        CategoricalObsField(REGISTRY_KEYS.PERT_KEY, PERT_COL),
+        NumericalObsField(REGISTRY_KEYS.DOSE_KEY, DOSE_COL),
+        CategoricalJointObsField(REGISTRY_KEYS.COVARIATES_KEY, covariate_keys),
+        CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+    ]
+    manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+    manager.register_fields(adata, **kwargs)
+    manager.registry[VCELL_STATE_KEY] = {
+        "counts": bool(counts),
+        "context_keys": [*covariate_keys, *([batch_key] if batch_key else [])],
+    }
+    cls.register_manager(manager)
+
+
+def registered_conditions(manager: AnnDataManager) -> list[str]:
+    """Canonical condition labels registered in ``manager`` (controls included)."""
+    state = manager.get_state_registry(REGISTRY_KEYS.PERT_KEY)
+    return [str(c) for c in state.categorical_mapping]
+
+
+def vcell_state(registry: dict) -> dict:
+    """vcell's own setup facts stored in a registry (``counts``, ``context_keys``)."""
+    return registry.get(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
+
+
+def control_mask(adata: AnnData) -> np.ndarray:
+    """Boolean mask of control cells (needs :func:`vcell.pp.harmonize` to have run)."""
+    check_obs_keys(adata, [PERT_COL], what="canonical perturbation column (run vcell.pp.harmonize first)")
+    return (adata.obs[PERT_COL].astype(str) == CONTROL).to_numpy()

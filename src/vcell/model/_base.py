@@ -1,0 +1,186 @@
+"""Base class of every vcell model: registry, vocabulary, inputs of counterfactual prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scvi.model.base import BaseModelClass
+
+from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from .._utils import check_obs_keys, check_var_names_match, expression_for_eval
+from ..data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+class PerturbationModel(BaseModelClass):
+    """Shared machinery of vcell models, on scvi-tools' :class:`~scvi.model.base.BaseModelClass`.
+
+    Subclasses build ``self.module`` (a pure-torch module) in ``__init__`` from summary numbers, and
+    implement :meth:`train` and :meth:`predict`. Every model predicts in the evaluation space of
+    BENCHMARK.md, log1p(CP10k), whatever its likelihood.
+    """
+
+    def __init__(self, adata: AnnData | None = None, registry: dict | None = None) -> None:
+        super().__init__(adata, registry=registry)
+        mapping = self.registry_["field_registries"][REGISTRY_KEYS.PERT_KEY]["state_registry"]["categorical_mapping"]
+        self.vocab = PerturbationVocab([str(c) for c in mapping])
+        state = vcell_state(self.registry_)
+        self.counts_: bool = bool(state["counts"])
+        self.context_keys_: list[str] = list(state["context_keys"])
+        if adata is not None:
+            self.var_names_: list[str] = [str(v) for v in adata.var_names]
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        perturbation_key: str,
+        control: str | Sequence[str],
+        dose_key: str | None = None,
+        covariate_keys: Sequence[str] = (),
+        layer: str | None = None,
+        batch_key: str | None = None,
+        sep: str = "+",
+        **kwargs: Any,
+    ) -> None:
+        """Register a perturbation screen for this model.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes; ``X`` (or ``layer``) holds raw counts or log-normalised expression.
+        perturbation_key
+            ``obs`` column with perturbation labels (singles, ``"A+B"`` combinations, GEARS or scPerturb style).
+        control
+            Label(s) of control cells in ``perturbation_key``.
+        dose_key
+            Optional ``obs`` column with doses.
+        covariate_keys
+            Categorical ``obs`` columns of the cell context (e.g. ``["cell_type"]``); controls are paired
+            with perturbed cells of the same context.
+        layer
+            Layer with the expression matrix; ``None`` uses ``X``.
+        batch_key
+            Optional ``obs`` column with batches (also part of the context).
+        sep
+            Separator of combinations in ``perturbation_key``.
+        **kwargs
+            Passed to scvi-tools' ``AnnDataManager.register_fields``.
+
+        Sets the following fields
+        -------------------------
+        ``adata.obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``, ``adata.uns['vcell_harmonize']``
+            Canonical labels (:func:`vcell.pp.harmonize`).
+        ``adata.obs['_scvi_*']``, ``adata.uns['_scvi_uuid']``, ``adata.uns['_scvi_manager_uuid']``
+            scvi-tools' registry.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_perturbation_anndata(
+            cls,
+            adata,
+            setup_method_args=setup_method_args,
+            perturbation_key=perturbation_key,
+            control=control,
+            dose_key=dose_key,
+            covariate_keys=covariate_keys,
+            layer=layer,
+            batch_key=batch_key,
+            sep=sep,
+            **kwargs,
+        )
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    @property
+    def layer_(self) -> str | None:
+        """Layer the model reads (``None`` = ``X``)."""
+        return self.registry_["setup_args"].get("layer")
+
+    def _check_adata(self, adata: AnnData | None) -> AnnData:
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            msg = "this model was loaded without data: pass adata="
+            raise ValueError(msg)
+        check_var_names_match(self.var_names_, adata, what=type(self).__name__)
+        return adata
+
+    def _expression(self, adata: AnnData, indices: np.ndarray | None = None) -> np.ndarray:
+        """log1p(CP10k) expression of (a subset of) cells, dense float32."""
+        sub = adata if indices is None else adata[indices]
+        return expression_for_eval(sub, self.layer_, counts=self.counts_)
+
+    def _contexts(self, adata: AnnData) -> np.ndarray:
+        check_obs_keys(adata, self.context_keys_, what="context (covariate/batch) key")
+        return context_labels(adata.obs, self.context_keys_)
+
+    def _control_indices(self, adata: AnnData, controls: Any = None) -> np.ndarray:
+        """Integer indices of the control cells a prediction starts from.
+
+        ``controls`` is ``None`` (all cells labelled control), a boolean mask, integer indices or obs names.
+        """
+        if controls is None:
+            check_obs_keys(adata, [PERT_COL], what="canonical perturbation column (run vcell.pp.harmonize)")
+            idx = np.flatnonzero((adata.obs[PERT_COL].astype(str) == CONTROL).to_numpy())
+            if idx.size == 0:
+                msg = f"adata has no control cells (obs[{PERT_COL!r}] == {CONTROL!r}); pass controls="
+                raise ValueError(msg)
+            return idx
+        arr = np.asarray(controls)
+        if arr.dtype == bool:
+            if arr.shape != (adata.n_obs,):
+                msg = f"boolean controls mask has shape {arr.shape}, expected ({adata.n_obs},)"
+                raise ValueError(msg)
+            idx = np.flatnonzero(arr)
+        elif np.issubdtype(arr.dtype, np.integer):
+            idx = arr.astype(np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
+                msg = f"controls indices out of range for {adata.n_obs} cells"
+                raise ValueError(msg)
+        else:
+            names = arr.astype(str)
+            missing = np.setdiff1d(names, adata.obs_names)
+            if missing.size:
+                msg = f"controls names not in adata.obs_names: {missing[:5].tolist()}"
+                raise KeyError(msg)
+            idx = adata.obs_names.get_indexer(names)
+        if idx.size == 0:
+            msg = "no control cells selected"
+            raise ValueError(msg)
+        return idx
+
+    def _doses(self, adata: AnnData, indices: np.ndarray) -> np.ndarray:
+        return adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[indices]
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+
+        Parameters
+        ----------
+        adata
+            Data holding the control cells (same genes as in training); ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"``.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of the perturbation.
+        seed
+            Random seed (for stochastic models).
+
+        Returns
+        -------
+        Array of shape ``(n_selected_cells, n_genes)``.
+        """
+        raise NotImplementedError

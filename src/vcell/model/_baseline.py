@@ -1,0 +1,280 @@
+"""The four baselines every vcell report shows: control, mean, additive, linear (BENCHMARK.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from .._settings import logger
+from .._utils import group_means
+from ..data._vocab import _components
+from ..module import BASELINE_METHODS, BaselineModule
+from ._base import PerturbationModel
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+EmbeddingSpec = Literal["auto", "gene", "training"] | pd.DataFrame
+
+
+class Baseline(PerturbationModel):
+    """Closed-form baselines of perturbation response, behind the interface of every vcell model.
+
+    All work in log1p(CP10k) space and shift each control cell (so predicted cells keep the control
+    cells' variation); the shift is estimated against the control mean of the same context (covariates
+    and batch). Effects are taken as linear in dose.
+
+    * ``control``: no change.
+    * ``mean``: the mean shift of all perturbed training cells (the baseline that matched GEARS on Norman).
+    * ``additive``: sum of the single perturbations' shifts; for a context where a single was not seen
+      (cell-type transfer), its mean shift over the contexts where it was seen.
+    * ``linear``: Ahlmann-Eltze et al. 2025, ``Y ~ G W P^T + b`` fitted by ridge regression on the training
+      conditions' mean shifts ``Y`` (genes x conditions), ``G`` = top ``n_components`` principal
+      components of ``Y`` (genes), ``b`` = mean shift, ``P`` = perturbation embedding: rows of ``G`` for
+      perturbed genes (``"gene"``), the training conditions' principal-component scores (``"training"``,
+      seen singles only), or a given table (index = single perturbations). Combinations sum their singles'
+      embeddings.
+
+    Parameters
+    ----------
+    adata
+        Data registered with :meth:`setup_anndata`; the model is fitted on all its cells.
+    method
+        One of ``"control"``, ``"mean"``, ``"additive"``, ``"linear"``.
+    n_components
+        ``K`` of the linear baseline (capped by the number of training conditions).
+    ridge
+        Ridge penalty of the linear baseline (Ahlmann-Eltze: 0.1).
+    perturbation_embedding
+        ``"auto"`` (``"gene"`` when every single perturbation is a measured gene, else ``"training"``),
+        ``"gene"``, ``"training"``, or a :class:`pandas.DataFrame` indexed by single perturbation.
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.kang2018()
+    >>> vcell.model.Baseline.setup_anndata(
+    ...     adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+    ... )
+    >>> model = vcell.model.Baseline(adata, method="additive")
+    >>> model.train()
+    >>> model.predict(perturbation="IFNb").shape
+    (936, 6998)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        *,
+        method: str = "additive",
+        n_components: int = 10,
+        ridge: float = 0.1,
+        perturbation_embedding: EmbeddingSpec = "auto",
+    ) -> None:
+        super().__init__(adata, registry=registry)
+        if method not in BASELINE_METHODS:
+            msg = f"method must be one of {BASELINE_METHODS}, got {method!r}"
+            raise ValueError(msg)
+        if isinstance(perturbation_embedding, str) and perturbation_embedding not in ("auto", "gene", "training"):
+            msg = f"perturbation_embedding must be 'auto', 'gene', 'training' or a DataFrame, got {perturbation_embedding!r}"
+            raise ValueError(msg)
+        self.method = method
+        self.ridge = float(ridge)
+        self.perturbation_embedding = perturbation_embedding
+        n_genes = self.summary_stats["n_vars"]
+        self.contexts_: list[str] = []
+        if adata is not None:
+            self.contexts_ = sorted(set(self._contexts(adata)))
+        n_ctx = max(len(self.contexts_), 1)
+        self.n_components = int(n_components)
+        self.module = BaselineModule(n_genes, self.vocab.n_atoms, n_ctx, method=method, n_components=self.n_components)
+        self._model_summary_string = f"Baseline(method={method!r}): {self.vocab.n_atoms} single perturbations, {n_ctx} contexts"
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ fitting
+    def train(self, **kwargs: Any) -> None:
+        """Fit the baseline in closed form on all registered cells.
+
+        Training arguments of the learned models (``max_epochs``, ``batch_size``, ...) are accepted so
+        that benchmark code can treat every model alike; a closed-form fit ignores them.
+        """
+        adata = self.adata
+        E = self._expression(adata)
+        ctx = self._contexts(adata)
+        cond = adata.obs[PERT_COL].astype(str).to_numpy()
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
+        is_ctrl = cond == CONTROL
+        if not is_ctrl.any():
+            msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
+            raise ValueError(msg)
+        ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl])
+        global_ctrl = E[is_ctrl].mean(0)
+        ref = np.stack([ctrl_means.loc[c].to_numpy() if c in ctrl_means.index else global_ctrl for c in ctx])
+        pert = ~is_ctrl
+        D = (E - ref)[pert]
+        buf = self.module
+        if pert.any():
+            buf.mean_shift.copy_(torch.as_tensor(D.mean(0)))
+            self._fit_additive(D, cond[pert], ctx[pert], dose[pert])
+            if self.method == "linear":
+                self._fit_linear(D, cond[pert], dose[pert])
+        else:
+            logger.info("no perturbed cells in the training data: every baseline predicts no change")
+        self.module.eval()
+        self.is_trained_ = True
+
+    def _fit_additive(self, D: np.ndarray, cond: np.ndarray, ctx: np.ndarray, dose: np.ndarray) -> None:
+        n_atoms = self.vocab.n_atoms
+        shifts = np.zeros(self.module.atom_shift.shape, dtype=np.float64)
+        seen = np.zeros(self.module.atom_seen.shape, dtype=bool)
+        is_single = np.array([len(_components(c)) == 1 for c in cond])
+        if is_single.any():
+            keys = pd.Series(cond[is_single]) + "\t" + pd.Series(ctx[is_single])
+            means = group_means(D[is_single] / np.maximum(dose[is_single], 1e-12)[:, None], keys)
+            atom_index = {a: i for i, a in enumerate(self.vocab.atoms)}
+            ctx_index = {c: i for i, c in enumerate(self.contexts_)}
+            for key, row in zip(means.index, means.to_numpy(), strict=True):
+                a, c = key.split("\t")
+                shifts[ctx_index[c], atom_index[a]] = row
+                seen[ctx_index[c], atom_index[a]] = True
+        n_ctx = len(self.contexts_)
+        counts = seen[:n_ctx].sum(0)  # contexts in which each single was seen
+        fallback = shifts[:n_ctx].sum(0) / np.maximum(counts, 1)[:, None]
+        shifts[n_ctx] = fallback
+        seen[n_ctx] = counts > 0
+        for c in range(n_ctx):
+            shifts[c][~seen[c]] = fallback[~seen[c]]
+        self.atoms_seen_as_single_ = [a for a, s in zip(self.vocab.atoms, counts > 0, strict=True) if s]
+        self.module.atom_shift.copy_(torch.as_tensor(shifts))
+        self.module.atom_seen.copy_(torch.as_tensor(seen))
+        del n_atoms
+
+    def _embedding_mode(self) -> str | pd.DataFrame:
+        spec = self.perturbation_embedding
+        if isinstance(spec, pd.DataFrame) or spec != "auto":
+            return spec
+        genes = set(self.var_names_)
+        return "gene" if self.vocab.n_atoms and all(a in genes for a in self.vocab.atoms) else "training"
+
+    def _fit_linear(self, D: np.ndarray, cond: np.ndarray, dose: np.ndarray) -> None:
+        means = group_means(D / np.maximum(dose, 1e-12)[:, None], cond)
+        Y = means.to_numpy().T.astype(np.float64)  # genes x conditions
+        conditions = list(means.index.astype(str))
+        b = Y.mean(1)
+        Yc = Y - b[:, None]
+        U, S, Vt = np.linalg.svd(Yc, full_matrices=False)
+        K = self.n_components
+        k = min(K, len(conditions))
+        G = np.zeros((Y.shape[0], K))
+        G[:, :k] = U[:, :k]
+        mode = self._embedding_mode()
+        P_atoms = np.zeros((self.vocab.n_atoms, K))
+        ok = np.zeros(self.vocab.n_atoms, dtype=bool)
+        if isinstance(mode, pd.DataFrame):
+            emb = mode.reindex(self.vocab.atoms)
+            ok = emb.notna().all(1).to_numpy()
+            width = min(K, emb.shape[1])
+            P_atoms[:, :width] = np.nan_to_num(emb.to_numpy(dtype=np.float64))[:, :width]
+        elif mode == "gene":
+            gene_index = {g: i for i, g in enumerate(self.var_names_)}
+            for i, a in enumerate(self.vocab.atoms):
+                if a in gene_index:
+                    P_atoms[i] = G[gene_index[a]]
+                    ok[i] = True
+        else:  # training: principal-component scores of the seen singles
+            scores = Vt[:k].T * S[:k]  # conditions x k
+            for j, c in enumerate(conditions):
+                parts = _components(c)
+                if len(parts) == 1:
+                    i = self.vocab.atoms.index(parts[0])
+                    P_atoms[i, :k] = scores[j] / max(S[0], 1e-12)
+                    ok[i] = True
+        enc = self.vocab.encode(conditions).astype(np.float64)  # conditions x atoms
+        usable = (enc[:, ~ok].sum(1) == 0) if (~ok).any() else np.ones(len(conditions), dtype=bool)
+        P = enc[usable] @ P_atoms  # conditions x K
+        Yu = Yc[:, usable]
+        lam = self.ridge
+        W = np.linalg.solve(G.T @ G + lam * np.eye(K), G.T @ Yu @ P) @ np.linalg.inv(P.T @ P + lam * np.eye(K))
+        m = self.module
+        m.lin_G.copy_(torch.as_tensor(G))
+        m.lin_W.copy_(torch.as_tensor(W))
+        m.lin_b.copy_(torch.as_tensor(b))
+        m.lin_P.copy_(torch.as_tensor(P_atoms))
+        m.lin_P_ok.copy_(torch.as_tensor(ok))
+        self.linear_embedding_mode_ = mode if isinstance(mode, str) else "table"
+
+    # ------------------------------------------------------------------ prediction
+    def _check_predictable(self, perturbation: str) -> None:
+        parts = _components(perturbation)
+        self.vocab.check([perturbation], what=f"Baseline({self.method!r})")
+        if self.method == "additive":
+            missing = [a for a in parts if a not in set(getattr(self, "atoms_seen_as_single_", self.vocab.atoms))]
+            if missing:
+                msg = f"additive baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
+                raise KeyError(msg)
+        if self.method == "linear":
+            ok = self.module.lin_P_ok.cpu().numpy()
+            missing = [a for a in parts if not ok[self.vocab.atoms.index(a)]]
+            if missing:
+                msg = (
+                    f"linear baseline has no perturbation embedding for {missing} "
+                    f"(embedding mode {getattr(self, 'linear_embedding_mode_', '?')!r}); pass perturbation_embedding="
+                )
+                raise KeyError(msg)
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+
+        Parameters
+        ----------
+        adata
+            Data holding the control cells (same genes as in training); ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"``; ``"control"`` returns the cells unchanged.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of the perturbation (effects are linear in dose).
+        seed
+            Unused (the baselines are deterministic); accepted for a uniform interface.
+
+        Returns
+        -------
+        Array of shape ``(n_selected_cells, n_genes)``.
+        """
+        self._check_if_trained(warn=False)
+        if not self.is_trained_:
+            msg = "the model is not trained: call model.train() first"
+            raise RuntimeError(msg)
+        adata = self._check_adata(adata)
+        perturbation = str(perturbation)
+        if perturbation != CONTROL:
+            self._check_predictable(perturbation)
+        idx = self._control_indices(adata, controls)
+        X = self._expression(adata, idx)
+        ctx_index = {c: i for i, c in enumerate(self.contexts_)}
+        ctx = np.array([ctx_index.get(c, -1) for c in self._contexts(adata)[idx]], dtype=np.int64)
+        if perturbation == CONTROL:
+            return X
+        enc = self.vocab.encode([perturbation], dose)
+        batch = {
+            REGISTRY_KEYS.CONTROL_X_KEY: torch.as_tensor(X),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(enc, len(idx), axis=0)),
+            "context": torch.as_tensor(ctx),
+        }
+        with torch.no_grad():
+            out = self.module.to("cpu")(batch)
+        return out.numpy().astype(np.float32)

@@ -1,0 +1,5 @@
+"""Pure-torch modules (no AnnData): every module takes a dict of tensors keyed by ``REGISTRY_KEYS``."""
+
+from ._baseline import BASELINE_METHODS, BaselineModule
+
+__all__ = ["BaselineModule", "BASELINE_METHODS"]
