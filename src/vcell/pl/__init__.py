@@ -1,0 +1,13 @@
+"""Plots (scanpy style): every function takes ``ax=None, show=None, save=None, return_fig=False``.
+
+``save`` is a file path (saved at 150 dpi with a tight bounding box); ``show=None`` shows the figure only
+in an interactive matplotlib backend and when ``return_fig`` is false; ``return_fig=True`` returns the
+:class:`~matplotlib.figure.Figure`, otherwise the function returns ``None``.
+"""
+
+from __future__ import annotations
+
+from ._benchmark import benchmark
+from ._prediction import delta_heatmap, prediction_scatter
+
+__all__ = ["benchmark", "delta_heatmap", "prediction_scatter"]
