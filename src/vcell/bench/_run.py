@@ -1,0 +1,379 @@
+"""``vcell.bench.run``: models x splits x seeds on the same splits and metrics, as a tidy table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import CONTROL, DOSE_COL, PERT_COL
+from .._settings import logger, settings
+from .._utils import check_obs_keys, expression_for_eval
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: the baselines shown in every report
+BASELINES = ("control", "mean", "additive", "linear")
+
+
+@dataclass
+class ModelSpec:
+    """How ``bench.run`` builds and trains one model on a training AnnData.
+
+    Parameters
+    ----------
+    name
+        Label in the results.
+    model_cls
+        A vcell model class (``setup_anndata`` / ``__init__`` / ``train`` / ``predict``).
+    init_kwargs, train_kwargs
+        Keyword arguments of ``model_cls(adata, **init_kwargs)`` and ``model.train(**train_kwargs)``.
+    """
+
+    name: str
+    model_cls: Any
+    init_kwargs: dict = field(default_factory=dict)
+    train_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkResult:
+    """Output of :func:`vcell.bench.run`.
+
+    Attributes
+    ----------
+    results
+        Tidy table: ``model, split, seed, perturbation, metric, value, ceiling``.
+    summary
+        Per model, split and metric: mean over perturbations per seed, then ``mean``, ``ci_low``, ``ci_high``
+        (95% t-interval over seeds; equal to the mean with one seed), ``n_seeds`` and ``ceiling``.
+    timings
+        ``model, split, seed, fit_s, predict_s``.
+    """
+
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    timings: pd.DataFrame
+
+    def to_csv(self, out_dir: str | Path) -> list[Path]:
+        """Write ``results.csv``, ``summary.csv`` and ``timings.csv`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "results.csv", out / "summary.csv", out / "timings.csv"]
+        for df, p in zip((self.results, self.summary, self.timings), paths, strict=True):
+            df.to_csv(p, index=False)
+        return paths
+
+
+def _resolve_models(models: Sequence[str | ModelSpec] | Mapping[str, Any]) -> list[ModelSpec]:
+    from .. import model as vmodel
+
+    if isinstance(models, Mapping):
+        items = [ModelSpec(name, *(spec if isinstance(spec, tuple) else (spec,))) for name, spec in models.items()]
+        return items
+    specs = []
+    for m in models:
+        if isinstance(m, ModelSpec):
+            specs.append(m)
+        elif m in BASELINES:
+            specs.append(ModelSpec(m, vmodel.Baseline, {"method": m}))
+        elif isinstance(m, str) and hasattr(vmodel, m):
+            specs.append(ModelSpec(m, getattr(vmodel, m)))
+        else:
+            msg = f"unknown model {m!r}: use one of the baselines {BASELINES}, a vcell.model class name, or a ModelSpec"
+            raise ValueError(msg)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        msg = f"model names must be unique, got {names}"
+        raise ValueError(msg)
+    return specs
+
+
+def _resolve_splits(splits: Sequence[str | Mapping[str, Any]]) -> list[tuple[str, str, dict]]:
+    out = []
+    for s in splits:
+        if isinstance(s, str):
+            out.append((s, s, {}))
+        else:
+            opts = dict(s)
+            kind = opts.pop("kind")
+            name = opts.pop("name", kind if not opts else f"{kind}:" + ",".join(f"{v}" for v in opts.values()))
+            out.append((name, kind, opts))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        msg = f"split names must be unique, got {names}; give each a 'name'"
+        raise ValueError(msg)
+    return out
+
+
+def _parse_condition(cond: str) -> tuple[str, float | None]:
+    if "@" in cond:
+        pert, dose = cond.rsplit("@", 1)
+        return pert, float(dose)
+    return cond, None
+
+
+def _sub_adata(X: np.ndarray, label: str, var_names: pd.Index) -> AnnData:
+    import anndata as ad
+
+    obs = pd.DataFrame({"perturbation": pd.Categorical([label] * X.shape[0])}, index=[f"c{i}" for i in range(X.shape[0])])
+    return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=var_names))
+
+
+def run(
+    adata: AnnData,
+    *,
+    models: Sequence[str | ModelSpec] | Mapping[str, Any] = BASELINES,
+    splits: Sequence[str | Mapping[str, Any]],
+    seeds: Sequence[int] = (1, 2, 3),
+    metrics: Sequence[str] | None = None,
+    perturbation_key: str = PERT_COL,
+    control: str | Sequence[str] = CONTROL,
+    covariate_keys: Sequence[str] = (),
+    layer: str | None = None,
+    n_pcs: int = 50,
+    ceiling: bool = True,
+    max_cells: int = 2000,
+    progress: bool | None = None,
+    on_error: str = "raise",
+) -> BenchmarkResult:
+    """Benchmark models on out-of-distribution splits, beside the baselines, with BENCHMARK.md's metrics.
+
+    For every split and seed: :func:`vcell.bench.split` marks train/val/test cells and
+    :func:`vcell.bench.check_leakage` verifies that nothing held out reaches training; every model is set
+    up and trained on the train+val cells (a copy; ``adata`` is not changed), then predicts each held-out
+    condition as the counterfactual of the training control cells of the held-out cells' contexts, and
+    :func:`vcell.metrics.evaluate` scores it against the true held-out cells. Distribution metrics use one
+    PCA (``n_pcs``) fitted on the training cells of that split, shared by all models; DE genes are computed
+    once per condition and shared too.
+
+    Parameters
+    ----------
+    adata
+        The screen: counts or log-normalised expression; labels in ``obs[perturbation_key]``.
+    models
+        Baseline names (``"control"``, ``"mean"``, ``"additive"``, ``"linear"``), vcell model class names
+        with default arguments, :class:`ModelSpec` objects, or a mapping ``name -> (cls, init_kwargs, train_kwargs)``.
+    splits
+        Split kinds (``"combo_seen1"``), or dicts ``{"kind": ..., "name": ..., **kind_options}``.
+    seeds
+        Split (and model) seeds.
+    metrics
+        Subset of :data:`vcell.metrics.METRICS`; ``None`` = all.
+    perturbation_key, control
+        Label column and control label(s), passed to :func:`vcell.pp.harmonize`.
+    covariate_keys
+        Context columns (e.g. ``["cell_type"]``): controls are matched to held-out cells by them.
+    layer
+        Expression layer (``None`` = ``X``).
+    n_pcs
+        PCA dimensions of the distribution metrics.
+    ceiling
+        Also compute each metric's split-half ceiling on the true cells.
+    max_cells
+        Cells per condition used by O(n^2) distribution metrics (seeded subsample).
+    progress
+        Progress bar over the grid (default ``vcell.settings.progress_bar``).
+    on_error
+        ``"raise"``, or ``"skip"`` to record a model that cannot predict a condition (e.g. ``linear`` without an
+        embedding for an unseen perturbation) as NaN rows with ``error`` set, and go on.
+
+    Returns
+    -------
+    A :class:`BenchmarkResult` with ``results`` (tidy), ``summary`` and ``timings``.
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.kang2018()
+    >>> res = vcell.bench.run(
+    ...     adata,
+    ...     models=["control", "additive"],
+    ...     splits=[{"kind": "unseen_cell_type", "held_out": "B"}],
+    ...     seeds=[0],
+    ...     perturbation_key="perturbation",
+    ...     covariate_keys=["cell_type"],
+    ...     metrics=["pearson_delta"],
+    ... )
+    >>> sorted(res.results["model"].unique())
+    ['additive', 'control']
+    """
+    from tqdm.auto import tqdm
+
+    from .. import metrics as vmetrics
+    from .. import pp
+    from . import check_leakage, split
+
+    if on_error not in ("raise", "skip"):
+        msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
+        raise ValueError(msg)
+    specs = _resolve_models(models)
+    split_list = _resolve_splits(splits)
+    if not seeds:
+        msg = "seeds is empty"
+        raise ValueError(msg)
+    check_obs_keys(adata, [perturbation_key, *covariate_keys], what="obs key")
+    base = adata.copy()
+    pp.harmonize(base, perturbation_key=perturbation_key, control=control)
+    context_keys = list(covariate_keys)
+    from ..data import context_labels
+
+    rows: list[pd.DataFrame] = []
+    timings: list[dict] = []
+    show = settings.progress_bar if progress is None else progress
+    grid = [(s, seed) for s in split_list for seed in seeds]
+    bar = tqdm(total=len(grid) * len(specs), disable=not show, desc="vcell benchmark")
+    for (split_name, kind, opts), seed in grid:
+        a = base.copy()
+        split(a, kind=kind, seed=seed, **opts)
+        check_leakage(a)
+        info = a.uns["vcell_split"]
+        held_out = [str(h) for h in info["held_out"]]
+        is_train = a.obs["vcell_split"].isin(["train", "val"]).to_numpy()
+        train = a[is_train].copy()
+        E_train = expression_for_eval(train, layer)
+        pca = vmetrics.fit_pca(E_train, n_comps=min(n_pcs, *E_train.shape), seed=seed)
+        ctx_all = context_labels(a.obs, context_keys)
+        cond = a.obs[PERT_COL].astype(str).to_numpy()
+        dose = a.obs[DOSE_COL].to_numpy(dtype=float)
+        test = (a.obs["vcell_split"] == "test").to_numpy()
+        train_ctrl = is_train & (cond == CONTROL)
+        # truth and source controls per held-out condition (shared by all models)
+        cases = {}
+        for h in held_out:
+            pert, hdose = _parse_condition(h)
+            sel = test & (cond == pert) & (np.isclose(dose, hdose) if hdose is not None else True)
+            if "cell_type" in info:
+                key = info.get("cell_type_key", "cell_type")
+                sel &= (a.obs[key].astype(str) == str(info["cell_type"])).to_numpy()
+            if not sel.any():
+                logger.info("split %s seed %s: no test cells for %r, skipped", split_name, seed, h)
+                continue
+            src = train_ctrl & np.isin(ctx_all, np.unique(ctx_all[sel]))
+            if not src.any():
+                src = train_ctrl
+            cases[h] = {
+                "true": expression_for_eval(a[sel], layer),
+                "ctrl_mask": src,
+                "dose": float(np.median(dose[sel])),
+                "pert": pert,
+            }
+        if not cases:
+            msg = f"split {split_name!r} (seed {seed}) has no held-out condition with test cells"
+            raise ValueError(msg)
+        ctrl_union = np.zeros(a.n_obs, dtype=bool)
+        for c in cases.values():
+            ctrl_union |= c["ctrl_mask"]
+        ctrl_ad = _sub_adata(expression_for_eval(a[ctrl_union], layer), CONTROL, a.var_names)
+        true_ad = _concat([_sub_adata(c["true"], h, a.var_names) for h, c in cases.items()])
+        de_genes = {
+            h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()
+        }
+        train_positions = np.flatnonzero(is_train)
+        for spec in specs:
+            bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
+            t0 = time.perf_counter()
+            tr = train.copy()
+            spec.model_cls.setup_anndata(
+                tr, perturbation_key=PERT_COL, control=CONTROL, covariate_keys=context_keys, layer=layer
+            )
+            model = spec.model_cls(tr, **spec.init_kwargs)
+            model.train(**spec.train_kwargs)
+            fit_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            preds, errors = [], {}
+            for h, c in cases.items():
+                controls = np.flatnonzero(c["ctrl_mask"][train_positions])
+                try:
+                    X = model.predict(tr, perturbation=c["pert"], controls=controls, dose=c["dose"], seed=seed)
+                except (KeyError, ValueError) as err:
+                    if on_error == "raise":
+                        raise
+                    errors[h] = str(err)
+                    continue
+                preds.append(_sub_adata(X, h, a.var_names))
+            predict_s = time.perf_counter() - t0
+            timings.append({"model": spec.name, "split": split_name, "seed": seed, "fit_s": fit_s, "predict_s": predict_s})
+            if preds:
+                pred_ad = _concat(preds)
+                ok = [h for h in cases if h not in errors]
+                true_ok = true_ad[true_ad.obs["perturbation"].isin(ok)].copy()
+                df = vmetrics.evaluate(
+                    pred_ad,
+                    true_ok,
+                    ctrl_ad,
+                    perturbation_key="perturbation",
+                    metrics=metrics,
+                    pca=pca,
+                    de_genes={h: de_genes[h] for h in ok},
+                    max_cells=max_cells,
+                    seed=seed,
+                    ceiling=ceiling,
+                )
+                df.insert(0, "seed", seed)
+                df.insert(0, "split", split_name)
+                df.insert(0, "model", spec.name)
+                rows.append(df)
+            for h, err in errors.items():
+                rows.append(
+                    pd.DataFrame(
+                        {"model": [spec.name], "split": [split_name], "seed": [seed], "perturbation": [h],
+                         "metric": ["error"], "value": [np.nan], "error": [err]}
+                    )
+                )
+            bar.update(1)
+    bar.close()
+    results = pd.concat(rows, ignore_index=True)
+    if "error" not in results:
+        results["error"] = ""
+    results["error"] = results["error"].fillna("")
+    if "ceiling" not in results:
+        results["ceiling"] = np.nan
+    return BenchmarkResult(results=results, summary=summarize(results), timings=pd.DataFrame(timings))
+
+
+def _concat(parts: list[AnnData]) -> AnnData:
+    import anndata as ad
+
+    out = ad.concat(parts, axis=0, index_unique="-")
+    out.obs["perturbation"] = out.obs["perturbation"].astype("category")
+    return out
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean over perturbations per seed, then mean and 95% t-interval over seeds, with the ceiling beside it.
+
+    Parameters
+    ----------
+    results
+        Tidy table from :func:`run` (``model, split, seed, perturbation, metric, value[, ceiling]``).
+    """
+    from scipy import stats
+
+    res = results[results["metric"] != "error"]
+    if "ceiling" not in res:
+        res = res.assign(ceiling=np.nan)
+    per_seed = res.groupby(["model", "split", "metric", "seed"], sort=False)[["value", "ceiling"]].mean().reset_index()
+
+    def _agg(g: pd.DataFrame) -> pd.Series:
+        v = g["value"].dropna().to_numpy()
+        n = v.size
+        mean = float(v.mean()) if n else np.nan
+        half = float(stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        return pd.Series(
+            {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n, "ceiling": g["ceiling"].mean()}
+        )
+
+    return (
+        per_seed.groupby(["model", "split", "metric"], sort=False)[["value", "ceiling"]]
+        .apply(_agg)
+        .reset_index()
+    )
+
+
