@@ -1,0 +1,192 @@
+"""Readers: local ``.h5ad`` / ``.h5mu`` files, GEARS data folders, and pertpy's dataset loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anndata as ad
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+#: file that marks a GEARS data folder (``PertData.load`` / ``PertData.new_data_process`` output)
+GEARS_FILE = "perturb_processed.h5ad"
+_EXPECTED = f"an .h5ad file, an .h5mu file, or a GEARS data folder holding {GEARS_FILE}"
+
+
+def _copy_perturbation(adata: AnnData | MuData, key: str, *, where: str) -> None:
+    """Add ``obs['perturbation']`` as a copy of ``obs[key]``, or raise a KeyError naming ``key``."""
+    if key not in adata.obs.columns:
+        cols = ", ".join(map(repr, list(adata.obs.columns)[:20]))
+        msg = f"perturbation_key {key!r} is not a column of {where}.obs; available columns: {cols}"
+        raise KeyError(msg)
+    if key != "perturbation":
+        adata.obs["perturbation"] = adata.obs[key].copy()
+
+
+def _read_gears(folder: Path, file: Path, perturbation_key: str | None) -> AnnData:
+    adata = ad.read_h5ad(file)
+    key = "condition" if perturbation_key is None else perturbation_key
+    _copy_perturbation(adata, key, where=f"the GEARS file {file}")
+    if "gene_name" in adata.var.columns:
+        names = adata.var["gene_name"].astype(str).to_numpy()
+        if "gene_id" not in adata.var.columns:
+            adata.var["gene_id"] = adata.var_names.to_numpy()
+        adata.var_names = names
+        if not adata.var_names.is_unique:
+            adata.var_names_make_unique()
+    adata.uns["vcell_source"] = {"format": "gears", "path": str(folder)}
+    return adata
+
+
+def _gears_hint(folder: Path) -> str:
+    inner = sorted(p.parent.name for p in folder.glob(f"*/{GEARS_FILE}"))
+    return f"; these subfolders hold one: {inner}" if inner else ""
+
+
+def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | MuData:
+    """Read a perturbation dataset from disk: ``.h5ad``, ``.h5mu`` or a GEARS data folder.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file (read as AnnData), an ``.h5mu`` file (read as MuData with
+        ``mudata.set_options(pull_on_update=False)``, i.e. ``mdata.obs`` as stored; call ``mdata.pull_obs()``
+        to pull modality columns), or a GEARS data folder (one dataset's folder, holding
+        ``perturb_processed.h5ad``; that file itself is read the same way). GEARS conventions:
+        ``obs['condition']`` like ``'A+ctrl'``, ``'A+B'``, ``'ctrl'`` and gene symbols in ``var['gene_name']``.
+    perturbation_key
+        ``obs`` column holding the perturbation labels; when given (and not ``'perturbation'``), it is copied
+        to ``obs['perturbation']`` (for MuData: in ``mdata.obs`` and in every modality that has the column).
+        For GEARS folders it defaults to ``'condition'``. Labels are copied as they are; canonicalise them
+        (``'ctrl'`` -> ``'control'``, ``'A+ctrl'`` -> ``'A'``) with ``vcell.pp.harmonize``.
+
+    Returns
+    -------
+    AnnData, or MuData for ``.h5mu`` files.
+
+    Sets the following fields (on the object read, never on the file):
+
+    ``.obs['perturbation']``
+        Copy of ``obs[perturbation_key]`` (GEARS: of ``obs['condition']``).
+    ``.var_names``
+        GEARS only: the symbols of ``var['gene_name']`` (made unique), the former names kept in
+        ``var['gene_id']`` unless that column exists.
+    ``.uns['vcell_source']``
+        GEARS only: ``{'format': 'gears', 'path': <folder>}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is neither an ``.h5ad``/``.h5mu`` file nor a folder holding ``perturb_processed.h5ad``.
+    KeyError
+        If ``perturbation_key`` (or GEARS' ``condition``) is not an ``obs`` column.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, vcell
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "sim.h5ad"
+    >>> vcell.datasets.simulate(n_cells=200, n_genes=20, n_perturbations=2, n_combos=1, seed=0).write_h5ad(path)
+    >>> vcell.datasets.read(path).shape
+    (200, 20)
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        msg = f"no file or folder at {str(path)!r}; expected {_EXPECTED}"
+        raise FileNotFoundError(msg)
+    if path.is_dir():
+        file = path / GEARS_FILE
+        if not file.is_file():
+            msg = f"folder {str(path)!r} is not a GEARS data folder: it has no {GEARS_FILE}{_gears_hint(path)}"
+            raise ValueError(msg)
+        return _read_gears(path, file, perturbation_key)
+    if path.name == GEARS_FILE:
+        return _read_gears(path.parent, path, perturbation_key)
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        adata = ad.read_h5ad(path)
+        if perturbation_key is not None:
+            _copy_perturbation(adata, perturbation_key, where=f"the file {path}")
+        return adata
+    if suffix == ".h5mu":
+        import mudata
+
+        with mudata.set_options(pull_on_update=False):
+            mdata = mudata.read_h5mu(path)
+        if perturbation_key is not None:
+            holders = [mdata] if perturbation_key in mdata.obs.columns else []
+            holders += [m for m in mdata.mod.values() if perturbation_key in m.obs.columns]
+            if not holders:
+                mods = {name: list(m.obs.columns)[:10] for name, m in mdata.mod.items()}
+                msg = (
+                    f"perturbation_key {perturbation_key!r} is in neither mdata.obs ({list(mdata.obs.columns)[:10]}) "
+                    f"nor any modality's obs ({mods}) of {path}"
+                )
+                raise KeyError(msg)
+            for holder in holders:
+                _copy_perturbation(holder, perturbation_key, where=str(path))
+        return mdata
+    msg = f"unknown data format {path.suffix or '(no suffix)'!r} of {str(path)!r}; expected {_EXPECTED}"
+    raise ValueError(msg)
+
+
+def from_pertpy(name: str, *, path: str | Path | None = None) -> AnnData | MuData:
+    """Load one of pertpy's datasets (``pertpy.data.<name>``), or a local copy of it.
+
+    pertpy downloads a dataset on first use (to ``pertpy``'s dataset folder) and reads it from there
+    afterwards. Without network access, pass ``path`` to a local copy of the file (e.g. ``norman_2019.h5ad``,
+    ``papalexi_2021.h5mu``).
+
+    Parameters
+    ----------
+    name
+        Name of a function in :mod:`pertpy.data`, e.g. ``'norman_2019'``, ``'papalexi_2021'``,
+        ``'srivatsan_2020_sciplex3'``, ``'replogle_2022_k562_essential'``, ``'frangieh_2021'``.
+    path
+        Local copy of the dataset, read with :func:`vcell.datasets.read` (pertpy is then not imported).
+
+    Returns
+    -------
+    AnnData or MuData, as pertpy returns it.
+
+    Raises
+    ------
+    ValueError
+        If pertpy has no dataset called ``name``.
+    ConnectionError
+        If pertpy cannot download (or read) the dataset; the message says to pass ``path=``.
+    ImportError
+        If pertpy is not installed and no ``path`` was given.
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.from_pertpy("norman_2019", path="norman_2019.h5ad")  # doctest: +SKIP
+    """
+    if path is not None:
+        return read(path)
+    try:
+        import pertpy
+    except ImportError as err:
+        msg = (
+            f'from_pertpy({name!r}) needs pertpy: pip install "vcell[pertpy]"; '
+            "or pass path= to a local copy of the dataset"
+        )
+        raise ImportError(msg) from err
+    loader = None if name.startswith("_") else getattr(pertpy.data, name, None)
+    if not callable(loader):
+        names = sorted(n for n in dir(pertpy.data) if not n.startswith("_") and callable(getattr(pertpy.data, n)))
+        msg = f"pertpy has no dataset {name!r}; pertpy.data offers: {', '.join(names)}"
+        raise ValueError(msg)
+    try:
+        return loader()
+    except OSError as err:  # includes requests' RequestException, urllib's URLError, TimeoutError
+        msg = (
+            f"could not download or read pertpy dataset {name!r} ({type(err).__name__}: {err}). Without network "
+            f"access, pass path= to a local copy: vcell.datasets.from_pertpy({name!r}, path='/path/to/{name}.h5ad')"
+        )
+        raise ConnectionError(msg) from err
