@@ -1,0 +1,247 @@
+"""Differential expression for metrics: top-DE genes, FDR-significant genes and their overlap."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from scipy import sparse
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+DEMethod = Literal["t-test", "t-test_overestim_var", "wilcoxon"]
+_DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
+_REF = "__vcell_reference__"
+
+
+def _dense2d(x: ArrayLike | sparse.spmatrix, name: str) -> np.ndarray | sparse.csr_matrix:
+    if sparse.issparse(x):
+        return sparse.csr_matrix(x, dtype=np.float32)
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        msg = f"{name} must be a 2-D (cells x genes) array, got {arr.ndim} dimensions"
+        raise ValueError(msg)
+    return arr
+
+
+def de_stats(
+    groups: Mapping[str, ArrayLike | sparse.spmatrix],
+    control: ArrayLike | sparse.spmatrix,
+    *,
+    method: DEMethod = "t-test",
+) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """Score every gene of every group against the control cells in one ``scanpy.tl.rank_genes_groups`` call.
+
+    A private AnnData is built from the arrays (user data is never touched). Groups with fewer than 2 cells cannot be
+    tested and map to ``None``.
+
+    Parameters
+    ----------
+    groups
+        Label -> cells ``(n_cells x n_genes)``, log1p(CP10k).
+    control
+        Control cells ``(n_cells x n_genes)`` (at least 2).
+    method
+        ``method`` of :func:`scanpy.tl.rank_genes_groups` (p-values adjusted by Benjamini-Hochberg).
+
+    Returns
+    -------
+    Label -> ``(scores, pvals_adj)``, both in gene order, or ``None``.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    if method not in _DE_METHODS:
+        msg = f"method must be one of {_DE_METHODS}, got {method!r}"
+        raise ValueError(msg)
+    ctrl = _dense2d(control, "control")
+    if ctrl.shape[0] < 2:
+        msg = f"control must hold at least 2 cells for differential expression, got {ctrl.shape[0]}"
+        raise ValueError(msg)
+    n_genes = ctrl.shape[1]
+    out: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+    blocks, labels, names = [], [], {}
+    for i, (key, cells) in enumerate(groups.items()):
+        arr = _dense2d(cells, f"cells of {key!r}")
+        if arr.shape[1] != n_genes:
+            msg = f"cells of {key!r} have {arr.shape[1]} genes but control has {n_genes}"
+            raise ValueError(msg)
+        if arr.shape[0] < 2:
+            out[key] = None
+            continue
+        label = f"g{i}"
+        names[label] = key
+        blocks.append(arr)
+        labels.extend([label] * arr.shape[0])
+    if not blocks:
+        return out
+    blocks.append(ctrl)
+    labels.extend([_REF] * ctrl.shape[0])
+    X = sparse.vstack(blocks, format="csr") if any(sparse.issparse(b) for b in blocks) else np.vstack(blocks)
+    obs = pd.DataFrame({"group": pd.Categorical(labels)}, index=pd.RangeIndex(len(labels)).astype(str))
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.RangeIndex(n_genes).astype(str)))
+    adata.uns["log1p"] = {"base": None}
+    with warnings.catch_warnings():
+        # scanpy's own table building (pandas fragmentation) and 0/0 for genes constant in both groups (handled below)
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sc.tl.rank_genes_groups(
+            adata,
+            "group",
+            groups=list(names),
+            reference=_REF,
+            method=method,
+            n_genes=n_genes,
+            use_raw=False,
+            corr_method="benjamini-hochberg",
+            key_added="vcell_de",
+        )
+    res = adata.uns["vcell_de"]
+    for label, key in names.items():
+        idx = np.asarray(res["names"][label]).astype(np.int64)
+        scores = np.zeros(n_genes)
+        pvals = np.ones(n_genes)
+        scores[idx] = np.asarray(res["scores"][label], dtype=np.float64)
+        pvals[idx] = np.asarray(res["pvals_adj"][label], dtype=np.float64)
+        scores[~np.isfinite(scores)] = 0.0
+        pvals[~np.isfinite(pvals)] = 1.0
+        out[key] = (scores, pvals)
+    return {k: out[k] for k in groups}
+
+
+def rank_by_abs(scores: np.ndarray) -> np.ndarray:
+    """Gene indices ordered by decreasing ``|score|`` (ties by gene order)."""
+    return np.argsort(-np.abs(scores), kind="stable")
+
+
+def top_de_genes(
+    true_cells: ArrayLike | sparse.spmatrix,
+    control_cells: ArrayLike | sparse.spmatrix,
+    *,
+    n_top: int | None = 20,
+    method: DEMethod = "t-test",
+) -> np.ndarray:
+    """Top differentially expressed genes of ``true_cells`` vs ``control_cells``, ranked by ``|score|``.
+
+    Runs :func:`scanpy.tl.rank_genes_groups` on a private AnnData built from the two arrays.
+
+    Parameters
+    ----------
+    true_cells
+        Perturbed cells ``(n_cells x n_genes)``, log1p(CP10k); at least 2.
+    control_cells
+        Control cells, same genes; at least 2.
+    n_top
+        Number of genes to return; ``None`` returns the full ranking.
+    method
+        Test of :func:`scanpy.tl.rank_genes_groups`.
+
+    Returns
+    -------
+    Integer gene indices, most differential first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> ctrl = rng.normal(size=(50, 5))
+    >>> pert = rng.normal(size=(50, 5)) + np.array([0, 0, 3, 0, -1])
+    >>> top_de_genes(pert, ctrl, n_top=2)
+    array([2, 4])
+    """
+    stats = de_stats({"x": true_cells}, control_cells, method=method)["x"]
+    if stats is None:
+        msg = "true_cells must hold at least 2 cells for differential expression"
+        raise ValueError(msg)
+    order = rank_by_abs(stats[0])
+    return order if n_top is None else order[:n_top]
+
+
+def de_genes_fdr(
+    true_cells: ArrayLike | sparse.spmatrix,
+    control_cells: ArrayLike | sparse.spmatrix,
+    *,
+    fdr: float = 0.05,
+    method: DEMethod = "t-test",
+) -> np.ndarray:
+    """Genes differentially expressed at Benjamini-Hochberg FDR < ``fdr``, ranked by ``|score|``.
+
+    Parameters
+    ----------
+    true_cells
+        Perturbed cells ``(n_cells x n_genes)``; at least 2.
+    control_cells
+        Control cells; at least 2.
+    fdr
+        Threshold on the adjusted p-value.
+    method
+        Test of :func:`scanpy.tl.rank_genes_groups`.
+
+    Returns
+    -------
+    Integer gene indices (possibly empty), most differential first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> ctrl = rng.normal(size=(50, 5))
+    >>> pert = rng.normal(size=(50, 5)) + np.array([0, 0, 3, 0, 0])
+    >>> de_genes_fdr(pert, ctrl)
+    array([2])
+    """
+    stats = de_stats({"x": true_cells}, control_cells, method=method)["x"]
+    if stats is None:
+        msg = "true_cells must hold at least 2 cells for differential expression"
+        raise ValueError(msg)
+    return significant(stats, fdr)
+
+
+def significant(stats: tuple[np.ndarray, np.ndarray], fdr: float) -> np.ndarray:
+    """Genes with adjusted p-value < ``fdr`` from :func:`de_stats` output, ranked by ``|score|``."""
+    if not 0 < fdr <= 1:
+        msg = f"fdr must be in (0, 1], got {fdr}"
+        raise ValueError(msg)
+    scores, pvals = stats
+    order = rank_by_abs(scores)
+    return order[pvals[order] < fdr]
+
+
+def de_overlap(pred_de: ArrayLike, true_de: ArrayLike, *, k: int | None = None) -> float:
+    """Overlap of the top-``k`` predicted DE genes with the true DE genes, divided by ``k``.
+
+    ``k`` defaults to the number of true DE genes (those at FDR < 0.05, :func:`de_genes_fdr`), as in cell-eval's
+    DE overlap.
+
+    Parameters
+    ----------
+    pred_de
+        Gene indices ranked by predicted differential expression (e.g. :func:`top_de_genes` of the predicted cells
+        vs control with ``n_top=None``).
+    true_de
+        True DE gene indices (ranked when ``k`` is smaller than their number).
+    k
+        Number of genes compared; ``None`` uses ``len(true_de)``.
+
+    Returns
+    -------
+    ``|pred_de[:k] & true_de[:k]| / k``; ``NaN`` when ``k`` is 0 (no true DE genes).
+
+    Examples
+    --------
+    >>> de_overlap([3, 1, 2, 0], [1, 2])
+    0.5
+    """
+    p = np.asarray(pred_de, dtype=np.int64).ravel()
+    t = np.asarray(true_de, dtype=np.int64).ravel()
+    k = t.size if k is None else int(k)
+    if k < 0:
+        msg = f"k must be non-negative, got {k}"
+        raise ValueError(msg)
+    if k == 0:
+        return float("nan")
+    return float(np.intersect1d(p[:k], t[:k]).size / k)

@@ -1,0 +1,381 @@
+"""AnnData-level evaluation: every per-perturbation metric in one tidy table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from vcell._constants import COMBO_SEP
+from vcell._utils import check_obs_keys, get_matrix, is_count_matrix, resolve_seed, to_dense
+
+from ._ceiling import split_halves
+from ._de import DEMethod, de_overlap, de_stats, rank_by_abs, significant
+from ._delta import (
+    direction_accuracy,
+    l2_top_expressed,
+    mse_top_de,
+    mse_top_de_normalized,
+    pds,
+    pearson_delta,
+    perturbed_centroid_reference,
+)
+from ._distribution import energy_distance, fit_pca, mmd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: names of the metrics :func:`evaluate` reports, in table order
+METRICS: tuple[str, ...] = (
+    "pearson_delta",
+    "pearson_delta_top_de",
+    "mse_top_de",
+    "mse_top_de_normalized",
+    "l2_top_expressed",
+    "direction_accuracy",
+    "energy_distance",
+    "mmd",
+    "de_overlap",
+    "pds",
+)
+_TOP_DE_METRICS = {"pearson_delta_top_de", "mse_top_de", "mse_top_de_normalized", "direction_accuracy"}
+_DIST_METRICS = {"energy_distance", "mmd"}
+_MAX_PCA_FIT_CELLS = 20_000
+
+
+def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
+    if metrics is None:
+        return list(METRICS)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        msg = f"unknown metric(s) {unknown}; valid names are {list(METRICS)}"
+        raise ValueError(msg)
+    return [m for m in METRICS if m in set(metrics)]
+
+
+def _expression(adata: AnnData, what: str) -> np.ndarray:
+    X = get_matrix(adata)
+    if is_count_matrix(X):
+        msg = (
+            f"{what}.X looks like raw counts (non-negative integers); evaluate expects log1p(CP10k) expression, "
+            "e.g. vcell._utils.log1p_cp10k(X)"
+        )
+        raise ValueError(msg)
+    return to_dense(X, dtype=np.float32)
+
+
+def _check_genes(true: AnnData, other: AnnData, what: str) -> None:
+    if other.n_vars != true.n_vars or not other.var_names.equals(true.var_names):
+        msg = (
+            f"{what}.var_names must equal true.var_names (same genes, same order); got {other.n_vars} genes vs "
+            f"{true.n_vars}, e.g. {list(other.var_names[:3])} vs {list(true.var_names[:3])}"
+        )
+        raise ValueError(msg)
+
+
+def _targets(labels: Sequence[str], var_names: pd.Index) -> list[np.ndarray]:
+    return [var_names.get_indexer([g for g in str(lab).split(COMBO_SEP) if g]) for lab in labels]
+
+
+class _Context:
+    """What every perturbation's metrics share: control mean, reference, expressed genes, PCA, seed."""
+
+    def __init__(self, names, ctrl_mean, ref, expressed, n_top_expressed, pca, max_cells, seed):
+        self.names = names
+        self.ctrl_mean = ctrl_mean
+        self.ref = ref
+        self.expressed = expressed
+        self.n_top_expressed = n_top_expressed
+        self.pca = pca
+        self.max_cells = max_cells
+        self.seed = seed
+
+    def project(self, X: np.ndarray) -> np.ndarray:
+        comps, mean = self.pca
+        return (np.asarray(X, dtype=np.float64) - mean) @ comps.T
+
+    def one(
+        self,
+        pred_cells: np.ndarray,
+        true_cells: np.ndarray,
+        top: np.ndarray,
+        pred_rank: np.ndarray | None,
+        sig: np.ndarray | None,
+    ) -> dict[str, float]:
+        """Per-perturbation metrics (all but ``pds``) of predicted vs true cells."""
+        pm, tm = pred_cells.mean(axis=0, dtype=np.float64), true_cells.mean(axis=0, dtype=np.float64)
+        out: dict[str, float] = {}
+        for name in self.names:
+            if name == "pearson_delta":
+                out[name] = pearson_delta(pm, tm, self.ref)
+            elif name == "pearson_delta_top_de":
+                out[name] = pearson_delta(pm, tm, self.ref, genes=top)
+            elif name == "mse_top_de":
+                out[name] = mse_top_de(pm, tm, genes=top)
+            elif name == "mse_top_de_normalized":
+                out[name] = mse_top_de_normalized(pm, tm, self.ctrl_mean, genes=top)
+            elif name == "l2_top_expressed":
+                out[name] = l2_top_expressed(pm, tm, expressed_mean=self.expressed, n_top=self.n_top_expressed)
+            elif name == "direction_accuracy":
+                out[name] = direction_accuracy(pm, tm, self.ctrl_mean, genes=top)
+            elif name == "de_overlap":
+                out[name] = de_overlap(pred_rank, sig) if sig is not None else float("nan")
+        if self.names_dist:
+            P, T = self.project(pred_cells), self.project(true_cells)
+            if "energy_distance" in self.names:
+                out["energy_distance"] = energy_distance(P, T, max_cells=self.max_cells, seed=self.seed)
+            if "mmd" in self.names:
+                out["mmd"] = mmd(P, T, max_cells=self.max_cells, seed=self.seed)
+        return out
+
+    @property
+    def names_dist(self) -> bool:
+        return bool(_DIST_METRICS & set(self.names))
+
+
+def _ranking(stats: tuple[np.ndarray, np.ndarray] | None, mean: np.ndarray, ctrl_mean: np.ndarray) -> np.ndarray:
+    if stats is None:  # one cell: rank by the absolute mean shift instead of a test statistic
+        return rank_by_abs(mean - ctrl_mean)
+    return rank_by_abs(stats[0])
+
+
+def evaluate(
+    pred: AnnData,
+    true: AnnData,
+    control: AnnData,
+    *,
+    perturbation_key: str = "perturbation",
+    metrics: Sequence[str] | None = None,
+    n_top_de: int = 20,
+    n_top_expressed: int = 1000,
+    de_genes: Mapping[str, np.ndarray] | None = None,
+    de_method: DEMethod = "t-test",
+    fdr: float = 0.05,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+    n_comps: int = 50,
+    reference: Literal["control", "perturbed_centroid"] | np.ndarray = "control",
+    max_cells: int | None = 2000,
+    seed: int | None = None,
+    ceiling: bool = False,
+    n_ceiling_splits: int = 3,
+) -> pd.DataFrame:
+    """Evaluate predicted cells against true cells, perturbation by perturbation.
+
+    For each perturbation in ``true.obs[perturbation_key]`` (sorted), the predicted cells with the same label are
+    compared with the true ones:
+
+    - ``pearson_delta`` / ``pearson_delta_top_de``: :func:`pearson_delta` over all genes / the top-``n_top_de``
+      DE genes, with deltas relative to ``reference``;
+    - ``mse_top_de`` / ``mse_top_de_normalized``: :func:`mse_top_de` over the top DE genes, and divided by the MSE
+      of predicting the control mean (:func:`mse_top_de_normalized`);
+    - ``l2_top_expressed``: :func:`l2_top_expressed` over the ``n_top_expressed`` genes highest in the control
+      mean;
+    - ``direction_accuracy``: :func:`direction_accuracy` of changes vs the control mean over the top DE genes;
+    - ``energy_distance``, ``mmd``: :func:`energy_distance` (Euclidean) and :func:`mmd` between predicted and
+      true cells in the PCA space ``pca``, each set subsampled to ``max_cells``;
+    - ``de_overlap``: :func:`de_overlap` of the predicted cells' DE ranking (vs control; by the absolute mean shift
+      when only one cell is predicted) with the true DE genes at FDR < ``fdr`` (``NaN`` when there are none);
+    - ``pds``: :func:`pds` across all evaluated perturbations (needs at least 2, else ``NaN``), leaving out
+      target genes: each ``"+"``-separated part of a label found in ``var_names``.
+
+    DE genes are found once per perturbation with :func:`scanpy.tl.rank_genes_groups` (``de_method``) of true vs
+    control cells and reused by all metrics; ``de_genes`` supplies precomputed top-DE indices (e.g. shared across
+    models) for the top-DE metrics.
+
+    Parameters
+    ----------
+    pred
+        Predicted cells; ``X`` holds log1p(CP10k) expression (dense or sparse), ``obs[perturbation_key]`` labels
+        them. One cell per perturbation (a mean prediction) is allowed.
+    true
+        True held-out cells, same genes in the same order, labelled the same way.
+    control
+        Control cells, same genes (the ``control`` baseline, the DE reference and the top-expressed ranking).
+    perturbation_key
+        ``obs`` column with the perturbation labels in ``pred`` and ``true``.
+    metrics
+        Subset of :data:`METRICS`; ``None`` computes all.
+    n_top_de
+        Number of top DE genes for the top-DE metrics.
+    n_top_expressed
+        Number of genes for ``l2_top_expressed``.
+    de_genes
+        Optional perturbation -> top-DE gene indices; missing perturbations are computed.
+    de_method
+        Test of :func:`scanpy.tl.rank_genes_groups`.
+    fdr
+        Adjusted p-value threshold of the true DE genes for ``de_overlap``.
+    pca
+        ``(components, mean)`` from :func:`fit_pca`, fitted on training cells. ``None`` fits an ``n_comps`` PCA on
+        the control and true cells of this call (at most 20,000, seeded), which lets the held-out cells shape the
+        space: pass a training-set PCA in benchmarks.
+    n_comps
+        Number of components when ``pca`` is ``None``.
+    reference
+        Reference of the Pearson deltas: ``"control"`` (control mean), ``"perturbed_centroid"`` (Systema: mean of
+        the true centroids of the perturbations in ``true``) or a ``(n_genes,)`` vector.
+    max_cells
+        Subsampling cap of each cell set in the O(n^2) metrics.
+    seed
+        Seed of subsampling, PCA and ceiling splits; defaults to ``vcell.settings.seed``.
+    ceiling
+        Add a ``ceiling`` column: each metric between two random halves of the true cells (half 1 in the role of
+        the prediction; top-DE genes from all true cells; ``de_overlap`` from half 1's ranking vs half 2's
+        significant genes; ``pds`` across the half means), averaged over ``n_ceiling_splits`` splits.
+    n_ceiling_splits
+        Number of random splits for the ceiling.
+
+    Returns
+    -------
+    Tidy DataFrame with columns ``perturbation``, ``metric``, ``value`` (and ``ceiling``), one row per
+    perturbation and metric.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> var = pd.DataFrame(index=[f"g{i}" for i in range(30)])
+    >>> ctrl = ad.AnnData(rng.gamma(2.0, 0.5, (40, 30)).astype(np.float32), var=var)
+    >>> X = rng.gamma(2.0, 0.5, (40, 30)).astype(np.float32)
+    >>> true = ad.AnnData(X, obs=pd.DataFrame({"perturbation": ["A"] * 20 + ["B"] * 20}), var=var)
+    >>> df = evaluate(true, true, ctrl, metrics=["pearson_delta", "pds"])
+    >>> df["value"].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    names = _check_metrics(metrics)
+    check_obs_keys(pred, [perturbation_key], what="perturbation_key")
+    check_obs_keys(true, [perturbation_key], what="perturbation_key")
+    _check_genes(true, pred, "pred")
+    _check_genes(true, control, "control")
+    if control.n_obs < 2:
+        msg = f"control must hold at least 2 cells, got {control.n_obs}"
+        raise ValueError(msg)
+    if n_top_de < 1 or n_top_expressed < 1:
+        msg = f"n_top_de and n_top_expressed must be positive, got {n_top_de} and {n_top_expressed}"
+        raise ValueError(msg)
+    seed = resolve_seed(seed)
+
+    labels_t = true.obs[perturbation_key].astype(str).to_numpy()
+    labels_p = pred.obs[perturbation_key].astype(str).to_numpy()
+    perts = sorted(set(labels_t))
+    if not perts:
+        msg = "true has no cells to evaluate"
+        raise ValueError(msg)
+    missing = [p for p in perts if p not in set(labels_p)]
+    if missing:
+        msg = f"perturbation(s) {missing} of true.obs[{perturbation_key!r}] have no predicted cells in pred"
+        raise ValueError(msg)
+
+    Xt, Xp, Xc = _expression(true, "true"), _expression(pred, "pred"), _expression(control, "control")
+    idx_t = {p: np.flatnonzero(labels_t == p) for p in perts}
+    idx_p = {p: np.flatnonzero(labels_p == p) for p in perts}
+    ctrl_mean = Xc.mean(axis=0, dtype=np.float64)
+    true_means = np.vstack([Xt[idx_t[p]].mean(axis=0, dtype=np.float64) for p in perts])
+    pred_means = np.vstack([Xp[idx_p[p]].mean(axis=0, dtype=np.float64) for p in perts])
+
+    if isinstance(reference, str):
+        if reference == "control":
+            ref = ctrl_mean
+        elif reference == "perturbed_centroid":
+            ref = perturbed_centroid_reference(true_means)
+        else:
+            msg = f"reference must be 'control', 'perturbed_centroid' or a vector, got {reference!r}"
+            raise ValueError(msg)
+    else:
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        if ref.shape[0] != true.n_vars:
+            msg = f"reference vector has {ref.shape[0]} entries, expected one per gene ({true.n_vars})"
+            raise ValueError(msg)
+
+    # DE genes of true vs control, once per perturbation
+    de_genes = dict(de_genes or {})
+    need_true_de = "de_overlap" in names or (_TOP_DE_METRICS & set(names) and any(p not in de_genes for p in perts))
+    true_stats = de_stats({p: Xt[idx_t[p]] for p in perts}, Xc, method=de_method) if need_true_de else {}
+    top = {}
+    for i, p in enumerate(perts):
+        if p in de_genes:
+            top[p] = np.asarray(de_genes[p], dtype=np.int64)
+        else:
+            top[p] = _ranking(true_stats.get(p), true_means[i], ctrl_mean)[:n_top_de] if true_stats else None
+    sig = {p: (significant(s, fdr) if s is not None else None) for p, s in true_stats.items()}
+    pred_rank: dict[str, np.ndarray | None] = dict.fromkeys(perts)
+    if "de_overlap" in names:
+        pred_stats = de_stats({p: Xp[idx_p[p]] for p in perts}, Xc, method=de_method)
+        pred_rank = {p: _ranking(pred_stats[p], pred_means[i], ctrl_mean) for i, p in enumerate(perts)}
+
+    if _DIST_METRICS & set(names) and pca is None:
+        fit_cells = np.vstack([Xc, Xt])
+        if fit_cells.shape[0] > _MAX_PCA_FIT_CELLS:
+            rng = np.random.default_rng([seed, 2])
+            fit_cells = fit_cells[np.sort(rng.choice(fit_cells.shape[0], _MAX_PCA_FIT_CELLS, replace=False))]
+        pca = fit_pca(fit_cells, n_comps, seed=seed)
+    if pca is not None:
+        comps, mean = (np.asarray(a, dtype=np.float64) for a in pca)
+        if comps.ndim != 2 or comps.shape[1] != true.n_vars or mean.shape != (true.n_vars,):
+            msg = f"pca must be (components (n_comps x {true.n_vars}), mean ({true.n_vars},)), got {comps.shape}"
+            raise ValueError(msg)
+        pca = (comps, mean)
+    ctx = _Context(names, ctrl_mean, ref, ctrl_mean, n_top_expressed, pca, max_cells, seed)
+
+    values: dict[str, dict[str, float]] = {}
+    for p in perts:
+        values[p] = ctx.one(Xp[idx_p[p]], Xt[idx_t[p]], top[p], pred_rank[p], sig.get(p))
+    if "pds" in names:
+        scores = _pds(pred_means, true_means, perts, true.var_names)
+        for p, s in zip(perts, scores, strict=True):
+            values[p]["pds"] = s
+
+    rows = [(p, m, values[p][m]) for p in perts for m in names]
+    df = pd.DataFrame(rows, columns=["perturbation", "metric", "value"])
+    if ceiling:
+        ceil = _ceiling_values(ctx, Xt, Xc, idx_t, perts, top, true.var_names, de_method, fdr, n_ceiling_splits, seed)
+        df["ceiling"] = [ceil[p].get(m, np.nan) for p, m in zip(df["perturbation"], df["metric"], strict=True)]
+    return df
+
+
+def _pds(pred_means: np.ndarray, true_means: np.ndarray, perts: list[str], var_names: pd.Index) -> np.ndarray:
+    if len(perts) < 2:
+        return np.full(len(perts), np.nan)
+    return pds(pred_means, true_means, target_gene_idx=_targets(perts, var_names))
+
+
+def _ceiling_values(ctx, Xt, Xc, idx_t, perts, top, var_names, de_method, fdr, n_splits, seed):
+    """Split-half values of every metric per perturbation, averaged over splits (NaN where undefined)."""
+    if n_splits < 1:
+        msg = f"n_ceiling_splits must be a positive integer, got {n_splits}"
+        raise ValueError(msg)
+    rng = np.random.default_rng([seed, 1])
+    acc: dict[str, dict[str, list[float]]] = {p: {m: [] for m in ctx.names} for p in perts}
+    usable = [p for p in perts if idx_t[p].size >= 2]
+    for _ in range(n_splits):
+        halves = {p: split_halves(idx_t[p].size, rng) for p in usable}
+        cells = {p: (Xt[idx_t[p][a]], Xt[idx_t[p][b]]) for p, (a, b) in halves.items()}
+        h1_stats, h2_stats = {}, {}
+        if "de_overlap" in ctx.names and usable:
+            groups = {f"{p}\x001": c[0] for p, c in cells.items()} | {f"{p}\x002": c[1] for p, c in cells.items()}
+            stats = de_stats(groups, Xc, method=de_method)
+            h1_stats = {p: stats[f"{p}\x001"] for p in usable}
+            h2_stats = {p: stats[f"{p}\x002"] for p in usable}
+        for p in usable:
+            c1, c2 = cells[p]
+            rank = _ranking(h1_stats.get(p), c1.mean(axis=0, dtype=np.float64), ctx.ctrl_mean) if h1_stats else None
+            s2 = h2_stats.get(p)
+            sig = significant(s2, fdr) if s2 is not None else None
+            for m, v in ctx.one(c1, c2, top[p], rank, sig).items():
+                acc[p][m].append(v)
+        if "pds" in ctx.names and len(usable) >= 2:
+            m1 = np.vstack([cells[p][0].mean(axis=0, dtype=np.float64) for p in usable])
+            m2 = np.vstack([cells[p][1].mean(axis=0, dtype=np.float64) for p in usable])
+            for p, s in zip(usable, _pds(m1, m2, usable, var_names), strict=True):
+                acc[p]["pds"].append(s)
+    out: dict[str, dict[str, float]] = {}
+    for p in perts:
+        out[p] = {}
+        for m, vals in acc[p].items():
+            arr = np.asarray(vals, dtype=np.float64)
+            out[p][m] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+    return out
