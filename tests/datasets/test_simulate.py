@@ -3,6 +3,7 @@ from __future__ import annotations
 import anndata as ad
 import mudata
 import numpy as np
+import pytest
 from scipy import sparse
 
 import vcell
@@ -211,3 +212,28 @@ def test_ground_truth_additive_vs_epistatic():
     assert epi.all()
     assert err_epi.mean() > 3 * err_add.mean()
     assert np.median(err_epi / noise_epi) > 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_perturbations": 3, "n_combos": 4}, r"n_combos \(4\) exceeds the 3 pairs"),
+        ({"n_genes": 5, "n_perturbations": 6, "n_combos": 0}, r"n_perturbations \(6\) must be <= n_genes \(5\)"),
+        ({"frac_epistatic": 1.5}, r"frac_epistatic must be in \[0, 1\]"),
+        ({"doses": [0.0, 1.0]}, "doses must be a non-empty sequence of positive"),
+        ({"doses": [1.0, 1.0]}, "doses must be distinct"),
+        ({"cell_types": 0}, "cell_types must be an integer >= 1"),
+        ({"cell_types": "type0"}, "cell_types must be a number of cell types or a sequence"),
+        ({"n_cells": 5}, "n_cells=5 is too small"),
+        ({"n_programs": 0}, "n_programs must be an integer >= 1"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        simulate(**{**SMALL, **kwargs})
+
+
+def test_controls_only():
+    adata = simulate(n_cells=50, n_genes=10, n_perturbations=0, n_combos=0, seed=0)
+    assert set(adata.obs["perturbation"]) == {"control"}
+    assert adata.uns["vcell_simulation"]["true_log_mean"].shape == (1, 10)
