@@ -5,6 +5,7 @@ import pytest
 from scipy import sparse
 
 from vcell.metrics import de_genes_fdr, de_overlap, top_de_genes
+from vcell.metrics._de import de_stats
 
 
 @pytest.fixture
@@ -74,3 +75,15 @@ def test_de_overlap():
     assert de_overlap([5, 6], [1, 2]) == 0.0
     assert de_overlap([1, 9, 2], [1, 2, 3], k=2) == 0.5
     assert np.isnan(de_overlap([1, 2], []))
+
+
+def test_constant_genes_do_not_dominate_a_shifted_prediction(rng):
+    ctrl = rng.normal(2.0, 0.5, size=(60, 6)).astype(np.float32)
+    ctrl[:, 0] = 0.0  # never expressed in control
+    shift = np.array([0.01, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    pred = ctrl + shift  # deterministic shift: gene 0 stays constant, up to float round-off
+    scores, pvals_adj = de_stats({"p": pred}, ctrl)["p"]
+    assert scores[0] == 0.0
+    assert pvals_adj[0] == 1.0
+    assert top_de_genes(pred, ctrl, n_top=1)[0] == 2
+    assert 0 not in de_genes_fdr(pred, ctrl)

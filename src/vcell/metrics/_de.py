@@ -15,6 +15,16 @@ if TYPE_CHECKING:
 DEMethod = Literal["t-test", "t-test_overestim_var", "wilcoxon"]
 _DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
 _REF = "__vcell_reference__"
+#: a gene whose variance is at most this in both the group and the control is constant up to round-off
+_VAR_EPS = 1e-8
+
+
+def _gene_var(X: np.ndarray | sparse.csr_matrix) -> np.ndarray:
+    if sparse.issparse(X):
+        mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
+        sq = np.asarray(X.multiply(X).mean(axis=0), dtype=np.float64).ravel()
+        return np.maximum(sq - mean**2, 0.0)
+    return np.asarray(X, dtype=np.float64).var(axis=0)
 
 
 def _dense2d(x: ArrayLike | sparse.spmatrix, name: str) -> np.ndarray | sparse.csr_matrix:
@@ -36,7 +46,9 @@ def de_stats(
     """Score every gene of every group against the control cells in one ``scanpy.tl.rank_genes_groups`` call.
 
     A private AnnData is built from the arrays (user data is never touched). Groups with fewer than 2 cells cannot be
-    tested and map to ``None``.
+    tested and map to ``None``. Genes constant (variance <= 1e-8) in both the group and the control get score 0 and
+    adjusted p-value 1: otherwise float round-off turns a deterministic shift of an unexpressed gene (e.g. an
+    additive prediction ``control + shift``) into an enormous t statistic.
 
     Parameters
     ----------
@@ -45,7 +57,8 @@ def de_stats(
     control
         Control cells ``(n_cells x n_genes)`` (at least 2).
     method
-        ``method`` of :func:`scanpy.tl.rank_genes_groups` (p-values adjusted by Benjamini-Hochberg).
+        ``method`` of :func:`scanpy.tl.rank_genes_groups`; its raw p-values are adjusted by Benjamini-Hochberg
+        here, after the constant genes are set to 1.
 
     Returns
     -------
@@ -64,7 +77,8 @@ def de_stats(
         raise ValueError(msg)
     n_genes = ctrl.shape[1]
     out: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
-    blocks, labels, names = [], [], {}
+    ctrl_const = _gene_var(ctrl) <= _VAR_EPS
+    blocks, labels, names, const = [], [], {}, {}
     for i, (key, cells) in enumerate(groups.items()):
         arr = _dense2d(cells, f"cells of {key!r}")
         if arr.shape[1] != n_genes:
@@ -75,6 +89,7 @@ def de_stats(
             continue
         label = f"g{i}"
         names[label] = key
+        const[label] = ctrl_const & (_gene_var(arr) <= _VAR_EPS)
         blocks.append(arr)
         labels.extend([label] * arr.shape[0])
     if not blocks:
@@ -106,11 +121,23 @@ def de_stats(
         scores = np.zeros(n_genes)
         pvals = np.ones(n_genes)
         scores[idx] = np.asarray(res["scores"][label], dtype=np.float64)
-        pvals[idx] = np.asarray(res["pvals_adj"][label], dtype=np.float64)
-        scores[~np.isfinite(scores)] = 0.0
-        pvals[~np.isfinite(pvals)] = 1.0
-        out[key] = (scores, pvals)
+        pvals[idx] = np.asarray(res["pvals"][label], dtype=np.float64)
+        bad = ~np.isfinite(scores) | ~np.isfinite(pvals) | const[label]
+        scores[bad] = 0.0
+        pvals[bad] = 1.0
+        out[key] = (scores, _benjamini_hochberg(pvals))
     return {k: out[k] for k in groups}
+
+
+def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (as ``scanpy``'s ``corr_method="benjamini-hochberg"``)."""
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adj = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(adj[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
 
 
 def rank_by_abs(scores: np.ndarray) -> np.ndarray:
