@@ -159,3 +159,15 @@ def test_evaluate_does_not_modify_inputs(data):
     np.testing.assert_array_equal(np.asarray(true.X), before_X)
     assert "vcell_de" not in true.uns
     assert not control.uns
+
+
+def test_evaluate_perturbation_with_one_true_cell(data):
+    true, control, _ = data
+    keep = np.r_[np.flatnonzero(true.obs["perturbation"] != "X"), np.flatnonzero(true.obs["perturbation"] == "X")[:1]]
+    small = true[keep].copy()
+    df = evaluate(small, small, control, ceiling=True, n_ceiling_splits=1)
+    v = df.set_index(["perturbation", "metric"])
+    assert np.isnan(v.loc[("X", "de_overlap"), "value"])  # no DE test on one cell
+    assert v.loc[("X", "pearson_delta_top_de"), "value"] == pytest.approx(1.0)  # top genes by mean shift
+    assert v.xs("X", level="perturbation")["ceiling"].isna().all()
+    assert v.xs("g1", level="perturbation")["ceiling"].notna().all()
