@@ -114,7 +114,9 @@ def group_means(X: np.ndarray | sparse.spmatrix, labels: Sequence | pd.Series | 
     """Mean of the rows of ``X`` per label: a DataFrame indexed by label (one column per feature)."""
     labels = pd.Series(np.asarray(labels)).astype("category")
     codes = labels.cat.codes.to_numpy()
-    ind = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(labels.cat.categories), len(codes)))
+    ind = sparse.csr_matrix(
+        (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(labels.cat.categories), len(codes))
+    )
     counts = np.asarray(ind.sum(axis=1)).ravel()
     sums = ind @ X
     sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums)

@@ -29,7 +29,9 @@ def _print_table(summary, *, metrics: Sequence[str] | None = None) -> None:
         print(wide.to_string())
 
 
-def demo(out: str | Path = "vcell_demo_out", *, cell_type: str = "CD4T", seed: int = 0, models: Sequence[str] | None = None) -> Path:
+def demo(
+    out: str | Path = "vcell_demo_out", *, cell_type: str = "CD4T", seed: int = 0, models: Sequence[str] | None = None
+) -> Path:
     """Hold out one cell type's IFN-beta response in Kang 2018, predict it with every model, report.
 
     Parameters
@@ -60,8 +62,10 @@ def demo(out: str | Path = "vcell_demo_out", *, cell_type: str = "CD4T", seed: i
     adata = datasets.kang2018()
     pp.harmonize(adata, perturbation_key="perturbation", control="control")
     models = list(models) if models else _models_available()
-    print(f"vcell demo: Kang 2018 IFN-beta PBMCs ({adata.n_obs} cells x {adata.n_vars} genes); "
-          f"held out: stimulated {cell_type} cells; models: {', '.join(models)}")
+    print(
+        f"vcell demo: Kang 2018 IFN-beta PBMCs ({adata.n_obs} cells x {adata.n_vars} genes); "
+        f"held out: stimulated {cell_type} cells; models: {', '.join(models)}"
+    )
     res = bench.run(
         adata,
         models=models,
@@ -87,10 +91,14 @@ def demo(out: str | Path = "vcell_demo_out", *, cell_type: str = "CD4T", seed: i
     m.train()
     sub = adata[adata.obs["cell_type"] == cell_type].copy()
     tl.predict_perturbation(sub, m, perturbations="IFNb", key_added="vcell_pred")
-    pl.prediction_scatter(sub, perturbation="IFNb", pred_layer="vcell_pred", save=out / "prediction_scatter.png", show=False)
+    pl.prediction_scatter(
+        sub, perturbation="IFNb", pred_layer="vcell_pred", save=out / "prediction_scatter.png", show=False
+    )
     plt.close("all")
-    print(f"best model by energy distance: {best}; wrote {out}/metrics.csv, summary.csv, benchmark.png, "
-          f"prediction_scatter.png in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"best model by energy distance: {best}; wrote {out}/metrics.csv, summary.csv, benchmark.png, "
+        f"prediction_scatter.png in {time.perf_counter() - t0:.1f} s"
+    )
     return out
 
 

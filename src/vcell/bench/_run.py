@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import CONTROL, DOSE_COL, PERT_COL
-from .._settings import logger, settings
-from .._utils import check_obs_keys, expression_for_eval
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL
+from vcell._settings import logger, settings
+from vcell._utils import check_obs_keys, expression_for_eval
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -72,7 +72,7 @@ class BenchmarkResult:
 
 
 def _resolve_models(models: Sequence[str | ModelSpec] | Mapping[str, Any]) -> list[ModelSpec]:
-    from .. import model as vmodel
+    from vcell import model as vmodel
 
     if isinstance(models, Mapping):
         items = [ModelSpec(name, *(spec if isinstance(spec, tuple) else (spec,))) for name, spec in models.items()]
@@ -122,7 +122,9 @@ def _parse_condition(cond: str) -> tuple[str, float | None]:
 def _sub_adata(X: np.ndarray, label: str, var_names: pd.Index) -> AnnData:
     import anndata as ad
 
-    obs = pd.DataFrame({"perturbation": pd.Categorical([label] * X.shape[0])}, index=[f"c{i}" for i in range(X.shape[0])])
+    obs = pd.DataFrame(
+        {"perturbation": pd.Categorical([label] * X.shape[0])}, index=[f"c{i}" for i in range(X.shape[0])]
+    )
     return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=var_names))
 
 
@@ -206,8 +208,9 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    from .. import metrics as vmetrics
-    from .. import pp
+    from vcell import metrics as vmetrics
+    from vcell import pp
+
     from . import check_leakage, split
 
     if on_error not in ("raise", "skip"):
@@ -222,7 +225,7 @@ def run(
     base = adata.copy()
     pp.harmonize(base, perturbation_key=perturbation_key, control=control)
     context_keys = list(covariate_keys)
-    from ..data import context_labels
+    from vcell.data import context_labels
 
     rows: list[pd.DataFrame] = []
     timings: list[dict] = []
@@ -272,9 +275,7 @@ def run(
             ctrl_union |= c["ctrl_mask"]
         ctrl_ad = _sub_adata(expression_for_eval(a[ctrl_union], layer), CONTROL, a.var_names)
         true_ad = _concat([_sub_adata(c["true"], h, a.var_names) for h, c in cases.items()])
-        de_genes = {
-            h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()
-        }
+        de_genes = {h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()}
         train_positions = np.flatnonzero(is_train)
         for spec in specs:
             bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
@@ -299,7 +300,9 @@ def run(
                     continue
                 preds.append(_sub_adata(X, h, a.var_names))
             predict_s = time.perf_counter() - t0
-            timings.append({"model": spec.name, "split": split_name, "seed": seed, "fit_s": fit_s, "predict_s": predict_s})
+            timings.append(
+                {"model": spec.name, "split": split_name, "seed": seed, "fit_s": fit_s, "predict_s": predict_s}
+            )
             if preds:
                 pred_ad = _concat(preds)
                 ok = [h for h in cases if h not in errors]
@@ -323,8 +326,15 @@ def run(
             for h, err in errors.items():
                 rows.append(
                     pd.DataFrame(
-                        {"model": [spec.name], "split": [split_name], "seed": [seed], "perturbation": [h],
-                         "metric": ["error"], "value": [np.nan], "error": [err]}
+                        {
+                            "model": [spec.name],
+                            "split": [split_name],
+                            "seed": [seed],
+                            "perturbation": [h],
+                            "metric": ["error"],
+                            "value": [np.nan],
+                            "error": [err],
+                        }
                     )
                 )
             bar.update(1)
@@ -370,10 +380,4 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
             {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n, "ceiling": g["ceiling"].mean()}
         )
 
-    return (
-        per_seed.groupby(["model", "split", "metric"], sort=False)[["value", "ceiling"]]
-        .apply(_agg)
-        .reset_index()
-    )
-
-
+    return per_seed.groupby(["model", "split", "metric"], sort=False)[["value", "ceiling"]].apply(_agg).reset_index()

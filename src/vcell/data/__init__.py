@@ -1,6 +1,7 @@
 """Data layer: registry on scvi-tools' AnnDataManager, perturbation vocabulary, control pairing."""
 
-from .._constants import CONTROL, DOSE_COL, N_PERT_COL, PERT_COL, REGISTRY_KEYS
+from vcell._constants import CONTROL, DOSE_COL, N_PERT_COL, PERT_COL, REGISTRY_KEYS
+
 from ._datamodule import PairedDataModule, pair_controls
 from ._registry import (
     context_labels,

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import REGISTRY_KEYS
-from .._settings import logger
+from vcell._constants import REGISTRY_KEYS
+from vcell._settings import logger
 
 if TYPE_CHECKING:
     from scvi.data import AnnDataManager
@@ -104,7 +104,7 @@ class PairedDataModule:
         batch_size: int = 128,
         seed: int = 0,
     ) -> None:
-        from .. import data as _data
+        from vcell import data as _data
 
         self.manager = adata_manager
         self.vocab = vocab

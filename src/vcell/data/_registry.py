@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from .._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -60,7 +60,7 @@ def setup_perturbation_anndata(
     from scvi.data import AnnDataManager
     from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField, NumericalObsField
 
-    from .. import pp
+    from vcell import pp
 
     covariate_keys = list(covariate_keys or ())
     check_obs_keys(adata, [perturbation_key], what="perturbation_key")
@@ -96,7 +96,7 @@ def registered_conditions(manager: AnnDataManager) -> list[str]:
 
 
 def vcell_state(registry: dict) -> dict:
-    """vcell's own setup facts stored in a registry (``counts``, ``context_keys``)."""
+    """Return vcell's own setup facts stored in a registry (``counts``, ``context_keys``)."""
     return registry.get(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .._constants import COMBO_SEP, CONTROL
+from vcell._constants import COMBO_SEP, CONTROL
 
 
 def _components(label: str) -> tuple[str, ...]:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scvi.model.base import BaseModelClass
 
-from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from .._utils import check_obs_keys, check_var_names_match, expression_for_eval
-from ..data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._utils import check_obs_keys, check_var_names_match, expression_for_eval
+from vcell.data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -95,8 +95,7 @@ class PerturbationModel(BaseModelClass):
         )
 
     # ---------------------------------------------------------------- helpers for subclasses
-    @property
-    def layer_(self) -> str | None:
+    def _layer(self) -> str | None:
         """Layer the model reads (``None`` = ``X``)."""
         return self.registry_["setup_args"].get("layer")
 
@@ -111,7 +110,7 @@ class PerturbationModel(BaseModelClass):
     def _expression(self, adata: AnnData, indices: np.ndarray | None = None) -> np.ndarray:
         """log1p(CP10k) expression of (a subset of) cells, dense float32."""
         sub = adata if indices is None else adata[indices]
-        return expression_for_eval(sub, self.layer_, counts=self.counts_)
+        return expression_for_eval(sub, self._layer(), counts=self.counts_)
 
     def _contexts(self, adata: AnnData) -> np.ndarray:
         check_obs_keys(adata, self.context_keys_, what="context (covariate/batch) key")

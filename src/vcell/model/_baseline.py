@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from .._settings import logger
-from .._utils import group_means
-from ..data._vocab import _components
-from ..module import BASELINE_METHODS, BaselineModule
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._settings import logger
+from vcell._utils import group_means
+from vcell.data._vocab import _components
+from vcell.module import BASELINE_METHODS, BaselineModule
+
 from ._base import PerturbationModel
 
 if TYPE_CHECKING:
@@ -93,7 +94,9 @@ class Baseline(PerturbationModel):
         n_ctx = max(len(self.contexts_), 1)
         self.n_components = int(n_components)
         self.module = BaselineModule(n_genes, self.vocab.n_atoms, n_ctx, method=method, n_components=self.n_components)
-        self._model_summary_string = f"Baseline(method={method!r}): {self.vocab.n_atoms} single perturbations, {n_ctx} contexts"
+        self._model_summary_string = (
+            f"Baseline(method={method!r}): {self.vocab.n_atoms} single perturbations, {n_ctx} contexts"
+        )
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ fitting
@@ -215,7 +218,9 @@ class Baseline(PerturbationModel):
         if self.method == "additive":
             missing = [a for a in parts if a not in set(getattr(self, "atoms_seen_as_single_", self.vocab.atoms))]
             if missing:
-                msg = f"additive baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
+                msg = (
+                    f"additive baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
+                )
                 raise KeyError(msg)
         if self.method == "linear":
             ok = self.module.lin_P_ok.cpu().numpy()

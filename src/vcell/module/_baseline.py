@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .._constants import REGISTRY_KEYS
+from vcell._constants import REGISTRY_KEYS
+
+from ._base import VCellModule
 
 BASELINE_METHODS = ("control", "mean", "additive", "linear")
 
 
-class BaselineModule(nn.Module):
+class BaselineModule(VCellModule):
     """Shift control cells by a closed-form perturbation effect (BENCHMARK.md baselines).
 
     For a control cell ``x`` in context ``c`` under perturbation encoding ``e`` (dose-scaled multi-hot over
@@ -32,7 +33,9 @@ class BaselineModule(nn.Module):
         Embedding dimension ``K`` of the linear baseline.
     """
 
-    def __init__(self, n_genes: int, n_atoms: int, n_contexts: int, *, method: str = "additive", n_components: int = 10):
+    def __init__(
+        self, n_genes: int, n_atoms: int, n_contexts: int, *, method: str = "additive", n_components: int = 10
+    ):
         super().__init__()
         if method not in BASELINE_METHODS:
             msg = f"method must be one of {BASELINE_METHODS}, got {method!r}"

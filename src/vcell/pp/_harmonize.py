@@ -179,7 +179,7 @@ def harmonize(
         Dose of the perturbation (0.0 for controls).
     ``adata.uns['vcell_harmonize']`` : dict
         The report: ``n_cells``, ``n_control``, ``n_single``, ``n_combo`` (cells), ``n_labels_raw`` and
-        ``n_labels`` (distinct raw and canonical labels), ``relabelled`` (``{raw: canonical}`` for the raw
+        ``n_labels`` (distinct raw and canonical labels), ``relabelled`` (``{"raw": [...], "canonical": [...]}`` for the raw
         labels that changed), ``merged`` (``{canonical: [raw, ...]}`` for canonical labels written in two or
         more raw spellings, e.g. ``"A+B"`` and ``"B+A"``), ``params`` (``perturbation_key``, ``control`` and
         ``sep`` as lists, ``dose_key`` (``""`` when none), ``gears_ctrl``: whether ``"ctrl"`` tokens were
@@ -246,7 +246,7 @@ def harmonize(
 
     canon = {i: p.canonical for i, p in parsed.items()}
     n_control = sum(int(counts[i]) for i, c in canon.items() if c == CONTROL)
-    if n_control == 0:
+    if n_control == 0 or not any(raws[i].strip() in parser.control for i in used):
         msg = (
             f"no control cells: no label in obs[{perturbation_key!r}] matches control={control!r}; "
             f"most frequent labels: {_frequent_labels(raws, counts)}"
@@ -279,7 +279,10 @@ def harmonize(
         "n_combo": int((n_pert > 1).sum()),
         "n_labels_raw": len(parsed),
         "n_labels": len(spellings),
-        "relabelled": {raws[i]: c for i, c in canon.items() if raws[i] != c},
+        "relabelled": {
+            "raw": [raws[i] for i, c in canon.items() if raws[i] != c],
+            "canonical": [c for i, c in canon.items() if raws[i] != c],
+        },
         "merged": {c: sorted(r) for c, r in sorted(spellings.items()) if len(r) > 1},
         "params": {
             "perturbation_key": perturbation_key,
@@ -291,13 +294,15 @@ def harmonize(
         "vcell_version": __version__,
     }
     adata.uns[UNS_KEY] = report
-    logger.info(_summary(report))
+    # canonical input (as in every model's setup_anndata after harmonize) is logged at DEBUG only
+    changed = bool(report["relabelled"]["raw"]) or perturbation_key != PERT_COL
+    logger.log(logging.INFO if changed else logging.DEBUG, _summary(report))
     return adata if copy else None
 
 
 def _summary(report: dict) -> str:
     """One-paragraph text of a harmonize report."""
-    relabelled = report["relabelled"]
+    relabelled = dict(zip(report["relabelled"]["raw"], report["relabelled"]["canonical"], strict=True))
     shown = [f"{r!r} -> {c!r}" for r, c in list(relabelled.items())[:5]]
     text = (
         f"harmonize obs[{report['params']['perturbation_key']!r}]: {report['n_cells']} cells, "

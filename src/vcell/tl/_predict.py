@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import PERT_COL
-from .._utils import check_obs_keys
+from vcell._constants import PERT_COL
+from vcell._utils import check_obs_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..model import PerturbationModel
+    from vcell.model import PerturbationModel
 
 
 def _layer_key(key_added: str, perturbation: str, n: int) -> str:
@@ -90,7 +90,7 @@ def predict_perturbation(
     """
     import anndata as ad
 
-    from .. import __version__
+    from vcell import __version__
 
     perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
     if not perts:
