@@ -135,7 +135,7 @@ def run(
     splits: Sequence[str | Mapping[str, Any]],
     seeds: Sequence[int] = (1, 2, 3),
     metrics: Sequence[str] | None = None,
-    perturbation_key: str = PERT_COL,
+    perturbation_key: str = "perturbation",
     control: str | Sequence[str] = CONTROL,
     covariate_keys: Sequence[str] = (),
     layer: str | None = None,
@@ -277,6 +277,8 @@ def run(
         true_ad = _concat([_sub_adata(c["true"], h, a.var_names) for h, c in cases.items()])
         de_genes = {h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()}
         train_positions = np.flatnonzero(is_train)
+        additive = _additive_expectations(cases, E_train, cond[is_train])
+        sim_labels = _simulated_epistasis(a, list(additive))
         for spec in specs:
             bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
             t0 = time.perf_counter()
@@ -305,6 +307,10 @@ def run(
             )
             if preds:
                 pred_ad = _concat(preds)
+                if len(additive) >= 2 and (metrics is None or "interaction_auprc" in metrics):
+                    rows.append(
+                        _interaction_row(spec.name, split_name, seed, pred_ad, cases, additive, ctrl_ad, sim_labels)
+                    )
                 ok = [h for h in cases if h not in errors]
                 true_ok = true_ad[true_ad.obs["perturbation"].isin(ok)].copy()
                 df = vmetrics.evaluate(
@@ -346,6 +352,63 @@ def run(
     if "ceiling" not in results:
         results["ceiling"] = np.nan
     return BenchmarkResult(results=results, summary=summarize(results), timings=pd.DataFrame(timings))
+
+
+def _additive_expectations(cases: dict, E_train: np.ndarray, cond_train: np.ndarray) -> dict[str, np.ndarray]:
+    """Additive expectation (control mean + sum of training single shifts) of held-out doubles whose singles trained."""
+    from vcell._utils import group_means
+
+    doubles = {h: h.split("+") for h in cases if "@" not in h and len(h.split("+")) == 2}
+    needed = {p for parts in doubles.values() for p in parts}
+    if not doubles or not needed & set(cond_train):
+        return {}
+    means = group_means(E_train, cond_train)
+    if CONTROL not in means.index:
+        return {}
+    ctrl = means.loc[CONTROL].to_numpy()
+    return {
+        h: ctrl + sum(means.loc[p].to_numpy() - ctrl for p in parts)
+        for h, parts in doubles.items()
+        if all(p in means.index for p in parts)
+    }
+
+
+def _simulated_epistasis(adata: AnnData, doubles: list[str]) -> np.ndarray | None:
+    """Ground-truth non-additivity labels of ``doubles`` from :func:`vcell.datasets.simulate`, if present."""
+    sim = adata.uns.get("vcell_simulation")
+    if sim is None or "combos" not in sim or "epistatic" not in sim:
+        return None
+    truth = dict(zip(map(str, sim["combos"]), np.asarray(sim["epistatic"], dtype=bool), strict=True))
+    if not all(h in truth for h in doubles):
+        return None
+    return np.array([truth[h] for h in doubles])
+
+
+def _interaction_row(
+    model: str, split: str, seed: int, pred: AnnData, cases: dict, additive: dict, ctrl: AnnData, labels
+) -> pd.DataFrame:
+    """``interaction_auprc`` over the held-out doubles (simulation ground truth when known, else median rule)."""
+    from vcell import metrics as vmetrics
+
+    names = [h for h in additive if h in set(pred.obs["perturbation"].astype(str))]
+    if labels is not None:
+        labels = labels[[list(additive).index(h) for h in names]]
+    X = np.asarray(pred.X)
+    pred_means = np.stack([X[(pred.obs["perturbation"] == h).to_numpy()].mean(0) for h in names])
+    true_means = np.stack([cases[h]["true"].mean(0) for h in names])
+    add = np.stack([additive[h] for h in names])
+    value = vmetrics.interaction_auprc(pred_means, add, None if labels is not None else true_means, labels=labels)
+    return pd.DataFrame(
+        {
+            "model": [model],
+            "split": [split],
+            "seed": [seed],
+            "perturbation": ["all doubles"],
+            "metric": ["interaction_auprc"],
+            "value": [value],
+            "ceiling": [np.nan],
+        }
+    )
 
 
 def _concat(parts: list[AnnData]) -> AnnData:
