@@ -78,6 +78,30 @@ def test_linear_gene_embedding_predicts_training_conditions():
     assert np.corrcoef(d, shift["A"] + shift["B"])[0, 1] > 0.9
 
 
+def test_linear_gene_mode_predicts_an_unseen_gene_perturbation():
+    adata, _ = _planted()
+    adata.var_names = ["A", "B", "C", *adata.var_names[3:]]
+    train = adata[adata.obs["perturbation"] != "B"].copy()
+    model = _fit(train, "linear", n_components=2)
+    assert model.linear_embedding_mode_ == "gene"
+    pred_c = model.predict(perturbation="C")  # never seen, but a measured gene
+    assert pred_c.shape == (int((train.obs["vcell_perturbation"] == "control").sum()), train.n_vars)
+    # Ahlmann-Eltze: an unseen gene's embedding is its row of G; prediction = ctrl + b + G W G[C]
+    m = model.module
+    G, W, b = (m.lin_G.numpy().astype(np.float64), m.lin_W.numpy().astype(np.float64), m.lin_b.numpy())
+    ctrl = train.X[(train.obs["vcell_perturbation"] == "control").to_numpy()]
+    expected = np.clip(ctrl + b + G @ W @ G[2], 0, None)
+    np.testing.assert_allclose(pred_c, expected, atol=1e-5)
+    with pytest.raises(KeyError, match="embedding"):
+        model.predict(perturbation="NOT_A_GENE")
+
+
+def test_mean_baseline_predicts_unseen_perturbations():
+    adata, _ = _planted()
+    model = _fit(adata, "mean")
+    np.testing.assert_allclose(model.predict(perturbation="Z"), model.predict(perturbation="A"))
+
+
 def test_predict_unknown_perturbation_and_gene_mismatch():
     adata, _ = _planted()
     model = _fit(adata, "additive")

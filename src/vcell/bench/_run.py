@@ -318,7 +318,7 @@ def run(
                     true_ok,
                     ctrl_ad,
                     perturbation_key="perturbation",
-                    metrics=metrics,
+                    metrics=None if metrics is None else [m for m in metrics if m != "interaction_auprc"],
                     pca=pca,
                     de_genes={h: de_genes[h] for h in ok},
                     max_cells=max_cells,

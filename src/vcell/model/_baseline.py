@@ -213,7 +213,12 @@ class Baseline(PerturbationModel):
 
     # ------------------------------------------------------------------ prediction
     def _check_predictable(self, perturbation: str) -> None:
+        if self.method in ("control", "mean"):
+            return  # these predict the same for every perturbation, seen or not
         parts = _components(perturbation)
+        if self.method == "linear":
+            self._linear_embedding(perturbation)  # raises for a component without an embedding
+            return
         self.vocab.check([perturbation], what=f"Baseline({self.method!r})")
         if self.method == "additive":
             missing = [a for a in parts if a not in set(getattr(self, "atoms_seen_as_single_", self.vocab.atoms))]
@@ -222,15 +227,39 @@ class Baseline(PerturbationModel):
                     f"additive baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
                 )
                 raise KeyError(msg)
-        if self.method == "linear":
-            ok = self.module.lin_P_ok.cpu().numpy()
-            missing = [a for a in parts if not ok[self.vocab.atoms.index(a)]]
-            if missing:
-                msg = (
-                    f"linear baseline has no perturbation embedding for {missing} "
-                    f"(embedding mode {getattr(self, 'linear_embedding_mode_', '?')!r}); pass perturbation_embedding="
-                )
-                raise KeyError(msg)
+
+    def _linear_embedding(self, perturbation: str) -> np.ndarray:
+        """Embedding ``p`` (length ``K``) of a condition: the sum of its singles' embeddings.
+
+        A single in the training vocabulary uses its fitted row; one outside it (an unseen perturbation)
+        uses its gene's row of ``G`` in ``"gene"`` mode, or its row of the given embedding table.
+        """
+        m = self.module
+        K = m.lin_P.shape[1]
+        mode = getattr(self, "linear_embedding_mode_", "training")
+        ok = m.lin_P_ok.cpu().numpy()
+        gene_index = {g: i for i, g in enumerate(self.var_names_)}
+        table = self.perturbation_embedding if isinstance(self.perturbation_embedding, pd.DataFrame) else None
+        out, missing = np.zeros(K), []
+        for a in _components(perturbation):
+            i = self.vocab.atoms.index(a) if a in self.vocab.atoms else -1
+            if i >= 0 and ok[i]:
+                out += m.lin_P[i].cpu().numpy()
+            elif mode == "gene" and a in gene_index:
+                out += m.lin_G[gene_index[a]].cpu().numpy()
+            elif table is not None and a in table.index and table.loc[a].notna().all():
+                row = table.loc[a].to_numpy(dtype=np.float64)[:K]
+                out[: row.size] += row
+            else:
+                missing.append(a)
+        if missing:
+            msg = (
+                f"linear baseline has no perturbation embedding for {missing} (embedding mode {mode!r}: "
+                "'training' covers singles seen in training, 'gene' measured genes); pass perturbation_embedding="
+                "a DataFrame indexed by perturbation"
+            )
+            raise KeyError(msg)
+        return out.astype(np.float32)
 
     def predict(
         self,
@@ -274,12 +303,18 @@ class Baseline(PerturbationModel):
         ctx = np.array([ctx_index.get(c, -1) for c in self._contexts(adata)[idx]], dtype=np.int64)
         if perturbation == CONTROL:
             return X
-        enc = self.vocab.encode([perturbation], dose)
+        if self.method == "additive":
+            enc = self.vocab.encode([perturbation], dose)
+        else:  # the other baselines do not read the code: any non-zero code means "perturbed"
+            enc = np.full((1, self.vocab.n_atoms), dose / max(self.vocab.n_atoms, 1), dtype=np.float32)
         batch = {
             REGISTRY_KEYS.CONTROL_X_KEY: torch.as_tensor(X),
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(enc, len(idx), axis=0)),
             "context": torch.as_tensor(ctx),
         }
+        if self.method == "linear":
+            emb = self._linear_embedding(perturbation) * np.float32(dose)
+            batch["perturbation_embedding"] = torch.as_tensor(np.repeat(emb[None], len(idx), axis=0))
         with torch.no_grad():
             out = self.module.to("cpu")(batch)
         return out.numpy().astype(np.float32)

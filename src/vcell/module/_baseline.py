@@ -51,8 +51,15 @@ class BaselineModule(VCellModule):
         self.register_buffer("lin_P", torch.zeros(n_atoms, n_components))
         self.register_buffer("lin_P_ok", torch.zeros(n_atoms, dtype=torch.bool))
 
-    def shift(self, encoding: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predicted change, shape ``(n_cells, n_genes)``; ``context`` = index, ``-1`` for an unseen one."""
+    def shift(
+        self, encoding: torch.Tensor, context: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predicted change, shape ``(n_cells, n_genes)``.
+
+        ``context`` is the context index (``-1`` for an unseen one); ``embedding`` (linear only) overrides
+        ``encoding @ lin_P`` with a given perturbation embedding ``(n_cells, K)``, for perturbations outside
+        the training vocabulary.
+        """
         n = encoding.shape[0]
         active = (encoding.abs().sum(1, keepdim=True) > 0).to(encoding.dtype)
         if self.method == "control":
@@ -62,11 +69,13 @@ class BaselineModule(VCellModule):
         if self.method == "additive":
             ctx = torch.where(context < 0, torch.full_like(context, self.atom_shift.shape[0] - 1), context)
             return torch.einsum("na,nag->ng", encoding, self.atom_shift[ctx])
-        p = encoding @ self.lin_P  # (n, K)
+        p = encoding @ self.lin_P if embedding is None else embedding  # (n, K)
         return active * (self.lin_b[None, :] + p @ self.lin_W.T @ self.lin_G.T)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Counterfactual of ``batch[CONTROL_X_KEY]`` (log1p(CP10k)) under ``batch[PERT_ENCODING_KEY]``."""
         x = batch[REGISTRY_KEYS.CONTROL_X_KEY]
-        shift = self.shift(batch[REGISTRY_KEYS.PERT_ENCODING_KEY], batch["context"])
+        shift = self.shift(
+            batch[REGISTRY_KEYS.PERT_ENCODING_KEY], batch["context"], batch.get("perturbation_embedding")
+        )
         return torch.clamp(x + shift, min=0.0)

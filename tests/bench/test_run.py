@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vcell
+from vcell.bench import ModelSpec, summarize
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return vcell.datasets.simulate(n_cells=1500, n_genes=60, n_perturbations=6, n_combos=8, frac_epistatic=0.5, seed=3)
+
+
+def test_run_tidy_results_and_summary(sim):
+    before = sim.copy()
+    res = vcell.bench.run(
+        sim,
+        models=["control", "additive"],
+        splits=["combo_half"],
+        seeds=[1, 2],
+        metrics=["pearson_delta", "mse_top_de", "energy_distance", "interaction_auprc"],
+        progress=False,
+    )
+    r = res.results
+    assert {"model", "split", "seed", "perturbation", "metric", "value", "ceiling"} <= set(r.columns)
+    assert set(r["model"]) == {"control", "additive"}
+    assert set(r["seed"]) == {1, 2}
+    assert set(r["metric"]) == {"pearson_delta", "mse_top_de", "energy_distance", "interaction_auprc"}
+    # held-out doubles are evaluated, nothing else
+    evaluated = set(r.loc[r["metric"] == "mse_top_de", "perturbation"])
+    assert all("+" in p for p in evaluated)
+    # the additive baseline is far better than no change on mostly additive doubles
+    s = res.summary.set_index(["model", "metric"])
+    assert s.loc[("additive", "mse_top_de"), "mean"] < 0.5 * s.loc[("control", "mse_top_de"), "mean"]
+    assert s.loc[("additive", "energy_distance"), "mean"] < s.loc[("control", "energy_distance"), "mean"]
+    finite = s.dropna(subset=["mean"])
+    assert (finite["ci_low"] <= finite["mean"]).all()
+    assert (finite["mean"] <= finite["ci_high"]).all()
+    assert np.isnan(s.loc[("control", "pearson_delta"), "mean"])  # no change: correlation undefined
+    # input untouched
+    assert list(sim.obs.columns) == list(before.obs.columns)
+    assert set(res.timings["model"]) == {"control", "additive"}
+
+
+def test_run_is_reproducible(sim):
+    kw = {"models": ["mean"], "splits": ["unseen_perturbation"], "seeds": [5], "metrics": ["mmd"], "progress": False}
+    a = vcell.bench.run(sim, **kw).results
+    b = vcell.bench.run(sim, **kw).results
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_run_accepts_model_spec_and_rejects_unknown(sim):
+    spec = ModelSpec("add2", vcell.model.Baseline, {"method": "additive"})
+    res = vcell.bench.run(sim, models=[spec], splits=["combo_seen2"], seeds=[1], metrics=["pds"], progress=False)
+    assert set(res.results["model"]) == {"add2"}
+    with pytest.raises(ValueError, match="unknown model"):
+        vcell.bench.run(sim, models=["GEARS"], splits=["combo_half"], seeds=[1])
+    with pytest.raises(KeyError, match="cell_type_x"):
+        vcell.bench.run(sim, splits=["combo_half"], seeds=[1], covariate_keys=["cell_type_x"])
+
+
+def test_summarize_ci_matches_t_interval():
+    rows = [
+        {"model": "m", "split": "s", "seed": seed, "perturbation": p, "metric": "x", "value": v, "ceiling": 1.0}
+        for seed, vals in ((1, (1.0, 3.0)), (2, (2.0, 4.0)), (3, (3.0, 5.0)))
+        for p, v in zip(("a", "b"), vals, strict=True)
+    ]
+    s = summarize(pd.DataFrame(rows)).iloc[0]
+    # per-seed means 2, 3, 4 -> mean 3, sd 1, t(0.975, 2) = 4.3027
+    assert s["mean"] == pytest.approx(3.0)
+    assert s["ci_high"] - s["mean"] == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
+    assert s["ceiling"] == pytest.approx(1.0)
+    assert s["n_seeds"] == 3
+
+
+def test_linear_without_embedding_is_recorded_not_hidden(papalexi_path):
+    import anndata as ad
+
+    adata = ad.read_h5ad(papalexi_path)
+    res = vcell.bench.run(
+        adata,
+        models=["linear"],
+        splits=[{"kind": "unseen_perturbation", "held_out": ["IFNGR1", "STAT1"], "name": "ko"}],
+        seeds=[1],
+        metrics=["pearson_delta"],
+        progress=False,
+        on_error="skip",
+    )
+    err = res.results[res.results["metric"] == "error"]
+    assert set(err["perturbation"]) == {"IFNGR1", "STAT1"}
+    assert err["error"].str.contains("embedding").all()
