@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,56 @@ BASELINES = ("control", "mean", "additive", "linear")
 
 
 @dataclass
+class PredictionRequest:
+    """One held-out condition a model must predict in :func:`run`.
+
+    Attributes
+    ----------
+    condition
+        Label of the held-out condition in the results (``"A+B"``, or ``"D@10"`` for a dose).
+    perturbation
+        Canonical perturbation to predict (``"A+B"``, ``"D"``).
+    dose
+        Dose to predict.
+    controls
+        Integer positions, in the training AnnData, of the control cells to start from (their counterfactuals
+        are the prediction; they share the contexts of the held-out cells).
+    """
+
+    condition: str
+    perturbation: str
+    dose: float
+    controls: np.ndarray
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Anything :func:`run` can benchmark: vcell models (through :class:`ModelSpec`) and peer adapters.
+
+    ``fit_predict`` gets only the training cells (``train``: train+val cells of the split, labels in
+    ``obs['vcell_perturbation']``, split in ``obs['vcell_split']``; no held-out cell) and returns, per request
+    condition, a ``(len(request.controls), n_genes)`` array of log1p(CP10k) predictions, or a string saying why
+    that condition cannot be predicted. It may set ``last_resources`` (``fit_s``, ``predict_s``, ``peak_mem_mb``).
+    """
+
+    name: str
+
+    def fit_predict(
+        self,
+        train: AnnData,
+        requests: list[PredictionRequest],
+        *,
+        seed: int,
+        covariate_keys: Sequence[str],
+        layer: str | None,
+    ) -> dict[str, np.ndarray | str]:
+        """Train on ``train`` and predict every request."""
+        ...
+
+
+@dataclass
 class ModelSpec:
-    """How ``bench.run`` builds and trains one model on a training AnnData.
+    """How ``bench.run`` builds and trains one vcell model on a training AnnData.
 
     Parameters
     ----------
@@ -40,6 +89,40 @@ class ModelSpec:
     model_cls: Any
     init_kwargs: dict = field(default_factory=dict)
     train_kwargs: dict = field(default_factory=dict)
+    last_resources: dict = field(default_factory=dict, repr=False)
+
+    def fit_predict(
+        self,
+        train: AnnData,
+        requests: list[PredictionRequest],
+        *,
+        seed: int,
+        covariate_keys: Sequence[str],
+        layer: str | None,
+    ) -> dict[str, np.ndarray | str]:
+        """Set up, train and predict with the vcell model (see :class:`Predictor`)."""
+        t0 = time.perf_counter()
+        tr = train.copy()
+        self.model_cls.setup_anndata(
+            tr, perturbation_key=PERT_COL, control=CONTROL, covariate_keys=list(covariate_keys), layer=layer
+        )
+        model = self.model_cls(tr, **self.init_kwargs)
+        train_kwargs = dict(self.train_kwargs)
+        if "seed" in inspect.signature(model.train).parameters:
+            train_kwargs.setdefault("seed", seed)
+        model.train(**train_kwargs)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out: dict[str, np.ndarray | str] = {}
+        for req in requests:
+            try:
+                out[req.condition] = model.predict(
+                    tr, perturbation=req.perturbation, controls=req.controls, dose=req.dose, seed=seed
+                )
+            except (KeyError, ValueError) as err:
+                out[req.condition] = str(err)
+        self.last_resources = {"fit_s": fit_s, "predict_s": time.perf_counter() - t0}
+        return out
 
 
 @dataclass
@@ -54,7 +137,7 @@ class BenchmarkResult:
         Per model, split and metric: mean over perturbations per seed, then ``mean``, ``ci_low``, ``ci_high``
         (95% t-interval over seeds; equal to the mean with one seed), ``n_seeds`` and ``ceiling``.
     timings
-        ``model, split, seed, fit_s, predict_s``.
+        ``model, split, seed, total_s`` plus what the predictor reports (``fit_s``, ``predict_s``, ``peak_mem_mb``).
     """
 
     results: pd.DataFrame
@@ -71,7 +154,7 @@ class BenchmarkResult:
         return paths
 
 
-def _resolve_models(models: Sequence[str | ModelSpec] | Mapping[str, Any]) -> list[ModelSpec]:
+def _resolve_models(models: Sequence[str | Predictor] | Mapping[str, Any]) -> list[Predictor]:
     from vcell import model as vmodel
 
     if isinstance(models, Mapping):
@@ -79,14 +162,17 @@ def _resolve_models(models: Sequence[str | ModelSpec] | Mapping[str, Any]) -> li
         return items
     specs = []
     for m in models:
-        if isinstance(m, ModelSpec):
+        if not isinstance(m, str) and isinstance(m, Predictor):
             specs.append(m)
         elif m in BASELINES:
             specs.append(ModelSpec(m, vmodel.Baseline, {"method": m}))
         elif isinstance(m, str) and hasattr(vmodel, m):
             specs.append(ModelSpec(m, getattr(vmodel, m)))
         else:
-            msg = f"unknown model {m!r}: use one of the baselines {BASELINES}, a vcell.model class name, or a ModelSpec"
+            msg = (
+                f"unknown model {m!r}: use one of the baselines {BASELINES}, a vcell.model class name, "
+                "a ModelSpec or a Predictor"
+            )
             raise ValueError(msg)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -131,7 +217,7 @@ def _sub_adata(X: np.ndarray, label: str, var_names: pd.Index) -> AnnData:
 def run(
     adata: AnnData,
     *,
-    models: Sequence[str | ModelSpec] | Mapping[str, Any] = BASELINES,
+    models: Sequence[str | Predictor] | Mapping[str, Any] = BASELINES,
     splits: Sequence[str | Mapping[str, Any]],
     seeds: Sequence[int] = (1, 2, 3),
     metrics: Sequence[str] | None = None,
@@ -161,7 +247,8 @@ def run(
         The screen: counts or log-normalised expression; labels in ``obs[perturbation_key]``.
     models
         Baseline names (``"control"``, ``"mean"``, ``"additive"``, ``"linear"``), vcell model class names
-        with default arguments, :class:`ModelSpec` objects, or a mapping ``name -> (cls, init_kwargs, train_kwargs)``.
+        with default arguments, :class:`ModelSpec` objects, any :class:`Predictor` (e.g. a peer adapter from
+        ``benchmarks/peers``), or a mapping ``name -> (cls, init_kwargs, train_kwargs)``.
     splits
         Split kinds (``"combo_seen1"``), or dicts ``{"kind": ..., "name": ..., **kind_options}``.
     seeds
@@ -279,32 +366,34 @@ def run(
         train_positions = np.flatnonzero(is_train)
         additive = _additive_expectations(cases, E_train, cond[is_train])
         sim_labels = _simulated_epistasis(a, list(additive))
+        requests = [
+            PredictionRequest(h, c["pert"], c["dose"], np.flatnonzero(c["ctrl_mask"][train_positions]))
+            for h, c in cases.items()
+        ]
         for spec in specs:
             bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
             t0 = time.perf_counter()
-            tr = train.copy()
-            spec.model_cls.setup_anndata(
-                tr, perturbation_key=PERT_COL, control=CONTROL, covariate_keys=context_keys, layer=layer
-            )
-            model = spec.model_cls(tr, **spec.init_kwargs)
-            model.train(**spec.train_kwargs)
-            fit_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            out = spec.fit_predict(train.copy(), requests, seed=seed, covariate_keys=context_keys, layer=layer)
+            total_s = time.perf_counter() - t0
             preds, errors = [], {}
-            for h, c in cases.items():
-                controls = np.flatnonzero(c["ctrl_mask"][train_positions])
-                try:
-                    X = model.predict(tr, perturbation=c["pert"], controls=controls, dose=c["dose"], seed=seed)
-                except (KeyError, ValueError) as err:
+            for req in requests:
+                X = out.get(req.condition, f"{spec.name} returned no prediction for {req.condition!r}")
+                if isinstance(X, str):
                     if on_error == "raise":
-                        raise
-                    errors[h] = str(err)
+                        msg = f"{spec.name} cannot predict {req.condition!r} (split {split_name!r}, seed {seed}): {X}"
+                        raise ValueError(msg)
+                    errors[req.condition] = X
                     continue
-                preds.append(_sub_adata(X, h, a.var_names))
-            predict_s = time.perf_counter() - t0
-            timings.append(
-                {"model": spec.name, "split": split_name, "seed": seed, "fit_s": fit_s, "predict_s": predict_s}
-            )
+                X = np.asarray(X, dtype=np.float32)
+                if X.shape != (req.controls.size, a.n_vars):
+                    msg = (
+                        f"{spec.name} returned shape {X.shape} for {req.condition!r}; expected "
+                        f"({req.controls.size}, {a.n_vars}) (one row per requested control cell)"
+                    )
+                    raise ValueError(msg)
+                preds.append(_sub_adata(X, req.condition, a.var_names))
+            res = dict(getattr(spec, "last_resources", {}) or {})
+            timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
             if preds:
                 pred_ad = _concat(preds)
                 if len(additive) >= 2 and (metrics is None or "interaction_auprc" in metrics):
