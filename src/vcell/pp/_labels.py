@@ -83,6 +83,15 @@ def canonical_label(components: Iterable[str]) -> str:
 def is_combo(label: str) -> bool:
     """Whether a canonical label is a combination of two or more perturbations.
 
+    Parameters
+    ----------
+    label
+        A canonical label as written by :func:`vcell.pp.harmonize`: ``"control"``, ``"A"`` or ``"A+B"``.
+
+    Returns
+    -------
+    ``True`` if ``label`` has two or more components, else ``False`` (also for ``"control"``).
+
     Examples
     --------
     >>> is_combo("A+B"), is_combo("A"), is_combo("control")
@@ -92,7 +101,22 @@ def is_combo(label: str) -> bool:
 
 
 def n_perturbations(label: str) -> int:
-    """Number of single perturbations in a canonical label (0 for ``"control"``)."""
+    """Number of single perturbations in a canonical label (0 for ``"control"``).
+
+    Parameters
+    ----------
+    label
+        A canonical label as written by :func:`vcell.pp.harmonize`: ``"control"``, ``"A"`` or ``"A+B"``.
+
+    Returns
+    -------
+    The number of components of ``label``.
+
+    Examples
+    --------
+    >>> n_perturbations("A+B"), n_perturbations("A"), n_perturbations("control")
+    (2, 1, 0)
+    """
     return len(split_perturbation(label))
 
 
