@@ -10,7 +10,7 @@ Rules checked for the functions in ``__all__`` of :mod:`vcell.pp`, :mod:`vcell.t
 * numpy docstrings with a "Parameters" section naming every parameter and an "Examples" section (doctested by
   ``tests/test_doctests.py``); a function that writes into AnnData documents "Sets the following fields";
 * plots take ``ax=None, show=None, save=None, return_fig=False``; ``seed``/``random_state`` default to ``None``
-  (resolved to ``vcell.settings.seed``).
+  (resolved to ``vcell.settings.seed``), checked also for classes and for :mod:`vcell.data`.
 """
 
 from __future__ import annotations
@@ -183,11 +183,31 @@ def test_plot_parameters(qualname: str, f: Callable):
         assert p.default is default, f"{qualname}: `{name}` must default to {default!r}, got {p.default!r}"
 
 
-@pytest.mark.parametrize(("qualname", "f"), API, ids=IDS)
+def _seeded_callables() -> list:
+    """Public functions, classes and public methods of the API modules and of vcell.data with a seed parameter."""
+    out = []
+    for sub in (*SUBMODULES, "data"):
+        mod = importlib.import_module(f"vcell.{sub}")
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isfunction(obj):
+                out.append((f"{sub}.{name}", obj))
+            elif inspect.isclass(obj):
+                out.append((f"{sub}.{name}", obj.__init__))
+                out.extend(
+                    (f"{sub}.{name}.{attr}", member)
+                    for attr, member in vars(obj).items()
+                    if not attr.startswith("_") and inspect.isfunction(member)
+                )
+    return [pytest.param(q, f, id=q) for q, f in out if {"seed", "random_state"} & set(inspect.signature(f).parameters)]
+
+
+@pytest.mark.parametrize(("qualname", "f"), _seeded_callables())
 def test_seed_defaults_to_settings(qualname: str, f: Callable):
     params = inspect.signature(f).parameters
     for name in ("seed", "random_state"):
-        if name in params:
+        # a required seed (the runner's Predictor.fit_predict(..., *, seed)) hides no default; a fixed one does
+        if name in params and params[name].default is not Parameter.empty:
             assert params[name].default is None, (
                 f"{qualname}: `{name}` must default to None (resolved to vcell.settings.seed), "
                 f"got {params[name].default!r}"

@@ -9,6 +9,7 @@ import numpy as np
 
 from vcell._constants import REGISTRY_KEYS
 from vcell._settings import logger
+from vcell._utils import resolve_seed
 
 if TYPE_CHECKING:
     from scvi.data import AnnDataManager
@@ -21,7 +22,7 @@ def pair_controls(
     is_control: np.ndarray,
     *,
     n_pairs: int = 1,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> np.ndarray:
     """For every cell, indices of ``n_pairs`` random control cells from the same context.
 
@@ -34,7 +35,7 @@ def pair_controls(
     n_pairs
         Controls drawn per cell (with replacement).
     seed
-        Random seed.
+        Random seed; ``None`` uses ``vcell.settings.seed``.
 
     Returns
     -------
@@ -53,7 +54,7 @@ def pair_controls(
     if not is_control.any():
         msg = "no control cells to pair with: the registered data hold no cell labelled 'control'"
         raise ValueError(msg)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(resolve_seed(seed))
     out = np.empty((len(contexts), n_pairs), dtype=np.int64)
     all_controls = np.flatnonzero(is_control)
     missing = []
@@ -90,7 +91,7 @@ class PairedDataModule:
     batch_size
         Cells per batch.
     seed
-        Random seed of shuffling and pairing.
+        Random seed of shuffling and pairing; ``None`` uses ``vcell.settings.seed``.
     """
 
     def __init__(
@@ -102,14 +103,14 @@ class PairedDataModule:
         train_indices: np.ndarray,
         val_indices: np.ndarray | None = None,
         batch_size: int = 128,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         from vcell import data as _data
 
         self.manager = adata_manager
         self.vocab = vocab
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.seed = resolve_seed(seed)
         self.train_indices = np.asarray(train_indices, dtype=np.int64)
         self.val_indices = np.asarray(val_indices if val_indices is not None else [], dtype=np.int64)
         self.contexts = np.asarray(contexts).astype(str)
