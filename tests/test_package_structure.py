@@ -42,9 +42,7 @@ PLOT_PARAMS = {"ax": None, "show": None, "save": None, "return_fig": False}
 
 # Known violations in files this test's author could not edit, as (test name, function) -> reason. They are strict
 # xfails: once the function is fixed the test XPASSes and fails, so remove the entry then.
-KNOWN_VIOLATIONS = {
-    ("test_docstring_sections", "bench.summarize"): "bench/_run.py: summarize has no 'Examples' section yet",
-}
+KNOWN_VIOLATIONS = {}
 
 _POSITIONAL = (Parameter.POSITIONAL_ONLY, Parameter.POSITIONAL_OR_KEYWORD)
 

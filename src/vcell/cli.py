@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vcell._utils import resolve_seed
+
 
 def _models_available() -> list[str]:
     """The baselines plus every learned vcell model that exists in this version."""
@@ -41,7 +43,7 @@ def demo(
     cell_type
         The cell type whose stimulated cells are held out.
     seed
-        Random seed.
+        Random seed (default ``vcell.settings.seed``).
     models
         Models to run (default: the four baselines and every learned model of this version).
 
@@ -58,6 +60,7 @@ def demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    seed = resolve_seed(seed)
     t0 = time.perf_counter()
     adata = datasets.kang2018()
     pp.harmonize(adata, perturbation_key="perturbation", control="control")
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="Kang 2018 cell-type transfer with every model; metrics table and figures")
     p_demo.add_argument("--out", default="vcell_demo_out", help="output folder (default: vcell_demo_out)")
     p_demo.add_argument("--cell-type", default="CD4T", help="cell type to hold out (default: CD4T)")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--seed", type=int, default=None, help="random seed (default: vcell.settings.seed)")
     p_demo.add_argument("--models", type=_csv, default=None, help="comma-separated models (default: all)")
     p_b = sub.add_parser("benchmark", help="benchmark models on a split with the baselines")
     p_b.add_argument("--data", required=True, help="bundled dataset name or path (h5ad, h5mu, GEARS folder)")

@@ -515,6 +515,27 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     ----------
     results
         Tidy table from :func:`run` (``model, split, seed, perturbation, metric, value[, ceiling]``).
+
+    Returns
+    -------
+    One row per model, split and metric: ``mean``, ``ci_low``, ``ci_high``, ``n_seeds``, ``ceiling``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> res = pd.DataFrame(
+    ...     {
+    ...         "model": "m",
+    ...         "split": "s",
+    ...         "seed": [1, 2, 3],
+    ...         "perturbation": "A",
+    ...         "metric": "x",
+    ...         "value": [1.0, 2.0, 3.0],
+    ...     }
+    ... )
+    >>> row = summarize(res).iloc[0]
+    >>> float(row["mean"]), int(row["n_seeds"]), round(float(row["ci_high"]), 3)
+    (2.0, 3, 4.484)
     """
     from scipy import stats
 

@@ -24,7 +24,15 @@ VCELL_STATE_KEY = "vcell_setup"
 
 
 def context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray:
-    """Joint label of the context columns per cell (``"CD4T|batch1"``); ``"all"`` when there are none."""
+    """Joint label of the context columns per cell (``"CD4T|batch1"``); ``"all"`` when there are none.
+
+    Parameters
+    ----------
+    obs
+        Cell annotations.
+    context_keys
+        Columns that define a context (covariates, batch).
+    """
     if not context_keys:
         return np.full(len(obs), "all", dtype=object)
     cols = [obs[k].astype(str).to_numpy() for k in context_keys]
@@ -49,6 +57,10 @@ def setup_perturbation_anndata(
     **kwargs: Any,
 ) -> None:
     """Harmonise labels and register a perturbation screen for the model class ``cls``.
+
+    Parameters are those of :meth:`vcell.model.PerturbationModel.setup_anndata`, plus ``cls`` (the model
+    class whose manager store receives the registration) and ``setup_method_args`` (from scvi-tools'
+    ``_get_setup_method_args``).
 
     Sets the following fields
     -------------------------
@@ -90,17 +102,35 @@ def setup_perturbation_anndata(
 
 
 def registered_conditions(manager: AnnDataManager) -> list[str]:
-    """Canonical condition labels registered in ``manager`` (controls included)."""
+    """Canonical condition labels registered in ``manager`` (controls included).
+
+    Parameters
+    ----------
+    manager
+        scvi-tools' manager of a set-up AnnData.
+    """
     state = manager.get_state_registry(REGISTRY_KEYS.PERT_KEY)
     return [str(c) for c in state.categorical_mapping]
 
 
 def vcell_state(registry: dict) -> dict:
-    """Return vcell's own setup facts stored in a registry (``counts``, ``context_keys``)."""
+    """Return vcell's own setup facts stored in a registry (``counts``, ``context_keys``).
+
+    Parameters
+    ----------
+    registry
+        A model's ``registry_`` (or an AnnDataManager's ``registry``).
+    """
     return registry.get(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
 
 
 def control_mask(adata: AnnData) -> np.ndarray:
-    """Boolean mask of control cells (needs :func:`vcell.pp.harmonize` to have run)."""
+    """Boolean mask of control cells (needs :func:`vcell.pp.harmonize` to have run).
+
+    Parameters
+    ----------
+    adata
+        Harmonised data.
+    """
     check_obs_keys(adata, [PERT_COL], what="canonical perturbation column (run vcell.pp.harmonize first)")
     return (adata.obs[PERT_COL].astype(str) == CONTROL).to_numpy()

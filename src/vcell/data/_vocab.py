@@ -54,11 +54,25 @@ class PerturbationVocab:
         return f"PerturbationVocab({self.n_atoms} single perturbations, {len(self.conditions)} conditions)"
 
     def unknown(self, labels: Iterable[str]) -> list[str]:
-        """Single perturbations in ``labels`` that are not in the vocabulary."""
+        """Single perturbations in ``labels`` that are not in the vocabulary.
+
+        Parameters
+        ----------
+        labels
+            Canonical condition labels.
+        """
         return sorted({a for lab in labels for a in _components(lab) if a not in self._index})
 
     def check(self, labels: Iterable[str], *, what: str = "the model") -> None:
-        """Raise a :class:`KeyError` naming perturbations that ``what`` never saw."""
+        """Raise a :class:`KeyError` naming perturbations that ``what`` never saw.
+
+        Parameters
+        ----------
+        labels
+            Canonical condition labels.
+        what
+            Name of the model in the message.
+        """
         bad = self.unknown(labels)
         if bad:
             shown = ", ".join(map(repr, self.atoms[:10]))
@@ -69,7 +83,15 @@ class PerturbationVocab:
             raise KeyError(msg)
 
     def encode(self, labels: Sequence[str], doses: Sequence[float] | float | None = None) -> np.ndarray:
-        """Dose-scaled multi-hot encoding, shape ``(len(labels), n_atoms)``, float32."""
+        """Dose-scaled multi-hot encoding, shape ``(len(labels), n_atoms)``, float32.
+
+        Parameters
+        ----------
+        labels
+            Canonical condition labels (every component must be in the vocabulary).
+        doses
+            One dose per label, or one for all; ``None`` = 1.
+        """
         labels = [str(x) for x in labels]
         self.check(labels)
         out = np.zeros((len(labels), self.n_atoms), dtype=np.float32)

@@ -78,6 +78,16 @@ class PerturbationModel(BaseModelClass):
             Canonical labels (:func:`vcell.pp.harmonize`).
         ``adata.obs['_scvi_*']``, ``adata.uns['_scvi_uuid']``, ``adata.uns['_scvi_manager_uuid']``
             scvi-tools' registry.
+
+        Examples
+        --------
+        >>> import vcell
+        >>> adata = vcell.datasets.kang2018()
+        >>> vcell.model.Baseline.setup_anndata(
+        ...     adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+        ... )
+        >>> adata.obs["vcell_perturbation"].value_counts().to_dict()
+        {'IFNb': 1039, 'control': 936}
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         setup_perturbation_anndata(

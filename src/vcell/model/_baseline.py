@@ -103,8 +103,11 @@ class Baseline(PerturbationModel):
     def train(self, **kwargs: Any) -> None:
         """Fit the baseline in closed form on all registered cells.
 
-        Training arguments of the learned models (``max_epochs``, ``batch_size``, ...) are accepted so
-        that benchmark code can treat every model alike; a closed-form fit ignores them.
+        Parameters
+        ----------
+        **kwargs
+            Training arguments of the learned models (``max_epochs``, ``batch_size``, ...), accepted so that
+            benchmark code can treat every model alike; a closed-form fit ignores them.
         """
         adata = self.adata
         E = self._expression(adata)
