@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import warnings
 from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "src"))
+
+# sphinx-autodoc-typehints 3.x calls an API deprecated in Sphinx 9 (a Python warning per page, not a docs problem)
+warnings.filterwarnings("ignore", message=r".*_RstSnippetParser\.set_application.*is deprecated")
+
+
+def _mirror_tutorials(src: Path, dst: Path) -> None:
+    """Copy the tutorials (jupytext MyST notebooks in ``tutorials/``) into ``docs/tutorials/`` (git-ignored).
+
+    Sphinx reads documents only below ``docs/``; the notebooks live at the repository root, where
+    ``tests/test_tutorials.py`` executes them. Copying (rather than a symlink) works on every OS and on Read the
+    Docs; the folder ignores itself (its own ``.gitignore``). Unchanged files are not rewritten, so incremental
+    builds stay incremental.
+    """
+    dst.mkdir(exist_ok=True)
+    (dst / ".gitignore").write_text("# copies of ../../tutorials made by docs/conf.py\n*\n")
+    wanted = {p.name: p for p in sorted(src.glob("*.md")) + sorted(src.glob("*.ipynb"))}
+    for name, path in wanted.items():
+        target = dst / name
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            shutil.copy2(path, target)
+    for stale in dst.iterdir():
+        if stale.suffix in (".md", ".ipynb") and stale.name not in wanted:
+            stale.unlink()
+
+
+_mirror_tutorials(HERE.parent / "tutorials", HERE / "tutorials")
 
 project = "vcell"
 author = "vcell developers"
@@ -23,15 +52,25 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx_autodoc_typehints",
 ]
+templates_path = ["_templates"]
 autosummary_generate = True
 autodoc_member_order = "groupwise"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
-napoleon_custom_sections = [("Sets the following fields", "params_style")]
+# "Sets the following fields" holds a definition list (``adata.obs['key']`` then an indented description):
+# a generic section keeps it as written, under its own heading
+napoleon_custom_sections = ["Sets the following fields"]
+# name annotations by their alias instead of expanding numpy's ArrayLike into a page-long Union
+autodoc_type_aliases = {"ArrayLike": "numpy.typing.ArrayLike"}
 typehints_defaults = "braces"
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-nb_execution_mode = "off"
+# Tutorials are executed by tests/test_tutorials.py (pytest -m slow). The docs build executes them too on Read the
+# Docs (so the pages show outputs and figures) or with VCELL_DOCS_EXECUTE=1; other local builds show the code only.
+_execute_notebooks = os.environ.get("READTHEDOCS") == "True" or os.environ.get("VCELL_DOCS_EXECUTE") == "1"
+nb_execution_mode = "cache" if _execute_notebooks else "off"
 nb_execution_timeout = 600
+nb_execution_raise_on_error = True
+nb_merge_streams = True
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 intersphinx_mapping = {
@@ -44,3 +83,92 @@ intersphinx_mapping = {
 }
 html_theme = "sphinx_book_theme"
 html_title = "vcell"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docstring conventions of vcell
+# ---------------------------------------------------------------------------------------------------------------------
+#: public members that vcell models inherit from scvi-tools' BaseModelClass and that apply to them
+_INHERITED_KEEP = {"save", "load", "view_anndata_setup", "is_trained", "adata", "history"}
+
+
+def _defined_in(member: object) -> str:
+    """Module that defines a class member (functions, class/static methods and properties)."""
+    for attr in ("fget", "__func__"):
+        member = getattr(member, attr, member)
+    module = getattr(member, "__module__", None)
+    return module if isinstance(module, str) else ""
+
+
+def _skip_foreign_members(app, what, name, obj, skip, options):
+    """Document only what vcell defines (plus a few scvi-tools model methods): no Lightning/scvi internals."""
+    module = _defined_in(obj)
+    if module and module.split(".")[0] != "vcell" and name not in _INHERITED_KEEP:
+        return True
+    return None
+
+
+_SETS_FIELDS = "Sets the following fields"
+
+
+def _strip_blank_ends(lines: list[str]) -> list[str]:
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    return lines
+
+
+def _returns_as_text(self, section: str) -> list[str]:
+    """numpy "Returns" sections of vcell are prose (types are in signatures): render them as written.
+
+    Napoleon would read the first line as a type and split it at the first colon. sphinx-autodoc-typehints puts a
+    line ``:`` at the top of the section (its own marker of "no type here"), which is dropped. A "Sets the following
+    fields" paragraph after the return value (written ``Sets the following fields:`` or with a qualifier that napoleon
+    does not know as a section) becomes a heading of its own, like the plain ``Sets the following fields`` section.
+    """
+    lines = self._dedent(self._consume_to_next_section())
+    if lines and lines[0].strip() == ":":
+        del lines[0]
+    cut = next((i for i, line in enumerate(lines) if line.lstrip().startswith(_SETS_FIELDS)), len(lines))
+    returns, sets = _strip_blank_ends(lines[:cut]), lines[cut:]
+    out = [*self._format_block(":returns: ", returns), ""] if returns else []
+    if sets:
+        body = sets[1:]
+        if body and body[0].strip() and set(body[0].strip()) == {"-"}:  # an underline
+            body = body[1:]
+        out += [f".. rubric:: {sets[0].strip().rstrip(':')}", "", *_strip_blank_ends(body), ""]
+    return out
+
+
+def _reexported_data_comment(app, what, name, obj, options, lines):
+    """Constants re-exported by a subpackage (``vcell.metrics.METRICS``) get the ``#:`` comment of their definition.
+
+    autodoc looks for the comment in the module being documented (``vcell/metrics/__init__.py``) only, and would show
+    the docstring of ``tuple`` instead.
+    """
+    if what != "data" or not name.startswith("vcell."):
+        return
+    from sphinx.pycode import ModuleAnalyzer, PycodeError
+
+    modname, attr = name.rsplit(".", 1)
+    candidates = [modname] + sorted(m for m in sys.modules if m.startswith(f"{modname}."))
+    for mod_name in candidates:
+        if getattr(sys.modules.get(mod_name), attr, None) is not obj:
+            continue
+        try:
+            comment = ModuleAnalyzer.for_module(mod_name).find_attr_docs().get(("", attr))
+        except PycodeError:
+            continue
+        if comment:
+            lines[:] = [line.rstrip("\n") for line in comment]
+            return
+
+
+def setup(app):
+    """Local tweaks: member filter for autosummary/autodoc, prose "Returns" sections, comments of constants."""
+    from sphinx.ext.napoleon.docstring import NumpyDocstring
+
+    NumpyDocstring._parse_returns_section = _returns_as_text
+    app.connect("autodoc-skip-member", _skip_foreign_members)
+    app.connect("autodoc-process-docstring", _reexported_data_comment)
