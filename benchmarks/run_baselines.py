@@ -1023,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_s = time.perf_counter() - _T0
     write_report(args.report, outputs, variants, variants_s, args, total_s)
     meta = {
-        "command": "python benchmarks/run_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python benchmarks/run_baselines.py", *(sys.argv[1:] if argv is None else argv)]),
         "seeds": args.seeds,
         "quick": args.quick,
         "threads": args.threads,
