@@ -120,7 +120,8 @@ class Baseline(PerturbationModel):
             raise ValueError(msg)
         ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl])
         global_ctrl = E[is_ctrl].mean(0)
-        ref = np.stack([ctrl_means.loc[c].to_numpy() if c in ctrl_means.index else global_ctrl for c in ctx])
+        ref = ctrl_means.reindex(ctx).to_numpy()  # context control mean per cell
+        ref[~np.isin(ctx, ctrl_means.index)] = global_ctrl  # contexts without controls: all controls
         pert = ~is_ctrl
         D = (E - ref)[pert]
         buf = self.module
