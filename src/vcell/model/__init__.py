@@ -2,5 +2,6 @@
 
 from ._base import PerturbationModel
 from ._baseline import Baseline
+from ._causal_vae import CausalVAE
 
-__all__ = ["PerturbationModel", "Baseline"]
+__all__ = ["PerturbationModel", "Baseline", "CausalVAE"]

@@ -2,5 +2,6 @@
 
 from ._base import VCellModule
 from ._baseline import BASELINE_METHODS, BaselineModule
+from ._causal_vae import CausalVAEModule
 
-__all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS"]
+__all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS", "CausalVAEModule"]

@@ -1,0 +1,744 @@
+"""``CausalVAE``: compositional causal VAE with perturbation operators, doses and counterfactuals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+
+from vcell._constants import DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._settings import logger, settings
+from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed
+from vcell.data._vocab import _components
+from vcell.module import CausalVAEModule
+from vcell.module._causal_vae import LIKELIHOODS, TARGET_ENCODING_KEY
+
+from ._base import PerturbationModel
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+PREDICTION_MODES = ("residual", "decoded")
+#: dense copies of the training matrix up to this many bytes (else CSR rows are densified per batch)
+_DENSE_LIMIT = 2 * 1024**3
+
+
+def _as_anndata(data: AnnData | MuData | None, modality: str = "rna") -> AnnData | None:
+    """The AnnData a model reads: ``data`` itself, or its ``modality`` when ``data`` is a MuData."""
+    if data is None or not hasattr(data, "mod"):
+        return data
+    if modality not in data.mod:
+        msg = f"MuData has no {modality!r} modality; modalities: {list(data.mod)}"
+        raise KeyError(msg)
+    return data.mod[modality]
+
+
+class _CellBatches:
+    """Sized iterable of batches (dicts of tensors) over ``indices``; each pass over a shuffled one is a new epoch.
+
+    Shuffling is seeded by ``(seed, epoch)``; under ``torch.distributed`` every process takes its own share.
+    """
+
+    def __init__(
+        self, tensors: dict[str, Any], indices: np.ndarray, *, batch_size: int, shuffle: bool, seed: int
+    ) -> None:
+        self.tensors, self.indices = tensors, np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed, self.epoch = int(batch_size), shuffle, seed, 0
+
+    def _shard(self, order: np.ndarray) -> np.ndarray:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            return order[rank::world]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self._shard(self.indices))
+        return -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+            self.epoch += 1
+        order = self._shard(order)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield {k: _rows(v, idx) for k, v in self.tensors.items()}
+
+
+def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
+    if sparse.issparse(value):
+        return torch.as_tensor(value[idx].toarray(), dtype=torch.float32)
+    return value[torch.as_tensor(idx)]
+
+
+class CausalVAE(PerturbationModel):
+    """Compositional causal VAE: perturbations are operators on a basal latent state, and they add up.
+
+    The latent state of a cell is ``z = z_basal + sum_i s_i(dose_i) delta_i + sum_k e_k(covariate_k)``, plus a
+    gated, sparsity-penalised interaction vector for every combination seen in training (so non-additive doubles
+    can be represented without hurting additive ones). ``z_basal`` is encoded from the cell's log1p(CP10k)
+    expression; adversarial classifiers behind a gradient-reversal layer push it to carry no information on the
+    perturbation or the covariates (CPA). ``delta_i`` is a learned vector per single perturbation (one-hot), or a
+    learned function of a given embedding (``perturbation_embedding``: gene embeddings, drug fingerprints), which
+    also predicts perturbations never seen in training that have an embedding. ``s_i`` is a sigmoid in log-dose
+    with learned EC50 and slope per perturbation, so unseen doses interpolate. Counts follow a negative binomial
+    with the observed library size (scVI), a zero-inflated one, or a Gaussian on log1p(CP10k).
+
+    Counterfactuals encode the starting (control) cells, replace their perturbation part by the target's, and
+    decode. With ``prediction="residual"`` (default) the decoded *change* is added to each cell's own log1p(CP10k)
+    expression, which keeps the cell-to-cell variation the latent space does not hold (as the additive baseline
+    does); ``"decoded"`` returns the decoded means.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`, or a MuData whose ``rna`` modality was registered.
+    registry
+        Registry of a saved model (used by :meth:`load`).
+    n_latent
+        Latent dimension.
+    n_hidden
+        Width of the hidden layers of encoder and decoder.
+    n_layers
+        Hidden layers of encoder and decoder.
+    dropout
+        Dropout rate of the hidden layers.
+    likelihood
+        ``"nb"`` (default; needs counts), ``"zinb"`` or ``"gaussian"`` (on log1p(CP10k); works on log data).
+    variational
+        Gaussian posterior with a KL term; ``False`` gives a deterministic autoencoder.
+    kl_weight
+        Weight of the KL term.
+    adversary_weight
+        Strength of the adversaries' reversed gradient into the encoder (0 switches the pressure off; the
+        adversaries are still trained and report how much ``z_basal`` reveals).
+    interactions
+        Learn gated pairwise interactions for the combinations seen in training.
+    interaction_penalty
+        Sparsity penalty on the interaction gates.
+    perturbation_embedding
+        ``None`` (one-hot: one learned operator per single perturbation), a :class:`pandas.DataFrame` indexed by
+        single perturbation (numeric columns), or a key of ``adata.uns`` holding one. It must have a row for every
+        perturbation in the training data.
+    prediction
+        ``"residual"`` or ``"decoded"`` (see above); :meth:`predict` can override it.
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=1, seed=0)
+    >>> vcell.model.CausalVAE.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.CausalVAE(adata, n_latent=8, n_hidden=32)
+    >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
+    >>> model.predict(perturbation="G0010").shape
+    (60, 50)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        registry: dict | None = None,
+        *,
+        n_latent: int = 32,
+        n_hidden: int = 256,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: str = "nb",
+        variational: bool = True,
+        kl_weight: float = 1.0,
+        adversary_weight: float = 1.0,
+        interactions: bool = True,
+        interaction_penalty: float = 1e-2,
+        perturbation_embedding: str | pd.DataFrame | None = None,
+        prediction: str = "residual",
+    ) -> None:
+        adata = _as_anndata(adata)
+        super().__init__(adata, registry=registry)
+        if likelihood not in LIKELIHOODS:
+            msg = f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}"
+            raise ValueError(msg)
+        if prediction not in PREDICTION_MODES:
+            msg = f"prediction must be one of {PREDICTION_MODES}, got {prediction!r}"
+            raise ValueError(msg)
+        if likelihood in ("nb", "zinb") and not self.counts_:
+            msg = (
+                f"likelihood={likelihood!r} needs raw counts, but the registered matrix looks log-normalised; "
+                "register a counts layer (layer=) or use likelihood='gaussian'"
+            )
+            raise ValueError(msg)
+        self.prediction = prediction
+        table = self._embedding_table(adata, perturbation_embedding)
+        perturbation_embedding = table  # saved with the model, so load() needs no adata.uns
+        extra = [] if table is None else sorted(set(map(str, table.index)) - set(self.vocab.atoms))
+        self.atoms_: list[str] = [*self.vocab.atoms, *extra]
+        self._atom_index = {a: i for i, a in enumerate(self.atoms_)}
+        features = None if table is None else table.loc[self.atoms_].to_numpy(dtype=np.float32)
+        seen = np.array([a in set(self.vocab.atoms) for a in self.atoms_], dtype=bool)
+        pairs = self._pairs() if interactions else np.zeros((0, 2), dtype=np.int64)
+        self.pairs_: list[str] = ["+".join((self.atoms_[i], self.atoms_[j])) for i, j in pairs]
+        self.covariate_names_, self._categories = self._covariate_categories()
+        self.module = CausalVAEModule(
+            self.summary_stats["n_vars"],
+            len(self.atoms_),
+            n_conditions=len(self._conditions()),
+            covariate_sizes=tuple(len(c) for c in self._categories),
+            covariate_names=tuple(self.covariate_names_),
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+            likelihood=likelihood,
+            counts=self.counts_,
+            variational=variational,
+            kl_weight=kl_weight,
+            perturbation_features=features,
+            seen_atoms=seen,
+            pairs=pairs,
+            adversary_weight=adversary_weight,
+            interaction_penalty=interaction_penalty,
+            log_dose_init=self._log_dose_init(adata),
+        )
+        self._model_summary_string = (
+            f"CausalVAE: {len(self.atoms_)} perturbations ({self.vocab.n_atoms} seen, "
+            f"{'embedding table' if table is not None else 'one-hot'}), {len(self.pairs_)} interaction pairs, "
+            f"covariates {self.covariate_names_}, n_latent={n_latent}, likelihood={likelihood!r}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData | MuData,
+        *,
+        perturbation_key: str,
+        control: str | Sequence[str],
+        dose_key: str | None = None,
+        covariate_keys: Sequence[str] = (),
+        layer: str | None = None,
+        batch_key: str | None = None,
+        sep: str = "+",
+        **kwargs: Any,
+    ) -> None:
+        """Register a perturbation screen (see :meth:`vcell.model.PerturbationModel.setup_anndata`).
+
+        A MuData is accepted: its ``rna`` modality is registered (keys refer to ``mdata['rna'].obs``) and the
+        other modalities are ignored.
+
+        Parameters
+        ----------
+        adata
+            AnnData, or MuData with an ``rna`` modality.
+        perturbation_key, control, dose_key, covariate_keys, layer, batch_key, sep, **kwargs
+            As in :meth:`vcell.model.PerturbationModel.setup_anndata`.
+
+        Sets the following fields
+        -------------------------
+        ``obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``, ``uns['vcell_harmonize']``
+            Canonical labels (:func:`vcell.pp.harmonize`), in the AnnData (or the MuData's ``rna`` modality).
+        ``obs['_scvi_*']``, ``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``
+            scvi-tools' registry.
+        """
+        super().setup_anndata(
+            _as_anndata(adata),
+            perturbation_key=perturbation_key,
+            control=control,
+            dose_key=dose_key,
+            covariate_keys=covariate_keys,
+            layer=layer,
+            batch_key=batch_key,
+            sep=sep,
+            **kwargs,
+        )
+
+    def _check_adata(self, adata: AnnData | MuData | None) -> AnnData:
+        return super()._check_adata(_as_anndata(adata))
+
+    def _conditions(self) -> list[str]:
+        mapping = self.registry_["field_registries"][REGISTRY_KEYS.PERT_KEY]["state_registry"]["categorical_mapping"]
+        return [str(c) for c in mapping]
+
+    def _covariate_categories(self) -> tuple[list[str], list[list[str]]]:
+        """Names and categories of the covariates the module embeds (covariate keys, then the batch key)."""
+        fields = self.registry_["field_registries"]
+        state = fields[REGISTRY_KEYS.COVARIATES_KEY]["state_registry"]
+        names = [str(k) for k in state.get("field_keys", [])]
+        cats = [[str(c) for c in state["mappings"][k]] for k in names]
+        batch_key = self.registry_["setup_args"].get("batch_key")
+        if batch_key is not None:
+            names.append(str(batch_key))
+            cats.append([str(c) for c in fields[REGISTRY_KEYS.BATCH_KEY]["state_registry"]["categorical_mapping"]])
+        return names, cats
+
+    def _embedding_table(self, adata: AnnData | None, spec: str | pd.DataFrame | None) -> pd.DataFrame | None:
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if adata is None or spec not in adata.uns:
+                msg = f"perturbation_embedding {spec!r} is not a key of adata.uns"
+                raise KeyError(msg)
+            spec = adata.uns[spec]
+        if not isinstance(spec, pd.DataFrame):
+            msg = f"perturbation_embedding must be None, a DataFrame or a key of adata.uns, got {type(spec).__name__}"
+            raise ValueError(msg)
+        table = spec.copy()
+        table.index = table.index.astype(str)
+        if table.index.has_duplicates:
+            msg = f"perturbation_embedding has duplicated rows: {table.index[table.index.duplicated()][:5].tolist()}"
+            raise ValueError(msg)
+        missing = [a for a in self.vocab.atoms if a not in table.index]
+        if missing:
+            msg = f"perturbation_embedding has no row for training perturbation(s) {missing[:10]}"
+            raise KeyError(msg)
+        values = table.to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            msg = "perturbation_embedding holds NaN or infinite values"
+            raise ValueError(msg)
+        return table.astype(np.float32)
+
+    def _pairs(self) -> np.ndarray:
+        out = set()
+        for cond in self.vocab.conditions:
+            parts = sorted(self._atom_index[a] for a in _components(cond))
+            out.update((parts[i], parts[j]) for i in range(len(parts)) for j in range(i + 1, len(parts)))
+        return np.array(sorted(out), dtype=np.int64).reshape(-1, 2)
+
+    def _log_dose_init(self, adata: AnnData | None) -> float:
+        if adata is None or DOSE_COL not in adata.obs:
+            return 0.0
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=float)
+        doses = np.unique(doses[np.isfinite(doses) & (doses > 0)])
+        if doses.size == 0:
+            return 0.0
+        if doses.size == 1:  # one dose: start near saturation
+            return float(np.log(doses[0]) - 2.0)
+        return float(np.median(np.log(doses)))
+
+    # ------------------------------------------------------------------ tensors from AnnData
+    def _covariate_codes(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        check_obs_keys(adata, self.covariate_names_, what="covariate key")
+        out = np.zeros((len(idx), len(self.covariate_names_)), dtype=np.int64)
+        for k, (name, cats) in enumerate(zip(self.covariate_names_, self._categories, strict=True)):
+            values = adata.obs[name].astype(str).to_numpy()[idx]
+            codes = pd.Index(cats).get_indexer(values)
+            if (codes < 0).any():
+                bad = sorted(set(values[codes < 0]))[:5]
+                msg = f"obs[{name!r}] has values the model never saw: {bad}; known: {cats[:10]}"
+                raise KeyError(msg)
+            out[:, k] = codes
+        return out
+
+    def _encode(self, labels: Sequence[str], doses: np.ndarray | float) -> np.ndarray:
+        """Dose-scaled multi-hot encoding over the module's atoms; a clear KeyError for unknown perturbations."""
+        labels = [str(x) for x in labels]
+        unknown = sorted({a for lab in labels for a in _components(lab) if a not in self._atom_index})
+        if unknown:
+            if len(self.atoms_) == self.vocab.n_atoms:
+                self.vocab.check(unknown, what="CausalVAE (one-hot perturbation encoder; pass perturbation_embedding=)")
+            msg = f"perturbation(s) {unknown} were never seen in training and have no row in the perturbation_embedding"
+            raise KeyError(msg)
+        out = np.zeros((len(labels), len(self.atoms_)), dtype=np.float32)
+        for i, lab in enumerate(labels):
+            for a in _components(lab):
+                out[i, self._atom_index[a]] = 1.0
+        return out * np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))[:, None]
+
+    def _raw(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        """Registered matrix rows (counts, or log1p(CP10k) for log data), dense float32."""
+        X = get_matrix(adata, self._layer())[idx]
+        return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32)
+
+    def _own_encoding(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        if PERT_COL not in adata.obs:
+            return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32)
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
+        return self._encode(labels, doses)
+
+    def _training_tensors(self, adata: AnnData) -> dict[str, Any]:
+        X = get_matrix(adata, self._layer())
+        n = adata.n_obs
+        if sparse.issparse(X) and n * adata.n_vars * 4 > _DENSE_LIMIT:
+            x = sparse.csr_matrix(X, dtype=np.float32)
+        else:
+            x = torch.as_tensor(np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32))
+        all_idx = np.arange(n)
+        codes = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy())
+        return {
+            REGISTRY_KEYS.X_KEY: x,
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, all_idx)),
+            REGISTRY_KEYS.PERT_KEY: torch.as_tensor(codes, dtype=torch.long),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
+        }
+
+    def _split(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training and validation cells: ``obs['vcell_split']`` when it has ``val`` cells, else a seeded share."""
+        if "vcell_split" in adata.obs and (adata.obs["vcell_split"] == "val").any():
+            split = adata.obs["vcell_split"].astype(str).to_numpy()
+            return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(adata.n_obs)
+        n_val = int(round(validation_fraction * adata.n_obs)) if adata.n_obs >= 20 else 0
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int = 200,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = True,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        *,
+        weight_decay: float = 1e-6,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 20,
+    ) -> None:
+        """Train with Lightning (progress bar, validation loss, early stopping on the validation ELBO).
+
+        Validation cells are ``obs['vcell_split'] == 'val'`` when present (then only ``'train'`` cells are
+        trained on and ``'test'`` cells are never used), else a seeded ``validation_fraction`` of the cells.
+        The first call re-initialises the weights from ``seed``, so the same seed gives the same model (on CPU).
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of passes over the training cells.
+        lr
+            AdamW learning rate.
+        batch_size
+            Cells per batch.
+        accelerator, devices
+            Passed to :class:`lightning.Trainer` (``"auto"``: a GPU when available).
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience`` epochs.
+        seed
+            Random seed of weights, validation split, shuffling and sampling; ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further :class:`lightning.Trainer` arguments (e.g. ``{"enable_progress_bar": False}``).
+        weight_decay
+            AdamW weight decay.
+        validation_fraction
+            Share of cells held out for validation when ``obs['vcell_split']`` has no ``val`` cells.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+
+        Sets the following fields
+        -------------------------
+        ``model.history_``
+            Per-epoch means of every loss term (``train_*``, ``val_*``): dict of DataFrames indexed by epoch.
+        ``model.adversary_accuracy_``
+            Accuracy of each adversary on ``z_basal`` of the validation cells, beside chance (majority share).
+        """
+        import lightning
+
+        from vcell.train import TrainingPlan
+
+        seed = resolve_seed(seed)
+        lightning.seed_everything(seed, verbose=False)
+        if not self.is_trained_:
+            self.module.reset_parameters()
+        adata = self.adata
+        train_idx, val_idx = self._split(adata, validation_fraction, seed)
+        tensors = self._training_tensors(adata)
+        train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
+        val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 1024), shuffle=False, seed=seed)
+        monitor = "val_elbo" if len(val_idx) else "train_elbo"
+        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor=monitor)
+        callbacks = []
+        if early_stopping:
+            callbacks.append(
+                lightning.pytorch.callbacks.EarlyStopping(monitor=monitor, patience=early_stopping_patience)
+            )
+        kwargs = {
+            "max_epochs": int(max_epochs),
+            "accelerator": accelerator,
+            "devices": devices,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": settings.progress_bar,
+            "callbacks": callbacks,
+            **(trainer_kwargs or {}),
+        }
+        if not len(val_idx):
+            kwargs["limit_val_batches"] = 0
+        trainer = lightning.Trainer(**kwargs)
+        trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl if len(val_idx) else None)
+        self.module.eval()
+        self.is_trained_ = True
+        hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
+        self.history_ = {col: hist[[col]] for col in hist.columns}
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        self.adversary_accuracy_ = self._adversary_accuracy(adata, val_idx if len(val_idx) else train_idx)
+        logger.info("CausalVAE trained for %d epochs", len(plan.history))
+
+    @torch.no_grad()
+    def _adversary_accuracy(self, adata: AnnData, idx: np.ndarray) -> pd.DataFrame:
+        """Accuracy of the trained adversaries on ``z_basal`` (posterior means) of cells ``idx``, and chance."""
+        m = self.module
+        z = torch.as_tensor(self.get_latent_representation(adata, indices=idx))
+        conds = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy()[idx])
+        targets = [conds] if m.adversary_names and m.adversary_names[0] == "perturbation" else []
+        cov = self._covariate_codes(adata, idx)
+        targets += [cov[:, k] for k in range(cov.shape[1])]
+        names = (["perturbation"] if targets and len(targets) > len(self.covariate_names_) else []) + list(
+            self.covariate_names_
+        )
+        rows = {}
+        device = next(m.parameters()).device
+        for name, clf, active, y in zip(names, m.adversaries, m.adversary_active, targets, strict=True):
+            if not active:
+                continue
+            pred = clf(z.to(device)).argmax(1).cpu().numpy()
+            chance = np.bincount(y).max() / len(y) if len(y) else np.nan
+            rows[name] = {"accuracy": float((pred == y).mean()) if len(y) else np.nan, "chance": float(chance)}
+        return pd.DataFrame.from_dict(rows, orient="index", columns=["accuracy", "chance"])
+
+    # ------------------------------------------------------------------ inference
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            msg = "the model is not trained: call model.train() first"
+            raise RuntimeError(msg)
+
+    def _batch(
+        self, adata: AnnData, idx: np.ndarray, target: np.ndarray | None, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        batch = {
+            REGISTRY_KEYS.X_KEY: torch.as_tensor(self._raw(adata, idx)),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, idx)),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
+        }
+        if target is not None:
+            batch[TARGET_ENCODING_KEY] = torch.as_tensor(np.repeat(target, len(idx), axis=0))
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _chunks(self, idx: np.ndarray, batch_size: int):
+        for start in range(0, len(idx), batch_size):
+            yield idx[start : start + batch_size]
+
+    def predict(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        mode: str | None = None,
+        batch_size: int = 2048,
+    ) -> np.ndarray:
+        """Counterfactual mean expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells (same genes as in training); ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"``; ``"control"`` removes the cells' perturbation.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Unused (predictions are deterministic means); accepted for the common interface.
+        mode
+            ``"residual"`` or ``"decoded"``; ``None`` uses the model's ``prediction``.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array of shape ``(n_selected_cells, n_genes)``.
+        """
+        self._require_trained()
+        mode = self.prediction if mode is None else mode
+        if mode not in PREDICTION_MODES:
+            msg = f"mode must be one of {PREDICTION_MODES}, got {mode!r}"
+            raise ValueError(msg)
+        adata = self._check_adata(adata)
+        target = self._encode([str(perturbation)], float(dose))
+        idx = self._control_indices(adata, controls)
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        out = [
+            m.counterfactual(self._batch(adata, chunk, target, device), mode=mode).cpu().numpy()
+            for chunk in self._chunks(idx, batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+    def sample(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        n_cells: int | None = None,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 2048,
+    ) -> AnnData:
+        """Cells drawn from the model's counterfactual distribution (not just its mean).
+
+        Each sampled cell starts from a control cell: its basal state is encoded, the perturbation swapped, and
+        counts are drawn from the decoded (zero-inflated) negative binomial with that cell's library size (or
+        log1p(CP10k) values from the decoded Gaussian).
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells; ``None`` uses the training data.
+        perturbation
+            Canonical condition to sample.
+        n_cells
+            Number of cells; ``None`` draws one per starting cell, else starting cells are drawn with replacement.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Random seed; ``None`` uses ``vcell.settings.seed``.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) of the samples, ``layers['counts']`` the
+        sampled counts (count likelihoods only), ``obs['perturbation']`` / ``obs['vcell_perturbation']`` the
+        condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the starting cell.
+        """
+        import anndata as ad
+
+        self._require_trained()
+        adata = self._check_adata(adata)
+        rng = np.random.default_rng(resolve_seed(seed))
+        idx = self._control_indices(adata, controls)
+        if n_cells is not None:
+            if int(n_cells) < 1:
+                msg = f"n_cells must be a positive integer, got {n_cells!r}"
+                raise ValueError(msg)
+            idx = rng.choice(idx, size=int(n_cells), replace=True)
+        target = self._encode([str(perturbation)], float(dose))
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        counts, logs = [], []
+        for chunk in self._chunks(idx, batch_size):
+            p = {
+                k: v.cpu().numpy().astype(np.float64)
+                for k, v in m.generative_params(self._batch(adata, chunk, target, device)).items()
+            }
+            if m.likelihood == "gaussian":
+                logs.append(np.clip(rng.normal(p["mean"], p["std"]), 0.0, None).astype(np.float32))
+                continue
+            rate = rng.gamma(p["theta"], p["mu"] / p["theta"])
+            x = rng.poisson(rate).astype(np.float32)
+            if m.likelihood == "zinb":
+                x[rng.random(x.shape) < 1.0 / (1.0 + np.exp(-p["pi_logits"]))] = 0.0
+            counts.append(x)
+        obs = pd.DataFrame(
+            {
+                "perturbation": pd.Categorical([str(perturbation)] * len(idx)),
+                PERT_COL: pd.Categorical([str(perturbation)] * len(idx)),
+                DOSE_COL: np.full(len(idx), float(dose)),
+                "vcell_source_cell": adata.obs_names[idx].to_numpy(),
+            },
+            index=[f"sample-{i}" for i in range(len(idx))],
+        )
+        var = pd.DataFrame(index=adata.var_names.copy())
+        if counts:
+            C = np.concatenate(counts)
+            out = ad.AnnData(X=log1p_cp10k(C), obs=obs, var=var)
+            out.layers["counts"] = C
+            return out
+        return ad.AnnData(X=np.concatenate(logs), obs=obs, var=var)
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        indices: Sequence[int] | None = None,
+        kind: str = "basal",
+        batch_size: int = 2048,
+    ) -> np.ndarray:
+        """Posterior-mean latent state of cells.
+
+        Parameters
+        ----------
+        adata
+            Data (same genes as in training); ``None`` uses the training data.
+        indices
+            Cells to embed; ``None`` for all.
+        kind
+            ``"basal"``: ``z_basal`` (meant to hold no perturbation or covariate information); ``"full"``:
+            ``z_basal`` plus the cells' covariate embeddings and their own perturbation operators.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_latent)``.
+        """
+        if kind not in ("basal", "full"):
+            msg = f"kind must be 'basal' or 'full', got {kind!r}"
+            raise ValueError(msg)
+        adata = self._check_adata(adata)
+        idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        out = []
+        with torch.no_grad():
+            for chunk in self._chunks(idx, batch_size):
+                b = self._batch(adata, chunk, None, device)
+                z, _ = m.encode(m.log_normalise(b[REGISTRY_KEYS.X_KEY])[0])
+                if kind == "full":
+                    z = z + m.covariate_latent(b[REGISTRY_KEYS.COVARIATES_KEY])
+                    z = z + m.perturbation_latent(b[REGISTRY_KEYS.PERT_ENCODING_KEY])
+                out.append(z.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, m.n_latent), dtype=np.float32)
+
+    def get_perturbation_embedding(self, *, dose: float | None = None) -> pd.DataFrame:
+        """Latent operator of every single perturbation the model can predict (rows), ``z0..`` columns.
+
+        Parameters
+        ----------
+        dose
+            ``None``: the operators at full effect (``delta_i``); a dose: ``s_i(dose) delta_i``.
+        """
+        m = self.module
+        with torch.no_grad():
+            ops = m.operator_vectors().detach()
+            if dose is not None:
+                ops = ops * m.dose_scale(torch.full((1, len(self.atoms_)), float(dose), device=ops.device))[0, :, None]
+        return pd.DataFrame(
+            ops.cpu().numpy(),
+            index=pd.Index(self.atoms_, name="perturbation"),
+            columns=[f"z{i}" for i in range(m.n_latent)],
+        )
+
+    def get_dose_response(self) -> pd.DataFrame:
+        """Learned dose-response of each perturbation: ``ec50`` and ``slope`` of ``sigmoid(slope (log d - log ec50))``."""
+        with torch.no_grad():
+            log_ec50, slope = self.module.dose_params()
+        return pd.DataFrame(
+            {"ec50": np.exp(log_ec50.detach().cpu().numpy()), "slope": slope.detach().cpu().numpy()},
+            index=pd.Index(self.atoms_, name="perturbation"),
+        )
+
+    def get_interaction_strength(self) -> pd.Series:
+        """Size of the learned interaction of each combination seen in training (gate times L2 norm; 0 = additive)."""
+        m = self.module
+        with torch.no_grad():
+            strength = torch.sigmoid(m.pair_gate) * m.pair_effect.norm(dim=1)
+        return pd.Series(
+            strength.detach().cpu().numpy(), index=pd.Index(self.pairs_, name="perturbation"), name="interaction"
+        )

@@ -1,0 +1,372 @@
+"""Compositional causal VAE (pure torch): basal latent state + perturbation operators + covariate embeddings.
+
+``z = z_basal + sum_i s_i(dose_i) delta_i + sum_k e_k[covariate_k] (+ gated pairwise interactions of combos)``.
+``z_basal`` comes from an encoder of the cell's log1p(CP10k) expression and is pushed to carry no perturbation or
+covariate information by adversarial classifiers behind a gradient-reversal layer (as in CPA). Counterfactuals
+encode a cell, swap its perturbation part and decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vcell._constants import REGISTRY_KEYS
+
+from ._base import VCellModule
+
+LIKELIHOODS = ("nb", "zinb", "gaussian")
+#: batch key of the target perturbation encoding in counterfactual batches
+TARGET_ENCODING_KEY = "target_perturbation_encoding"
+_TARGET_SUM = 1e4
+
+
+@dataclass
+class LossOutput:
+    """What a module's ``loss`` returns: the objective, its named terms and extra metrics (all scalars)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- likelihoods (per element)
+def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Log-probability of counts ``x`` under a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
+
+    ``var = mu + mu^2 / theta``; elementwise, broadcasting ``theta`` over cells.
+    """
+    log_theta_mu = torch.log(theta + mu + eps)
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+
+
+def log_zinb(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Zero-inflated NB log-probability; ``pi_logits`` is the logit of the zero-inflation probability."""
+    log_nb_x = log_nb(x, mu, theta, eps)
+    log_pi, log_1m_pi = -F.softplus(-pi_logits), -F.softplus(pi_logits)
+    log_nb_zero = theta * (torch.log(theta + eps) - torch.log(theta + mu + eps))
+    zero = torch.logaddexp(log_pi, log_1m_pi + log_nb_zero)
+    return torch.where(x > 0, log_1m_pi + log_nb_x, zero)
+
+
+def log_normal(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """Gaussian log-density with log-variance ``log_var`` (elementwise)."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``-scale`` backward (gradient-reversal layer)."""
+    return _GradReverse.apply(x, scale)
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int, *, n_layers: int = 1, dropout: float = 0.0) -> nn.Sequential:
+    """``n_layers`` hidden layers (Linear, LayerNorm, ReLU, Dropout) then a Linear output layer."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(n_hidden if n_layers else n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class CausalVAEModule(VCellModule):
+    """Causal VAE of perturbation responses (see the module docstring).
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes.
+    n_atoms
+        Number of single perturbations the module can encode (training vocabulary plus extra rows of an
+        embedding table); encodings with fewer columns are zero-padded.
+    n_conditions
+        Number of condition labels (classes of the perturbation adversary); 0 disables it.
+    covariate_sizes
+        Number of categories of each categorical covariate (cell type, batch, ...).
+    covariate_names
+        Names of the covariates (labels of the adversaries' metrics); default ``covariate0, ...``.
+    n_latent, n_hidden, n_layers, dropout
+        Sizes of the latent space and of the encoder/decoder MLPs.
+    likelihood
+        ``"nb"`` (counts, library size as in scVI), ``"zinb"`` or ``"gaussian"`` (on log1p(CP10k)).
+    counts
+        Whether ``batch[X_KEY]`` holds raw counts (normalised to log1p(CP10k) for the encoder) or log1p(CP10k).
+    variational
+        Sample ``z_basal`` from a Gaussian posterior with a KL term; ``False``: deterministic autoencoder.
+    kl_weight
+        Weight of the KL term.
+    perturbation_features
+        ``(n_atoms, d)`` embedding table: operators are ``MLP(features)``; ``None``: one learned operator per atom.
+    seen_atoms
+        Which atoms were seen in training (unseen ones use the mean dose-response); ``None``: all.
+    pairs
+        ``(n_pairs, 2)`` atom indices of combinations with a learned, gated interaction.
+    adversary_weight
+        Scale of the reversed gradient from the adversaries into the encoder (0: no adversarial pressure).
+    interaction_penalty
+        Weight of the sparsity penalty on the interaction gates.
+    log_dose_init
+        Initial log-EC50 of every dose-response curve.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_atoms: int,
+        *,
+        n_conditions: int = 0,
+        covariate_sizes: tuple[int, ...] = (),
+        covariate_names: tuple[str, ...] | None = None,
+        n_latent: int = 32,
+        n_hidden: int = 256,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: str = "nb",
+        counts: bool = True,
+        variational: bool = True,
+        kl_weight: float = 1.0,
+        perturbation_features: np.ndarray | None = None,
+        seen_atoms: np.ndarray | None = None,
+        pairs: np.ndarray | None = None,
+        adversary_weight: float = 1.0,
+        interaction_penalty: float = 1e-2,
+        log_dose_init: float = -2.0,
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            msg = f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}"
+            raise ValueError(msg)
+        self.n_genes, self.n_atoms, self.n_latent = int(n_genes), int(n_atoms), int(n_latent)
+        self.likelihood, self.counts, self.variational = likelihood, bool(counts), bool(variational)
+        self.kl_weight, self.adversary_weight = float(kl_weight), float(adversary_weight)
+        self.interaction_penalty, self.log_dose_init = float(interaction_penalty), float(log_dose_init)
+        self.encoder = mlp(n_genes, n_hidden, 2 * n_latent, n_layers=n_layers, dropout=dropout)
+        n_out = 2 * n_genes if likelihood == "zinb" else n_genes
+        self.decoder = mlp(n_latent, n_hidden, n_out, n_layers=n_layers, dropout=dropout)
+        self.gene_param = nn.Parameter(torch.zeros(n_genes))  # NB: log theta; Gaussian: log variance
+        self.covariates = nn.ModuleList([nn.Embedding(max(int(k), 1), n_latent) for k in covariate_sizes])
+        # perturbation operators (one-hot rows or an MLP of a fixed feature table) and dose-response curves
+        if perturbation_features is None:
+            self.operators = nn.Parameter(torch.zeros(n_atoms, n_latent))
+            self.register_buffer("features", torch.zeros(0))
+            self.pert_mlp = None
+        else:
+            feats = torch.as_tensor(np.asarray(perturbation_features, dtype=np.float32))
+            self.register_buffer("features", feats)
+            self.pert_mlp = mlp(feats.shape[1], n_hidden, n_latent, n_layers=1, dropout=0.0)
+            self.operators = None
+        self.log_ec50 = nn.Parameter(torch.zeros(n_atoms))
+        self.log_slope = nn.Parameter(torch.zeros(n_atoms))
+        seen = torch.ones(n_atoms, dtype=torch.bool) if seen_atoms is None else torch.as_tensor(seen_atoms).bool()
+        self.register_buffer("seen_atoms", seen)
+        pairs_t = torch.as_tensor(np.zeros((0, 2)) if pairs is None else np.asarray(pairs), dtype=torch.long)
+        self.register_buffer("pairs", pairs_t.reshape(-1, 2))
+        self.pair_effect = nn.Parameter(torch.zeros(len(pairs_t), n_latent))
+        self.pair_gate = nn.Parameter(torch.zeros(len(pairs_t)))
+        # adversaries on z_basal
+        sizes = ([n_conditions] if n_conditions > 1 else []) + [int(k) for k in covariate_sizes]
+        cov_names = list(covariate_names or [f"covariate{i}" for i in range(len(covariate_sizes))])
+        self.adversary_names = (["perturbation"] if n_conditions > 1 else []) + cov_names
+        self.adversaries = nn.ModuleList([mlp(n_latent, n_hidden // 2, k, n_layers=1) for k in sizes])
+        self.adversary_active = [k > 1 for k in sizes]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise every parameter (with torch's global RNG: seed it first)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        with torch.no_grad():
+            for emb in self.covariates:
+                emb.weight.normal_(0.0, 0.1)
+            if self.operators is not None:
+                self.operators.normal_(0.0, 0.1)
+            self.log_ec50.fill_(self.log_dose_init)
+            self.log_slope.zero_()
+            self.pair_effect.zero_()
+            self.pair_gate.fill_(-2.0)
+            self.gene_param.zero_()
+
+    # ------------------------------------------------------------------------- pieces
+    def _pad(self, enc: torch.Tensor) -> torch.Tensor:
+        return F.pad(enc, (0, self.n_atoms - enc.shape[1])) if enc.shape[1] < self.n_atoms else enc
+
+    def operator_vectors(self) -> torch.Tensor:
+        """Latent operator ``delta_i`` of every atom at full effect, shape ``(n_atoms, n_latent)``."""
+        return self.operators if self.pert_mlp is None else self.pert_mlp(self.features)
+
+    def dose_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-EC50 and slope per atom; atoms unseen in training get the mean over the seen ones."""
+        ec50, slope = self.log_ec50, torch.exp(self.log_slope)
+        if not bool(self.seen_atoms.all()) and bool(self.seen_atoms.any()):
+            ec50 = torch.where(self.seen_atoms, ec50, ec50[self.seen_atoms].mean())
+            slope = torch.where(self.seen_atoms, slope, slope[self.seen_atoms].mean())
+        return ec50, slope
+
+    def dose_scale(self, enc: torch.Tensor) -> torch.Tensor:
+        """``s_i(dose_i)``: sigmoid in log-dose (0 for inactive atoms); ``enc`` is the dose-scaled multi-hot."""
+        enc = self._pad(enc)
+        active = enc > 0
+        ec50, slope = self.dose_params()
+        log_dose = torch.log(torch.where(active, enc, torch.ones_like(enc)))
+        return torch.sigmoid(slope * (log_dose - ec50)) * active
+
+    def perturbation_latent(self, enc: torch.Tensor) -> torch.Tensor:
+        """``sum_i s_i delta_i`` plus the gated pairwise interactions of the seen combinations."""
+        s = self.dose_scale(enc)
+        z = s @ self.operator_vectors()
+        if len(self.pairs):
+            coef = s[:, self.pairs[:, 0]] * s[:, self.pairs[:, 1]]
+            z = z + coef @ (torch.sigmoid(self.pair_gate)[:, None] * self.pair_effect)
+        return z
+
+    def covariate_latent(self, cov: torch.Tensor | None) -> torch.Tensor | float:
+        """Sum of the covariate embeddings (``cov``: integer codes, one column per covariate)."""
+        if cov is None or not len(self.covariates):
+            return 0.0
+        cov = cov.long().reshape(cov.shape[0], -1)
+        return sum(emb(cov[:, k]) for k, emb in enumerate(self.covariates))
+
+    def log_normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log1p(CP10k) of ``x``, library size); identity when ``x`` is already log-normalised."""
+        if not self.counts:
+            return x, torch.full((x.shape[0], 1), _TARGET_SUM, device=x.device, dtype=x.dtype)
+        lib = x.sum(1, keepdim=True).clamp(min=1.0)
+        return torch.log1p(x * (_TARGET_SUM / lib)), lib
+
+    def encode(self, x_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of ``z_basal`` from log1p(CP10k) expression."""
+        h = self.encoder(x_log)
+        return h[:, : self.n_latent], h[:, self.n_latent :].clamp(-10.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoder output: ``scale`` (gene shares) and ``pi_logits`` (ZINB), or ``mean`` (Gaussian)."""
+        h = self.decoder(z)
+        if self.likelihood == "gaussian":
+            return {"mean": h}
+        out = {"scale": torch.softmax(h[:, : self.n_genes], dim=-1)}
+        if self.likelihood == "zinb":
+            out["pi_logits"] = h[:, self.n_genes :]
+        return out
+
+    def mean_log1p(self, dec: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoded mean expression in log1p(CP10k) space."""
+        if self.likelihood == "gaussian":
+            return dec["mean"].clamp(min=0.0)
+        scale = dec["scale"]
+        if self.likelihood == "zinb":
+            scale = scale * torch.sigmoid(-dec["pi_logits"])
+        return torch.log1p(_TARGET_SUM * scale)
+
+    # ------------------------------------------------------------------------- training
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encode, compose the latent and decode a batch of cells."""
+        x = batch[REGISTRY_KEYS.X_KEY]
+        x_log, lib = self.log_normalise(x)
+        mu, log_var = self.encode(x_log)
+        z_basal = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var) if self.variational and self.training else mu
+        cov = batch.get(REGISTRY_KEYS.COVARIATES_KEY)
+        z = z_basal + self.covariate_latent(cov) + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
+        return {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
+
+    def reconstruction_log_prob(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-cell log-likelihood of the observed data under the decoded distribution."""
+        if self.likelihood == "gaussian":
+            return log_normal(out["x_log"], out["mean"], self.gene_param).sum(1)
+        mu, theta = out["lib"] * out["scale"], torch.exp(self.gene_param)
+        if self.likelihood == "zinb":
+            return log_zinb(x, mu, theta, out["pi_logits"]).sum(1)
+        return log_nb(x, mu, theta).sum(1)
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
+        """Negative ELBO + adversaries' cross-entropy (reversed into the encoder) + interaction sparsity."""
+        recon = -self.reconstruction_log_prob(batch[REGISTRY_KEYS.X_KEY], out).mean()
+        kl = torch.zeros((), device=recon.device)
+        if self.variational:
+            kl = 0.5 * (out["mu"] ** 2 + out["log_var"].exp() - out["log_var"] - 1.0).sum(1).mean()
+        terms = {"reconstruction": recon, "kl": kl, "elbo": recon + kl}
+        metrics: dict[str, torch.Tensor] = {}
+        adv = torch.zeros((), device=recon.device)
+        if self.adversaries:
+            z_rev = grad_reverse(out["z_basal"], self.adversary_weight)
+            targets = []
+            if self.adversary_names and self.adversary_names[0] == "perturbation":
+                targets.append(batch[REGISTRY_KEYS.PERT_KEY].long().reshape(-1))
+            cov = batch.get(REGISTRY_KEYS.COVARIATES_KEY)
+            if len(self.covariates):
+                cov = cov.long().reshape(cov.shape[0], -1)
+                targets += [cov[:, k] for k in range(cov.shape[1])]
+            for name, clf, active, y in zip(
+                self.adversary_names, self.adversaries, self.adversary_active, targets, strict=True
+            ):
+                if not active:
+                    continue
+                logits = clf(z_rev)
+                adv = adv + F.cross_entropy(logits, y)
+                metrics[f"accuracy_{name}"] = (logits.argmax(1) == y).float().mean()
+        terms["adversary"] = adv
+        penalty = torch.zeros((), device=recon.device)
+        if len(self.pairs):
+            penalty = self.interaction_penalty * torch.sigmoid(self.pair_gate).sum()
+        terms["interaction_penalty"] = penalty
+        total = recon + self.kl_weight * kl + adv + penalty
+        return LossOutput(loss=total, terms=terms, metrics=metrics)
+
+    # ------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def counterfactual(self, batch: dict[str, torch.Tensor], *, mode: str = "residual") -> torch.Tensor:
+        """log1p(CP10k) expression of the cells in ``batch`` under ``batch[TARGET_ENCODING_KEY]``.
+
+        The cells' basal state is encoded (posterior mean); their own perturbation part
+        (``batch[PERT_ENCODING_KEY]``, zeros for controls) is replaced by the target's. ``mode="decoded"`` returns
+        the decoded mean; ``"residual"`` adds the decoded change ``m(z_target) - m(z_own)`` to the cells' own
+        expression, so that cell-to-cell variation the latent space does not hold is kept.
+        """
+        x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
+        mu, _ = self.encode(x_log)
+        z0 = mu + self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        m_target = self.mean_log1p(self.decode(z0 + self.perturbation_latent(batch[TARGET_ENCODING_KEY])))
+        if mode == "decoded":
+            return m_target
+        m_own = self.mean_log1p(self.decode(z0 + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])))
+        return (x_log + m_target - m_own).clamp(min=0.0)
+
+    @torch.no_grad()
+    def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
+        x = batch[REGISTRY_KEYS.X_KEY]
+        x_log, lib = self.log_normalise(x)
+        mu, _ = self.encode(x_log)
+        z = mu + self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        dec = self.decode(z + self.perturbation_latent(batch[TARGET_ENCODING_KEY]))
+        if self.likelihood == "gaussian":
+            return {"mean": dec["mean"], "std": torch.exp(0.5 * self.gene_param).expand_as(dec["mean"])}
+        out = {"mu": lib * dec["scale"], "theta": torch.exp(self.gene_param).expand_as(dec["scale"])}
+        if self.likelihood == "zinb":
+            out["pi_logits"] = dec["pi_logits"]
+        return out

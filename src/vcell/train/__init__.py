@@ -1,0 +1,5 @@
+"""Lightning training plans for vcell's modules."""
+
+from ._plan import TrainingPlan
+
+__all__ = ["TrainingPlan"]

@@ -1,0 +1,116 @@
+"""One generic Lightning training plan: any vcell module with ``forward(batch)`` and ``loss(batch, out)``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lightning
+import torch
+from torch import nn
+
+
+def _terms(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(objective, named scalars) of a module's loss output: a ``LossOutput``-like object, a dict or a tensor."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, dict):
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+    named = {**dict(getattr(out, "terms", {}) or {}), **dict(getattr(out, "metrics", {}) or {})}
+    return out.loss, named
+
+
+class TrainingPlan(lightning.LightningModule):
+    """Train a vcell module: ``loss = module.loss(batch, module(batch))``, with one AdamW optimizer.
+
+    Every named term and metric of the loss output is averaged over each epoch (weighted by batch size) and
+    logged as ``train_<name>`` / ``val_<name>``, together with ``train_loss`` / ``val_loss``; the epoch means are
+    also kept in :attr:`history` (one dict per epoch). Adversarial training works through gradient reversal inside
+    the module, so no second optimizer is needed.
+
+    Parameters
+    ----------
+    module
+        A :class:`torch.nn.Module` with ``forward(batch) -> out`` and ``loss(batch, out)`` returning an object with
+        ``.loss`` (and optionally ``.terms`` / ``.metrics`` dicts of scalars), a dict with ``"loss"``, or a tensor.
+    lr
+        Learning rate.
+    weight_decay
+        AdamW weight decay.
+    lr_factor, lr_patience
+        Reduce the learning rate by ``lr_factor`` when ``monitor`` has not improved for ``lr_patience`` epochs;
+        ``lr_patience=None`` keeps it constant.
+    monitor
+        Logged value the learning-rate schedule watches.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        lr_factor: float = 0.5,
+        lr_patience: int | None = None,
+        monitor: str = "val_loss",
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.lr_factor, self.lr_patience, self.monitor = float(lr_factor), lr_patience, monitor
+        self.history: list[dict[str, float]] = []
+        self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "val": defaultdict(float)}
+        self._counts = {"train": 0, "val": 0}
+        self._pending: dict[str, float] = {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The module's forward pass."""
+        return self.module(batch)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss, named = _terms(self.module.loss(batch, self.module(batch)))
+        n = next(iter(batch.values())).shape[0]
+        sums = self._sums[stage]
+        sums["loss"] = sums["loss"] + loss.detach() * n
+        for key, value in named.items():
+            sums[key] = sums[key] + torch.as_tensor(value).detach() * n
+        self._counts[stage] += n
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate the validation terms."""
+        self._step(batch, "val")
+
+    def _flush(self, stage: str) -> None:
+        n = self._counts[stage]
+        if not n:
+            return
+        for key, total in self._sums[stage].items():
+            value = float(total / n)
+            self.log(f"{stage}_{key}", value, prog_bar=key == "loss", on_step=False, on_epoch=True)
+            self._pending[f"{stage}_{key}"] = value
+        self._sums[stage] = defaultdict(float)
+        self._counts[stage] = 0
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._flush("val")
+        else:
+            self._sums["val"], self._counts["val"] = defaultdict(float), 0
+
+    def on_train_epoch_end(self) -> None:
+        self._flush("train")
+        self.history.append({"epoch": int(self.current_epoch), **self._pending})
+        self._pending = {}
+
+    def configure_optimizers(self) -> Any:
+        """AdamW, optionally with a reduce-on-plateau schedule."""
+        opt = torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_patience is None:
+            return opt
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=self.lr_factor, patience=self.lr_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
