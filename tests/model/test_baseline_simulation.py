@@ -35,7 +35,7 @@ def test_additive_baseline_recovers_purely_additive_combos():
     err, noise, epistatic = _additive_errors(0.0)
     assert not epistatic.any()
     # L2 error of the additive prediction is at the level of the sampling noise of the combo's own cells
-    assert np.mean(err / noise) < 2.0
+    assert np.mean(err / noise) < 3.0  # measured 1.97 (seed 11); epistatic combos: 14.8
 
 
 def test_additive_baseline_fails_on_epistatic_combos():
