@@ -105,10 +105,21 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def current_rss_mb() -> float:
+    """Current resident set size of this process in MiB (NaN if unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 @contextmanager
 def measure_in_process() -> Iterator[dict[str, float]]:
-    """Measure wall time (``wall_s``) and peak RSS (``peak_mem_mb``, of the whole process) of a block."""
-    out: dict[str, float] = {}
+    """Measure wall time (``wall_s``), peak RSS of the whole process (``peak_mem_mb``) and RSS at the start."""
+    out: dict[str, float] = {"start_mem_mb": current_rss_mb()}
     peak_rss_reset()
     t0 = time.perf_counter()
     try:
@@ -118,36 +129,61 @@ def measure_in_process() -> Iterator[dict[str, float]]:
         out["peak_mem_mb"] = peak_rss_mb()
 
 
+def _tree_rss_mb(pid: int) -> tuple[float, float]:
+    """``(sum of current RSS, largest VmHWM)`` in MiB over a process and its descendants (0 if gone)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return 0.0, 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0, 0.0
+    total, hwm = 0.0, 0.0
+    for p in procs:
+        try:
+            total += p.memory_info().rss / 2**20
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm = max(hwm, int(line.split()[1]) / 1024)
+        except (psutil.Error, OSError):
+            continue
+    return total, hwm
+
+
 def run_worker(
     cmd: Sequence[str], *, log: Path, timeout_s: float | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, float, float]:
     """Run ``cmd`` (a worker in a peer's venv) and return ``(returncode, wall_s, peak_mem_mb)``.
 
-    Peak memory is the largest resident set size of the worker or any of its (waited-for) descendants,
-    from ``wait4``'s resource usage. Output goes to ``log``. On timeout the worker's process group is killed
-    and the return code is 124.
+    Peak memory is polled (every 0.1 s) over the worker and its descendants (e.g. ``state tx train``): the largest
+    sum of their resident set sizes, or the largest single process's peak (``VmHWM``) if that is larger. (``wait4``'s
+    ``ru_maxrss`` is not used: it counts the parent's memory copied at ``fork``.) Output goes to ``log``. On timeout
+    the worker's process group is killed and the return code is 124.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
+    peak = 0.0
     with log.open("w") as fh:
         proc = subprocess.Popen(
             list(map(str, cmd)), stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
         deadline = None if timeout_s is None else t0 + timeout_s
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                rc = os.waitstatus_to_exitcode(status)
-                proc.returncode = rc
+            total, hwm = _tree_rss_mb(proc.pid)
+            peak = max(peak, total, hwm)
+            rc = proc.poll()
+            if rc is not None:
                 break
             if deadline is not None and time.perf_counter() > deadline:
                 os.killpg(proc.pid, 9)
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = rc = 124
+                proc.wait()
+                rc = 124
                 break
-            time.sleep(0.2)
-    return rc, time.perf_counter() - t0, usage.ru_maxrss / 1024
+            time.sleep(0.1)
+    return rc, time.perf_counter() - t0, peak
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -280,6 +316,7 @@ class SubprocessPeer:
                 "predict_s": timing.get("predict_s", np.nan),
                 "worker_s": wall_s,
                 "peak_mem_mb": peak_mb,
+                "start_mem_mb": 0.0,  # a fresh process
             }
             if rc != 0:
                 why = "timed out" if rc == 124 else f"exited with code {rc}"
@@ -309,5 +346,9 @@ class Measured:
         """Delegate to the wrapped predictor, measuring wall time and peak RSS of the whole process."""
         with measure_in_process() as m:
             out = self.inner.fit_predict(train, requests, **kwargs)
-        self.last_resources = {**(getattr(self.inner, "last_resources", {}) or {}), "peak_mem_mb": m["peak_mem_mb"]}
+        self.last_resources = {
+            **(getattr(self.inner, "last_resources", {}) or {}),
+            "peak_mem_mb": m["peak_mem_mb"],
+            "start_mem_mb": m["start_mem_mb"],
+        }
         return out

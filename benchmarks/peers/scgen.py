@@ -138,5 +138,10 @@ class ScGen:
                 z = Z[np.asarray(r.controls, dtype=int)] + delta
                 out[r.condition] = np.asarray(decode(z)["px"], dtype=np.float32)
             predict_s = time.perf_counter() - t0
-        self.last_resources = {"fit_s": fit_s, "predict_s": predict_s, "peak_mem_mb": m["peak_mem_mb"]}
+        self.last_resources = {
+            "fit_s": fit_s,
+            "predict_s": predict_s,
+            "peak_mem_mb": m["peak_mem_mb"],
+            "start_mem_mb": m["start_mem_mb"],
+        }
         return out

@@ -111,6 +111,11 @@ def main(workdir: str) -> None:
     cf.train(num_iterations=int(opt["num_iterations"]), batch_size=int(opt["batch_size"]), valid_freq=10**9)
     job.fitted()
 
+    import diffrax
+
+    # CellFlow's default ODE settings (Tsit5, PID controller 1e-5), built once: new objects per call would miss
+    # CellFlow's cache of compiled predict functions and recompile for every request
+    ode = {"solver": diffrax.Tsit5(), "stepsize_controller": diffrax.PIDController(rtol=1e-5, atol=1e-5), "dt0": None}
     known = set(singles)
     for i, req in enumerate(job.requests):
         p1, p2 = parts(req["perturbation"])
@@ -142,6 +147,7 @@ def main(workdir: str) -> None:
             sample_rep="X_pca",
             condition_id_key="condition_id",
             rng=jax.random.PRNGKey(job.seed),
+            **ode,
         )
         Zp = np.asarray(out[f"r{i}"], dtype=np.float64)
         job.predict(i, mu + Zp @ W)
