@@ -262,9 +262,18 @@ This run: vcell {vcell.__version__}, seeds {seeds}{" (QUICK smoke-test budgets: 
 {cpu}, total {total / 60:.1f} min. Values are means over held-out conditions (and over the 7 held-out cell types for
 Kang); "answered" counts the held-out conditions a model predicted. Wall time is per model, summed over the task's
 splits (for peers in their own venv it includes writing the data, starting the interpreter and the peer's own
-pre-processing); peak memory is the peak resident set size of the peer's worker process (GEARS, STATE, CellFlow) or of
-the whole benchmark process during the call (baselines, scGen, which run in-process, so it includes the data and
-libraries already loaded).
+pre-processing). Peak RSS: for GEARS, STATE and CellFlow the largest resident set of the worker's process tree (a fresh
+interpreter: libraries + data + model); for the baselines and scGen, which run inside the benchmark process, the whole
+process's peak during the call, which includes everything loaded before (the data, torch, JAX); the last column is
+the increase over the process's RSS at the start of the call. Wall times depend on the load of the machine: this
+run shared its 2 cores with other jobs (load average 3-6 for most of it), so an idle machine is faster.
+
+What the numbers said in the run recorded below (seed 0; regenerate to check): on Kang cell-type transfer, CellFlow (flow matching from each cell type's own
+controls, 300 iterations) is the only model close to the split-half ceiling; scGen matches the
+`additive` baseline on Pearson Δ and beats it on the top DE genes, STATE's small CPU model is below the
+baselines on Pearson Δ and energy distance but better on the top-20 DE genes' MSE. On unseen Papalexi knock-outs only `mean`, `control` and GEARS can answer; GEARS' short CPU training is
+near "no change". On simulated doubles the `additive` baseline is the one to beat; GEARS flags the non-additive
+doubles best (interaction AUPRC), while its mean prediction is weaker than `additive`.
 
 | peer | version | runs | can do |
 |---|---|---|---|
@@ -278,7 +287,8 @@ Settings (see the adapters' docstrings): scGen ≤ 40 epochs, batch 32, early st
 scvi-tools' validation cells; GEARS 5 epochs, ≤ 50 training cells per condition (200 controls), GO graph from
 org.Hs.eg.db 3.16 (Papalexi; MARCH8 → MARCHF8) or, for the simulation, gene co-membership in the simulated programs;
 STATE a small state-transition model (hidden 128, 2+2 layers, cell sets of 32, 4 sets per batch) for 200 steps,
-no pretrained embeddings; CellFlow OT flow matching in a 50-PC space, width 256, 300 iterations of 256 cells. These are CPU budgets, far below
+no pretrained embeddings; CellFlow OT flow matching in a 50-PC space, width 256, 300 iterations of 256 cells,
+predictions decoded from the PCs. These are CPU budgets, far below
 the papers' (GPU) training; read the peers' numbers as "what each tool gives in minutes on a laptop", not as their
 best.
 
