@@ -55,7 +55,7 @@ class ScGen:
     name: str = "scGen"
     max_epochs: int = 40
     batch_size: int = 32
-    early_stopping_patience: int = 10
+    early_stopping_patience: int = 25
     lr: float = 1e-3
     n_latent: int = 100
     n_hidden: int = 800
