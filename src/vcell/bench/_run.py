@@ -327,6 +327,7 @@ def run(
         held_out = [str(h) for h in info["held_out"]]
         is_train = a.obs["vcell_split"].isin(["train", "val"]).to_numpy()
         train = a[is_train].copy()
+        train.uns.pop("vcell_simulation", None)  # ground truth (held-out outcomes included) never reaches a model
         E_train = expression_for_eval(train, layer)
         pca = vmetrics.fit_pca(E_train, n_comps=min(n_pcs, *E_train.shape), seed=seed)
         ctx_all = context_labels(a.obs, context_keys)
