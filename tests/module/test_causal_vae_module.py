@@ -70,10 +70,10 @@ def test_forward_loss_shapes_and_gradients(likelihood: str):
     out = m(batch)
     assert out["z"].shape == (7, 6)
     assert out["z_basal"].shape == (7, 6)
-    key = "mean" if likelihood == "gaussian" else "scale"
+    key = "mean" if likelihood == "gaussian" else "log_scale"
     assert out[key].shape == (7, 20)
     if likelihood != "gaussian":
-        np.testing.assert_allclose(out["scale"].sum(1).detach().numpy(), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(out["log_scale"].exp().sum(1).detach().numpy(), 1.0, rtol=1e-5)
     res = m.loss(batch, out)
     assert torch.isfinite(res.loss)
     assert {"reconstruction", "kl", "elbo", "adversary", "interaction_penalty"} <= set(res.terms)
@@ -90,7 +90,7 @@ def test_reconstruction_is_sum_of_elementwise_nb():
     m = _module("nb", variational=False).eval()
     batch = _batch()
     out = m(batch)
-    mu = out["lib"] * out["scale"]
+    mu = out["lib"] * out["log_scale"].exp()
     theta = torch.exp(m.gene_param)
     expected = stats.nbinom.logpmf(
         batch[REGISTRY_KEYS.X_KEY].numpy(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +12,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from vcell._constants import DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger, settings
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed
 from vcell.data._vocab import _components
@@ -75,6 +77,63 @@ def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
     if sparse.issparse(value):
         return torch.as_tensor(value[idx].toarray(), dtype=torch.float32)
     return value[torch.as_tensor(idx)]
+
+
+class _CounterfactualValidation:
+    """Lightning callback logging ``val_counterfactual_mse`` after each validation epoch.
+
+    For every (condition, context) group of perturbed validation cells: the mean counterfactual of training control
+    cells of that context under the group's condition, against the group's mean log1p(CP10k) expression; the squared
+    error averaged over genes, then over groups. This scores what the model is for (counterfactuals of controls) on
+    held-out cells, unlike the ELBO, whose minimum comes before the adversaries have cleaned ``z_basal``.
+    """
+
+    def __init__(self, groups: list[tuple[dict[str, torch.Tensor], torch.Tensor]], mode: str) -> None:
+        self.groups, self.mode = groups, mode
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self.groups:
+            return
+        m = pl_module.module
+        was_training = m.training
+        m.eval()
+        errors = []
+        for batch, target in self.groups:
+            batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+            pred = m.counterfactual(batch, mode=self.mode).mean(0)
+            errors.append(((pred - target.to(pred.device)) ** 2).mean())
+        m.train(was_training)
+        pl_module.log("val_counterfactual_mse", torch.stack(errors).mean(), prog_bar=True)
+
+
+class _BestWeights:
+    """Lightning callback keeping (on CPU) the module weights of the epoch with the lowest ``monitor``."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor, self.best, self.state, self.epoch = monitor, np.inf, None, -1
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not float(value) < self.best:
+            return
+        self.best, self.epoch = float(value), int(trainer.current_epoch)
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()}
+
+
+def _callback(obj: Any) -> Any:
+    """A :class:`lightning.pytorch.callbacks.Callback` forwarding its validation hooks to ``obj`` (lazy Lightning)."""
+    import lightning
+
+    class _Forward(lightning.pytorch.callbacks.Callback):
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if hasattr(obj, "on_validation_epoch_end"):
+                obj.on_validation_epoch_end(trainer, pl_module)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if hasattr(obj, "on_validation_end"):
+                obj.on_validation_end(trainer, pl_module)
+
+    return _Forward()
 
 
 class CausalVAE(PerturbationModel):
@@ -387,6 +446,39 @@ class CausalVAE(PerturbationModel):
         n_val = int(round(validation_fraction * adata.n_obs)) if adata.n_obs >= 20 else 0
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
+    def _counterfactual_groups(
+        self,
+        adata: AnnData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        seed: int,
+        *,
+        max_groups: int = 50,
+        max_controls: int = 64,
+    ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(batch of training controls with the target encoding, mean of the validation cells) per validation group."""
+        cond = adata.obs[PERT_COL].astype(str).to_numpy()
+        ctx = self._contexts(adata)
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else np.ones(adata.n_obs)
+        val = val_idx[cond[val_idx] != CONTROL]
+        train_ctrl = train_idx[cond[train_idx] == CONTROL]
+        keys = pd.Series(cond[val]) + "\t" + pd.Series(ctx[val])
+        rng = np.random.default_rng(seed)
+        groups = []
+        uniq = keys.unique()
+        for key in rng.permutation(uniq)[:max_groups] if len(uniq) > max_groups else uniq:
+            members = val[(keys == key).to_numpy()]
+            label, context = key.split("\t")
+            ctrl = train_ctrl[ctx[train_ctrl] == context]
+            if not ctrl.size:
+                continue
+            if ctrl.size > max_controls:
+                ctrl = np.sort(rng.choice(ctrl, max_controls, replace=False))
+            target = self._encode([label], float(np.median(dose[members])))
+            batch = self._batch(adata, ctrl, target, torch.device("cpu"))
+            groups.append((batch, torch.as_tensor(self._expression(adata, members).mean(0))))
+        return groups
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -420,7 +512,12 @@ class CausalVAE(PerturbationModel):
         accelerator, devices
             Passed to :class:`lightning.Trainer` (``"auto"``: a GPU when available).
         early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience`` epochs.
+            Stop when the monitored validation value has not improved for ``early_stopping_patience`` epochs, and
+            keep the weights of its best epoch. The value is ``val_counterfactual_mse`` (see below) when some
+            validation cells are perturbed and their context has control cells in training, else ``val_elbo``.
+            ``val_counterfactual_mse``: per (condition, context) group of perturbed validation cells, the squared
+            error between the mean counterfactual of training controls of that context and the group's mean
+            log1p(CP10k) expression, averaged over genes and groups.
         seed
             Random seed of weights, validation split, shuffling and sampling; ``None`` uses ``vcell.settings.seed``.
         trainer_kwargs
@@ -437,7 +534,8 @@ class CausalVAE(PerturbationModel):
         ``model.history_``
             Per-epoch means of every loss term (``train_*``, ``val_*``): dict of DataFrames indexed by epoch.
         ``model.adversary_accuracy_``
-            Accuracy of each adversary on ``z_basal`` of the validation cells, beside chance (majority share).
+            Accuracy of each adversary on ``z_basal`` of the training and validation cells, beside chance (the
+            majority class's share). The adversaries saw the training cells, so this errs on their side.
         """
         import lightning
 
@@ -452,10 +550,13 @@ class CausalVAE(PerturbationModel):
         tensors = self._training_tensors(adata)
         train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
         val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 1024), shuffle=False, seed=seed)
-        monitor = "val_elbo" if len(val_idx) else "train_elbo"
+        groups = self._counterfactual_groups(adata, train_idx, val_idx, seed) if len(val_idx) else []
+        monitor = "val_counterfactual_mse" if groups else ("val_elbo" if len(val_idx) else "train_elbo")
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor=monitor)
-        callbacks = []
+        callbacks = [_callback(_CounterfactualValidation(groups, self.prediction))] if groups else []
+        best = _BestWeights(monitor)
         if early_stopping:
+            callbacks.append(_callback(best))
             callbacks.append(
                 lightning.pytorch.callbacks.EarlyStopping(monitor=monitor, patience=early_stopping_patience)
             )
@@ -468,19 +569,31 @@ class CausalVAE(PerturbationModel):
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
             "enable_progress_bar": settings.progress_bar,
-            "callbacks": callbacks,
             **(trainer_kwargs or {}),
         }
+        kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks") or [])
         if not len(val_idx):
             kwargs["limit_val_batches"] = 0
-        trainer = lightning.Trainer(**kwargs)
-        trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl if len(val_idx) else None)
+        pl_logger = logging.getLogger("lightning.pytorch")
+        level = pl_logger.level
+        if settings.verbosity != "debug":  # Lightning's banner (GPU available, tips) only in debug mode
+            pl_logger.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings():  # Lightning's own use of a deprecated torch pytree API
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=DeprecationWarning)
+                trainer = lightning.Trainer(**kwargs)
+                trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl if len(val_idx) else None)
+        finally:
+            pl_logger.setLevel(level)
+        if early_stopping and best.state is not None:
+            self.module.load_state_dict(best.state)
+        self.best_epoch_ = best.epoch if early_stopping else len(plan.history) - 1
         self.module.eval()
         self.is_trained_ = True
         hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
         self.history_ = {col: hist[[col]] for col in hist.columns}
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
-        self.adversary_accuracy_ = self._adversary_accuracy(adata, val_idx if len(val_idx) else train_idx)
+        self.adversary_accuracy_ = self._adversary_accuracy(adata, np.union1d(train_idx, val_idx))
         logger.info("CausalVAE trained for %d epochs", len(plan.history))
 
     @torch.no_grad()
@@ -698,11 +811,7 @@ class CausalVAE(PerturbationModel):
         out = []
         with torch.no_grad():
             for chunk in self._chunks(idx, batch_size):
-                b = self._batch(adata, chunk, None, device)
-                z, _ = m.encode(m.log_normalise(b[REGISTRY_KEYS.X_KEY])[0])
-                if kind == "full":
-                    z = z + m.covariate_latent(b[REGISTRY_KEYS.COVARIATES_KEY])
-                    z = z + m.perturbation_latent(b[REGISTRY_KEYS.PERT_ENCODING_KEY])
+                z = m.latent(self._batch(adata, chunk, None, device), full=kind == "full")
                 out.append(z.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, m.n_latent), dtype=np.float32)
 

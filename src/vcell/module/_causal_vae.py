@@ -36,15 +36,18 @@ class LossOutput:
 
 
 # ----------------------------------------------------------------------------- likelihoods (per element)
-def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def log_nb(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8, log_mu: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log-probability of counts ``x`` under a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
 
-    ``var = mu + mu^2 / theta``; elementwise, broadcasting ``theta`` over cells.
+    ``var = mu + mu^2 / theta``; elementwise, broadcasting ``theta`` over cells. ``log_mu`` (optional) is
+    ``log(mu)`` when the caller has it (saves a pass and is exact for tiny ``mu``).
     """
     log_theta_mu = torch.log(theta + mu + eps)
     return (
         theta * (torch.log(theta + eps) - log_theta_mu)
-        + x * (torch.log(mu + eps) - log_theta_mu)
+        + x * ((torch.log(mu + eps) if log_mu is None else log_mu) - log_theta_mu)
         + torch.lgamma(x + theta)
         - torch.lgamma(theta)
         - torch.lgamma(x + 1.0)
@@ -132,6 +135,9 @@ class CausalVAEModule(VCellModule):
         Weight of the sparsity penalty on the interaction gates.
     log_dose_init
         Initial log-EC50 of every dose-response curve.
+    condition_encoder
+        Give the encoder the cell's own perturbation and covariate latents as input (a conditional encoder), so it
+        can explain them away rather than copy them into ``z_basal``.
     """
 
     def __init__(
@@ -156,6 +162,7 @@ class CausalVAEModule(VCellModule):
         adversary_weight: float = 1.0,
         interaction_penalty: float = 1e-2,
         log_dose_init: float = -2.0,
+        condition_encoder: bool = True,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -165,7 +172,9 @@ class CausalVAEModule(VCellModule):
         self.likelihood, self.counts, self.variational = likelihood, bool(counts), bool(variational)
         self.kl_weight, self.adversary_weight = float(kl_weight), float(adversary_weight)
         self.interaction_penalty, self.log_dose_init = float(interaction_penalty), float(log_dose_init)
-        self.encoder = mlp(n_genes, n_hidden, 2 * n_latent, n_layers=n_layers, dropout=dropout)
+        self.condition_encoder = bool(condition_encoder)
+        n_in = n_genes + (n_latent if condition_encoder else 0)
+        self.encoder = mlp(n_in, n_hidden, 2 * n_latent, n_layers=n_layers, dropout=dropout)
         n_out = 2 * n_genes if likelihood == "zinb" else n_genes
         self.decoder = mlp(n_latent, n_hidden, n_out, n_layers=n_layers, dropout=dropout)
         self.gene_param = nn.Parameter(torch.zeros(n_genes))  # NB: log theta; Gaussian: log variance
@@ -259,17 +268,23 @@ class CausalVAEModule(VCellModule):
         lib = x.sum(1, keepdim=True).clamp(min=1.0)
         return torch.log1p(x * (_TARGET_SUM / lib)), lib
 
-    def encode(self, x_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance of ``z_basal`` from log1p(CP10k) expression."""
+    def encode(self, x_log: torch.Tensor, z_known: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of ``z_basal`` from log1p(CP10k) expression.
+
+        With ``condition_encoder``, the encoder also sees ``z_known`` (the cell's own perturbation and covariate
+        latents), so it can explain them away instead of copying them into ``z_basal``.
+        """
+        if self.condition_encoder:
+            x_log = torch.cat([x_log, torch.as_tensor(z_known).to(x_log).expand(x_log.shape[0], self.n_latent)], 1)
         h = self.encoder(x_log)
         return h[:, : self.n_latent], h[:, self.n_latent :].clamp(-10.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Decoder output: ``scale`` (gene shares) and ``pi_logits`` (ZINB), or ``mean`` (Gaussian)."""
+        """Decoder output: ``log_scale`` (log gene shares) and ``pi_logits`` (ZINB), or ``mean`` (Gaussian)."""
         h = self.decoder(z)
         if self.likelihood == "gaussian":
             return {"mean": h}
-        out = {"scale": torch.softmax(h[:, : self.n_genes], dim=-1)}
+        out = {"log_scale": torch.log_softmax(h[:, : self.n_genes], dim=-1)}
         if self.likelihood == "zinb":
             out["pi_logits"] = h[:, self.n_genes :]
         return out
@@ -278,7 +293,7 @@ class CausalVAEModule(VCellModule):
         """Decoded mean expression in log1p(CP10k) space."""
         if self.likelihood == "gaussian":
             return dec["mean"].clamp(min=0.0)
-        scale = dec["scale"]
+        scale = torch.exp(dec["log_scale"])
         if self.likelihood == "zinb":
             scale = scale * torch.sigmoid(-dec["pi_logits"])
         return torch.log1p(_TARGET_SUM * scale)
@@ -288,20 +303,23 @@ class CausalVAEModule(VCellModule):
         """Encode, compose the latent and decode a batch of cells."""
         x = batch[REGISTRY_KEYS.X_KEY]
         x_log, lib = self.log_normalise(x)
-        mu, log_var = self.encode(x_log)
+        z_known = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY)) + self.perturbation_latent(
+            batch[REGISTRY_KEYS.PERT_ENCODING_KEY]
+        )
+        mu, log_var = self.encode(x_log, z_known)
         z_basal = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var) if self.variational and self.training else mu
-        cov = batch.get(REGISTRY_KEYS.COVARIATES_KEY)
-        z = z_basal + self.covariate_latent(cov) + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
+        z = z_basal + z_known
         return {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
 
     def reconstruction_log_prob(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-cell log-likelihood of the observed data under the decoded distribution."""
         if self.likelihood == "gaussian":
             return log_normal(out["x_log"], out["mean"], self.gene_param).sum(1)
-        mu, theta = out["lib"] * out["scale"], torch.exp(self.gene_param)
+        log_mu = torch.log(out["lib"]) + out["log_scale"]
+        mu, theta = torch.exp(log_mu), torch.exp(self.gene_param)
         if self.likelihood == "zinb":
             return log_zinb(x, mu, theta, out["pi_logits"]).sum(1)
-        return log_nb(x, mu, theta).sum(1)
+        return log_nb(x, mu, theta, log_mu=log_mu).sum(1)
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
         """Negative ELBO + adversaries' cross-entropy (reversed into the encoder) + interaction sparsity."""
@@ -348,25 +366,37 @@ class CausalVAEModule(VCellModule):
         expression, so that cell-to-cell variation the latent space does not hold is kept.
         """
         x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
-        mu, _ = self.encode(x_log)
-        z0 = mu + self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
-        m_target = self.mean_log1p(self.decode(z0 + self.perturbation_latent(batch[TARGET_ENCODING_KEY])))
+        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
+        mu, _ = self.encode(x_log, z_own)
+        m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY])))
         if mode == "decoded":
             return m_target
-        m_own = self.mean_log1p(self.decode(z0 + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])))
+        m_own = self.mean_log1p(self.decode(mu + z_own))
         return (x_log + m_target - m_own).clamp(min=0.0)
+
+    @torch.no_grad()
+    def latent(self, batch: dict[str, torch.Tensor], *, full: bool = False) -> torch.Tensor:
+        """Posterior mean of ``z_basal`` (``full``: plus the cells' own covariate and perturbation latents)."""
+        x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
+        z_known = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY)) + self.perturbation_latent(
+            batch[REGISTRY_KEYS.PERT_ENCODING_KEY]
+        )
+        mu, _ = self.encode(x_log, z_known)
+        return mu + z_known if full else mu
 
     @torch.no_grad()
     def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
         x = batch[REGISTRY_KEYS.X_KEY]
         x_log, lib = self.log_normalise(x)
-        mu, _ = self.encode(x_log)
-        z = mu + self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
-        dec = self.decode(z + self.perturbation_latent(batch[TARGET_ENCODING_KEY]))
+        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        mu, _ = self.encode(x_log, z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY]))
+        dec = self.decode(mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY]))
         if self.likelihood == "gaussian":
             return {"mean": dec["mean"], "std": torch.exp(0.5 * self.gene_param).expand_as(dec["mean"])}
-        out = {"mu": lib * dec["scale"], "theta": torch.exp(self.gene_param).expand_as(dec["scale"])}
+        mu = lib * torch.exp(dec["log_scale"])
+        out = {"mu": mu, "theta": torch.exp(self.gene_param).expand_as(mu)}
         if self.likelihood == "zinb":
             out["pi_logits"] = dec["pi_logits"]
         return out

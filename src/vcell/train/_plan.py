@@ -25,7 +25,7 @@ class TrainingPlan(lightning.LightningModule):
 
     Every named term and metric of the loss output is averaged over each epoch (weighted by batch size) and
     logged as ``train_<name>`` / ``val_<name>``, together with ``train_loss`` / ``val_loss``; the epoch means are
-    also kept in :attr:`history` (one dict per epoch). Adversarial training works through gradient reversal inside
+    also kept in :attr:`history` (one dict per epoch, with everything else logged that epoch, e.g. by callbacks). Adversarial training works through gradient reversal inside
     the module, so no second optimizer is needed.
 
     Parameters
@@ -61,7 +61,6 @@ class TrainingPlan(lightning.LightningModule):
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "val": defaultdict(float)}
         self._counts = {"train": 0, "val": 0}
-        self._pending: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The module's forward pass."""
@@ -92,7 +91,6 @@ class TrainingPlan(lightning.LightningModule):
         for key, total in self._sums[stage].items():
             value = float(total / n)
             self.log(f"{stage}_{key}", value, prog_bar=key == "loss", on_step=False, on_epoch=True)
-            self._pending[f"{stage}_{key}"] = value
         self._sums[stage] = defaultdict(float)
         self._counts[stage] = 0
 
@@ -104,8 +102,8 @@ class TrainingPlan(lightning.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._flush("train")
-        self.history.append({"epoch": int(self.current_epoch), **self._pending})
-        self._pending = {}
+        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        self.history.append({"epoch": int(self.current_epoch), **logged})
 
     def configure_optimizers(self) -> Any:
         """AdamW, optionally with a reduce-on-plateau schedule."""
