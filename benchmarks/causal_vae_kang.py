@@ -16,6 +16,7 @@ Usage: ``python benchmarks/causal_vae_kang.py [--epochs 200] [--seed 0] [--out b
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--types", default="", help="comma-separated cell types (default: all 7)")
     parser.add_argument("--out", default="", help="folder for results.csv/summary.csv/timings.csv")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of CausalVAE(...) arguments")
+    parser.add_argument("--train-kwargs", default="{}", help="JSON dict of CausalVAE.train(...) arguments")
     args = parser.parse_args()
     import torch
 
@@ -81,8 +84,8 @@ def main() -> None:
     spec = vcell.bench.ModelSpec(
         "CausalVAE",
         RecordedCausalVAE,
-        {},
-        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}},
+        json.loads(args.model_kwargs),
+        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
     )
     t0 = time.perf_counter()
     res = vcell.bench.run(
