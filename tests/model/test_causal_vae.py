@@ -224,3 +224,15 @@ def test_tl_predict_perturbation_and_bench_run():
     vals = res.results.query("model == 'CausalVAE' and metric == 'pearson_delta'")["value"]
     assert len(vals) >= 1
     assert np.isfinite(vals).all()
+
+
+def test_log_factorial_sums_sparse_equals_dense():
+    from scipy import sparse
+    from scipy.special import gammaln
+
+    from vcell.model._causal_vae import _log_factorial_sums
+
+    X = np.array([[0, 2, 5], [0, 0, 0], [1, 0, 3], [0, 0, 0]], dtype=np.float32)
+    expected = gammaln(X.astype(float) + 1).sum(1)
+    np.testing.assert_allclose(_log_factorial_sums(X), expected)
+    np.testing.assert_allclose(_log_factorial_sums(sparse.csr_matrix(X)), expected)

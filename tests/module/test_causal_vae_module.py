@@ -102,6 +102,21 @@ def test_reconstruction_is_sum_of_elementwise_nb():
     )
 
 
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_precomputed_log_factorial_gives_the_same_likelihood(likelihood: str):
+    """Subtracting the per-cell sum of log(x!) once equals the elementwise lgamma(x + 1) inside the likelihood."""
+    m = _module(likelihood, variational=False).eval()
+    batch = _batch()
+    x = batch[REGISTRY_KEYS.X_KEY]
+    out = m(batch)
+    per_cell = torch.lgamma(x + 1.0).sum(1)
+    np.testing.assert_allclose(
+        m.reconstruction_log_prob(x, out, per_cell).detach().numpy(),
+        m.reconstruction_log_prob(x, out).detach().numpy(),
+        rtol=1e-5,
+    )
+
+
 def test_dose_scale_is_log_dose_sigmoid_and_zero_when_inactive():
     m = _module()
     with torch.no_grad():

@@ -17,7 +17,7 @@ from vcell._settings import logger, settings
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule
-from vcell.module._causal_vae import LIKELIHOODS, TARGET_ENCODING_KEY
+from vcell.module._causal_vae import LIKELIHOODS, LOG_X_FACTORIAL_KEY, TARGET_ENCODING_KEY
 
 from ._base import PerturbationModel
 
@@ -71,6 +71,18 @@ class _CellBatches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             yield {k: _rows(v, idx) for k, v in self.tensors.items()}
+
+
+def _log_factorial_sums(X: Any) -> np.ndarray:
+    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64."""
+    from scipy.special import gammaln
+
+    if sparse.issparse(X):
+        X = sparse.csr_matrix(X)
+        return np.add.reduceat(np.r_[gammaln(X.data.astype(np.float64) + 1.0), 0.0], X.indptr[:-1]) * (
+            np.diff(X.indptr) > 0
+        )
+    return gammaln(np.asarray(X, dtype=np.float64) + 1.0).sum(1)
 
 
 def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
@@ -429,12 +441,15 @@ class CausalVAE(PerturbationModel):
             x = torch.as_tensor(np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32))
         all_idx = np.arange(n)
         codes = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy())
-        return {
+        tensors = {
             REGISTRY_KEYS.X_KEY: x,
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, all_idx)),
             REGISTRY_KEYS.PERT_KEY: torch.as_tensor(codes, dtype=torch.long),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
         }
+        if self.module.counts and self.module.likelihood != "gaussian":
+            tensors[LOG_X_FACTORIAL_KEY] = torch.as_tensor(_log_factorial_sums(X), dtype=torch.float32)
+        return tensors
 
     def _split(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Training and validation cells: ``obs['vcell_split']`` when it has ``val`` cells, else a seeded share."""

@@ -23,6 +23,8 @@ from ._base import VCellModule
 LIKELIHOODS = ("nb", "zinb", "gaussian")
 #: batch key of the target perturbation encoding in counterfactual batches
 TARGET_ENCODING_KEY = "target_perturbation_encoding"
+#: batch key of the per-cell sum of log(x!) of the counts (optional; see ``reconstruction_log_prob``)
+LOG_X_FACTORIAL_KEY = "log_x_factorial"
 _TARGET_SUM = 1e4
 
 
@@ -37,28 +39,44 @@ class LossOutput:
 
 # ----------------------------------------------------------------------------- likelihoods (per element)
 def log_nb(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8, log_mu: torch.Tensor | None = None
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    eps: float = 1e-8,
+    log_mu: torch.Tensor | None = None,
+    *,
+    factorial: bool = True,
 ) -> torch.Tensor:
     """Log-probability of counts ``x`` under a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
 
     ``var = mu + mu^2 / theta``; elementwise, broadcasting ``theta`` over cells. ``log_mu`` (optional) is
-    ``log(mu)`` when the caller has it (saves a pass and is exact for tiny ``mu``).
+    ``log(mu)`` when the caller has it (saves a pass and is exact for tiny ``mu``). ``factorial=False`` leaves out
+    the ``-log(x!)`` term (no parameters in it), for callers that subtract its per-cell sum computed once.
     """
     log_theta_mu = torch.log(theta + mu + eps)
-    return (
+    out = (
         theta * (torch.log(theta + eps) - log_theta_mu)
         + x * ((torch.log(mu + eps) if log_mu is None else log_mu) - log_theta_mu)
         + torch.lgamma(x + theta)
         - torch.lgamma(theta)
-        - torch.lgamma(x + 1.0)
     )
+    return out - torch.lgamma(x + 1.0) if factorial else out
 
 
 def log_zinb(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor, eps: float = 1e-8
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    pi_logits: torch.Tensor,
+    eps: float = 1e-8,
+    *,
+    factorial: bool = True,
 ) -> torch.Tensor:
-    """Zero-inflated NB log-probability; ``pi_logits`` is the logit of the zero-inflation probability."""
-    log_nb_x = log_nb(x, mu, theta, eps)
+    """Zero-inflated NB log-probability; ``pi_logits`` is the logit of the zero-inflation probability.
+
+    ``factorial=False``: without ``-log(x!)`` (zero where ``x == 0``), as in :func:`log_nb`.
+    """
+    log_nb_x = log_nb(x, mu, theta, eps, factorial=factorial)
     log_pi, log_1m_pi = -F.softplus(-pi_logits), -F.softplus(pi_logits)
     log_nb_zero = theta * (torch.log(theta + eps) - torch.log(theta + mu + eps))
     zero = torch.logaddexp(log_pi, log_1m_pi + log_nb_zero)
@@ -311,19 +329,28 @@ class CausalVAEModule(VCellModule):
         z = z_basal + z_known
         return {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
 
-    def reconstruction_log_prob(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-cell log-likelihood of the observed data under the decoded distribution."""
+    def reconstruction_log_prob(
+        self, x: torch.Tensor, out: dict[str, torch.Tensor], log_x_factorial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-cell log-likelihood of the observed data under the decoded distribution.
+
+        ``log_x_factorial`` (counts only, optional): the per-cell sum of ``log(x!)``, computed once per dataset
+        so that training does not evaluate an ``lgamma`` per count that no parameter depends on.
+        """
         if self.likelihood == "gaussian":
             return log_normal(out["x_log"], out["mean"], self.gene_param).sum(1)
         log_mu = torch.log(out["lib"]) + out["log_scale"]
         mu, theta = torch.exp(log_mu), torch.exp(self.gene_param)
+        full = log_x_factorial is None
         if self.likelihood == "zinb":
-            return log_zinb(x, mu, theta, out["pi_logits"]).sum(1)
-        return log_nb(x, mu, theta, log_mu=log_mu).sum(1)
+            ll = log_zinb(x, mu, theta, out["pi_logits"], factorial=full).sum(1)
+        else:
+            ll = log_nb(x, mu, theta, log_mu=log_mu, factorial=full).sum(1)
+        return ll if full else ll - log_x_factorial.reshape(-1)
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
         """Negative ELBO + adversaries' cross-entropy (reversed into the encoder) + interaction sparsity."""
-        recon = -self.reconstruction_log_prob(batch[REGISTRY_KEYS.X_KEY], out).mean()
+        recon = -self.reconstruction_log_prob(batch[REGISTRY_KEYS.X_KEY], out, batch.get(LOG_X_FACTORIAL_KEY)).mean()
         kl = torch.zeros((), device=recon.device)
         if self.variational:
             kl = 0.5 * (out["mu"] ** 2 + out["log_var"].exp() - out["log_var"] - 1.0).sum(1).mean()
