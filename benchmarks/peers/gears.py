@@ -9,8 +9,11 @@ The gene -> GO-term map comes from ``gene2go``: by default the shared Bioconduct
 (``shared/data/prior_knowledge/gene2go_human_orgHsEgDb_3.16.tsv.gz``), with :data:`SYMBOL_ALIASES` for targets
 renamed by HGNC. For :func:`vcell.datasets.simulate` data, whose genes (``G0000``...) have no GO terms,
 :func:`gene2go_from_simulation` builds the map from the simulation's program loadings (a gene's "terms" are the
-programs it is loaded on, plus one term of its own so that every gene is a node). See ``workers/gears_worker.py``
-for what is GEARS' own code and what the worker does around it.
+programs it is loaded on, plus one term of its own so that every gene is a node). ``vcell.bench.run`` drops
+``uns['vcell_simulation']`` (it holds the held-out outcomes) from the training AnnData it hands to models, so the
+caller builds this map from the full simulated AnnData (the loadings are gene-level prior structure, like GO; no
+outcome is read) and passes it as ``gene2go`` (``run_peers.py`` does). See ``workers/gears_worker.py`` for what is
+GEARS' own code and what the worker does around it.
 """
 
 from __future__ import annotations
@@ -78,9 +81,12 @@ class Gears(SubprocessPeer):
     max_cells_per_condition
         Subsample each training perturbation's cells to at most this many (``None``: all), to bound CPU time.
     gene2go
-        Gene -> GO terms; ``None``: from the simulation's programs for simulated data, else the shared GO table.
+        Gene -> GO terms; ``None``: from the simulation's programs if the training AnnData still has them, else
+        the shared GO table.
     timeout_s
         Wall-time limit of the worker.
+    threads
+        OpenMP/BLAS/torch threads of the worker (``None``: the libraries' default).
     """
 
     name: str = "GEARS"

@@ -1,4 +1,5 @@
-"""Peer adapters (``benchmarks/peers``): plumbing with known answers, and scGen end to end on a tiny split (slow)."""
+"""Peer adapters (``benchmarks/peers``): plumbing with known answers, the report generator, and scGen / the runner
+end to end on tiny data (slow)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(PEERS_PARENT / "peers" / "workers"))
 
 from peers import _common  # noqa: E402
 from peers.scgen import ScGen, _balanced_mean  # noqa: E402
+from peers.vcell_models import LIBRARY_KEY, VcellModel, rescale_log1p_cp10k  # noqa: E402
 
 
 def test_classify_request_known_answers():
@@ -154,3 +156,155 @@ def test_scgen_refuses_unseen_and_predicts_seen():
     assert isinstance(out["D"], str)
     assert "unseen" in out["D"]
     assert out["A+B"].shape == (3, 5)
+
+
+def test_thread_env_caps_every_pool():
+    env = _common.thread_env(1)
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["MKL_NUM_THREADS"] == "1"
+
+
+def test_rescale_log1p_cp10k_known_answer():
+    # 10 and 30 counts: 40 on the model's genes, 80 over all genes -> CP10k 2,500/7,500 -> 1,250/3,750
+    y = np.log1p(np.array([[2500.0, 7500.0]]))
+    out = rescale_log1p_cp10k(y, np.array([0.5]))
+    np.testing.assert_allclose(out, np.log1p([[1250.0, 3750.0]]), rtol=1e-6)
+    np.testing.assert_allclose(rescale_log1p_cp10k(y, np.array([1.0])), y, rtol=1e-6)  # same library: unchanged
+
+
+class _IdentitySpec:
+    """A fake vcell model: predicts each control cell's own log1p(CP10k) of the registered matrix."""
+
+    name = "fake"
+
+    def __init__(self, fail: bool = False):
+        self.init_kwargs: dict = {}
+        self.calls = 0
+        self.fail = fail
+        self.last_resources = {"fit_s": 1.0}
+
+    def fit_predict(self, train, requests, *, seed, covariate_keys, layer):
+        from vcell._utils import get_matrix, log1p_cp10k
+
+        self.calls += 1
+        if self.fail:
+            msg = "boom"
+            raise RuntimeError(msg)
+        X = log1p_cp10k(get_matrix(train, layer))
+        return {r.condition: X[np.asarray(r.controls)] for r in requests}
+
+
+def test_vcell_model_answers_in_the_benchmark_normalisation():
+    from vcell.bench import PredictionRequest
+
+    train = _tiny_train()
+    train.X = train.X + 25  # counts (is_count_matrix wants some value above 20)
+    extra = np.arange(1, 13, dtype=np.float64) * 10  # counts of genes the model does not see
+    train.obs[LIBRARY_KEY] = train.X.sum(1) + extra
+    spec = _IdentitySpec()
+    reqs = [PredictionRequest("A", "A", 1.0, np.array([0, 3, 5]))]
+    out = VcellModel(spec).fit_predict(train, reqs, seed=0, covariate_keys=(), layer="log1p_cp10k")
+    c = np.array([0, 3, 5])
+    expected = np.log1p(train.X[c] / train.obs[LIBRARY_KEY].to_numpy()[c, None] * 1e4)
+    np.testing.assert_allclose(out["A"], expected, rtol=1e-5)
+    assert spec.calls == 1
+
+
+def test_vcell_model_refuses_unseen_without_training_and_reports_failures():
+    from vcell.bench import PredictionRequest
+
+    train = _tiny_train()
+    spec = _IdentitySpec()
+    model = VcellModel(spec)
+    out = model.fit_predict(
+        train, [PredictionRequest("D", "D", 1.0, np.arange(6))], seed=0, covariate_keys=(), layer=None
+    )
+    assert "no training cell carries ['D']" in out["D"]
+    assert spec.calls == 0  # nothing to answer: not trained
+    # a combination of trained singles is answered
+    out = model.fit_predict(
+        train, [PredictionRequest("A+B", "A+B", 1.0, np.arange(2))], seed=0, covariate_keys=(), layer=None
+    )
+    assert out["A+B"].shape == (2, 5)
+    failing = VcellModel(_IdentitySpec(fail=True))
+    out = failing.fit_predict(
+        train, [PredictionRequest("A", "A", 1.0, np.arange(2))], seed=0, covariate_keys=(), layer=None
+    )
+    assert out["A"] == "fake failed: RuntimeError: boom"
+
+
+def _results(models_values: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for model, values in models_values.items():
+        for split, v in zip(("B", "NK"), values, strict=True):
+            for metric in ("pearson_delta", "energy_distance"):
+                rows.append(
+                    {
+                        "model": model,
+                        "split": split,
+                        "seed": 0,
+                        "perturbation": "IFNb",
+                        "metric": metric,
+                        "value": v,
+                        "ceiling": 0.9,
+                        "error": "",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_report_labels_identical_models_once_and_bolds_the_best():
+    from peers import run_peers
+
+    res = _results({"mean": [0.5, 0.7], "additive": [0.6, 0.8], "linear": [0.5, 0.7]})
+    assert run_peers.same_predictions(res, ["mean", "additive", "linear"]) == {"linear": "mean"}
+    timings = pd.DataFrame(
+        {"model": ["mean", "additive", "linear"] * 2, "split": ["B"] * 3 + ["NK"] * 3, "seed": 0, "total_s": 1.0}
+    )
+    md = run_peers.task_tables("kang", res, timings, ["mean", "additive", "linear"])
+    main = md.split("\n\n")[0].splitlines()
+    labels = [line.split("|")[1].strip() for line in main[2:]]
+    assert labels == ["mean", "additive", "linear (= mean)", "split-half ceiling"]
+    additive = main[labels.index("additive") + 2]
+    assert "**0.700**" in additive  # mean Pearson delta of additive (0.6, 0.8): the best
+    assert "`linear` predicted what `mean` predicted" in md
+
+
+def test_settings_paragraph_is_written_from_the_budgets():
+    from peers import run_peers
+
+    text = run_peers.settings_text(False, 1, ["CausalVAE"])
+    b = run_peers.BUDGETS
+    assert f"for {b['state']['max_steps']} steps" in text
+    assert f"scGen ≤ {b['scgen']['max_epochs']} epochs" in text
+    assert f"{b['cellflow']['num_iterations']} iterations" in text
+    assert f"GEARS {b['gears']['epochs']} epochs" in text
+    assert "CausalVAE" in text
+    assert "CausalVAE" not in run_peers.settings_text(False, 1, [])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_run_peers_quick_with_causal_vae(tmp_path):
+    """The runner end to end on the simulated task: baselines + CausalVAE (2 epochs), no peer; the page and walls."""
+    import json
+
+    from peers import run_peers
+
+    run_peers.main(
+        ["--tasks", "combos", "--peers", "", "--quick", "--out", str(tmp_path), "--doc", str(tmp_path / "p.md")]
+    )
+    t = pd.read_csv(tmp_path / "combos" / "timings.csv")
+    assert list(t["model"]) == ["control", "mean", "additive", "linear", "CausalVAE"]
+    r = pd.read_csv(tmp_path / "combos" / "results.csv")
+    cv = r[(r["model"] == "CausalVAE") & (r["metric"] == "pearson_delta")]
+    assert len(cv) == 10
+    assert np.isfinite(cv["value"]).all()
+    page = (tmp_path / "p.md").read_text()
+    assert "| CausalVAE | 10/10 |" in page
+    walls = json.loads((tmp_path / "walls.json").read_text())
+    assert walls["combos"] > 0
+    assert walls["_meta"]["models"] == ["CausalVAE"]

@@ -2,7 +2,8 @@
 
 Usage: ``python cellflow_worker.py WORKDIR`` (files described in ``benchmarks/peers/_common.py``). Options:
 ``n_pcs``, ``num_iterations``, ``batch_size``, ``width`` (hidden width of the velocity field and encoders),
-``condition_dim``, ``lr``.
+``condition_dim``, ``lr``, ``ode_steps`` / ``ode_tol`` (ODE solve of the prediction: fixed Tsit5 steps, or ``0`` for
+an adaptive step with ``rtol = atol = ode_tol``; CellFlow's default is adaptive with 1e-5).
 
 Set-up (CellFlow's own API: ``CellFlow.prepare_data`` / ``prepare_model`` / ``train`` / ``predict``, OT flow matching):
 
@@ -39,9 +40,12 @@ def main(workdir: str) -> None:
         "width": 256,
         "condition_dim": 64,
         "lr": 1e-4,
+        "ode_steps": 0,
+        "ode_tol": 1e-5,
     } | job.options
     import cellflow
 
+    job.log("imported cellflow")
     tr = job.train
     X = tr.X.toarray() if sparse.issparse(tr.X) else np.asarray(tr.X, dtype=np.float64)
     cond = tr.obs["condition"].astype(str).to_numpy()
@@ -82,6 +86,7 @@ def main(workdir: str) -> None:
     a.uns["pert_emb"] = pert_emb
     a.uns["ctx_emb"] = ctx_emb
 
+    job.log("PCA done")
     cf = cellflow.model.CellFlow(a, solver="otfm")
     cf.prepare_data(
         sample_rep="X_pca",
@@ -93,6 +98,7 @@ def main(workdir: str) -> None:
         split_covariates=["context"],
         max_combination_length=2,
     )
+    job.log("prepare_data done")
     w = int(opt["width"])
     cf.prepare_model(
         condition_embedding_dim=int(opt["condition_dim"]),
@@ -108,14 +114,22 @@ def main(workdir: str) -> None:
         optimizer=optax.adam(float(opt["lr"])),
         seed=job.seed,
     )
+    job.log("prepare_model done")
     cf.train(num_iterations=int(opt["num_iterations"]), batch_size=int(opt["batch_size"]), valid_freq=10**9)
+    job.log("trained")
     job.fitted()
 
     import diffrax
 
-    # CellFlow's default ODE settings (Tsit5, PID controller 1e-5), built once: new objects per call would miss
-    # CellFlow's cache of compiled predict functions and recompile for every request
-    ode = {"solver": diffrax.Tsit5(), "stepsize_controller": diffrax.PIDController(rtol=1e-5, atol=1e-5), "dt0": None}
+    # ODE of the prediction, built once: new objects per call would miss CellFlow's cache of compiled predict
+    # functions and recompile for every request. ode_steps > 0: Tsit5 with that many fixed steps on [0, 1]
+    # (flow-matching paths are nearly straight); 0: CellFlow's default (Tsit5, PID controller, rtol = atol = ode_tol)
+    n_steps = int(opt["ode_steps"])
+    if n_steps > 0:
+        ode = {"solver": diffrax.Tsit5(), "stepsize_controller": diffrax.ConstantStepSize(), "dt0": 1.0 / n_steps}
+    else:
+        tol = float(opt["ode_tol"])
+        ode = {"solver": diffrax.Tsit5(), "stepsize_controller": diffrax.PIDController(rtol=tol, atol=tol), "dt0": None}
     known = set(singles)
     for i, req in enumerate(job.requests):
         p1, p2 = parts(req["perturbation"])
@@ -149,6 +163,7 @@ def main(workdir: str) -> None:
             rng=jax.random.PRNGKey(job.seed),
             **ode,
         )
+        job.log(f"predicted request {i}")
         Zp = np.asarray(out[f"r{i}"], dtype=np.float64)
         job.predict(i, mu + Zp @ W)
     job.save()

@@ -30,6 +30,10 @@ class Job:
         self.t0 = time.perf_counter()
         self.fit_s = float("nan")
 
+    def log(self, msg: str) -> None:
+        """Print ``msg`` with the seconds since the job started (to the worker's log)."""
+        print(f"[{time.perf_counter() - self.t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
     def path(self, name: str) -> Path:
         """A path inside the work folder."""
         return self.workdir / name
