@@ -917,6 +917,10 @@ def write_report(
         f"Files: `{out_txt}/<task>/results.csv` (tidy: one row per model, split, seed, condition and metric, with "
         "`ceiling` and `error`), `summary.csv`, `timings.csv`, figures; `run_info.json`.",
         "",
+        "The field's tools (scGen, GEARS, STATE, CellFlow) and vcell's learned models beside these baselines, in "
+        "one run on Kang cell-type transfer, Papalexi unseen knock-outs and simulated doubles (one seed): "
+        "[Peers side by side](peers.md).",
+        "",
     ]
     if "kang2018" in by_name:
         lines += kang_section(by_name["kang2018"], variants, fig_rel)
