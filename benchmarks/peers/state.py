@@ -12,7 +12,7 @@ fixed part is ~10 s for ``state tx train`` (interpreter, hydra, cell-load's set-
 infer``; a training step of the small model below (4 sets of 32 cells) takes ~0.1 s with one thread. With torch's
 default two threads on a machine shared with other jobs a step took ~1.5 s (threads spinning against the other
 processes), which is why ``run_peers.py`` runs the worker with ``threads=1``. The benchmark run uses 200 steps
-(``run_peers.BUDGETS``): ~40 s per split. 400 steps improved Kang CD4T (Pearson delta 0.57 -> 0.62, energy distance
+(``run_peers.BUDGETS``): 40-55 s per split. 400 steps improved Kang CD4T (Pearson delta 0.57 -> 0.62, energy distance
 2.90 -> 1.70) at ~+17 s per split.
 """
 
