@@ -44,6 +44,20 @@ def test_run_tidy_results_and_summary(sim):
     assert set(res.timings["model"]) == {"control", "additive"}
 
 
+def test_random_cells_scores_every_condition_with_test_cells(sim):
+    """random_cells holds out cells, not conditions: every perturbed condition with test cells is predicted."""
+    res = vcell.bench.run(
+        sim, models=["control", "additive"], splits=["random_cells"], seeds=[0], metrics=["mse_top_de"], progress=False
+    )
+    r = res.results[res.results["metric"] == "mse_top_de"]
+    conditions = set(sim.obs["perturbation"].astype(str)) - {"control"}
+    assert set(r["perturbation"]) == conditions
+    per = r.pivot_table(index="perturbation", columns="model", values="value")
+    singles = [c for c in conditions if "+" not in c]
+    # a single's own training cells give its shift: far better than no change
+    assert (per.loc[singles, "additive"] < 0.5 * per.loc[singles, "control"]).all()
+
+
 def test_run_is_reproducible(sim):
     kw = {"models": ["mean"], "splits": ["unseen_perturbation"], "seeds": [5], "metrics": ["mmd"], "progress": False}
     a = vcell.bench.run(sim, **kw).results

@@ -324,7 +324,8 @@ def run(
         split(a, kind=kind, seed=seed, **opts)
         check_leakage(a)
         info = a.uns["vcell_split"]
-        held_out = [str(h) for h in info["held_out"]]
+        # conditions to predict: the held-out ones, or (random_cells: every condition trains) those with test cells
+        held_out = [str(h) for h in (list(info["held_out"]) or list(info.get("test_conditions", [])))]
         is_train = a.obs["vcell_split"].isin(["train", "val"]).to_numpy()
         train = a[is_train].copy()
         train.uns.pop("vcell_simulation", None)  # ground truth (held-out outcomes included) never reaches a model
