@@ -173,6 +173,27 @@ def test_counterfactual_residual_identity_and_decoded_shape():
     )
 
 
+def test_compose_shifts_adds_the_single_changes():
+    """compose='shifts': a double's change is the sum of its singles' decoded changes; singles are unaffected."""
+    m = _module("nb").eval()
+    with torch.no_grad():
+        m.operators.mul_(20.0)  # effects large enough for the decoder's non-additivity to show
+    batch = _batch()
+
+    def cf(target: list[float], **kw) -> np.ndarray:
+        batch[TARGET_ENCODING_KEY] = torch.tensor([target]).repeat(7, 1)
+        return m.counterfactual(batch, mode="decoded", **kw).numpy()
+
+    base = cf([0.0, 0.0, 0.0])
+    a, b = cf([1.0, 0.0, 0.0]), cf([0.0, 1.0, 0.0])
+    np.testing.assert_allclose(cf([1.0, 0.0, 0.0], compose="shifts"), a, atol=1e-6)
+    shifts = cf([1.0, 1.0, 0.0], compose="shifts")
+    np.testing.assert_allclose(shifts, np.clip(base + (a - base) + (b - base), 0, None), atol=1e-4)
+    assert np.abs(shifts - cf([1.0, 1.0, 0.0], compose="latent")).max() > 1e-3
+    with pytest.raises(ValueError, match="compose"):
+        cf([1.0, 1.0, 0.0], compose="sum")
+
+
 def test_embedding_table_operators_and_bad_likelihood():
     feats = np.eye(3, 5, dtype=np.float32)
     m = _module(perturbation_features=feats)

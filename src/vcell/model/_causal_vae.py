@@ -664,6 +664,7 @@ class CausalVAE(PerturbationModel):
         dose: float = 1.0,
         seed: int | None = None,
         mode: str | None = None,
+        compose: str = "auto",
         batch_size: int = 2048,
     ) -> np.ndarray:
         """Counterfactual mean expression of control cells under ``perturbation`` (log1p(CP10k), float32).
@@ -682,6 +683,12 @@ class CausalVAE(PerturbationModel):
             Unused (predictions are deterministic means); accepted for the common interface.
         mode
             ``"residual"`` or ``"decoded"``; ``None`` uses the model's ``prediction``.
+        compose
+            How a combination is decoded (see :meth:`vcell.module.CausalVAEModule.counterfactual`): ``"latent"``
+            (summed operators and learned interaction, decoded at once), ``"shifts"`` (each component decoded on its
+            own from the cell's state, changes added in log1p space), or ``"auto"``: ``"latent"`` for combinations
+            with training cells (where the decoder and the interaction term were fitted), ``"shifts"`` for
+            combinations never seen in training (whose summed latent lies outside the training region).
         batch_size
             Cells per forward pass.
 
@@ -694,13 +701,18 @@ class CausalVAE(PerturbationModel):
         if mode not in PREDICTION_MODES:
             msg = f"mode must be one of {PREDICTION_MODES}, got {mode!r}"
             raise ValueError(msg)
+        if compose not in ("auto", "latent", "shifts"):
+            msg = f"compose must be 'auto', 'latent' or 'shifts', got {compose!r}"
+            raise ValueError(msg)
+        if compose == "auto":
+            compose = "latent" if str(perturbation) in set(self._conditions()) else "shifts"
         adata = self._check_adata(adata)
         target = self._encode([str(perturbation)], float(dose))
         idx = self._control_indices(adata, controls)
         m = self.module.eval()
         device = next(m.parameters()).device
         out = [
-            m.counterfactual(self._batch(adata, chunk, target, device), mode=mode).cpu().numpy()
+            m.counterfactual(self._batch(adata, chunk, target, device), mode=mode, compose=compose).cpu().numpy()
             for chunk in self._chunks(idx, batch_size)
         ]
         return np.concatenate(out).astype(np.float32)

@@ -384,20 +384,42 @@ class CausalVAEModule(VCellModule):
 
     # ------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def counterfactual(self, batch: dict[str, torch.Tensor], *, mode: str = "residual") -> torch.Tensor:
+    def counterfactual(
+        self, batch: dict[str, torch.Tensor], *, mode: str = "residual", compose: str = "latent"
+    ) -> torch.Tensor:
         """log1p(CP10k) expression of the cells in ``batch`` under ``batch[TARGET_ENCODING_KEY]``.
 
         The cells' basal state is encoded (posterior mean); their own perturbation part
         (``batch[PERT_ENCODING_KEY]``, zeros for controls) is replaced by the target's. ``mode="decoded"`` returns
         the decoded mean; ``"residual"`` adds the decoded change ``m(z_target) - m(z_own)`` to the cells' own
         expression, so that cell-to-cell variation the latent space does not hold is kept.
+
+        ``compose`` sets how a target with several active components (a combination) is decoded: ``"latent"``
+        decodes the summed latent ``z + sum_i s_i delta_i (+ interaction)`` at once; ``"shifts"`` decodes each
+        component on its own and adds their decoded changes from the unperturbed state ``m(z)`` (each cell's own
+        state-dependent single responses, added in log1p space; no interaction term). A combination never seen
+        in training puts the summed latent where the decoder was not trained; ``"shifts"`` stays where it was.
         """
+        if compose not in ("latent", "shifts"):
+            msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
+            raise ValueError(msg)
         x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
         z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
         z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
         mu, _ = self.encode(x_log, z_own)
-        m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY])))
+        target = self._pad(batch[TARGET_ENCODING_KEY])
+        active = torch.nonzero((target > 0).any(0)).flatten()
+        if compose == "shifts" and len(active) > 1:
+            m_base = self.mean_log1p(self.decode(mu + z_cov))
+            m_target = m_base.clone()
+            for j in active.tolist():
+                single = torch.zeros_like(target)
+                single[:, j] = target[:, j]
+                m_target += self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(single))) - m_base
+        else:
+            m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(target)))
         if mode == "decoded":
+            m_target = m_target.clamp(min=0.0)
             return m_target
         m_own = self.mean_log1p(self.decode(mu + z_own))
         return (x_log + m_target - m_own).clamp(min=0.0)
