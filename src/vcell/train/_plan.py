@@ -107,7 +107,9 @@ class TrainingPlan(lightning.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """AdamW, optionally with a reduce-on-plateau schedule."""
-        opt = torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(
+            self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True
+        )  # foreach: the same numbers as the default per-tensor loop on CPU, in fewer kernel launches
         if self.lr_patience is None:
             return opt
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=self.lr_factor, patience=self.lr_patience)
