@@ -317,14 +317,23 @@ class CausalVAEModule(VCellModule):
         return torch.log1p(_TARGET_SUM * scale)
 
     # ------------------------------------------------------------------------- training
+    def _encode_batch(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_log, lib, z_cov, z_own, mu, log_var)``: what every pass over a batch starts from.
+
+        The batch's log1p(CP10k) expression and library size, its covariate latent, its own covariate +
+        perturbation latent, and the posterior of ``z_basal`` given them.
+        """
+        x_log, lib = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
+        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
+        mu, log_var = self.encode(x_log, z_own)
+        return x_log, lib, z_cov, z_own, mu, log_var
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encode, compose the latent and decode a batch of cells."""
-        x = batch[REGISTRY_KEYS.X_KEY]
-        x_log, lib = self.log_normalise(x)
-        z_known = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY)) + self.perturbation_latent(
-            batch[REGISTRY_KEYS.PERT_ENCODING_KEY]
-        )
-        mu, log_var = self.encode(x_log, z_known)
+        x_log, lib, _, z_known, mu, log_var = self._encode_batch(batch)
         z_basal = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var) if self.variational and self.training else mu
         z = z_basal + z_known
         return {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
@@ -403,10 +412,7 @@ class CausalVAEModule(VCellModule):
         if compose not in ("latent", "shifts"):
             msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
-        x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
-        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
-        z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
-        mu, _ = self.encode(x_log, z_own)
+        x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
         target = self._pad(batch[TARGET_ENCODING_KEY])
         active = torch.nonzero((target > 0).any(0)).flatten()
         if compose == "shifts" and len(active) > 1:
@@ -419,28 +425,20 @@ class CausalVAEModule(VCellModule):
         else:
             m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(target)))
         if mode == "decoded":
-            m_target = m_target.clamp(min=0.0)
-            return m_target
+            return m_target.clamp(min=0.0)
         m_own = self.mean_log1p(self.decode(mu + z_own))
         return (x_log + m_target - m_own).clamp(min=0.0)
 
     @torch.no_grad()
     def latent(self, batch: dict[str, torch.Tensor], *, full: bool = False) -> torch.Tensor:
         """Posterior mean of ``z_basal`` (``full``: plus the cells' own covariate and perturbation latents)."""
-        x_log, _ = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
-        z_known = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY)) + self.perturbation_latent(
-            batch[REGISTRY_KEYS.PERT_ENCODING_KEY]
-        )
-        mu, _ = self.encode(x_log, z_known)
-        return mu + z_known if full else mu
+        *_, z_own, mu, _ = self._encode_batch(batch)
+        return mu + z_own if full else mu
 
     @torch.no_grad()
     def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
-        x = batch[REGISTRY_KEYS.X_KEY]
-        x_log, lib = self.log_normalise(x)
-        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
-        mu, _ = self.encode(x_log, z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY]))
+        _, lib, z_cov, _, mu, _ = self._encode_batch(batch)
         dec = self.decode(mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY]))
         if self.likelihood == "gaussian":
             return {"mean": dec["mean"], "std": torch.exp(0.5 * self.gene_param).expand_as(dec["mean"])}
