@@ -23,12 +23,11 @@ Usage: ``python benchmarks/causal_vae_combos.py [--seed 0] [--epochs 300] [--out
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
 
 import numpy as np
 import pandas as pd
+from _causal_vae_cli import add_causal_vae_arguments, causal_vae_spec, quiet_setup
 
 import vcell
 
@@ -37,21 +36,13 @@ MODELS = ["mean", "additive", "linear"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_causal_vae_arguments(parser, epochs=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--cells", type=int, default=6000)
     parser.add_argument("--genes", type=int, default=1000)
     parser.add_argument("--splits", default="combo_half,random_cells")
-    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of CausalVAE(...) arguments")
-    parser.add_argument("--train-kwargs", default="{}", help="JSON dict of CausalVAE.train(...) arguments")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="")
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    vcell.settings.verbosity = "warning"
+    quiet_setup(args.threads)
 
     adata = vcell.datasets.simulate(
         n_cells=args.cells, n_genes=args.genes, n_perturbations=10, n_combos=20, frac_epistatic=0.3, seed=args.seed
@@ -62,12 +53,7 @@ def main() -> None:
         f"simulate: {adata.n_obs} cells x {adata.n_vars} genes, {len(sim['perturbations'])} singles, "
         f"{len(epistatic)} doubles ({sum(epistatic.values())} epistatic), seed {args.seed}"
     )
-    spec = vcell.bench.ModelSpec(
-        "CausalVAE",
-        vcell.model.CausalVAE,
-        json.loads(args.model_kwargs),
-        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
-    )
+    spec = causal_vae_spec(args)
     t0 = time.perf_counter()
     res = vcell.bench.run(
         adata,

@@ -16,8 +16,6 @@ Usage: ``python benchmarks/causal_vae_kang.py [--epochs 200] [--seed 0] [--out b
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
+from _causal_vae_cli import add_causal_vae_arguments, causal_vae_spec, quiet_setup
 
 import vcell
 from vcell._utils import log1p_cp10k
@@ -65,28 +64,15 @@ def probe_accuracy(z: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=300, help="max epochs (early stopping on val_counterfactual_mse)")
+    add_causal_vae_arguments(parser, epochs=300, epochs_help="max epochs (early stopping on val_counterfactual_mse)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--types", default="", help="comma-separated cell types (default: all 7)")
-    parser.add_argument("--out", default="", help="folder for results.csv/summary.csv/timings.csv")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of CausalVAE(...) arguments")
-    parser.add_argument("--train-kwargs", default="{}", help="JSON dict of CausalVAE.train(...) arguments")
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    vcell.settings.verbosity = "warning"
+    quiet_setup(args.threads)
 
     adata = load_kang()
     types = args.types.split(",") if args.types else sorted(adata.obs["cell_type"].unique())
-    spec = vcell.bench.ModelSpec(
-        "CausalVAE",
-        RecordedCausalVAE,
-        json.loads(args.model_kwargs),
-        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
-    )
+    spec = causal_vae_spec(args, RecordedCausalVAE)
     t0 = time.perf_counter()
     res = vcell.bench.run(
         adata,

@@ -17,14 +17,13 @@ Usage: ``python benchmarks/causal_vae_papalexi.py [--seeds 0,1,2] [--dims 10] [-
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _causal_vae_cli import add_causal_vae_arguments, causal_vae_spec, quiet_setup
 
 import vcell
 
@@ -53,19 +52,11 @@ def go_embedding(genes: list[str], dims: int) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_causal_vae_arguments(parser, epochs=200)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--dims", type=int, default=10)
-    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of CausalVAE(...) arguments")
-    parser.add_argument("--train-kwargs", default="{}", help="JSON dict of CausalVAE.train(...) arguments")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="")
     args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    vcell.settings.verbosity = "warning"
+    quiet_setup(args.threads)
 
     adata = ad.read_h5ad(SHARED / "papalexi2021_eccite_thp1_rna299_sceptre.h5ad")
     kos = sorted(set(adata.obs["perturbation"].astype(str)) - {"control"})
@@ -75,16 +66,7 @@ def main() -> None:
         "control",
         "mean",
         vcell.bench.ModelSpec("linear", vcell.model.Baseline, {"method": "linear", "perturbation_embedding": emb}, {}),
-        vcell.bench.ModelSpec(
-            "CausalVAE",
-            vcell.model.CausalVAE,
-            {"perturbation_embedding": emb, **json.loads(args.model_kwargs)},
-            {
-                "max_epochs": args.epochs,
-                "trainer_kwargs": {"enable_progress_bar": False},
-                **json.loads(args.train_kwargs),
-            },
-        ),
+        causal_vae_spec(args, perturbation_embedding=emb),
     ]
     t0 = time.perf_counter()
     res = vcell.bench.run(
