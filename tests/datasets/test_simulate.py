@@ -3,6 +3,7 @@ from __future__ import annotations
 import anndata as ad
 import mudata
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import sparse
 
@@ -226,6 +227,8 @@ def test_ground_truth_additive_vs_epistatic():
         ({"cell_types": "type0"}, "cell_types must be a number of cell types or a sequence"),
         ({"n_cells": 5}, "n_cells=5 is too small"),
         ({"n_programs": 0}, "n_programs must be an integer >= 1"),
+        ({"effects": "graph"}, "effects must be 'random' or 'target_programs'"),
+        ({"effects": "target_programs", "n_programs": 1, "n_perturbations": 10}, "needs 10 genes loaded"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -237,3 +240,31 @@ def test_controls_only():
     adata = simulate(n_cells=50, n_genes=10, n_perturbations=0, n_combos=0, seed=0)
     assert set(adata.obs["perturbation"]) == {"control"}
     assert adata.uns["vcell_simulation"]["true_log_mean"].shape == (1, 10)
+
+
+def test_target_program_effects_follow_the_gene_graph():
+    adata = simulate(n_cells=400, n_genes=100, n_perturbations=12, n_combos=0, effects="target_programs", seed=3)
+    truth = adata.uns["vcell_simulation"]
+    W, E = truth["program_loadings"], truth["single_effects"]
+    genes = list(adata.var_names)
+    targets = [genes.index(p) for p in truth["perturbations"]]
+    # each single acts on exactly the programs loading its target, in one direction per program
+    np.testing.assert_array_equal(E != 0, (W[:, targets] != 0).T)
+    for k in range(W.shape[0]):
+        signs = np.sign(E[:, k][E[:, k] != 0])
+        assert signs.size == 0 or np.all(signs == signs[0])
+    assert np.all((np.abs(E) >= 0.5) | (E == 0))
+    assert np.all(np.abs(E) <= 1.0)
+    # the graph: Jaccard of program sets, symmetric, only between genes sharing a program
+    graph = pd.DataFrame(truth["gene_graph"])
+    assert list(graph.columns) == ["source", "target", "importance"]
+    member = W != 0
+    row = graph.iloc[0]
+    a, b = genes.index(row["source"]), genes.index(row["target"])
+    inter, union = (member[:, a] & member[:, b]).sum(), (member[:, a] | member[:, b]).sum()
+    assert row["importance"] == pytest.approx(inter / union)
+    pairs = set(zip(graph["source"], graph["target"], strict=True))
+    assert all((t, s) in pairs for s, t in pairs)
+    assert len(pairs) == int(((member.T.astype(int) @ member.astype(int)) > 0).sum() - (member.any(0)).sum())
+    # default effects are unchanged and carry no graph
+    assert "gene_graph" not in simulate(**SMALL, seed=0).uns["vcell_simulation"]

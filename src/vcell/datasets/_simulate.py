@@ -73,6 +73,18 @@ def _program_effect(rng: np.random.Generator, n_programs: int) -> np.ndarray:
     return e
 
 
+def _program_graph(W: np.ndarray, genes: list[str]) -> dict[str, np.ndarray]:
+    """Gene pairs sharing a program, with the Jaccard index of their program sets (GEARS' graph format)."""
+    member = (W != 0).astype(float)
+    shared = member.T @ member  # genes x genes: programs in common
+    n_prog = member.sum(0)
+    src, tgt = np.nonzero(np.triu(shared, 1) > 0)
+    src, tgt = np.concatenate([src, tgt]), np.concatenate([tgt, src])
+    jaccard = shared[src, tgt] / (n_prog[src] + n_prog[tgt] - shared[src, tgt])
+    names = np.asarray(genes, dtype=object)
+    return {"source": names[src].astype(str), "target": names[tgt].astype(str), "importance": jaccard}
+
+
 def _hill(dose: float | np.ndarray, ec50: float | np.ndarray, hill: float | np.ndarray) -> np.ndarray:
     dose = np.asarray(dose, dtype=float)
     with np.errstate(divide="ignore"):
@@ -185,6 +197,7 @@ def simulate(
     protein: bool = False,
     n_programs: int = 10,
     n_proteins: int = 20,
+    effects: str = "random",
     seed: int | None = None,
 ) -> AnnData | MuData:
     """Simulate a perturbation screen with known ground truth (negative-binomial counts, latent gene programs).
@@ -201,6 +214,10 @@ def simulate(
       and knocks its own target down by ``k_p ~ U(1, 2)`` (log scale). Cell type ``t`` sees the program effect
       through a response matrix ``M_t = diag(g_t) ((1 - r) I + r Q_t)`` (``g_t`` lognormal gains, ``Q_t`` a
       random rotation, ``r = 0.3``, ``M_0 = I``): each type scales and partly rotates the response.
+      With ``effects="target_programs"`` the targets are genes loaded on at least one program and ``e_p`` acts on
+      exactly the programs that load its target, each in that program's own direction (one random sign per
+      program, size U(0.5, 1)): perturbing members of the same program has similar effects, so a gene graph of
+      shared programs (``uns['vcell_simulation']['gene_graph']``) predicts the effect of a gene never perturbed.
     * **Combinations** ``A+B`` (pairs of singles, components sorted) have program effect
       ``e_A + e_B + i_AB``. Additive combos have ``i_AB = 0`` (the log-mean is exactly the sum of the singles'
       shifts, in every cell type); a ``frac_epistatic`` share are epistatic, with
@@ -251,6 +268,10 @@ def simulate(
         Number of latent gene programs.
     n_proteins
         Number of proteins when ``protein=True``.
+    effects
+        ``"random"``: each single's program effect is drawn independently of its target gene;
+        ``"target_programs"``: it acts on the programs that load its target (see above), the setting for zero-shot
+        prediction of unseen genes from a gene graph.
     seed
         Random seed; ``None`` uses ``vcell.settings.seed``. The same seed gives identical data.
 
@@ -279,7 +300,10 @@ def simulate(
         ``true_log_mean_labels`` (``'G0012+G0087|type0'``; with doses ``'G0012@0.1|type0'``, ``'control@0|type0'``,
         ``'G0012+G0087@1|type0'``) and the row's ``true_log_mean_perturbation``, ``true_log_mean_cell_type``,
         ``true_log_mean_dose``; ``dose_response`` (``doses``, ``ec50``, ``hill`` per single) when ``doses`` is
-        given; ``params`` (the arguments). With ``protein=True`` the protein ground truth
+        given; ``gene_graph`` with ``effects="target_programs"``: the ground-truth gene-gene graph in GEARS' format
+        (``source``, ``target``, ``importance`` arrays: Jaccard index of the sets of programs loading two genes,
+        for every pair of genes sharing one; ``pd.DataFrame(uns['vcell_simulation']['gene_graph'])``);
+        ``params`` (the arguments). With ``protein=True`` the protein ground truth
         (``program_loadings``, ``baseline_log_mean``, ``true_log_mean``, ``true_log_mean_labels``,
         ``dispersion``) is in ``mdata['prot'].uns['vcell_simulation']``, and ``mdata.obs`` and ``mdata.uns``
         hold copies of the RNA ``obs`` columns and ground truth.
@@ -293,6 +317,9 @@ def simulate(
     >>> sorted(adata.uns["vcell_simulation"])[:3]
     ['baseline_log_mean', 'cell_type_response', 'cell_types']
     """
+    if effects not in ("random", "target_programs"):
+        msg = f"effects must be 'random' or 'target_programs', got {effects!r}"
+        raise ValueError(msg)
     type_names, dose_arr = _validate(
         n_cells, n_genes, n_perturbations, n_combos, frac_epistatic, doses, cell_types, n_programs, n_proteins
     )
@@ -317,9 +344,24 @@ def simulate(
 
     # single perturbations and cell-type responses
     pool = np.argsort(-base)[: max(n_genes // 2, n_perturbations)]  # targets among the better-expressed half
-    target_idx = np.sort(rng.choice(pool, size=n_perturbations, replace=False))
+    if effects == "target_programs":
+        loaded = W != 0
+        pool = np.argsort(-base)[loaded.any(0)[np.argsort(-base)]]  # loaded genes, best expressed first
+        if pool.size < n_perturbations:
+            msg = (
+                f"effects='target_programs' needs {n_perturbations} genes loaded on a program, only {pool.size} "
+                "are; use fewer perturbations or more programs/genes"
+            )
+            raise ValueError(msg)
+        pool = pool[: max(pool.size // 2, n_perturbations)]
+        target_idx = np.sort(rng.choice(pool, size=n_perturbations, replace=False))
+        direction = rng.choice([-1.0, 1.0], size=k)
+        size = rng.uniform(_EFFECT_LOW, _EFFECT_HIGH, size=(n_perturbations, k))
+        E = np.where(loaded[:, target_idx].T, direction[None, :] * size, 0.0)
+    else:
+        target_idx = np.sort(rng.choice(pool, size=n_perturbations, replace=False))
+        E = np.array([_program_effect(rng, k) for _ in range(n_perturbations)]).reshape(n_perturbations, k)
     perts = [genes[i] for i in target_idx]
-    E = np.array([_program_effect(rng, k) for _ in range(n_perturbations)]).reshape(n_perturbations, k)
     knockdown = rng.uniform(1.0, 2.0, size=n_perturbations)
     M = np.empty((n_types, k, k))
     M[0] = np.eye(k)
@@ -468,6 +510,9 @@ def simulate(
     }
     if dose_arr is not None:
         truth["dose_response"] = {"doses": dose_arr, "ec50": ec50, "hill": hill_n}
+    if effects == "target_programs":
+        truth["gene_graph"] = _program_graph(W, genes)
+    truth["params"]["effects"] = effects
     adata.uns["vcell_simulation"] = truth
     if not protein:
         return adata
