@@ -18,9 +18,11 @@ from ._delta import (
 from ._distribution import diversity, energy_distance, fit_pca, mmd, pca_project
 from ._evaluate import METRICS, evaluate
 from ._interaction import interaction_auprc, nonadditivity
+from ._pathway import PATHWAY_METHODS, pathway_agreement
 
 __all__ = [
     "METRICS",
+    "PATHWAY_METHODS",
     "ceiling",
     "de_genes_fdr",
     "de_overlap",
@@ -35,6 +37,7 @@ __all__ = [
     "mse_top_de",
     "mse_top_de_normalized",
     "nonadditivity",
+    "pathway_agreement",
     "pca_project",
     "pds",
     "pearson_delta",
