@@ -124,7 +124,7 @@ def pathway_agreement(
     -------
     The correlation (a float for 1-D input, an array of shape ``(n_perturbations,)`` for 2-D input); ``NaN``
     where undefined: a constant delta (spread ``<= 1e-6 * max(1, max|delta|)``, e.g. the ``control`` baseline's
-    zero change) or constant activities.
+    zero change) or constant activities. With only 2 sources left the correlation is always +-1.
 
     Raises
     ------
