@@ -171,3 +171,24 @@ def test_evaluate_perturbation_with_one_true_cell(data):
     assert v.loc[("X", "pearson_delta_top_de"), "value"] == pytest.approx(1.0)  # top genes by mean shift
     assert v.xs("X", level="perturbation")["ceiling"].isna().all()
     assert v.xs("g1", level="perturbation")["ceiling"].notna().all()
+
+
+def test_pathway_nets_add_pathway_agreement(shared_data):
+    pytest.importorskip("decoupler")
+    net = pd.read_csv(shared_data / "prior_knowledge" / "progeny_human_top500.csv")
+    genes = net["target"].drop_duplicates().to_numpy()[:600]
+    rng = np.random.default_rng(0)
+    var = pd.DataFrame(index=genes)
+    ctrl = ad.AnnData(rng.gamma(2.0, 0.5, (30, genes.size)).astype(np.float32), var=var)
+    shift = np.where(np.isin(genes, net.loc[net["source"] == "Hypoxia", "target"]), 1.0, 0.0)
+    X = np.vstack([ctrl.X[:15] + shift, ctrl.X[15:] - shift]).astype(np.float32)
+    true = ad.AnnData(X, obs=pd.DataFrame({"perturbation": ["A"] * 15 + ["B"] * 15}), var=var)
+    df = evaluate(true, true, ctrl, metrics=["pearson_delta"], pathway_nets={"progeny": net}, ceiling=True)
+    pa = df[df["metric"] == "pathway_agreement_progeny"]
+    assert pa["perturbation"].tolist() == ["A", "B"]
+    np.testing.assert_allclose(pa["value"], 1.0)
+    assert pa["ceiling"].isna().all()
+    flipped = true.copy()
+    flipped.obs["perturbation"] = ["B"] * 15 + ["A"] * 15
+    df2 = evaluate(flipped, true, ctrl, metrics=["pearson_delta"], pathway_nets={"progeny": net})
+    assert (df2.loc[df2["metric"] == "pathway_agreement_progeny", "value"] < 0).all()

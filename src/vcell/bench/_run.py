@@ -230,6 +230,7 @@ def run(
     max_cells: int = 2000,
     progress: bool | None = None,
     on_error: str = "raise",
+    pathway_nets: Mapping[str, pd.DataFrame] | None = None,
 ) -> BenchmarkResult:
     """Benchmark models on out-of-distribution splits, beside the baselines, with BENCHMARK.md's metrics.
 
@@ -272,6 +273,9 @@ def run(
     on_error
         ``"raise"``, or ``"skip"`` to record a model that cannot predict a condition (e.g. ``linear`` without an
         embedding for an unseen perturbation) as NaN rows with ``error`` set, and go on.
+    pathway_nets
+        ``name -> decoupler-format network``: also score ``pathway_agreement_<name>`` (see
+        :func:`vcell.metrics.evaluate`; no ceiling for these).
 
     Returns
     -------
@@ -415,6 +419,7 @@ def run(
                     max_cells=max_cells,
                     seed=seed,
                     ceiling=ceiling,
+                    pathway_nets=pathway_nets,
                 )
                 df.insert(0, "seed", seed)
                 df.insert(0, "split", split_name)

@@ -26,6 +26,7 @@ from ._delta import (
     perturbed_centroid_reference,
 )
 from ._distribution import DEFAULT_BANDWIDTHS, _median_scale, fit_pca
+from ._pathway import pathway_agreement
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -237,6 +238,7 @@ def evaluate(
     seed: int | None = None,
     ceiling: bool = False,
     n_ceiling_splits: int = 3,
+    pathway_nets: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Evaluate predicted cells against true cells, perturbation by perturbation.
 
@@ -255,7 +257,9 @@ def evaluate(
     - ``de_overlap``: :func:`de_overlap` of the predicted cells' DE ranking (vs control; by the absolute mean shift
       when only one cell is predicted) with the true DE genes at FDR < ``fdr`` (``NaN`` when there are none);
     - ``pds``: :func:`pds` across all evaluated perturbations (needs at least 2, else ``NaN``), leaving out
-      target genes: each ``"+"``-separated part of a label found in ``var_names``.
+      target genes: each ``"+"``-separated part of a label found in ``var_names``;
+    - ``pathway_agreement_<name>`` for each network of ``pathway_nets``: :func:`pathway_agreement` (ULM
+      activities of the predicted vs the true mean change from the control mean, correlated across sources).
 
     DE genes are found once per perturbation with :func:`scanpy.tl.rank_genes_groups` (``de_method``) of true vs
     control cells and reused by all metrics; ``de_genes`` supplies precomputed top-DE indices (e.g. shared across
@@ -303,6 +307,10 @@ def evaluate(
         significant genes; ``pds`` across the half means), averaged over ``n_ceiling_splits`` splits.
     n_ceiling_splits
         Number of random splits for the ceiling.
+    pathway_nets
+        ``name -> network`` in decoupler format (``source``, ``target``, ``weight``; e.g. PROGENy pathways or
+        CollecTRI TFs from :func:`vcell.priors.read_network`): adds the metric ``pathway_agreement_<name>`` for each
+        (needs decoupler). Computed whenever given, whatever ``metrics`` says; their ``ceiling`` is NaN.
 
     Returns
     -------
@@ -409,7 +417,15 @@ def evaluate(
         for p, s in zip(perts, scores, strict=True):
             values[p]["pds"] = s
 
-    rows = [(p, m, values[p][m]) for p in perts for m in names]
+    pathway_names = []
+    for net_name, net in (pathway_nets or {}).items():
+        metric = f"pathway_agreement_{net_name}"
+        scores = pathway_agreement(pred_means - ctrl_mean, true_means - ctrl_mean, net, genes=true.var_names)
+        for p, s in zip(perts, np.atleast_1d(scores), strict=True):
+            values[p][metric] = float(s)
+        pathway_names.append(metric)
+
+    rows = [(p, m, values[p][m]) for p in perts for m in [*names, *pathway_names]]
     df = pd.DataFrame(rows, columns=["perturbation", "metric", "value"])
     if ceiling:
         ceil_key = _digest(
