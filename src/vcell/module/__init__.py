@@ -3,7 +3,18 @@
 from ._base import VCellModule
 from ._baseline import BASELINE_METHODS, BaselineModule
 from ._causal_vae import CausalVAEModule
+from ._perturbation_encoders import (
+    AtomOperators,
+    DoseResponse,
+    GeneGraphOperators,
+    OneHotOperators,
+    PairInteractions,
+    PerturbationEncoder,
+    TableOperators,
+)
 from ._structured import PathwayDecoder, gene_programs, regulatory_edges, regulatory_penalty
 
 __all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS", "CausalVAEModule"]
 __all__ += ["PathwayDecoder", "gene_programs", "regulatory_edges", "regulatory_penalty"]
+__all__ += ["AtomOperators", "OneHotOperators", "TableOperators", "GeneGraphOperators"]
+__all__ += ["DoseResponse", "PairInteractions", "PerturbationEncoder"]
