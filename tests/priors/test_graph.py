@@ -86,6 +86,11 @@ def test_go_graph_hand_computed():
         "D": ["GO:1", "GO:2", "GO:3"],  # J(A,D) = 1, J(B,D) = 2/3, J(C,D) = 1/4
         "E": ["GO:9"] * 2,  # duplicated annotation counted once; no overlap with anyone
     }
+    lazy = {g: iter(ts) for g, ts in gene2go.items()} | {"F": "GO:9"}  # iterators; a single term as a string
+    pd.testing.assert_frame_equal(
+        vcell.priors.go_graph(lazy, top_k=None),
+        vcell.priors.go_graph({**gene2go, "F": ["GO:9"]}, top_k=None),
+    )
     out = vcell.priors.go_graph(gene2go, top_k=None, threshold=0.25)  # strictly above 0.25: 1/4 is dropped
     got = {(s, t): w for s, t, w in out.itertuples(index=False)}
     assert got == pytest.approx({("D", "A"): 1.0, ("B", "A"): 2 / 3, ("A", "B"): 2 / 3, ("D", "B"): 2 / 3,

@@ -92,9 +92,8 @@ def _first_present(df: pd.DataFrame, candidates: tuple[str, ...], *, where: str)
 def _gene2go_pairs(gene2go: str | PathLike | pd.DataFrame | Mapping[str, Iterable[str]]) -> pd.DataFrame:
     """Unique (gene, term) pairs as a two-column DataFrame of str."""
     if isinstance(gene2go, Mapping):
-        genes = [g for g, terms in gene2go.items() for _ in terms]
-        terms = [t for ts in gene2go.values() for t in ts]
-        df = pd.DataFrame({"gene": genes, "term": terms})
+        pairs = [(g, t) for g, ts in gene2go.items() for t in ([ts] if isinstance(ts, str) else ts)]
+        df = pd.DataFrame(pairs, columns=["gene", "term"])
     else:
         if isinstance(gene2go, pd.DataFrame):
             where, raw = "gene2go DataFrame", gene2go
@@ -158,8 +157,8 @@ def go_graph(
     For genes ``i`` and ``j`` with GO-term sets ``T_i`` and ``T_j``, ``importance = |T_i & T_j| / |T_i | T_j|``.
     Edges with ``importance > threshold`` are kept (self-pairs excluded), then the ``top_k`` largest per target.
     All ontologies (BP, CC, MF) and evidence codes in ``gene2go`` are used; filter it first to change that.
-    Computed with sparse matrix products in chunks of target genes, so the full human annotation (20.7k genes)
-    takes seconds.
+    Computed with sparse matrix products in chunks of target genes: the full human annotation (20.7k genes) takes
+    about 15 s on one core, a few hundred ``targets`` well under a second.
 
     Parameters
     ----------
