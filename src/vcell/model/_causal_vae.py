@@ -14,7 +14,7 @@ from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger, settings
-from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed
+from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed, to_dense
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule
 from vcell.module._causal_vae import LIKELIHOODS, LOG_X_FACTORIAL_KEY, TARGET_ENCODING_KEY
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 PREDICTION_MODES = ("residual", "decoded")
 #: dense copies of the training matrix up to this many bytes (else CSR rows are densified per batch)
 _DENSE_LIMIT = 2 * 1024**3
+#: batch keys of the cells themselves (what encoding a cell needs)
+_CELL_KEYS = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.PERT_ENCODING_KEY, REGISTRY_KEYS.COVARIATES_KEY)
 
 
 def _as_anndata(data: AnnData | MuData | None, modality: str = "rna") -> AnnData | None:
@@ -73,16 +75,27 @@ class _CellBatches:
             yield {k: _rows(v, idx) for k, v in self.tensors.items()}
 
 
-def _log_factorial_sums(X: Any) -> np.ndarray:
-    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64."""
+def _log_factorials(values: np.ndarray) -> np.ndarray:
+    """``log(x!)`` of every value, in float64: a table lookup for integer counts, ``gammaln`` otherwise."""
     from scipy.special import gammaln
 
+    values = np.asarray(values)
+    if values.size and 0 <= values.min() and values.max() <= 1e7:
+        k = values.astype(np.int64)
+        if np.array_equal(k, values):  # integer counts: one gammaln per distinct value (same float64 numbers)
+            return gammaln(np.arange(k.max() + 1, dtype=np.float64) + 1.0)[k]
+    return gammaln(values.astype(np.float64) + 1.0)
+
+
+def _log_factorial_sums(X: Any, *, chunk: int = 4096) -> np.ndarray:
+    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64."""
     if sparse.issparse(X):
         X = sparse.csr_matrix(X)
-        return np.add.reduceat(np.r_[gammaln(X.data.astype(np.float64) + 1.0), 0.0], X.indptr[:-1]) * (
-            np.diff(X.indptr) > 0
-        )
-    return gammaln(np.asarray(X, dtype=np.float64) + 1.0).sum(1)
+        return np.add.reduceat(np.r_[_log_factorials(X.data), 0.0], X.indptr[:-1]) * (np.diff(X.indptr) > 0)
+    X = np.asarray(X)
+    return np.concatenate(
+        [_log_factorials(X[i : i + chunk]).sum(1) for i in range(0, X.shape[0], chunk)] or [np.zeros(0)]
+    )
 
 
 def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
@@ -98,24 +111,40 @@ class _CounterfactualValidation:
     cells of that context under the group's condition, against the group's mean log1p(CP10k) expression; the squared
     error averaged over genes, then over groups. This scores what the model is for (counterfactuals of controls) on
     held-out cells, unlike the ELBO, whose minimum comes before the adversaries have cleaned ``z_basal``.
+
+    All groups' control cells are one batch (``group`` gives each row's group), run in chunks of ``chunk`` rows.
     """
 
-    def __init__(self, groups: list[tuple[dict[str, torch.Tensor], torch.Tensor]], mode: str) -> None:
-        self.groups, self.mode = groups, mode
+    def __init__(
+        self,
+        batch: dict[str, torch.Tensor],
+        group: torch.Tensor,
+        targets: torch.Tensor,
+        mode: str,
+        *,
+        chunk: int = 4096,
+    ) -> None:
+        self.batch, self.group, self.targets, self.mode, self.chunk = batch, group, targets, mode, int(chunk)
+        self.sizes = torch.bincount(group, minlength=len(targets)).to(targets.dtype)
+
+    def score(self, module: Any, device: Any = "cpu") -> torch.Tensor:
+        """``val_counterfactual_mse`` of ``module`` (in eval mode, without gradients)."""
+        was_training = module.training
+        module.eval()
+        n = len(self.group)
+        sums = torch.zeros(self.targets.shape, device=device)
+        for start in range(0, n, self.chunk):
+            part = {k: v[start : start + self.chunk].to(device) for k, v in self.batch.items()}
+            pred = module.counterfactual(part, mode=self.mode)
+            sums.index_add_(0, self.group[start : start + self.chunk].to(device), pred)
+        module.train(was_training)
+        means = sums / self.sizes.to(device)[:, None]
+        return ((means - self.targets.to(device)) ** 2).mean(1).mean()
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not self.groups:
+        if trainer.sanity_checking or not len(self.targets):
             return
-        m = pl_module.module
-        was_training = m.training
-        m.eval()
-        errors = []
-        for batch, target in self.groups:
-            batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-            pred = m.counterfactual(batch, mode=self.mode).mean(0)
-            errors.append(((pred - target.to(pred.device)) ** 2).mean())
-        m.train(was_training)
-        pl_module.log("val_counterfactual_mse", torch.stack(errors).mean(), prog_bar=True)
+        pl_module.log("val_counterfactual_mse", self.score(pl_module.module, pl_module.device), prog_bar=True)
 
 
 class _BestWeights:
@@ -464,14 +493,18 @@ class CausalVAE(PerturbationModel):
     def _counterfactual_groups(
         self,
         adata: AnnData,
+        tensors: dict[str, Any],
         train_idx: np.ndarray,
         val_idx: np.ndarray,
         seed: int,
         *,
         max_groups: int = 50,
         max_controls: int = 64,
-    ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """(batch of training controls with the target encoding, mean of the validation cells) per validation group."""
+    ) -> _CounterfactualValidation | None:
+        """The validation groups: training controls with each group's target encoding, and the groups' mean expression.
+
+        ``None`` when no perturbed validation cell has training controls in its context.
+        """
         cond = adata.obs[PERT_COL].astype(str).to_numpy()
         ctx = self._contexts(adata)
         dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else np.ones(adata.n_obs)
@@ -479,7 +512,8 @@ class CausalVAE(PerturbationModel):
         train_ctrl = train_idx[cond[train_idx] == CONTROL]
         keys = pd.Series(cond[val]) + "\t" + pd.Series(ctx[val])
         rng = np.random.default_rng(seed)
-        groups = []
+        X = get_matrix(adata, self._layer())
+        cells, encodings, targets = [], [], []
         uniq = keys.unique()
         for key in rng.permutation(uniq)[:max_groups] if len(uniq) > max_groups else uniq:
             members = val[(keys == key).to_numpy()]
@@ -489,10 +523,18 @@ class CausalVAE(PerturbationModel):
                 continue
             if ctrl.size > max_controls:
                 ctrl = np.sort(rng.choice(ctrl, max_controls, replace=False))
-            target = self._encode([label], float(np.median(dose[members])))
-            batch = self._batch(adata, ctrl, target, torch.device("cpu"))
-            groups.append((batch, torch.as_tensor(self._expression(adata, members).mean(0))))
-        return groups
+            cells.append(ctrl)
+            encodings.append(np.repeat(self._encode([label], float(np.median(dose[members]))), len(ctrl), axis=0))
+            rows = X[members]
+            expr = log1p_cp10k(rows) if self.counts_ else to_dense(rows)
+            targets.append(expr.mean(0))
+        if not cells:
+            return None
+        idx = np.concatenate(cells)
+        batch = {k: _rows(tensors[k], idx) for k in _CELL_KEYS}
+        batch[TARGET_ENCODING_KEY] = torch.as_tensor(np.concatenate(encodings))
+        group = torch.as_tensor(np.repeat(np.arange(len(cells)), [len(c) for c in cells]), dtype=torch.long)
+        return _CounterfactualValidation(batch, group, torch.as_tensor(np.stack(targets)), self.prediction)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -565,10 +607,10 @@ class CausalVAE(PerturbationModel):
         tensors = self._training_tensors(adata)
         train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
         val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 1024), shuffle=False, seed=seed)
-        groups = self._counterfactual_groups(adata, train_idx, val_idx, seed) if len(val_idx) else []
+        groups = self._counterfactual_groups(adata, tensors, train_idx, val_idx, seed) if len(val_idx) else None
         monitor = "val_counterfactual_mse" if groups else ("val_elbo" if len(val_idx) else "train_elbo")
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor=monitor)
-        callbacks = [_callback(_CounterfactualValidation(groups, self.prediction))] if groups else []
+        callbacks = [_callback(groups)] if groups else []
         best = _BestWeights(monitor)
         if early_stopping:
             callbacks.append(_callback(best))
@@ -608,27 +650,34 @@ class CausalVAE(PerturbationModel):
         hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
         self.history_ = {col: hist[[col]] for col in hist.columns}
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
-        self.adversary_accuracy_ = self._adversary_accuracy(adata, np.union1d(train_idx, val_idx))
+        self.adversary_accuracy_ = self._adversary_accuracy(tensors, np.union1d(train_idx, val_idx))
         logger.info("CausalVAE trained for %d epochs", len(plan.history))
 
     @torch.no_grad()
-    def _adversary_accuracy(self, adata: AnnData, idx: np.ndarray) -> pd.DataFrame:
-        """Accuracy of the trained adversaries on ``z_basal`` (posterior means) of cells ``idx``, and chance."""
-        m = self.module
-        z = torch.as_tensor(self.get_latent_representation(adata, indices=idx))
-        conds = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy()[idx])
-        targets = [conds] if m.adversary_names and m.adversary_names[0] == "perturbation" else []
-        cov = self._covariate_codes(adata, idx)
+    def _adversary_accuracy(self, tensors: dict[str, Any], idx: np.ndarray, batch_size: int = 2048) -> pd.DataFrame:
+        """Accuracy of the trained adversaries on ``z_basal`` (posterior means) of cells ``idx``, and chance.
+
+        ``tensors``: the training tensors (:meth:`_training_tensors`) of the model's data.
+        """
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        zs = [
+            m.latent({k: _rows(tensors[k], chunk).to(device) for k in _CELL_KEYS})
+            for chunk in self._chunks(idx, batch_size)
+        ]
+        z = torch.cat(zs) if zs else torch.zeros((0, m.n_latent), device=device)
+        targets = [_rows(tensors[REGISTRY_KEYS.PERT_KEY], idx).numpy()]
+        targets = targets if m.adversary_names and m.adversary_names[0] == "perturbation" else []
+        cov = _rows(tensors[REGISTRY_KEYS.COVARIATES_KEY], idx).numpy()
         targets += [cov[:, k] for k in range(cov.shape[1])]
         names = (["perturbation"] if targets and len(targets) > len(self.covariate_names_) else []) + list(
             self.covariate_names_
         )
         rows = {}
-        device = next(m.parameters()).device
         for name, clf, active, y in zip(names, m.adversaries, m.adversary_active, targets, strict=True):
             if not active:
                 continue
-            pred = clf(z.to(device)).argmax(1).cpu().numpy()
+            pred = clf(z).argmax(1).cpu().numpy()
             chance = np.bincount(y).max() / len(y) if len(y) else np.nan
             rows[name] = {"accuracy": float((pred == y).mean()) if len(y) else np.nan, "chance": float(chance)}
         return pd.DataFrame.from_dict(rows, orient="index", columns=["accuracy", "chance"])
