@@ -172,3 +172,41 @@ def test_untrained_model_refuses():
     model = _AdaptableCausalVAE(adata, **SIZES)
     with pytest.raises(RuntimeError, match="not trained"):
         model.adapt(adata.copy())
+
+
+def test_counterfactual_error_matches_module_counterfactual():
+    """The training term equals the squared error of the module's own (no-grad) counterfactual means."""
+    from vcell._constants import REGISTRY_KEYS
+    from vcell.model._adapt import counterfactual_error
+    from vcell.module import CausalVAEModule
+    from vcell.module._causal_vae import TARGET_ENCODING_KEY
+
+    torch.manual_seed(0)
+    m = CausalVAEModule(10, 2, n_conditions=3, covariate_sizes=(2,), n_latent=3, n_hidden=8).eval()
+    x = torch.as_tensor(np.random.default_rng(0).poisson(3.0, (7, 10)), dtype=torch.float32)
+    codes = torch.tensor([0, 0, 0, 1, 1, 0, 2])  # 0 = control; context 1 has a control and a code-2 cell
+    enc = torch.tensor([[0, 0], [0, 0], [0, 0], [1, 0], [1, 0], [0, 0], [0, 1]], dtype=torch.float32)
+    cov = torch.tensor([[0], [0], [0], [0], [0], [1], [1]])
+    batch = {
+        REGISTRY_KEYS.X_KEY: x,
+        REGISTRY_KEYS.PERT_KEY: codes,
+        REGISTRY_KEYS.PERT_ENCODING_KEY: enc,
+        REGISTRY_KEYS.COVARIATES_KEY: cov,
+    }
+    got = counterfactual_error(m, batch, m(batch), control_code=0, mode="residual")
+    x_log = torch.log1p(x * 1e4 / x.sum(1, keepdim=True))
+    expected = []
+    for ctrl, members, target in (([0, 1, 2], [3, 4], [1.0, 0.0]), ([5], [6], [0.0, 1.0])):
+        sub = {k: v[ctrl] for k, v in batch.items()}
+        sub[TARGET_ENCODING_KEY] = torch.tensor([target] * len(ctrl))
+        pred = m.counterfactual(sub, mode="residual").mean(0)
+        expected.append(((pred - x_log[members].mean(0)) ** 2).sum())
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_objective_terms_and_clean_module(base, sim):
+    with_cf = _adapt(base, _new(sim))
+    assert "train_counterfactual_error" in with_cf.history_
+    assert "loss" not in with_cf.module.__dict__  # the instance-level objective is removed after training
+    without = _adapt(base, _new(sim), counterfactual_weight=0.0)
+    assert "train_counterfactual_error" not in without.history_
