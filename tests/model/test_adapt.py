@@ -93,7 +93,7 @@ def test_only_adapters_and_new_rows_change(base, sim):
             sv = torch.linalg.svdvals((mine - value).double())  # rank 2 up to float32 round-off of W + BA
             assert sv[0] > 0, key
             assert sv[2] < 1e-3 * sv[0], key
-        elif key in {"operators", "log_ec50", "log_slope", "seen_atoms"}:
+        elif key.startswith(("perturbation.operators.", "perturbation.dose.")):  # rows of atoms
             assert torch.equal(mine[atom_new], value[atom_old]), key
         elif key == "covariates.0.weight":
             assert torch.equal(mine[:2], value)
@@ -103,7 +103,7 @@ def test_only_adapters_and_new_rows_change(base, sim):
             assert torch.equal(mine[: value.shape[0]], value), key  # old classes' outputs unchanged
         else:
             assert torch.equal(mine, value), key  # biases, LayerNorms, dispersion, adversaries' hidden layers
-    assert not torch.equal(now["operators"][fresh_atom], torch.zeros(n_lat))
+    assert not torch.equal(now["perturbation.operators.weight"][fresh_atom], torch.zeros(n_lat))
     # the adapted model predicts the new perturbation in the new cell type, and still knows the old ones
     pred = adapted.predict(perturbation=sim[1][2])
     assert pred.shape == (int((new.obs["perturbation"] == "control").sum()), new.n_vars)

@@ -80,9 +80,9 @@ def test_forward_loss_shapes_and_gradients(likelihood: str):
     assert {"accuracy_perturbation", "accuracy_covariate0", "accuracy_covariate1"} <= set(res.metrics)
     res.loss.backward()
     # the operators of atoms 0 and 1 are used, the pair (0, 1) too; atom 2 never is
-    assert m.operators.grad[:2].abs().sum() > 0
-    assert m.operators.grad[2].abs().sum() == 0
-    assert m.pair_gate.grad.abs().sum() > 0
+    assert m.perturbation.operators.weight.grad[:2].abs().sum() > 0
+    assert m.perturbation.operators.weight.grad[2].abs().sum() == 0
+    assert m.perturbation.interactions.gate.grad.abs().sum() > 0
     assert all(p.grad is not None for clf in m.adversaries for p in clf.parameters())
 
 
@@ -120,8 +120,8 @@ def test_precomputed_log_factorial_gives_the_same_likelihood(likelihood: str):
 def test_dose_scale_is_log_dose_sigmoid_and_zero_when_inactive():
     m = _module()
     with torch.no_grad():
-        m.log_ec50.copy_(torch.tensor([0.0, math.log(10.0), 1.0]))
-        m.log_slope.copy_(torch.log(torch.tensor([1.0, 2.0, 1.0])))
+        m.perturbation.dose.log_ec50.copy_(torch.tensor([0.0, math.log(10.0), 1.0]))
+        m.perturbation.dose.log_slope.copy_(torch.log(torch.tensor([1.0, 2.0, 1.0])))
     enc = torch.tensor([[1.0, 10.0, 0.0], [math.e, 100.0, 0.0]])
     s = m.dose_scale(enc).detach().numpy()
     expected = [[0.5, 0.5, 0.0], [1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2 * math.log(10))), 0.0]]
@@ -131,7 +131,7 @@ def test_dose_scale_is_log_dose_sigmoid_and_zero_when_inactive():
 def test_unseen_atoms_use_mean_dose_response_and_encodings_are_padded():
     m = _module(seen_atoms=np.array([True, True, False]))
     with torch.no_grad():
-        m.log_ec50.copy_(torch.tensor([0.0, 2.0, 50.0]))
+        m.perturbation.dose.log_ec50.copy_(torch.tensor([0.0, 2.0, 50.0]))
     ec50, _ = m.dose_params()
     np.testing.assert_allclose(ec50.detach().numpy(), [0.0, 2.0, 1.0])
     short = torch.tensor([[1.0, 0.0]])
@@ -144,11 +144,11 @@ def test_unseen_atoms_use_mean_dose_response_and_encodings_are_padded():
 def test_interaction_only_acts_on_the_pair():
     m = _module(pairs=np.array([[0, 1]]))
     with torch.no_grad():
-        m.pair_effect.fill_(1.0)
-        m.pair_gate.fill_(10.0)
+        m.perturbation.interactions.effect.fill_(1.0)
+        m.perturbation.interactions.gate.fill_(10.0)
     enc = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
     s = m.dose_scale(enc).detach()
-    additive = (s @ m.operators.detach()).numpy()
+    additive = (s @ m.perturbation.operators.weight.detach()).numpy()
     z = m.perturbation_latent(enc).detach().numpy()
     np.testing.assert_allclose(z[[0, 1, 3]], additive[[0, 1, 3]], atol=1e-6)
     gate = 1 / (1 + math.exp(-10.0))
@@ -177,7 +177,7 @@ def test_compose_shifts_adds_the_single_changes():
     """compose='shifts': a double's change is the sum of its singles' decoded changes; singles are unaffected."""
     m = _module("nb").eval()
     with torch.no_grad():
-        m.operators.mul_(20.0)  # effects large enough for the decoder's non-additivity to show
+        m.perturbation.operators.weight.mul_(20.0)  # effects large enough for the decoder's non-additivity to show
     batch = _batch()
 
     def cf(target: list[float], **kw) -> np.ndarray:
@@ -197,7 +197,7 @@ def test_compose_shifts_adds_the_single_changes():
 def test_embedding_table_operators_and_bad_likelihood():
     feats = np.eye(3, 5, dtype=np.float32)
     m = _module(perturbation_features=feats)
-    assert m.operators is None
+    assert not hasattr(m.perturbation.operators, "weight")  # an MLP of the table, no free rows
     assert m.operator_vectors().shape == (3, 6)
     with pytest.raises(ValueError, match="likelihood"):
         CausalVAEModule(20, 3, likelihood="poisson")

@@ -56,22 +56,49 @@ def test_shapes_and_seen_one_hot():
     assert torch.equal(PairInteractions(None, 3)(torch.ones(9, 4)), torch.zeros(9, 3))
 
 
-def test_dose_response_matches_causal_vae():
+def _reference_dose(enc: torch.Tensor, log_ec50: torch.Tensor, log_slope: torch.Tensor, seen: torch.Tensor):
+    """CausalVAEModule's former inline dose-response code (the numbers published benchmarks were made with)."""
+    enc = torch.nn.functional.pad(enc, (0, len(log_ec50) - enc.shape[1])) if enc.shape[1] < len(log_ec50) else enc
+    active = enc > 0
+    ec50, slope = log_ec50, torch.exp(log_slope)
+    if not bool(seen.all()) and bool(seen.any()):
+        ec50 = torch.where(seen, ec50, ec50[seen].mean())
+        slope = torch.where(seen, slope, slope[seen].mean())
+    log_dose = torch.log(torch.where(active, enc, torch.ones_like(enc)))
+    return torch.sigmoid(slope * (log_dose - ec50)) * active
+
+
+def _reference_latent(s: torch.Tensor, ops: torch.Tensor, pairs: torch.Tensor, effect, gate) -> torch.Tensor:
+    """CausalVAEModule's former inline ``perturbation_latent`` given the dose responses ``s``."""
+    z = s @ ops
+    if len(pairs):
+        coef = s[:, pairs[:, 0]] * s[:, pairs[:, 1]]
+        z = z + coef @ (torch.sigmoid(gate)[:, None] * effect)
+    return z
+
+
+def test_dose_response_matches_the_former_inline_code():
     seen = np.array([True, True, False, True])
     m = CausalVAEModule(10, 4, n_latent=3, n_hidden=8, seen_atoms=seen)
     _randomise(m)
-    dose = DoseResponse(4, seen_atoms=seen)
-    dose.load_state_dict({"log_ec50": m.log_ec50, "log_slope": m.log_slope, "seen_atoms": m.seen_atoms})
+    dose = m.perturbation.dose
+    assert isinstance(dose, DoseResponse)
     enc = _enc()
-    assert torch.equal(dose(enc), m.dose_scale(enc))
-    assert torch.equal(dose(enc[:, :2]), m.dose_scale(enc[:, :2]))
+    ref = _reference_dose(enc, dose.log_ec50, dose.log_slope, torch.as_tensor(seen))
+    assert torch.equal(dose(enc), ref)
+    assert torch.equal(m.dose_scale(enc), ref)
+    assert torch.equal(dose(enc[:, :2]), _reference_dose(enc[:, :2], dose.log_ec50, dose.log_slope, dose.seen_atoms))
     s = dose(enc)
     assert torch.equal(s[0], torch.zeros(4))
     assert s[1, 0].item() > 0
     # unseen atom 2 uses the mean curve of the seen ones
     ec50, slope = dose.params()
-    assert torch.allclose(ec50[2], m.log_ec50[[0, 1, 3]].mean())
-    assert torch.allclose(slope[2], m.log_slope[[0, 1, 3]].exp().mean())
+    assert torch.allclose(ec50[2], dose.log_ec50[[0, 1, 3]].mean())
+    assert torch.allclose(slope[2], dose.log_slope[[0, 1, 3]].exp().mean())
+    # columns beyond the trained atoms: that mean curve too
+    extra = torch.tensor([[0.0, 2.0], [0.5, 0.0]])
+    expected = torch.sigmoid(slope[2] * (torch.log(extra.clamp(min=1e-30)) - ec50[2])) * (extra > 0)
+    assert torch.allclose(dose.unseen(extra), expected)
     # initial curve: s = sigmoid(log(1) + 2) at dose 1
     assert torch.allclose(DoseResponse(2)(torch.ones(1, 2)), torch.sigmoid(torch.tensor(2.0)).expand(1, 2))
     with pytest.raises(ValueError, match="more than n_atoms"):
@@ -79,30 +106,47 @@ def test_dose_response_matches_causal_vae():
 
 
 @pytest.mark.parametrize("kind", ["one_hot", "table"])
-def test_perturbation_encoder_matches_causal_vae(kind: str):
+def test_causal_vae_perturbation_latent_matches_the_former_inline_code(kind: str):
     pairs = np.array([[0, 1], [1, 3]])
     feats = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32) if kind == "table" else None
     m = CausalVAEModule(10, 4, n_latent=3, n_hidden=8, pairs=pairs, perturbation_features=feats)
     _randomise(m)
-    if kind == "table":
-        ops = TableOperators(feats, 3, n_hidden=8)
-        ops.mlp.load_state_dict(m.pert_mlp.state_dict())
-    else:
-        ops = OneHotOperators(4, 3)
-        ops.load_state_dict({"weight": m.operators, "seen_atoms": m.seen_atoms})
-    dose = DoseResponse(4)
-    dose.load_state_dict({"log_ec50": m.log_ec50, "log_slope": m.log_slope, "seen_atoms": m.seen_atoms})
-    inter = PairInteractions(pairs, 3)
-    inter.load_state_dict({"pairs": m.pairs, "effect": m.pair_effect, "gate": m.pair_gate})
-    pe = PerturbationEncoder(ops, dose, interactions=inter)
+    pe = m.perturbation
+    assert isinstance(pe.operators, TableOperators if kind == "table" else OneHotOperators)
+    ops = pe.operators.mlp(pe.operators.features) if kind == "table" else pe.operators.weight
+    if kind == "one_hot":
+        assert pe.operators() is pe.operators.weight  # no copy: the same autograd graph as the inline code
+    inter = pe.interactions
     enc = _enc()
-    assert torch.allclose(pe(enc), m.perturbation_latent(enc), atol=1e-6)
-    assert torch.equal(pe(enc), m.perturbation_latent(enc))
-    assert torch.equal(pe.penalty(), torch.sigmoid(m.pair_gate).sum())
+    s = _reference_dose(enc, pe.dose.log_ec50, pe.dose.log_slope, pe.dose.seen_atoms)
+    ref = _reference_latent(s, ops, inter.pairs, inter.effect, inter.gate)
+    assert torch.equal(pe(enc), ref)
+    assert torch.equal(m.perturbation_latent(enc), ref)
+    assert torch.equal(m.operator_vectors(), ops)
+    assert torch.equal(pe.penalty(), torch.sigmoid(inter.gate).sum())
     assert pe(enc).abs().sum().item() > 0
     # without interactions: the plain sum s @ operators
-    assert torch.equal(PerturbationEncoder(ops, dose)(enc), dose(enc) @ ops())
-    assert PerturbationEncoder(ops, dose).penalty().item() == 0.0
+    assert torch.equal(PerturbationEncoder(pe.operators, pe.dose)(enc), pe.dose(enc) @ pe.operators())
+    assert PerturbationEncoder(pe.operators, pe.dose).penalty().item() == 0.0
+    with pytest.raises(ValueError, match="extra_nodes"):  # columns beyond the atoms need graph operators
+        pe(torch.ones(2, 5), torch.zeros(1, dtype=torch.long))
+
+
+def test_causal_vae_reset_keeps_the_former_random_draw_order():
+    """Sub-modules first (registration order), then covariate embeddings, then the one-hot rows (seeded results)."""
+    m = CausalVAEModule(10, 4, n_conditions=3, covariate_sizes=(2,), n_latent=3, n_hidden=8, pairs=np.array([[0, 1]]))
+    torch.manual_seed(5)
+    m.reset_parameters()
+    weight = m.perturbation.operators.weight.detach().clone()
+    torch.manual_seed(5)
+    for sub in m.modules():
+        if isinstance(sub, torch.nn.Linear | torch.nn.LayerNorm | torch.nn.Embedding):
+            sub.reset_parameters()
+    with torch.no_grad():
+        m.covariates[0].weight.normal_(0.0, 0.1)
+    assert torch.equal(weight, torch.empty(4, 3).normal_(0.0, 0.1))
+    assert torch.equal(m.perturbation.dose.log_ec50, torch.full((4,), -2.0))
+    assert torch.equal(m.perturbation.interactions.gate, torch.tensor([-2.0]))
 
 
 def test_pair_interactions_by_hand():
@@ -118,8 +162,12 @@ def test_pair_interactions_by_hand():
     assert inter.penalty().item() == pytest.approx(0.5)
 
 
-def _dense_reference(graph: GeneGraphOperators, edges, atom_nodes: np.ndarray, n_nodes: int) -> torch.Tensor:
-    """The same GNN on the full graph (dense adjacency), nodes the module pruned get random embeddings."""
+def _dense_reference(graph: GeneGraphOperators, edges, nodes: np.ndarray, n_nodes: int, keep: set) -> torch.Tensor:
+    """The same GNN on the full graph (dense adjacency), one propagation per node of ``nodes``.
+
+    Nodes without a learned embedding (beyond ``n_layers`` hops of every seen atom) count as zero; each node's own
+    embedding is zeroed unless it is in ``keep`` (the nodes of seen atoms).
+    """
     w = np.zeros((n_nodes, n_nodes))
     for s, t, v in zip(*edges, strict=True):
         if s != t:
@@ -127,14 +175,18 @@ def _dense_reference(graph: GeneGraphOperators, edges, atom_nodes: np.ndarray, n
     w += np.eye(n_nodes)
     d = w.sum(1)
     adj = torch.as_tensor(w / np.sqrt(d[:, None] * d[None, :]), dtype=torch.float32)
-    h = torch.randn(n_nodes, graph.n_embed, generator=torch.Generator().manual_seed(9))
-    h[graph.nodes] = graph.node_embedding
-    seen = graph.seen_atoms.numpy()
-    masked = set(atom_nodes[~seen]) - set(atom_nodes[seen])
-    h[sorted(masked)] = 0.0
-    for lin in graph.layers:
-        h = h + torch.relu(adj @ lin(h))
-    return graph.mlp(h[atom_nodes])
+    h0 = torch.zeros(n_nodes, graph.n_embed)
+    h0[graph.nodes] = graph.node_embedding
+    rows = []
+    for node in nodes:
+        mask = torch.ones(n_nodes, 1)
+        if node not in keep:
+            mask[node] = 0.0
+        h = h0 * mask
+        for lin in graph.layers:
+            h = h + torch.relu(adj @ lin(h))
+        rows.append(h[node])
+    return graph.mlp(torch.stack(rows))
 
 
 def test_gene_graph_exact_after_pruning():
@@ -146,26 +198,42 @@ def test_gene_graph_exact_after_pruning():
     seen = np.array([True, False, True, False])
     torch.manual_seed(0)
     graph = GeneGraphOperators(edges, atom_nodes, dim=4, n_nodes=n, n_embed=6, n_hidden=8, seen_atoms=seen)
-    assert len(graph.nodes) < n  # pruned to the 2-hop neighbourhoods
+    # embedded nodes: the 2-hop neighbourhoods of the seen atoms' genes
+    near = np.zeros((n, n), dtype=bool)
+    near[src, dst] = near[dst, src] = True
+    near |= np.eye(n, dtype=bool)
+    two_hops = (near.astype(int) @ near.astype(int)) > 0
+    assert graph.nodes.tolist() == np.flatnonzero(two_hops[[3, 17]].any(0)).tolist()
+    assert len(graph.nodes) < n
     out = graph()
     assert torch.allclose(out[1], out[2], atol=1e-6)  # atoms sharing a node share a vector
     weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
     (out * weights).sum().backward()
     grad = graph.node_embedding.grad.clone()
     graph.zero_grad()
-    ref = _dense_reference(graph, edges, atom_nodes, n)
+    ref = _dense_reference(graph, edges, atom_nodes, n, keep={3, 17})
     assert torch.allclose(out, ref, atol=1e-5)
     (ref * weights).sum().backward()  # the sparse symmetric product's gradient matches the dense one
     assert torch.allclose(grad, graph.node_embedding.grad, atol=1e-5)
     assert grad.abs().sum().item() > 0
+    # any graph node as an unseen atom: the same as an unseen atom of the module
+    nodes = np.array([42, 5, 17, 3])
+    vec = graph.node_vectors(nodes)
+    assert torch.allclose(vec[0], out[3], atol=1e-6)
+    assert torch.allclose(vec[2:], out[[1, 0]], atol=1e-6)  # nodes of seen atoms keep their embedding
+    assert torch.allclose(vec, _dense_reference(graph, edges, nodes, n, keep={3, 17}), atol=1e-5)
+    # each node on its own: a vector does not depend on which other nodes are asked for
+    assert torch.allclose(graph.node_vectors(nodes[1:2])[0], vec[1], atol=1e-6)
+    with pytest.raises(ValueError, match="n_nodes"):
+        graph.node_vectors(np.array([n]))
 
 
 def test_unseen_gene_vector_comes_from_its_neighbours():
-    # path 0-1-...-9; atom 0 (gene 0) unseen, atoms at genes 5 and 9 seen; 2 layers: gene 0 sees genes 1, 2 only
+    # path 0-1-...-9; atom 0 (gene 0) unseen, atoms at genes 3 and 9 seen; 2 layers: gene 0 sees genes 1, 2 only
     torch.manual_seed(0)
-    graph = GeneGraphOperators(_chain(), np.array([0, 5, 9]), dim=4, seen_atoms=np.array([False, True, True]))
+    graph = GeneGraphOperators(_chain(), np.array([0, 3, 9]), dim=4, seen_atoms=np.array([False, True, True]))
     row = {int(v): i for i, v in enumerate(graph.nodes)}
-    assert set(row) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert set(row) == {1, 2, 3, 4, 5, 7, 8, 9}  # within 2 hops of a seen gene: what training can reach
     base = graph().detach()
 
     def perturbed(gene: int) -> torch.Tensor:
@@ -178,26 +246,53 @@ def test_unseen_gene_vector_comes_from_its_neighbours():
 
     for neighbour in (1, 2):
         assert not torch.allclose(perturbed(neighbour)[0], base[0])
-    for gene in (0, 3, 4, 5):  # its own (masked) embedding and genes beyond 2 hops
+    for gene in (3, 4, 5):  # genes beyond 2 hops
         assert torch.equal(perturbed(gene)[0], base[0])
-    assert not torch.allclose(perturbed(5)[1], base[1])  # a seen gene uses its own embedding
+    assert not torch.allclose(perturbed(3)[1], base[1])  # a seen gene uses its own embedding
+    assert torch.allclose(graph.node_vectors(np.array([0]))[0], base[0], atol=1e-6)
     # gradients reach the neighbours' embeddings from the unseen atom's vector
     graph()[0].sum().backward()
     grad = graph.node_embedding.grad.abs().sum(1)
     assert float(grad[row[1]]) > 0
-    assert float(grad[row[0]]) == 0
     assert float(grad[row[3]]) == 0
 
 
 def test_gene_graph_atoms_outside_the_graph():
     torch.manual_seed(0)
     graph = GeneGraphOperators(_chain(5), np.array([0, -1, -1]), dim=3, seen_atoms=np.array([True, True, False]))
-    assert graph.nodes.tolist() == [0, 1, 2, 5, 6]  # two isolated nodes appended after the 5 genes
+    assert graph.nodes.tolist() == [0, 1, 2, 5]  # the seen absent atom's isolated node appended after the 5 genes
     out = graph().detach()
     assert not torch.allclose(out[1], out[2])
     with torch.no_grad():
-        graph.node_embedding[4] += 1.0  # the unseen absent atom's own node: masked
+        graph.node_embedding += 1.0  # the unseen absent atom has no neighbour and no embedding: a constant vector
     assert torch.equal(graph()[2], out[2])
+    assert not torch.allclose(graph()[1], out[1])
+
+
+def test_perturbation_encoder_extra_graph_columns():
+    """Columns beyond the atoms are graph nodes unseen in training: their vectors, the mean dose response."""
+    torch.manual_seed(0)
+    graph = GeneGraphOperators(_chain(), np.array([2, 5]), dim=3, n_layers=1)
+    pe = PerturbationEncoder(graph, DoseResponse(2), interactions=PairInteractions(np.array([[0, 1]]), 3))
+    _randomise(pe)
+    enc = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.5, 0.0]])
+    nodes = torch.tensor([3, 8])
+    z = pe(enc, nodes)
+    expected = pe(enc[:, :2])
+    expected = expected + pe.dose.unseen(enc[:, 2:]) @ graph.node_vectors(nodes)
+    assert torch.allclose(z, expected, atol=1e-6)
+    assert torch.equal(pe(enc, nodes.expand(4, 2)), z)  # per-cell rows of the same nodes
+    assert torch.equal(z[0], pe(enc[:, :2])[0])
+    assert not torch.allclose(z[1], z[0])
+    # no node within 1 hop of node 8 is within 1 hop of the atoms' genes 2 and 5: its vector ignores every embedding
+    vec = graph.node_vectors(np.array([8, 4]))
+    with torch.no_grad():
+        graph.node_embedding.add_(1.0)
+    after = graph.node_vectors(np.array([8, 4]))
+    assert torch.equal(after[0], vec[0])
+    assert not torch.allclose(after[1], vec[1])
+    with pytest.raises(ValueError, match="extra_nodes"):
+        pe(enc)
 
 
 def test_gene_graph_fits_seen_atoms():

@@ -102,12 +102,16 @@ def _row_maps(base: Any, new: Any) -> dict[str, tuple[np.ndarray, np.ndarray, np
     """
     atoms = _index_map(base.atoms_, new.atoms_)
     maps = {
-        "operators": (*atoms, "zero"),
-        "log_ec50": (*atoms, "mean"),
-        "log_slope": (*atoms, "mean"),
-        "pair_effect": (*_index_map(base.pairs_, new.pairs_), "keep"),
-        "pair_gate": (*_index_map(base.pairs_, new.pairs_), "keep"),
+        "perturbation.operators.weight": (*atoms, "zero"),
+        "perturbation.dose.log_ec50": (*atoms, "mean"),
+        "perturbation.dose.log_slope": (*atoms, "mean"),
+        "perturbation.interactions.effect": (*_index_map(base.pairs_, new.pairs_), "keep"),
+        "perturbation.interactions.gate": (*_index_map(base.pairs_, new.pairs_), "keep"),
     }
+    ops_old, ops_new = base.module.perturbation.operators, new.module.perturbation.operators
+    if hasattr(ops_new, "node_embedding"):  # gene graph: embedded nodes, by node index
+        nodes = _index_map(ops_old.nodes.tolist(), ops_new.nodes.tolist())
+        maps["perturbation.operators.node_embedding"] = (*nodes, "keep")
     for k, (old_cats, new_cats) in enumerate(zip(base._categories, new._categories, strict=True)):
         maps[f"covariates.{k}.weight"] = (*_index_map(old_cats, new_cats), "mean")
     labels_old = {"perturbation": base._conditions(), **dict(zip(base.covariate_names_, base._categories, strict=True))}
@@ -142,7 +146,7 @@ def _transfer(base: Any, new: Any) -> dict[str, np.ndarray | None]:
     maps = _row_maps(base, new)
     fresh_rows: dict[str, np.ndarray | None] = {}
     for key, value in dst.items():
-        if key in ("pairs", "seen_atoms", "features"):  # built from the new vocabulary (same rows for old atoms)
+        if key.rpartition(".")[2] in ("pairs", "seen_atoms", "features"):  # from the new vocabulary (same old rows)
             continue
         okey = _old_key(key, base.module, new.module)
         if okey is None or okey not in src:
@@ -297,7 +301,7 @@ class AdaptMixin:
             Adapter scale numerator (``None``: ``rank``).
         target
             Submodules of the module whose linear layers get adapters (``"encoder"``, ``"decoder"``, and with a
-            perturbation embedding table ``"pert_mlp"``).
+            perturbation embedding table or gene graph ``"perturbation"``).
         max_epochs, lr, batch_size, weight_decay, early_stopping, validation_fraction, seed, accelerator, devices, trainer_kwargs
             Training options, as in :meth:`~vcell.model.CausalVAE.train` (``seed`` also draws the adapters' ``A``;
             ``None`` uses ``vcell.settings.seed``). With few cells the defaults train on all of them for

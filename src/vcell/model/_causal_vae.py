@@ -921,9 +921,9 @@ class CausalVAE(PerturbationModel):
 
     def get_interaction_strength(self) -> pd.Series:
         """Size of the learned interaction of each combination seen in training (gate times L2 norm; 0 = additive)."""
-        m = self.module
+        inter = self.module.perturbation.interactions
         with torch.no_grad():
-            strength = torch.sigmoid(m.pair_gate) * m.pair_effect.norm(dim=1)
+            strength = torch.sigmoid(inter.gate) * inter.effect.norm(dim=1)
         return pd.Series(
             strength.detach().cpu().numpy(), index=pd.Index(self.pairs_, name="perturbation"), name="interaction"
         )

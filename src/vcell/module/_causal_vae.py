@@ -19,10 +19,21 @@ from torch import nn
 from vcell._constants import REGISTRY_KEYS
 
 from ._base import VCellModule
+from ._perturbation_encoders import (
+    DoseResponse,
+    GeneGraphOperators,
+    OneHotOperators,
+    PairInteractions,
+    PerturbationEncoder,
+    TableOperators,
+)
 
 LIKELIHOODS = ("nb", "zinb", "gaussian")
 #: batch key of the target perturbation encoding in counterfactual batches
 TARGET_ENCODING_KEY = "target_perturbation_encoding"
+#: batch keys of the graph nodes of the encoding columns beyond ``n_atoms`` (atoms unseen in training; gene graph only)
+EXTRA_NODES_KEY = "perturbation_extra_nodes"
+TARGET_EXTRA_NODES_KEY = "target_perturbation_extra_nodes"
 #: batch key of the per-cell sum of log(x!) of the counts (optional; see ``reconstruction_log_prob``)
 LOG_X_FACTORIAL_KEY = "log_x_factorial"
 _TARGET_SUM = 1e4
@@ -143,8 +154,20 @@ class CausalVAEModule(VCellModule):
         Weight of the KL term.
     perturbation_features
         ``(n_atoms, d)`` embedding table: operators are ``MLP(features)``; ``None``: one learned operator per atom.
+    gene_graph
+        ``(source, target)`` or ``(source, target, weight)`` integer arrays of a gene graph's edges: operators come
+        from a graph neural network (:class:`~vcell.module.GeneGraphOperators`), so that any graph node can be
+        encoded as an atom unseen in training (encoding columns beyond ``n_atoms``, with their nodes in
+        ``batch[EXTRA_NODES_KEY]`` / ``batch[TARGET_EXTRA_NODES_KEY]``). Exclusive with ``perturbation_features``.
+    atom_nodes
+        With ``gene_graph``: ``(n_atoms,)`` graph node of each atom (``-1``: not in the graph, an isolated node).
+    n_graph_nodes
+        With ``gene_graph``: number of graph nodes (``None``: largest index + 1).
+    graph_layers, graph_embed
+        With ``gene_graph``: propagation steps (hops an unseen gene borrows from) and node embedding size.
     seen_atoms
-        Which atoms were seen in training (unseen ones use the mean dose-response); ``None``: all.
+        Which atoms were seen in training (unseen ones use the mean dose-response; one-hot: a zero operator;
+        gene graph: an operator from the graph neighbours); ``None``: all.
     pairs
         ``(n_pairs, 2)`` atom indices of combinations with a learned, gated interaction.
     adversary_weight
@@ -175,6 +198,11 @@ class CausalVAEModule(VCellModule):
         variational: bool = True,
         kl_weight: float = 1.0,
         perturbation_features: np.ndarray | None = None,
+        gene_graph: tuple[np.ndarray, ...] | None = None,
+        atom_nodes: np.ndarray | None = None,
+        n_graph_nodes: int | None = None,
+        graph_layers: int = 1,
+        graph_embed: int = 64,
         seen_atoms: np.ndarray | None = None,
         pairs: np.ndarray | None = None,
         adversary_weight: float = 1.0,
@@ -197,24 +225,31 @@ class CausalVAEModule(VCellModule):
         self.decoder = mlp(n_latent, n_hidden, n_out, n_layers=n_layers, dropout=dropout)
         self.gene_param = nn.Parameter(torch.zeros(n_genes))  # NB: log theta; Gaussian: log variance
         self.covariates = nn.ModuleList([nn.Embedding(max(int(k), 1), n_latent) for k in covariate_sizes])
-        # perturbation operators (one-hot rows or an MLP of a fixed feature table) and dose-response curves
-        if perturbation_features is None:
-            self.operators = nn.Parameter(torch.zeros(n_atoms, n_latent))
-            self.register_buffer("features", torch.zeros(0))
-            self.pert_mlp = None
+        # perturbation operators (one-hot rows, an MLP of a fixed feature table or a gene-graph GNN), dose-response
+        # curves and gated pair interactions
+        if gene_graph is not None:
+            if perturbation_features is not None or atom_nodes is None:
+                msg = "gene_graph needs atom_nodes and excludes perturbation_features"
+                raise ValueError(msg)
+            ops = GeneGraphOperators(
+                gene_graph,
+                atom_nodes,
+                dim=n_latent,
+                n_nodes=n_graph_nodes,
+                n_layers=graph_layers,
+                n_embed=graph_embed,
+                n_hidden=n_hidden,
+                seen_atoms=seen_atoms,
+            )
+        elif perturbation_features is not None:
+            ops = TableOperators(perturbation_features, n_latent, n_hidden=n_hidden)
         else:
-            feats = torch.as_tensor(np.asarray(perturbation_features, dtype=np.float32))
-            self.register_buffer("features", feats)
-            self.pert_mlp = mlp(feats.shape[1], n_hidden, n_latent, n_layers=1, dropout=0.0)
-            self.operators = None
-        self.log_ec50 = nn.Parameter(torch.zeros(n_atoms))
-        self.log_slope = nn.Parameter(torch.zeros(n_atoms))
-        seen = torch.ones(n_atoms, dtype=torch.bool) if seen_atoms is None else torch.as_tensor(seen_atoms).bool()
-        self.register_buffer("seen_atoms", seen)
-        pairs_t = torch.as_tensor(np.zeros((0, 2)) if pairs is None else np.asarray(pairs), dtype=torch.long)
-        self.register_buffer("pairs", pairs_t.reshape(-1, 2))
-        self.pair_effect = nn.Parameter(torch.zeros(len(pairs_t), n_latent))
-        self.pair_gate = nn.Parameter(torch.zeros(len(pairs_t)))
+            ops = OneHotOperators(n_atoms, n_latent, seen_atoms=seen_atoms)
+        if ops.n_atoms != self.n_atoms:
+            msg = f"the perturbation operators have {ops.n_atoms} atoms, expected n_atoms={self.n_atoms}"
+            raise ValueError(msg)
+        dose = DoseResponse(n_atoms, log_dose_init=log_dose_init, seen_atoms=seen_atoms)
+        self.perturbation = PerturbationEncoder(ops, dose, interactions=PairInteractions(pairs, n_latent))
         # adversaries on z_basal
         sizes = ([n_conditions] if n_conditions > 1 else []) + [int(k) for k in covariate_sizes]
         cov_names = list(covariate_names or [f"covariate{i}" for i in range(len(covariate_sizes))])
@@ -224,19 +259,21 @@ class CausalVAEModule(VCellModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """(Re-)initialise every parameter (with torch's global RNG: seed it first)."""
+        """(Re-)initialise every parameter (with torch's global RNG: seed it first).
+
+        Sub-modules in registration order, then the covariate embeddings (``N(0, 0.1)``), then the perturbation
+        operators' own parameters (one-hot rows ``N(0, 0.1)``, graph node embeddings): the order of the random draws
+        of earlier versions, so seeded one-hot models reproduce their results.
+        """
+        ops = self.perturbation.operators
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
+            if m is not self and m is not ops and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         with torch.no_grad():
             for emb in self.covariates:
                 emb.weight.normal_(0.0, 0.1)
-            if self.operators is not None:
-                self.operators.normal_(0.0, 0.1)
-            self.log_ec50.fill_(self.log_dose_init)
-            self.log_slope.zero_()
-            self.pair_effect.zero_()
-            self.pair_gate.fill_(-2.0)
+            if hasattr(ops, "reset_parameters"):
+                ops.reset_parameters()
             self.gene_param.zero_()
 
     # ------------------------------------------------------------------------- pieces
@@ -245,32 +282,23 @@ class CausalVAEModule(VCellModule):
 
     def operator_vectors(self) -> torch.Tensor:
         """Latent operator ``delta_i`` of every atom at full effect, shape ``(n_atoms, n_latent)``."""
-        return self.operators if self.pert_mlp is None else self.pert_mlp(self.features)
+        return self.perturbation.operators()
 
     def dose_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-EC50 and slope per atom; atoms unseen in training get the mean over the seen ones."""
-        ec50, slope = self.log_ec50, torch.exp(self.log_slope)
-        if not bool(self.seen_atoms.all()) and bool(self.seen_atoms.any()):
-            ec50 = torch.where(self.seen_atoms, ec50, ec50[self.seen_atoms].mean())
-            slope = torch.where(self.seen_atoms, slope, slope[self.seen_atoms].mean())
-        return ec50, slope
+        return self.perturbation.dose.params()
 
     def dose_scale(self, enc: torch.Tensor) -> torch.Tensor:
         """``s_i(dose_i)``: sigmoid in log-dose (0 for inactive atoms); ``enc`` is the dose-scaled multi-hot."""
-        enc = self._pad(enc)
-        active = enc > 0
-        ec50, slope = self.dose_params()
-        log_dose = torch.log(torch.where(active, enc, torch.ones_like(enc)))
-        return torch.sigmoid(slope * (log_dose - ec50)) * active
+        return self.perturbation.dose(enc)
 
-    def perturbation_latent(self, enc: torch.Tensor) -> torch.Tensor:
-        """``sum_i s_i delta_i`` plus the gated pairwise interactions of the seen combinations."""
-        s = self.dose_scale(enc)
-        z = s @ self.operator_vectors()
-        if len(self.pairs):
-            coef = s[:, self.pairs[:, 0]] * s[:, self.pairs[:, 1]]
-            z = z + coef @ (torch.sigmoid(self.pair_gate)[:, None] * self.pair_effect)
-        return z
+    def perturbation_latent(self, enc: torch.Tensor, extra_nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_i s_i delta_i`` plus the gated pairwise interactions of the seen combinations.
+
+        ``extra_nodes``: graph nodes of the columns of ``enc`` beyond ``n_atoms`` (gene graph only; see
+        :meth:`vcell.module.PerturbationEncoder.forward`).
+        """
+        return self.perturbation(enc, extra_nodes)
 
     def covariate_latent(self, cov: torch.Tensor | None) -> torch.Tensor | float:
         """Sum of the covariate embeddings (``cov``: integer codes, one column per covariate)."""
@@ -327,7 +355,7 @@ class CausalVAEModule(VCellModule):
         """
         x_log, lib = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
         z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
-        z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY])
+        z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY], batch.get(EXTRA_NODES_KEY))
         mu, log_var = self.encode(x_log, z_own)
         return x_log, lib, z_cov, z_own, mu, log_var
 
@@ -385,8 +413,8 @@ class CausalVAEModule(VCellModule):
                 metrics[f"accuracy_{name}"] = (logits.argmax(1) == y).float().mean()
         terms["adversary"] = adv
         penalty = torch.zeros((), device=recon.device)
-        if len(self.pairs):
-            penalty = self.interaction_penalty * torch.sigmoid(self.pair_gate).sum()
+        if len(self.perturbation.interactions.pairs):
+            penalty = self.interaction_penalty * self.perturbation.penalty()
         terms["interaction_penalty"] = penalty
         total = recon + self.kl_weight * kl + adv + penalty
         return LossOutput(loss=total, terms=terms, metrics=metrics)
@@ -413,7 +441,7 @@ class CausalVAEModule(VCellModule):
             msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
         x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
-        target = self._pad(batch[TARGET_ENCODING_KEY])
+        target, nodes = self._pad(batch[TARGET_ENCODING_KEY]), batch.get(TARGET_EXTRA_NODES_KEY)
         active = torch.nonzero((target > 0).any(0)).flatten()
         if compose == "shifts" and len(active) > 1:
             m_base = self.mean_log1p(self.decode(mu + z_cov))
@@ -421,9 +449,9 @@ class CausalVAEModule(VCellModule):
             for j in active.tolist():
                 single = torch.zeros_like(target)
                 single[:, j] = target[:, j]
-                m_target += self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(single))) - m_base
+                m_target += self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(single, nodes))) - m_base
         else:
-            m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(target)))
+            m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(target, nodes)))
         if mode == "decoded":
             return m_target.clamp(min=0.0)
         m_own = self.mean_log1p(self.decode(mu + z_own))
@@ -439,7 +467,8 @@ class CausalVAEModule(VCellModule):
     def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
         _, lib, z_cov, _, mu, _ = self._encode_batch(batch)
-        dec = self.decode(mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY]))
+        target = self.perturbation_latent(batch[TARGET_ENCODING_KEY], batch.get(TARGET_EXTRA_NODES_KEY))
+        dec = self.decode(mu + z_cov + target)
         if self.likelihood == "gaussian":
             return {"mean": dec["mean"], "std": torch.exp(0.5 * self.gene_param).expand_as(dec["mean"])}
         mu = lib * torch.exp(dec["log_scale"])

@@ -145,17 +145,39 @@ def _undirected_edges(
     return key // n_nodes, key % n_nodes, w, n_nodes
 
 
-class _SymmetricMatmul(torch.autograd.Function):
-    """``adj @ h`` for a constant symmetric sparse ``adj``: the backward pass is ``adj @ grad`` (no transpose)."""
+class _SparseMatmul(torch.autograd.Function):
+    """``adj @ h`` for a constant sparse ``adj`` whose transpose ``adj_t`` is given: backward ``adj_t @ grad``."""
 
     @staticmethod
-    def forward(ctx, adj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        ctx.adj = adj
+    def forward(ctx, adj: torch.Tensor, adj_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        ctx.adj_t = adj_t
         return adj @ h
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, ctx.adj @ grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, ctx.adj_t @ grad
+
+
+def _row_positions(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in a CSR ``indices`` array of the entries of ``rows``, and each entry's index into ``rows``."""
+    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
+    owner = np.repeat(np.arange(len(rows)), lens)
+    return np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + starts[owner], owner
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """``[crow, col, values]`` of the entries ``(rows, cols, vals)``, columns sorted within rows."""
+    order = np.lexsort((cols, rows))
+    return [np.r_[0, np.cumsum(np.bincount(rows, minlength=n_rows))], cols[order], vals[order]]
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """Integer arrays as int64 tensors, float arrays as float32."""
+    return torch.as_tensor(x, dtype=torch.float32 if np.issubdtype(x.dtype, np.floating) else torch.int64)
+
+
+#: names of the arrays of one propagation step of a plan (see ``GeneGraphOperators._plan``)
+_STEP = ("crow", "col", "val", "t_crow", "t_col", "t_val", "rowsum", "keep")
 
 
 class GeneGraphOperators(AtomOperators):
@@ -163,11 +185,18 @@ class GeneGraphOperators(AtomOperators):
 
     Learnable node embeddings ``h0`` (parameter ``node_embedding``) are propagated over the symmetric-normalised
     weighted adjacency with self-loops, ``A = D^-1/2 (W + I) D^-1/2``, for ``n_layers`` residual steps
-    ``h <- h + relu(A (h W_l + b_l))`` (sub-modules ``layers``); an MLP (``mlp``) maps each atom's node state to
-    ``dim``. The embeddings of nodes of unseen atoms are masked to zero, so an unseen atom's vector is purely derived
-    from the nodes within ``n_layers`` hops (and changes when they change). Only nodes within ``n_layers`` hops of an
-    atom are kept (degrees come from the full graph, so the result is exact); sparse products keep 20k-node graphs
-    with ~400k edges cheap on CPU.
+    ``h <- h + relu(A (h W_l + b_l))`` (sub-modules ``layers``); an MLP (``mlp``) maps an atom's node state to
+    ``dim``. The vector of an atom unseen in training is computed with its own node's embedding set to zero (unless
+    a seen atom uses that node), so it is derived purely from the nodes within ``n_layers`` hops, and it changes
+    when they change; each unseen atom is propagated on its own, so its vector does not depend on which other atoms
+    are asked for.
+
+    Only nodes within ``n_layers`` hops of a seen atom's node have an embedding (buffer ``nodes``, sorted): they are
+    the nodes that training can reach. Every other node's embedding is zero, consistently for seen and unseen atoms
+    (it would never get a gradient). Degrees come from the full graph, so results are exact, and each step is
+    computed only for the nodes the next one needs (step ``l`` for nodes within ``n_layers - l`` hops of the atoms,
+    as ``(A h) W + (A 1) b``), so a 20k-node graph with ~400k edges costs little on CPU. :meth:`node_vectors` gives
+    the vector of any graph node as an unseen atom (zero-shot genes).
 
     Parameters
     ----------
@@ -176,8 +205,7 @@ class GeneGraphOperators(AtomOperators):
         GO Jaccard graph); treated as undirected (the larger weight of both directions), self-loops dropped.
     atom_nodes
         ``(n_atoms,)`` node index of each atom's gene; ``-1``: not in the graph (the atom gets an isolated node of its
-        own: a free vector when seen, a constant one when unseen). Atoms sharing a node share a vector; the node is
-        masked only when no seen atom uses it.
+        own: a free vector when seen, a constant one when unseen). Atoms sharing a node share a vector.
     dim
         Output size.
     n_nodes
@@ -204,39 +232,41 @@ class GeneGraphOperators(AtomOperators):
         if not np.issubdtype(atom_nodes.dtype, np.integer) or (atom_nodes < -1).any():
             msg = "atom_nodes must be integer node indices (-1: atom not in the graph)"
             raise ValueError(msg)
+        if int(n_layers) < 0:
+            msg = f"n_layers must be >= 0, got {n_layers}"
+            raise ValueError(msg)
         super().__init__(len(atom_nodes), dim, seen_atoms=seen_atoms)
         a, b, w, n_nodes = _undirected_edges(edges, n_nodes, atom_nodes)
         missing = atom_nodes < 0
-        n_total = n_nodes + int(missing.sum())  # one isolated node per atom absent from the graph
+        self.n_nodes, self.n_layers, self.n_embed = int(n_nodes), int(n_layers), int(n_embed)
+        n_total = self.n_nodes + int(missing.sum())  # one isolated node per atom absent from the graph
         atom_nodes = atom_nodes.astype(np.int64)
-        atom_nodes[missing] = n_nodes + np.arange(int(missing.sum()))
+        atom_nodes[missing] = self.n_nodes + np.arange(int(missing.sum()))
         deg = np.ones(n_total)
         np.add.at(deg, a, w)
         np.add.at(deg, b, w)
-        reached = np.zeros(n_total, dtype=bool)
-        reached[atom_nodes] = True
-        for _ in range(int(n_layers)):
-            nxt = reached.copy()
-            nxt[b[reached[a]]] = True
-            nxt[a[reached[b]]] = True
-            reached = nxt
-        nodes = np.flatnonzero(reached)
-        row = np.full(n_total, -1, dtype=np.int64)
-        row[nodes] = np.arange(len(nodes))
-        inside = reached[a] & reached[b]
-        a, b, w = a[inside], b[inside], w[inside]
+        # the full normalised adjacency (numpy CSR, columns sorted within rows; never moved to a device)
+        loops = np.arange(n_total)
         norm = w / np.sqrt(deg[a] * deg[b])
-        rows = np.concatenate([row[a], row[b], row[nodes]])
-        cols = np.concatenate([row[b], row[a], row[nodes]])
-        vals = np.concatenate([norm, norm, 1.0 / deg[nodes]])
-        order = np.argsort(rows * len(nodes) + cols, kind="stable")
-        self.n_layers, self.n_embed = int(n_layers), int(n_embed)
+        vals = np.concatenate([norm, norm, 1.0 / deg])
+        self._indptr, self._indices, self._values = _csr(np.r_[a, b, loops], np.r_[b, a, loops], vals, n_total)
+        seen = self.seen_atoms.numpy()
+        self._seen_node = np.zeros(n_total, dtype=bool)
+        self._seen_node[atom_nodes[seen]] = True
+        shared = self._seen_node[atom_nodes]  # atoms read from the one propagation from all seen atoms' nodes
+        plan = self._plan([np.unique(atom_nodes[seen])], masked=False)
+        nodes = plan.pop("nodes")
+        self._param_row = np.full(n_total, -1, dtype=np.int64)
+        self._param_row[nodes] = np.arange(len(nodes))
+        plan["rows"] = np.arange(len(nodes))
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.register_buffer("nodes", torch.as_tensor(nodes), persistent=False)
-        self.register_buffer("atom_index", torch.as_tensor(row[atom_nodes]), persistent=False)
-        crow = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(nodes)))]
-        self.register_buffer("adj_crow", torch.as_tensor(crow), persistent=False)
-        self.register_buffer("adj_col", torch.as_tensor(cols[order]), persistent=False)
-        self.register_buffer("adj_values", torch.as_tensor(vals[order], dtype=torch.float32), persistent=False)
+        self.register_buffer("atom_nodes", torch.as_tensor(atom_nodes), persistent=False)
+        self.register_buffer("shared_atoms", torch.as_tensor(shared), persistent=False)
+        out = np.searchsorted(np.unique(atom_nodes[seen]), atom_nodes).clip(max=max(int(seen.sum()) - 1, 0))
+        self.register_buffer("atom_index", torch.as_tensor(out), persistent=False)
+        for key, value in plan.items():
+            self.register_buffer(f"_plan_{key}", _tensor(value), persistent=False)
         self.node_embedding = nn.Parameter(torch.zeros(len(nodes), self.n_embed))
         self.layers = nn.ModuleList([nn.Linear(self.n_embed, self.n_embed) for _ in range(self.n_layers)])
         self.mlp = mlp(self.n_embed, n_hidden, self.dim, n_layers=1)
@@ -247,26 +277,110 @@ class GeneGraphOperators(AtomOperators):
         with torch.no_grad():
             self.node_embedding.normal_(0.0, 1.0)
 
-    def adjacency(self) -> torch.Tensor:
-        """Normalised adjacency of the kept nodes (symmetric, sparse CSR, ``(n_kept, n_kept)``; rows as ``nodes``)."""
-        n, vals = len(self.nodes), self.adj_values.to(self.node_embedding.dtype)
+    # ------------------------------------------------------------------ propagation plans (numpy)
+    def _hops(self, start: np.ndarray) -> list[np.ndarray]:
+        """Sorted nodes within ``0, 1, ..., n_layers`` hops of ``start``."""
+        levels = [np.unique(np.asarray(start, dtype=np.int64))]
+        for _ in range(self.n_layers):
+            nb = self._indices[_row_positions(self._indptr, levels[-1])[0]]
+            levels.append(np.union1d(levels[-1], nb))
+        return levels
+
+    def _plan(self, groups: list[np.ndarray], *, masked: bool) -> dict[str, np.ndarray]:
+        """Arrays to propagate from each group of start nodes on its own (block-diagonal), exactly.
+
+        ``nodes``: the nodes whose embeddings enter (all groups, concatenated); step ``l`` (keys ``<l>_<name>``)
+        maps the states of the nodes within ``n_layers - l`` hops of each group to those within ``n_layers - l - 1``
+        hops: ``A`` restricted to those rows (CSR), its transpose, its row sums and the rows' positions among its
+        columns; ``out``: each group's start nodes in the final states. ``masked``: every group is one node whose
+        own embedding is left out (an unseen atom), unless a seen atom uses it.
+        """
+        levels = [self._hops(g) for g in groups]
+        plan: dict[str, np.ndarray] = {}
+        for step in range(self.n_layers):
+            hi, lo = self.n_layers - step, self.n_layers - step - 1
+            rows, cols, vals, keep = [], [], [], []
+            n_rows = n_cols = 0
+            for lv in levels:
+                pos, owner = _row_positions(self._indptr, lv[lo])
+                rows.append(owner + n_rows)
+                cols.append(np.searchsorted(lv[hi], self._indices[pos]) + n_cols)
+                vals.append(self._values[pos])
+                keep.append(np.searchsorted(lv[hi], lv[lo]) + n_cols)
+                n_rows, n_cols = n_rows + len(lv[lo]), n_cols + len(lv[hi])
+            r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+            arrays = [*_csr(r, c, v, n_rows), *_csr(c, r, v, n_cols), np.bincount(r, v, minlength=n_rows)]
+            plan.update({f"{step}_{name}": x for name, x in zip(_STEP, [*arrays, np.concatenate(keep)], strict=True)})
+        plan["nodes"] = np.concatenate([lv[-1] for lv in levels])
+        plan["out"] = np.arange(len(np.concatenate([lv[0] for lv in levels])))
+        if masked:
+            first = np.cumsum([0] + [len(lv[-1]) for lv in levels[:-1]])
+            own = first + np.array([np.searchsorted(lv[-1], lv[0][0]) for lv in levels], dtype=np.int64)
+            plan["masked"] = own[~self._seen_node[[lv[0][0] for lv in levels]]]
+        return plan
+
+    def _propagate(self, h: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
+        """States of the plan's start nodes from the states ``h`` of its ``nodes``."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(self.adj_crow, self.adj_col, vals, (n, n), check_invariants=False)
+            for step, lin in enumerate(self.layers):
+                p = {name: plan[f"{step}_{name}"] for name in _STEP}
+                n_rows, n_cols = len(p["crow"]) - 1, len(p["t_crow"]) - 1
+                adj = torch.sparse_csr_tensor(
+                    p["crow"], p["col"], p["val"].to(h.dtype), (n_rows, n_cols), check_invariants=False
+                )
+                adj_t = torch.sparse_csr_tensor(
+                    p["t_crow"], p["t_col"], p["t_val"].to(h.dtype), (n_cols, n_rows), check_invariants=False
+                )
+                msg = _SparseMatmul.apply(adj, adj_t, h)
+                h = h[p["keep"]] + torch.relu(F.linear(msg, lin.weight) + p["rowsum"].to(h.dtype)[:, None] * lin.bias)
+        return h[plan["out"]]
 
-    def node_mask(self) -> torch.Tensor:
-        """``(n_kept, 1)``: 0 for nodes used only by unseen atoms, else 1."""
-        mask = torch.ones(len(self.nodes), 1, device=self.node_embedding.device, dtype=self.node_embedding.dtype)
-        mask[self.atom_index[~self.seen_atoms]] = 0.0
-        mask[self.atom_index[self.seen_atoms]] = 1.0
-        return mask
+    def _shared_plan(self) -> dict[str, torch.Tensor]:
+        return {key[len("_plan_") :]: value for key, value in self.named_buffers() if key.startswith("_plan_")}
+
+    def _unseen_states(self, nodes: np.ndarray) -> torch.Tensor:
+        """Node states after propagation of ``nodes`` as unseen atoms (each on its own), ``(len(nodes), n_embed)``."""
+        emb = self.node_embedding
+        key = (tuple(nodes.tolist()), str(emb.device))
+        if key not in self._cache:
+            plan = self._plan([np.array([q]) for q in nodes], masked=True)
+            rows = self._param_row[plan.pop("nodes")]
+            rows[plan.pop("masked")] = -1
+            plan["rows"] = rows
+            self._cache.clear()  # keep the last query only (predictions ask for the same nodes batch after batch)
+            self._cache[key] = {k: _tensor(v).to(emb.device) for k, v in plan.items()}
+        plan = self._cache[key]
+        rows = plan["rows"]
+        if len(emb):
+            h = torch.where((rows >= 0)[:, None], emb[rows.clamp(min=0)], 0.0)
+        else:
+            h = emb.new_zeros(len(rows), self.n_embed)
+        return self._propagate(h, plan)
+
+    def node_vectors(self, nodes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Vectors of graph nodes ``nodes`` (indices in ``[0, n_nodes)``) as atoms unseen in training, ``(k, dim)``.
+
+        A node that a seen atom uses keeps its embedding (its vector then equals that atom's); otherwise its own
+        embedding is left out and its vector comes from its neighbours.
+        """
+        idx = torch.as_tensor(nodes).detach().cpu().numpy().astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_nodes):
+            msg = f"graph node indices must lie in [0, n_nodes={self.n_nodes}), got {idx.min()}..{idx.max()}"
+            raise ValueError(msg)
+        if not idx.size:
+            return self.node_embedding.new_zeros(0, self.dim)
+        return self.mlp(self._unseen_states(idx))
 
     def forward(self) -> torch.Tensor:
         """Atom vectors, ``(n_atoms, dim)``."""
-        h, adj = self.node_embedding * self.node_mask(), self.adjacency()
-        for lin in self.layers:
-            h = h + torch.relu(_SymmetricMatmul.apply(adj, lin(h)))
-        return self.mlp(h[self.atom_index])
+        h = self._propagate(self.node_embedding, self._shared_plan())
+        if bool(self.shared_atoms.all()):
+            return self.mlp(h[self.atom_index])
+        shared = torch.nonzero(self.shared_atoms).flatten()
+        unseen = torch.nonzero(~self.shared_atoms).flatten()
+        states = torch.cat([h[self.atom_index[shared]], self._unseen_states(self.atom_nodes[unseen].cpu().numpy())])
+        return self.mlp(states[torch.argsort(torch.cat([shared, unseen]))])
 
 
 class DoseResponse(nn.Module):
@@ -306,6 +420,17 @@ class DoseResponse(nn.Module):
         enc = F.pad(enc, (0, self.n_atoms - enc.shape[1])) if enc.shape[1] < self.n_atoms else enc
         active = enc > 0
         ec50, slope = self.params()
+        log_dose = torch.log(torch.where(active, enc, torch.ones_like(enc)))
+        return torch.sigmoid(slope * (log_dose - ec50)) * active
+
+    def unseen(self, enc: torch.Tensor) -> torch.Tensor:
+        """``s`` of atoms beyond the ``n_atoms`` trained ones (any number of columns): the seen atoms' mean curve."""
+        if self.n_atoms:
+            seen = self.seen_atoms if bool(self.seen_atoms.any()) else torch.ones_like(self.seen_atoms)
+            ec50, slope = self.log_ec50[seen].mean(), torch.exp(self.log_slope)[seen].mean()
+        else:
+            ec50, slope = enc.new_tensor(self.log_dose_init), enc.new_tensor(1.0)
+        active = enc > 0
         log_dose = torch.log(torch.where(active, enc, torch.ones_like(enc)))
         return torch.sigmoid(slope * (log_dose - ec50)) * active
 
@@ -378,12 +503,34 @@ class PerturbationEncoder(nn.Module):
         self.n_atoms, self.dim = operators.n_atoms, operators.dim
         self.operators, self.dose, self.interactions = operators, dose, interactions
 
-    def forward(self, enc: torch.Tensor) -> torch.Tensor:
-        """Perturbation latent ``(n_cells, dim)`` of the dose-scaled multi-hot ``enc``."""
+    def forward(self, enc: torch.Tensor, extra_nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """Perturbation latent ``(n_cells, dim)`` of the dose-scaled multi-hot ``enc``.
+
+        Columns of ``enc`` beyond ``n_atoms`` are atoms unseen in training given by graph node (operators with
+        ``node_vectors``, i.e. :class:`GeneGraphOperators`): ``extra_nodes`` ``(k,)`` (or ``(n_cells, k)`` with equal
+        rows) holds their node indices. They use the seen atoms' mean dose response and no interaction, and their
+        vectors are computed only for the columns active in ``enc``.
+        """
+        n_extra = enc.shape[1] - self.n_atoms
+        extra = None
+        if n_extra > 0:
+            if extra_nodes is None or not hasattr(self.operators, "node_vectors"):
+                msg = (
+                    f"perturbation encoding has {enc.shape[1]} columns, more than n_atoms={self.n_atoms}; extra "
+                    "columns need graph operators and their extra_nodes"
+                )
+                raise ValueError(msg)
+            nodes = torch.as_tensor(extra_nodes).reshape(-1, n_extra)
+            enc, extra = enc[:, : self.n_atoms], enc[:, self.n_atoms :]
         s = self.dose(enc)
         z = s @ self.operators()
         if self.interactions is not None and len(self.interactions.pairs):
             z = z + self.interactions(s)
+        if extra is not None and len(extra):
+            active = torch.nonzero((extra > 0).any(0)).flatten()
+            if len(active):
+                vectors = self.operators.node_vectors(nodes[0, active.to(nodes.device)])
+                z = z + self.dose.unseen(extra[:, active]) @ vectors
         return z
 
     def penalty(self) -> torch.Tensor:
