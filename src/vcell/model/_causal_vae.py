@@ -17,7 +17,13 @@ from vcell._settings import logger, settings
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed, to_dense
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule
-from vcell.module._causal_vae import LIKELIHOODS, LOG_X_FACTORIAL_KEY, TARGET_ENCODING_KEY
+from vcell.module._causal_vae import (
+    EXTRA_NODES_KEY,
+    LIKELIHOODS,
+    LOG_X_FACTORIAL_KEY,
+    TARGET_ENCODING_KEY,
+    TARGET_EXTRA_NODES_KEY,
+)
 
 from ._base import PerturbationModel
 
@@ -186,7 +192,8 @@ class CausalVAE(PerturbationModel):
     expression; adversarial classifiers behind a gradient-reversal layer push it to carry no information on the
     perturbation or the covariates (CPA). ``delta_i`` is a learned vector per single perturbation (one-hot), or a
     learned function of a given embedding (``perturbation_embedding``: gene embeddings, drug fingerprints), which
-    also predicts perturbations never seen in training that have an embedding. ``s_i`` is a sigmoid in log-dose
+    also predicts perturbations never seen in training that have an embedding, or the output of a graph neural
+    network over a gene graph (``gene_graph``), which predicts any gene of the graph from its neighbours. ``s_i`` is a sigmoid in log-dose
     with learned EC50 and slope per perturbation, so unseen doses interpolate. Counts follow a negative binomial
     with the observed library size (scVI), a zero-inflated one, or a Gaussian on log1p(CP10k).
 
@@ -226,6 +233,22 @@ class CausalVAE(PerturbationModel):
         ``None`` (one-hot: one learned operator per single perturbation), a :class:`pandas.DataFrame` indexed by
         single perturbation (numeric columns), or a key of ``adata.uns`` holding one. It must have a row for every
         perturbation in the training data.
+    gene_graph
+        ``None``, or a gene graph in GEARS' format (:func:`vcell.priors.read_gene_graph`, :func:`vcell.priors.go_graph`):
+        a :class:`pandas.DataFrame` with columns ``source``, ``target`` and optionally ``importance`` (edge weight,
+        default 1; the graph is treated as undirected), or a key of ``adata.uns`` holding one (or a dict of its
+        columns). Node names are single-perturbation labels (gene names for knock-outs). Each perturbation's
+        operator is then computed by a graph neural network (:class:`vcell.module.GeneGraphOperators`): learned node
+        embeddings propagated over ``graph_layers`` hops, then an MLP. Any node of the graph can be predicted,
+        alone or in combinations (e.g. a seen gene plus an unseen one): an unseen gene's operator comes from the
+        embeddings of its neighbours within ``graph_layers`` hops (its own node is left out, the mean dose response
+        of the training perturbations is used). Only nodes within ``graph_layers`` hops of a training perturbation
+        have an embedding (training cannot reach the others); farther nodes count as zero, so a gene with no such
+        neighbour gets a constant operator. A training perturbation that is not a node gets an isolated node of its
+        own (a free operator, as with one-hot; logged as a warning); if none is a node, a KeyError is raised.
+        Exclusive with ``perturbation_embedding``; saved with the model.
+    graph_layers
+        Hops of the gene-graph propagation (with ``gene_graph``).
     prediction
         ``"residual"`` or ``"decoded"`` (see above); :meth:`predict` can override it.
 
@@ -256,6 +279,8 @@ class CausalVAE(PerturbationModel):
         interactions: bool = True,
         interaction_penalty: float = 1e-2,
         perturbation_embedding: str | pd.DataFrame | None = None,
+        gene_graph: str | pd.DataFrame | None = None,
+        graph_layers: int = 1,
         prediction: str = "residual",
     ) -> None:
         adata = _as_anndata(adata)
@@ -273,13 +298,22 @@ class CausalVAE(PerturbationModel):
             )
             raise ValueError(msg)
         self.prediction = prediction
+        if gene_graph is not None and perturbation_embedding is not None:
+            msg = "pass either perturbation_embedding or gene_graph, not both"
+            raise ValueError(msg)
+        if int(graph_layers) < 1:
+            msg = f"graph_layers must be a positive integer, got {graph_layers!r}"
+            raise ValueError(msg)
         table = self._embedding_table(adata, perturbation_embedding)
         perturbation_embedding = table  # saved with the model, so load() needs no adata.uns
+        graph = self._gene_graph(adata, gene_graph)
+        gene_graph = graph  # saved with the model, as the table
         extra = [] if table is None else sorted(set(map(str, table.index)) - set(self.vocab.atoms))
         self.atoms_: list[str] = [*self.vocab.atoms, *extra]
         self._atom_index = {a: i for i, a in enumerate(self.atoms_)}
         features = None if table is None else table.loc[self.atoms_].to_numpy(dtype=np.float32)
         seen = np.array([a in set(self.vocab.atoms) for a in self.atoms_], dtype=bool)
+        graph_kwargs = {} if graph is None else self._graph_arrays(graph, graph_layers)
         pairs = self._pairs() if interactions else np.zeros((0, 2), dtype=np.int64)
         self.pairs_: list[str] = ["+".join((self.atoms_[i], self.atoms_[j])) for i, j in pairs]
         self.covariate_names_, self._categories = self._covariate_categories()
@@ -299,14 +333,19 @@ class CausalVAE(PerturbationModel):
             kl_weight=kl_weight,
             perturbation_features=features,
             seen_atoms=seen,
+            **graph_kwargs,
             pairs=pairs,
             adversary_weight=adversary_weight,
             interaction_penalty=interaction_penalty,
             log_dose_init=self._log_dose_init(adata),
         )
+        if graph is not None:
+            kind = f"gene graph of {len(self._graph_nodes)} nodes, {len(graph)} edges, {graph_layers} layer(s)"
+        else:
+            kind = "embedding table" if table is not None else "one-hot"
         self._model_summary_string = (
             f"CausalVAE: {len(self.atoms_)} perturbations ({self.vocab.n_atoms} seen, "
-            f"{'embedding table' if table is not None else 'one-hot'}), {len(self.pairs_)} interaction pairs, "
+            f"{kind}), {len(self.pairs_)} interaction pairs, "
             f"covariates {self.covariate_names_}, n_latent={n_latent}, likelihood={likelihood!r}"
         )
         self.init_params_ = self._get_init_params(locals())
@@ -402,6 +441,68 @@ class CausalVAE(PerturbationModel):
             raise ValueError(msg)
         return table.astype(np.float32)
 
+    def _gene_graph(self, adata: AnnData | None, spec: str | pd.DataFrame | None) -> pd.DataFrame | None:
+        """The validated gene graph (``source``, ``target``, ``importance``; names as str, weights float64)."""
+        self._graph_nodes: pd.Index | None = None
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if adata is None or spec not in adata.uns:
+                msg = f"gene_graph {spec!r} is not a key of adata.uns"
+                raise KeyError(msg)
+            spec = adata.uns[spec]
+        if isinstance(spec, dict):
+            spec = pd.DataFrame(spec)
+        if not isinstance(spec, pd.DataFrame):
+            msg = f"gene_graph must be None, a DataFrame or a key of adata.uns, got {type(spec).__name__}"
+            raise ValueError(msg)
+        missing = [c for c in ("source", "target") if c not in spec.columns]
+        if missing:
+            msg = f"gene_graph lacks column(s) {missing}; expected GEARS' format: source, target, importance"
+            raise KeyError(msg)
+        graph = pd.DataFrame(
+            {
+                "source": spec["source"].astype(str).to_numpy(),
+                "target": spec["target"].astype(str).to_numpy(),
+                "importance": spec["importance"].to_numpy(dtype=np.float64) if "importance" in spec else 1.0,
+            }
+        )
+        w = graph["importance"].to_numpy()
+        if not np.isfinite(w).all() or (w < 0).any():
+            msg = "gene_graph importance values must be finite and >= 0"
+            raise ValueError(msg)
+        self._graph_nodes = pd.Index(np.unique(np.r_[graph["source"].to_numpy(), graph["target"].to_numpy()]))
+        return graph
+
+    def _graph_arrays(self, graph: pd.DataFrame, graph_layers: int) -> dict[str, Any]:
+        """The module's gene-graph arguments: integer edges and each atom's node (``-1``: an isolated node)."""
+        nodes = self._graph_nodes
+        atom_nodes = nodes.get_indexer(self.atoms_).astype(np.int64)
+        absent = [a for a, i in zip(self.atoms_, atom_nodes, strict=True) if i < 0]
+        if absent and len(absent) == len(self.atoms_):
+            msg = (
+                f"none of the training perturbations is a node of the gene_graph (e.g. {absent[:5]}; nodes e.g. "
+                f"{nodes[:5].tolist()}); name the graph's nodes by perturbation label"
+            )
+            raise KeyError(msg)
+        if absent:
+            logger.warning(
+                "gene_graph: %d training perturbation(s) are not graph nodes and get free operators (as one-hot): %s",
+                len(absent),
+                absent[:10],
+            )
+        edges = (
+            nodes.get_indexer(graph["source"]).astype(np.int64),
+            nodes.get_indexer(graph["target"]).astype(np.int64),
+            graph["importance"].to_numpy(dtype=np.float64),
+        )
+        return {
+            "gene_graph": edges,
+            "atom_nodes": atom_nodes,
+            "n_graph_nodes": len(nodes),
+            "graph_layers": graph_layers,
+        }
+
     def _pairs(self) -> np.ndarray:
         out = set()
         for cond in self.vocab.conditions:
@@ -434,25 +535,58 @@ class CausalVAE(PerturbationModel):
             out[:, k] = codes
         return out
 
-    def _encode(self, labels: Sequence[str], doses: np.ndarray | float) -> np.ndarray:
-        """Dose-scaled multi-hot encoding over the module's atoms; a clear KeyError for unknown perturbations."""
+    def _encode_query(self, labels: Sequence[str], doses: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Dose-scaled multi-hot encoding and the graph nodes of its extra columns; KeyError for unknown labels.
+
+        Columns: the module's atoms, then (gene graph only) one per graph node never seen in training that the
+        labels use; the second array holds those nodes' indices (empty without them).
+        """
         labels = [str(x) for x in labels]
         unknown = sorted({a for lab in labels for a in _components(lab) if a not in self._atom_index})
+        graph = self._graph_nodes
+        extra = [a for a in unknown if graph is not None and a in graph]
+        unknown = [a for a in unknown if graph is None or a not in graph]
         if unknown:
+            if graph is not None:
+                msg = f"perturbation(s) {unknown} were never seen in training and are not nodes of the gene_graph"
+                raise KeyError(msg)
             if len(self.atoms_) == self.vocab.n_atoms:
-                self.vocab.check(unknown, what="CausalVAE (one-hot perturbation encoder; pass perturbation_embedding=)")
+                self.vocab.check(
+                    unknown,
+                    what="CausalVAE (one-hot perturbation encoder; pass perturbation_embedding= or gene_graph=)",
+                )
             msg = f"perturbation(s) {unknown} were never seen in training and have no row in the perturbation_embedding"
             raise KeyError(msg)
-        out = np.zeros((len(labels), len(self.atoms_)), dtype=np.float32)
+        column = {**self._atom_index, **{a: len(self.atoms_) + i for i, a in enumerate(extra)}}
+        out = np.zeros((len(labels), len(column)), dtype=np.float32)
         for i, lab in enumerate(labels):
             for a in _components(lab):
-                out[i, self._atom_index[a]] = 1.0
-        return out * np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))[:, None]
+                out[i, column[a]] = 1.0
+        out *= np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))[:, None]
+        nodes = graph.get_indexer(extra).astype(np.int64) if extra else np.zeros(0, dtype=np.int64)
+        return out, nodes
+
+    def _encode(self, labels: Sequence[str], doses: np.ndarray | float) -> np.ndarray:
+        """Dose-scaled multi-hot encoding over the module's atoms; a clear KeyError for unknown perturbations."""
+        out, nodes = self._encode_query(labels, doses)
+        if nodes.size:  # gene-graph nodes unseen in training are encoded by _encode_query, for predictions only
+            names = self._graph_nodes[nodes].tolist()
+            msg = f"perturbation(s) {names} were never seen in training; they can be predicted but not trained on"
+            raise KeyError(msg)
+        return out
 
     def _raw(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
         """Registered matrix rows (counts, or log1p(CP10k) for log data), dense float32."""
         X = get_matrix(adata, self._layer())[idx]
         return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32)
+
+    def _own_query(self, adata: AnnData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_encode_query` of the cells' own perturbations."""
+        if PERT_COL not in adata.obs:
+            return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
+        return self._encode_query(labels, doses)
 
     def _own_encoding(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
         if PERT_COL not in adata.obs:
@@ -689,15 +823,30 @@ class CausalVAE(PerturbationModel):
             raise RuntimeError(msg)
 
     def _batch(
-        self, adata: AnnData, idx: np.ndarray, target: np.ndarray | None, device: torch.device
+        self,
+        adata: AnnData,
+        idx: np.ndarray,
+        target: np.ndarray | None,
+        device: torch.device,
+        *,
+        target_nodes: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Batch of cells ``idx`` (own perturbation encoding included), with ``target`` (one row) for every cell.
+
+        ``target_nodes``: graph nodes of ``target``'s columns beyond the module's atoms (:meth:`_encode_query`).
+        """
+        own, own_nodes = self._own_query(adata, idx)
         batch = {
             REGISTRY_KEYS.X_KEY: torch.as_tensor(self._raw(adata, idx)),
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, idx)),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(own),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
         }
+        if own_nodes.size:
+            batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(own_nodes, (len(idx), 1)))
         if target is not None:
             batch[TARGET_ENCODING_KEY] = torch.as_tensor(np.repeat(target, len(idx), axis=0))
+            if target_nodes is not None and target_nodes.size:
+                batch[TARGET_EXTRA_NODES_KEY] = torch.as_tensor(np.tile(target_nodes, (len(idx), 1)))
         return {k: v.to(device) for k, v in batch.items()}
 
     def _chunks(self, idx: np.ndarray, batch_size: int):
@@ -756,14 +905,14 @@ class CausalVAE(PerturbationModel):
         if compose == "auto":
             compose = "latent" if str(perturbation) in set(self._conditions()) else "shifts"
         adata = self._check_adata(adata)
-        target = self._encode([str(perturbation)], float(dose))
+        target, nodes = self._encode_query([str(perturbation)], float(dose))
         idx = self._control_indices(adata, controls)
         m = self.module.eval()
         device = next(m.parameters()).device
-        out = [
-            m.counterfactual(self._batch(adata, chunk, target, device), mode=mode, compose=compose).cpu().numpy()
-            for chunk in self._chunks(idx, batch_size)
-        ]
+        out = []
+        for chunk in self._chunks(idx, batch_size):
+            batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
+            out.append(m.counterfactual(batch, mode=mode, compose=compose).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
     def sample(
@@ -817,15 +966,13 @@ class CausalVAE(PerturbationModel):
                 msg = f"n_cells must be a positive integer, got {n_cells!r}"
                 raise ValueError(msg)
             idx = rng.choice(idx, size=int(n_cells), replace=True)
-        target = self._encode([str(perturbation)], float(dose))
+        target, nodes = self._encode_query([str(perturbation)], float(dose))
         m = self.module.eval()
         device = next(m.parameters()).device
         counts, logs = [], []
         for chunk in self._chunks(idx, batch_size):
-            p = {
-                k: v.cpu().numpy().astype(np.float64)
-                for k, v in m.generative_params(self._batch(adata, chunk, target, device)).items()
-            }
+            batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
+            p = {k: v.cpu().numpy().astype(np.float64) for k, v in m.generative_params(batch).items()}
             if m.likelihood == "gaussian":
                 logs.append(np.clip(rng.normal(p["mean"], p["std"]), 0.0, None).astype(np.float32))
                 continue
@@ -891,22 +1038,41 @@ class CausalVAE(PerturbationModel):
                 out.append(z.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, m.n_latent), dtype=np.float32)
 
-    def get_perturbation_embedding(self, *, dose: float | None = None) -> pd.DataFrame:
-        """Latent operator of every single perturbation the model can predict (rows), ``z0..`` columns.
+    def get_perturbation_embedding(
+        self, perturbations: Sequence[str] | None = None, *, dose: float | None = None
+    ) -> pd.DataFrame:
+        """Latent operator of single perturbations (rows), ``z0..`` columns.
 
         Parameters
         ----------
+        perturbations
+            Single perturbations; ``None``: every one the module holds (the training perturbations, and the extra
+            rows of a ``perturbation_embedding``). With a ``gene_graph`` any graph node can be asked for: a gene never
+            seen in training gets the operator its predictions use (from its graph neighbours).
         dose
-            ``None``: the operators at full effect (``delta_i``); a dose: ``s_i(dose) delta_i``.
+            ``None``: the operators at full effect (``delta_i``); a dose: ``s_i(dose) delta_i`` (genes unseen in
+            training: the mean dose response).
         """
+        names = list(self.atoms_) if perturbations is None else [str(p) for p in perturbations]
+        combos = [n for n in names if len(_components(n)) != 1]
+        if combos:
+            msg = f"get_perturbation_embedding takes single perturbations, got {combos[:5]}"
+            raise ValueError(msg)
+        enc, nodes = self._encode_query(names, 1.0)
         m = self.module
         with torch.no_grad():
             ops = m.operator_vectors().detach()
+            if nodes.size:
+                ops = torch.cat([ops, m.perturbation.operators.node_vectors(nodes)])
+            col = torch.as_tensor(enc.argmax(1), device=ops.device)
             if dose is not None:
-                ops = ops * m.dose_scale(torch.full((1, len(self.atoms_)), float(dose), device=ops.device))[0, :, None]
+                full = torch.full((1, enc.shape[1]), float(dose), device=ops.device)
+                s = torch.cat([m.dose_scale(full[:, : m.n_atoms]), m.perturbation.dose.unseen(full[:, m.n_atoms :])], 1)
+                ops = ops * s[0, :, None]
+            ops = ops[col]
         return pd.DataFrame(
             ops.cpu().numpy(),
-            index=pd.Index(self.atoms_, name="perturbation"),
+            index=pd.Index(names, name="perturbation"),
             columns=[f"z{i}" for i in range(m.n_latent)],
         )
 
