@@ -8,7 +8,6 @@ encode a cell, swap its perturbation part and decode.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,8 @@ from torch import nn
 from vcell._constants import REGISTRY_KEYS
 
 from ._base import VCellModule
+from ._likelihoods import log_nb as log_nb  # re-exported: the likelihoods lived here before _likelihoods.py
+from ._likelihoods import log_normal, log_zinb, nb_log_prob_rows
 from ._perturbation_encoders import (
     DoseResponse,
     GeneGraphOperators,
@@ -46,57 +47,6 @@ class LossOutput:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- likelihoods (per element)
-def log_nb(
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    theta: torch.Tensor,
-    eps: float = 1e-8,
-    log_mu: torch.Tensor | None = None,
-    *,
-    factorial: bool = True,
-) -> torch.Tensor:
-    """Log-probability of counts ``x`` under a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
-
-    ``var = mu + mu^2 / theta``; elementwise, broadcasting ``theta`` over cells. ``log_mu`` (optional) is
-    ``log(mu)`` when the caller has it (saves a pass and is exact for tiny ``mu``). ``factorial=False`` leaves out
-    the ``-log(x!)`` term (no parameters in it), for callers that subtract its per-cell sum computed once.
-    """
-    log_theta_mu = torch.log(theta + mu + eps)
-    out = (
-        theta * (torch.log(theta + eps) - log_theta_mu)
-        + x * ((torch.log(mu + eps) if log_mu is None else log_mu) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-    )
-    return out - torch.lgamma(x + 1.0) if factorial else out
-
-
-def log_zinb(
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    theta: torch.Tensor,
-    pi_logits: torch.Tensor,
-    eps: float = 1e-8,
-    *,
-    factorial: bool = True,
-) -> torch.Tensor:
-    """Zero-inflated NB log-probability; ``pi_logits`` is the logit of the zero-inflation probability.
-
-    ``factorial=False``: without ``-log(x!)`` (zero where ``x == 0``), as in :func:`log_nb`.
-    """
-    log_nb_x = log_nb(x, mu, theta, eps, factorial=factorial)
-    log_pi, log_1m_pi = -F.softplus(-pi_logits), -F.softplus(pi_logits)
-    log_nb_zero = theta * (torch.log(theta + eps) - torch.log(theta + mu + eps))
-    zero = torch.logaddexp(log_pi, log_1m_pi + log_nb_zero)
-    return torch.where(x > 0, log_1m_pi + log_nb_x, zero)
-
-
-def log_normal(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """Gaussian log-density with log-variance ``log_var`` (elementwise)."""
-    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
 
 
 class _GradReverse(torch.autograd.Function):
@@ -372,18 +322,19 @@ class CausalVAEModule(VCellModule):
         """Per-cell log-likelihood of the observed data under the decoded distribution.
 
         ``log_x_factorial`` (counts only, optional): the per-cell sum of ``log(x!)``, computed once per dataset
-        so that training does not evaluate an ``lgamma`` per count that no parameter depends on.
+        so that training does not evaluate an ``lgamma`` per count that no parameter depends on. The negative
+        binomial runs through :func:`vcell.module._likelihoods.nb_log_prob_rows` (fused backward pass).
         """
         if self.likelihood == "gaussian":
             return log_normal(out["x_log"], out["mean"], self.gene_param).sum(1)
         log_mu = torch.log(out["lib"]) + out["log_scale"]
-        mu, theta = torch.exp(log_mu), torch.exp(self.gene_param)
         full = log_x_factorial is None
         if self.likelihood == "zinb":
+            mu, theta = torch.exp(log_mu), torch.exp(self.gene_param)
             ll = log_zinb(x, mu, theta, out["pi_logits"], factorial=full).sum(1)
-        else:
-            ll = log_nb(x, mu, theta, log_mu=log_mu, factorial=full).sum(1)
-        return ll if full else ll - log_x_factorial.reshape(-1)
+            return ll if full else ll - log_x_factorial.reshape(-1)
+        ll = nb_log_prob_rows(x, log_mu, self.gene_param)
+        return ll - (torch.lgamma(x + 1.0).sum(1) if full else log_x_factorial.reshape(-1))
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
         """Negative ELBO + adversaries' cross-entropy (reversed into the encoder) + interaction sparsity."""
