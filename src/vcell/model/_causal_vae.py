@@ -118,7 +118,8 @@ class _CounterfactualValidation:
     error averaged over genes, then over groups. This scores what the model is for (counterfactuals of controls) on
     held-out cells, unlike the ELBO, whose minimum comes before the adversaries have cleaned ``z_basal``.
 
-    All groups' control cells are one batch (``group`` gives each row's group), run in chunks of ``chunk`` rows.
+    All groups' control cells are one batch (``group`` gives each row's group), run in chunks of ``chunk`` rows
+    (512: fastest on CPU in a test with 2,000 genes; larger chunks leave the caches).
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class _CounterfactualValidation:
         targets: torch.Tensor,
         mode: str,
         *,
-        chunk: int = 4096,
+        chunk: int = 512,
     ) -> None:
         self.batch, self.group, self.targets, self.mode, self.chunk = batch, group, targets, mode, int(chunk)
         self.sizes = torch.bincount(group, minlength=len(targets)).to(targets.dtype)
@@ -471,7 +472,8 @@ class CausalVAE(PerturbationModel):
         if not np.isfinite(w).all() or (w < 0).any():
             msg = "gene_graph importance values must be finite and >= 0"
             raise ValueError(msg)
-        self._graph_nodes = pd.Index(np.unique(np.r_[graph["source"].to_numpy(), graph["target"].to_numpy()]))
+        names = pd.unique(np.r_[graph["source"].to_numpy(), graph["target"].to_numpy()])  # hashing: fast on 400k edges
+        self._graph_nodes = pd.Index(np.sort(names.astype(str)))
         return graph
 
     def _graph_arrays(self, graph: pd.DataFrame, graph_layers: int) -> dict[str, Any]:
