@@ -25,6 +25,7 @@ from vcell.module._causal_vae import (
     TARGET_EXTRA_NODES_KEY,
 )
 
+from ._adapt import AdaptMixin
 from ._base import PerturbationModel
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def _callback(obj: Any) -> Any:
     return _Forward()
 
 
-class CausalVAE(PerturbationModel):
+class CausalVAE(AdaptMixin, PerturbationModel):
     """Compositional causal VAE: perturbations are operators on a basal latent state, and they add up.
 
     The latent state of a cell is ``z = z_basal + sum_i s_i(dose_i) delta_i + sum_k e_k(covariate_k)``, plus a
