@@ -88,17 +88,24 @@ def _log_factorials(values: np.ndarray) -> np.ndarray:
 
     values = np.asarray(values)
     if values.size and 0 <= values.min() and values.max() <= 1e7:
-        k = values.astype(np.int64)
+        k = values.astype(np.int32)
         if np.array_equal(k, values):  # integer counts: one gammaln per distinct value (same float64 numbers)
             return gammaln(np.arange(k.max() + 1, dtype=np.float64) + 1.0)[k]
     return gammaln(values.astype(np.float64) + 1.0)
 
 
-def _log_factorial_sums(X: Any, *, chunk: int = 4096) -> np.ndarray:
-    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64."""
+def _log_factorial_sums(X: Any, *, chunk: int = 512) -> np.ndarray:
+    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64, ``chunk`` rows at a time."""
     if sparse.issparse(X):
         X = sparse.csr_matrix(X)
-        return np.add.reduceat(np.r_[_log_factorials(X.data), 0.0], X.indptr[:-1]) * (np.diff(X.indptr) > 0)
+        out = np.zeros(X.shape[0])
+        for start in range(0, X.shape[0], chunk):
+            ptr = X.indptr[start : start + chunk + 1]
+            if ptr[-1] > ptr[0]:
+                values = _log_factorials(X.data[ptr[0] : ptr[-1]])
+                sums = np.add.reduceat(np.r_[values, 0.0], ptr[:-1] - ptr[0])
+                out[start : start + len(ptr) - 1] = sums * (np.diff(ptr) > 0)
+        return out
     X = np.asarray(X)
     return np.concatenate(
         [_log_factorials(X[i : i + chunk]).sum(1) for i in range(0, X.shape[0], chunk)] or [np.zeros(0)]
