@@ -115,7 +115,7 @@ def _log_factorial_sums(X: Any, *, chunk: int = 512) -> np.ndarray:
 def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
     if sparse.issparse(value):
         return torch.as_tensor(value[idx].toarray(), dtype=torch.float32)
-    return value[torch.as_tensor(idx)]
+    return value.index_select(0, torch.as_tensor(idx, device=value.device))  # several times faster than value[idx]
 
 
 class _CounterfactualValidation:
