@@ -95,7 +95,7 @@ class _NBRows(torch.autograd.Function):
     ``d ll / d theta = log theta - log(theta + mu) - (x - mu) / (theta + mu) + psi(x + theta) - psi(theta)``
     (``eps`` inside the logs as in :func:`log_nb`). The gamma-function terms vanish where ``x == 0``: when fewer
     than ``SPARSE_BELOW`` of the counts are nonzero (single-cell data: typically 5-20%), they are evaluated at the
-    nonzero counts only.
+    nonzero counts only (on CPU).
     """
 
     SPARSE_BELOW = 0.25
@@ -109,7 +109,8 @@ class _NBRows(torch.autograd.Function):
         y = x + theta
         per_gene = theta * torch.log(theta + eps)
         # theta (log theta - log tm) + x (log mu - log tm) = theta log theta + x log mu - (x + theta) log tm
-        sparse = bool(torch.count_nonzero(x) < _NBRows.SPARSE_BELOW * x.numel())
+        # CPU only: on a GPU the gamma functions are cheap and nonzero() would wait for the device
+        sparse = x.device.type == "cpu" and bool(torch.count_nonzero(x) < _NBRows.SPARSE_BELOW * x.numel())
         if sparse:
             flat = torch.nonzero(x.reshape(-1)).squeeze(1)
             rows, cols = flat // x.shape[1], flat % x.shape[1]
