@@ -9,17 +9,24 @@ from vcell.module import _causal_vae, _likelihoods
 from vcell.module._likelihoods import digamma, log_nb, nb_log_prob_rows
 
 
-def _counts(n: int = 6, g: int = 9, dtype: torch.dtype = torch.float64, *, sparse: bool = False) -> torch.Tensor:
-    """Counts with zeros, small and large values; ``sparse``: ~88% zeros (the NB's sparse path)."""
+def _counts(n: int = 6, g: int = 9, dtype: torch.dtype = torch.float64, *, kind: str = "large") -> torch.Tensor:
+    """Counts for each path of the NB: ``large`` (dense, mean >= 10: torch's digamma), ``small`` (dense, mean < 10:
+    the arithmetic digamma) or ``sparse`` (~88% zeros: gamma functions at the nonzero counts only)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.rand(n, g, generator=gen, dtype=dtype) * 30.0, generator=gen)
-    x[0, :4] = 0.0
-    x[1, 0] = 2500.0
-    if sparse:
+    scale = 3.0 if kind == "small" else 30.0
+    x = torch.poisson(torch.rand(n, g, generator=gen, dtype=dtype) * scale, generator=gen)
+    x[0, :2] = 0.0
+    x[1, 0] = 2500.0 if kind != "small" else 40.0
+    if kind == "sparse":
         x[torch.rand(n, g, generator=gen) < 0.88] = 0.0
         x[1, 0] = 2500.0
-    assert (float((x > 0).float().mean()) < _likelihoods._NBRows.SPARSE_BELOW) == sparse
+    nb = _likelihoods._NBRows
+    assert (float((x > 0).float().mean()) < nb.SPARSE_BELOW) == (kind == "sparse")
+    assert kind == "sparse" or (float(x.mean()) >= nb.TORCH_DIGAMMA_ABOVE) == (kind == "large")
     return x
+
+
+KINDS = ["large", "small", "sparse"]
 
 
 def test_old_import_path_still_works():
@@ -37,9 +44,9 @@ def test_digamma_matches_scipy():
     np.testing.assert_allclose(ours32, special.digamma(y), rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_nb_rows_value_is_sum_of_scipy_logpmf_without_factorial(sparse: bool):
-    x = _counts(sparse=sparse)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nb_rows_value_is_sum_of_scipy_logpmf_without_factorial(kind: str):
+    x = _counts(kind=kind)
     log_mu = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 2.0
     log_theta = torch.linspace(-3.0, 4.0, x.shape[1], dtype=torch.float64)
     mu, theta = log_mu.exp().numpy(), log_theta.exp().numpy()
@@ -48,18 +55,18 @@ def test_nb_rows_value_is_sum_of_scipy_logpmf_without_factorial(sparse: bool):
     np.testing.assert_allclose(got.numpy(), expected.sum(1), rtol=1e-10)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_nb_rows_gradients_are_exact(sparse: bool):
-    x = _counts(4, 5, sparse=sparse)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nb_rows_gradients_are_exact(kind: str):
+    x = _counts(4, 5, kind=kind)
     log_mu = (torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 1.0).requires_grad_()
     log_theta = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: nb_log_prob_rows(x, a, b, eps=0.0), (log_mu, log_theta))
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_nb_rows_float32_is_as_accurate_as_autograd_log_nb(sparse: bool):
+@pytest.mark.parametrize("kind", KINDS)
+def test_nb_rows_float32_is_as_accurate_as_autograd_log_nb(kind: str):
     """Training path vs the elementwise autograd version in float32, both against float64: loss and gradients."""
-    x = _counts(64, 300, torch.float32, sparse=sparse)
+    x = _counts(64, 300, torch.float32, kind=kind)
     gen = torch.Generator().manual_seed(3)
     h = torch.randn(64, 300, generator=gen)
     log_theta = torch.randn(300, generator=gen) * 2.0  # theta from 0.01 to ~1000 (cancellation-prone)
