@@ -257,6 +257,32 @@ def test_unseen_gene_vector_comes_from_its_neighbours():
     assert float(grad[row[3]]) == 0
 
 
+def test_gene_graph_without_own_embedding_uses_neighbours_for_seen_atoms_too():
+    # path 0-1-...-9, 1 layer; seen atoms at genes 3 and 6: each is a function of its two neighbours only
+    torch.manual_seed(0)
+    graph = GeneGraphOperators(_chain(), np.array([3, 6]), dim=4, n_layers=1, own_embedding=False)
+    row = {int(v): i for i, v in enumerate(graph.nodes)}
+    base = graph().detach()
+
+    def perturbed(gene: int) -> torch.Tensor:
+        with torch.no_grad():
+            old = graph.node_embedding[row[gene]].clone()
+            graph.node_embedding[row[gene]] += torch.randn(graph.n_embed)
+            out = graph().detach()
+            graph.node_embedding[row[gene]] = old
+        return out
+
+    assert torch.equal(perturbed(3)[0], base[0])  # its own node is left out
+    assert not torch.allclose(perturbed(2)[0], base[0])
+    assert not torch.allclose(perturbed(4)[0], base[0])
+    assert torch.equal(perturbed(5)[0], base[0])  # beyond 1 hop
+    # a seen atom's vector is the rule applied to an unseen gene at the same node
+    assert torch.allclose(graph.node_vectors(np.array([3, 6])), base, atol=1e-6)
+    torch.manual_seed(0)
+    with_own = GeneGraphOperators(_chain(), np.array([3, 6]), dim=4, n_layers=1)
+    assert not torch.allclose(with_own(), base)
+
+
 def test_gene_graph_atoms_outside_the_graph():
     torch.manual_seed(0)
     graph = GeneGraphOperators(_chain(5), np.array([0, -1, -1]), dim=3, seen_atoms=np.array([True, True, False]))

@@ -214,6 +214,10 @@ class GeneGraphOperators(AtomOperators):
         Propagation steps, size of the node embeddings, hidden width of the output MLP.
     seen_atoms
         Boolean ``(n_atoms,)``: which atoms were seen in training; ``None``: all.
+    own_embedding
+        Seen atoms use their own node's embedding (a free vector each, like one-hot, plus their neighbours');
+        ``False``: every atom, seen or not, leaves its own node out, so training fits the same neighbours-only rule
+        that unseen atoms are predicted with.
     """
 
     def __init__(
@@ -227,6 +231,7 @@ class GeneGraphOperators(AtomOperators):
         n_embed: int = 64,
         n_hidden: int = 128,
         seen_atoms: np.ndarray | None = None,
+        own_embedding: bool = True,
     ) -> None:
         atom_nodes = np.asarray(atom_nodes).reshape(-1)
         if not np.issubdtype(atom_nodes.dtype, np.integer) or (atom_nodes < -1).any():
@@ -253,7 +258,9 @@ class GeneGraphOperators(AtomOperators):
         seen = self.seen_atoms.numpy()
         self._seen_node = np.zeros(n_total, dtype=bool)
         self._seen_node[atom_nodes[seen]] = True
-        shared = self._seen_node[atom_nodes]  # atoms read from the one propagation from all seen atoms' nodes
+        self.own_embedding = bool(own_embedding)
+        self._own_node = self._seen_node if self.own_embedding else np.zeros(n_total, dtype=bool)
+        shared = self._own_node[atom_nodes]  # atoms read from the one propagation from all seen atoms' nodes
         plan = self._plan([np.unique(atom_nodes[seen])], masked=False)
         nodes = plan.pop("nodes")
         self._param_row = np.full(n_total, -1, dtype=np.int64)
@@ -316,7 +323,7 @@ class GeneGraphOperators(AtomOperators):
         if masked:
             first = np.cumsum([0] + [len(lv[-1]) for lv in levels[:-1]])
             own = first + np.array([np.searchsorted(lv[-1], lv[0][0]) for lv in levels], dtype=np.int64)
-            plan["masked"] = own[~self._seen_node[[lv[0][0] for lv in levels]]]
+            plan["masked"] = own[~self._own_node[[lv[0][0] for lv in levels]]]
         return plan
 
     def _propagate(self, h: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
