@@ -16,7 +16,7 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger, settings
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed, to_dense
 from vcell.data._vocab import _components
-from vcell.module import CausalVAEModule
+from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
 from vcell.module._causal_vae import (
     EXTRA_NODES_KEY,
     LIKELIHOODS,
@@ -258,6 +258,32 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         Exclusive with ``perturbation_embedding``; saved with the model.
     graph_layers
         Hops of the gene-graph propagation (with ``gene_graph``).
+    pathways
+        ``None`` (an MLP decoder), or gene programs for a pathway-structured decoder
+        (:class:`vcell.module.PathwayDecoder`): a network in decoupler's long format (columns ``source`` = program,
+        ``target`` = gene, optional ``weight``, default 1), e.g. PROGENy footprints or Hallmark gene sets from
+        :func:`vcell.priors.read_network` / :func:`vcell.priors.read_gmt`; or a key of ``adata.uns`` holding one (or
+        a dict of its columns); or the path of a file :func:`vcell.priors.read_network` reads. Each program with at
+        least ``pathway_min_genes`` of the model's genes gets one latent factor (the first ones, in sorted program
+        order; names in ``model.pathway_names_``) that loads only on its genes; the other ``n_latent - n_programs``
+        factors reach all genes through an MLP. ``n_latent`` must be at least the number of programs. The program
+        loadings are in :meth:`get_pathway_loadings`. Saved with the model (the edges to its genes).
+    pathway_min_genes
+        Programs with fewer of the model's genes are dropped (with ``pathways``).
+    pathway_init
+        ``"programs"`` (factor k starts as program k's weights, scaled) or ``"random"`` (random on its genes).
+    regulatory_network
+        ``None``, or a signed TF->target network in decoupler's format (``source`` = TF, ``target``, ``weight``
+        whose sign is activation / repression), e.g. CollecTRI, given like ``pathways``. Edges with TF and target
+        among the model's genes are kept (a repeated edge with conflicting signs is dropped, see
+        :func:`vcell.module.regulatory_edges`), and training adds a sign-consistency penalty: for each perturbed cell,
+        the decoded change ``delta`` from its unperturbed state (log1p(CP10k)) pays
+        ``regulatory_weight * sum_edges relu(-sign * delta_tf * delta_target)``, i.e. only TF and target changing
+        together against the edge's sign are penalised (the TF's mRNA stands in for its activity; a soft prior).
+        Saved with the model (the kept edges).
+    regulatory_weight
+        Weight of that penalty (with ``regulatory_network``; 0 switches it off). 1 was chosen on Kang 2018
+        (held-out NK cells; see benchmarks/causal_vae_structured.py).
     prediction
         ``"residual"`` or ``"decoded"`` (see above); :meth:`predict` can override it.
 
@@ -268,8 +294,21 @@ class CausalVAE(AdaptMixin, PerturbationModel):
     >>> vcell.model.CausalVAE.setup_anndata(adata, perturbation_key="perturbation", control="control")
     >>> model = vcell.model.CausalVAE(adata, n_latent=8, n_hidden=32)
     >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> model.predict(perturbation="G0010").shape
+    >>> model.predict(perturbation="G0005").shape
     (60, 50)
+
+    A pathway-structured decoder (two programs of 10 genes each here; PROGENy or Hallmark on real data) and a
+    TF->target penalty:
+
+    >>> import pandas as pd
+    >>> genes = list(adata.var_names)
+    >>> programs = pd.DataFrame({"source": ["P1"] * 10 + ["P2"] * 10, "target": genes[:20]})
+    >>> tf_net = pd.DataFrame({"source": genes[0], "target": genes[1:6], "weight": [1, 1, -1, 1, -1]})
+    >>> model = vcell.model.CausalVAE(adata, n_latent=8, n_hidden=32, pathways=programs, regulatory_network=tf_net)
+    >>> model.pathway_names_
+    ['P1', 'P2']
+    >>> model.get_pathway_loadings().shape
+    (50, 2)
     """
 
     def __init__(
@@ -290,6 +329,11 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         perturbation_embedding: str | pd.DataFrame | None = None,
         gene_graph: str | pd.DataFrame | None = None,
         graph_layers: int = 1,
+        pathways: str | pd.DataFrame | None = None,
+        pathway_min_genes: int = 5,
+        pathway_init: str = "programs",
+        regulatory_network: str | pd.DataFrame | None = None,
+        regulatory_weight: float = 1.0,
         prediction: str = "residual",
     ) -> None:
         adata = _as_anndata(adata)
@@ -326,6 +370,11 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         pairs = self._pairs() if interactions else np.zeros((0, 2), dtype=np.int64)
         self.pairs_: list[str] = ["+".join((self.atoms_[i], self.atoms_[j])) for i, j in pairs]
         self.covariate_names_, self._categories = self._covariate_categories()
+        pathways = self._network(adata, pathways, "pathways")  # saved with the model: the edges to its genes
+        regulatory_network = self._network(adata, regulatory_network, "regulatory_network", tf_too=True)
+        structure_kwargs = self._structure_arrays(
+            pathways, regulatory_network, n_latent=n_latent, min_genes=pathway_min_genes
+        )
         self.module = CausalVAEModule(
             self.summary_stats["n_vars"],
             len(self.atoms_),
@@ -347,6 +396,9 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             adversary_weight=adversary_weight,
             interaction_penalty=interaction_penalty,
             log_dose_init=self._log_dose_init(adata),
+            pathway_init=pathway_init,
+            regulatory_weight=regulatory_weight,
+            **structure_kwargs,
         )
         if graph is not None:
             kind = f"gene graph of {len(self._graph_nodes)} nodes, {len(graph)} edges, {graph_layers} layer(s)"
@@ -357,6 +409,11 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             f"{kind}), {len(self.pairs_)} interaction pairs, "
             f"covariates {self.covariate_names_}, n_latent={n_latent}, likelihood={likelihood!r}"
         )
+        if pathways is not None:
+            self._model_summary_string += f", pathway decoder ({len(self.pathway_names_)} programs)"
+        if regulatory_network is not None:
+            n_edges = len(structure_kwargs["regulatory"][0])
+            self._model_summary_string += f", regulatory penalty ({n_edges} edges, weight {regulatory_weight:g})"
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup
@@ -512,6 +569,110 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             "n_graph_nodes": len(nodes),
             "graph_layers": graph_layers,
         }
+
+    def _genes(self) -> list[str]:
+        """The model's genes (from the registry when the model was loaded without data)."""
+        if hasattr(self, "var_names_"):
+            return list(self.var_names_)
+        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+        return [str(g) for g in state["column_names"]]
+
+    def _network(
+        self, adata: AnnData | None, spec: str | pd.DataFrame | None, what: str, *, tf_too: bool = False
+    ) -> pd.DataFrame | None:
+        """The edges of a decoupler-format network (``source``, ``target``, ``weight``) onto the model's genes.
+
+        ``spec``: a DataFrame, a key of ``adata.uns`` (DataFrame or dict of columns) or a file for
+        :func:`vcell.priors.read_network`. Kept: edges whose target (``tf_too``: and source) is a model gene.
+        """
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            from pathlib import Path
+
+            if adata is not None and spec in adata.uns:
+                spec = adata.uns[spec]
+            elif Path(spec).is_file():
+                from vcell.priors import read_network
+
+                spec = read_network(spec)
+            else:
+                msg = f"{what} {spec!r} is neither a key of adata.uns nor a file"
+                raise KeyError(msg)
+        if isinstance(spec, dict):
+            spec = pd.DataFrame(spec)
+        if not isinstance(spec, pd.DataFrame):
+            msg = f"{what} must be None, a DataFrame, a key of adata.uns or a file, got {type(spec).__name__}"
+            raise ValueError(msg)
+        missing = [c for c in ("source", "target") if c not in spec.columns]
+        if missing:
+            msg = f"{what} lacks column(s) {missing}; expected decoupler's format: source, target, weight"
+            raise KeyError(msg)
+        net = pd.DataFrame(
+            {
+                "source": spec["source"].astype(str).to_numpy(),
+                "target": spec["target"].astype(str).to_numpy(),
+                "weight": spec["weight"].to_numpy(dtype=np.float64) if "weight" in spec else 1.0,
+            }
+        )
+        if not np.isfinite(net["weight"].to_numpy()).all():
+            msg = f"{what} weight values must be finite"
+            raise ValueError(msg)
+        genes = pd.Index(self._genes())
+        keep = genes.get_indexer(net["target"]) >= 0
+        if not keep.any():
+            msg = (
+                f"{what}: none of its {net['target'].nunique()} targets is among the model's {len(genes)} genes "
+                f"(targets e.g. {net['target'].unique()[:5].tolist()}, genes e.g. {genes[:5].tolist()}); "
+                "name genes as the network does"
+            )
+            raise ValueError(msg)
+        if tf_too:
+            keep &= genes.get_indexer(net["source"]) >= 0
+            if not keep.any():
+                msg = (
+                    f"{what}: no edge has its source (TF) among the model's genes as well as its target "
+                    f"(sources e.g. {net['source'].unique()[:5].tolist()}); the penalty compares TF and target changes"
+                )
+                raise ValueError(msg)
+        return net[keep].reset_index(drop=True)
+
+    def _structure_arrays(
+        self, pathways: pd.DataFrame | None, regulatory: pd.DataFrame | None, *, n_latent: int, min_genes: int
+    ) -> dict[str, Any]:
+        """The module's ``programs`` (program matrix) and ``regulatory`` (edge indices) arguments.
+
+        Sets ``self.pathway_names_`` (the programs' names, in factor order; empty without pathways).
+        """
+        genes = self._genes()
+        self.pathway_names_: list[str] = []
+        out: dict[str, Any] = {}
+        if pathways is not None:
+            if isinstance(min_genes, bool) or not isinstance(min_genes, int | np.integer) or min_genes < 1:
+                msg = f"pathway_min_genes must be a positive integer, got {min_genes!r}"
+                raise ValueError(msg)
+            try:
+                names, programs = gene_programs(
+                    pathways["source"], pathways["target"], genes, weight=pathways["weight"], min_genes=int(min_genes)
+                )
+            except ValueError as err:
+                msg = f"pathways: {err}"
+                raise ValueError(msg) from err
+            if len(names) > int(n_latent):
+                msg = (
+                    f"pathways give {len(names)} programs (with >= {min_genes} genes each) but n_latent={n_latent}: "
+                    f"the pathway decoder needs n_latent >= n_programs={len(names)} (one latent factor per program)"
+                )
+                raise ValueError(msg)
+            self.pathway_names_ = [str(n) for n in names]
+            out["programs"] = programs.astype(np.float32)
+        if regulatory is not None:
+            tf, target, sign = regulatory_edges(regulatory["source"], regulatory["target"], regulatory["weight"], genes)
+            if not len(tf):
+                msg = "regulatory_network: no usable edge among the model's genes (self-loops and conflicting signs dropped)"
+                raise ValueError(msg)
+            out["regulatory"] = (tf, target, sign)
+        return out
 
     def _pairs(self) -> np.ndarray:
         out = set()
@@ -1102,4 +1263,23 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             strength = torch.sigmoid(inter.gate) * inter.effect.norm(dim=1)
         return pd.Series(
             strength.detach().cpu().numpy(), index=pd.Index(self.pairs_, name="perturbation"), name="interaction"
+        )
+
+    def get_pathway_loadings(self) -> pd.DataFrame:
+        """Learned loadings of the pathway decoder's program factors on the genes (0 off each program).
+
+        The decoder output ``h`` of a cell gains ``loading[g, k] * z_k`` per program factor ``k``: gene logits
+        (NB/ZINB, before the softmax over genes) or the mean log1p(CP10k) (Gaussian). Needs ``pathways=``.
+
+        Returns
+        -------
+        DataFrame of genes (rows) x programs (columns, ``model.pathway_names_``).
+        """
+        if not self.pathway_names_:
+            msg = "this CausalVAE has no pathway decoder: create it with pathways="
+            raise ValueError(msg)
+        with torch.no_grad():
+            loadings = self.module.decoder.loadings[: self.module.n_genes].detach().cpu().numpy()
+        return pd.DataFrame(
+            loadings, index=pd.Index(self._genes(), name="gene"), columns=pd.Index(self.pathway_names_, name="program")
         )

@@ -28,6 +28,7 @@ from ._perturbation_encoders import (
     PerturbationEncoder,
     TableOperators,
 )
+from ._structured import PathwayDecoder, regulatory_penalty
 
 LIKELIHOODS = ("nb", "zinb", "gaussian")
 #: batch key of the target perturbation encoding in counterfactual batches
@@ -129,6 +130,21 @@ class CausalVAEModule(VCellModule):
     condition_encoder
         Give the encoder the cell's own perturbation and covariate latents as input (a conditional encoder), so it
         can explain them away rather than copy them into ``z_basal``.
+    programs
+        ``(n_programs, n_genes)`` gene-program weights (e.g. from :func:`~vcell.module.gene_programs` of PROGENy or
+        Hallmark): the decoder becomes a :class:`~vcell.module.PathwayDecoder` whose first ``n_programs`` latent
+        factors load only on their program's genes (the other ``n_latent - n_programs`` go through an MLP of
+        ``n_hidden`` x ``n_layers``); ``None``: an MLP decoder.
+    pathway_init
+        With ``programs``: ``"programs"`` (factor k starts as program k's weights) or ``"random"`` (on the mask).
+    regulatory
+        ``(tf_idx, target_idx, sign)`` signed TF->target edges over the genes (from
+        :func:`~vcell.module.regulatory_edges`, e.g. of CollecTRI): the loss gains
+        ``regulatory_weight * sum_e relu(-s_e * delta_tf * delta_target)``, averaged over the perturbed cells of a
+        batch, where ``delta`` is each cell's decoded change vs its unperturbed state (``z_basal + z_cov``) in
+        log1p(CP10k) (:func:`~vcell.module.regulatory_penalty` times the number of edges). ``None``: no penalty.
+    regulatory_weight
+        Weight of that penalty (0 switches it off).
     """
 
     def __init__(
@@ -159,6 +175,10 @@ class CausalVAEModule(VCellModule):
         interaction_penalty: float = 1e-2,
         log_dose_init: float = -2.0,
         condition_encoder: bool = True,
+        programs: np.ndarray | None = None,
+        pathway_init: str = "programs",
+        regulatory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        regulatory_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -172,7 +192,34 @@ class CausalVAEModule(VCellModule):
         n_in = n_genes + (n_latent if condition_encoder else 0)
         self.encoder = mlp(n_in, n_hidden, 2 * n_latent, n_layers=n_layers, dropout=dropout)
         n_out = 2 * n_genes if likelihood == "zinb" else n_genes
-        self.decoder = mlp(n_latent, n_hidden, n_out, n_layers=n_layers, dropout=dropout)
+        if programs is None:
+            self.decoder = mlp(n_latent, n_hidden, n_out, n_layers=n_layers, dropout=dropout)
+        else:  # first n_programs latent factors tied to gene programs (masked linear), the rest through an MLP
+            self.decoder = PathwayDecoder(
+                n_latent,
+                n_genes,
+                programs,
+                n_out_per_gene=2 if likelihood == "zinb" else 1,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout=dropout,
+                init=pathway_init,
+            )
+        self.regulatory_weight = float(regulatory_weight)
+        if not np.isfinite(self.regulatory_weight) or self.regulatory_weight < 0:
+            msg = f"regulatory_weight must be a finite number >= 0, got {regulatory_weight!r}"
+            raise ValueError(msg)
+        reg = [np.zeros(0, dtype=np.int64)] * 2 + [np.zeros(0)] if regulatory is None else list(regulatory)
+        if len(reg) != 3 or len({len(np.asarray(r)) for r in reg}) != 1:
+            msg = "regulatory must be (tf_idx, target_idx, sign) arrays of one length"
+            raise ValueError(msg)
+        idx = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in reg[:2]])
+        if idx.size and not 0 <= idx.min() <= idx.max() < n_genes:
+            msg = f"regulatory edges hold gene indices outside [0, n_genes={n_genes})"
+            raise ValueError(msg)
+        for name, r in zip(("regulatory_tf", "regulatory_target"), reg[:2], strict=True):
+            self.register_buffer(name, torch.as_tensor(np.asarray(r, dtype=np.int64)), persistent=False)
+        self.register_buffer("regulatory_sign", torch.as_tensor(np.sign(reg[2]), dtype=torch.float32), persistent=False)
         self.gene_param = nn.Parameter(torch.zeros(n_genes))  # NB: log theta; Gaussian: log variance
         self.covariates = nn.ModuleList([nn.Embedding(max(int(k), 1), n_latent) for k in covariate_sizes])
         # perturbation operators (one-hot rows, an MLP of a fixed feature table or a gene-graph GNN), dose-response
@@ -368,7 +415,27 @@ class CausalVAEModule(VCellModule):
             penalty = self.interaction_penalty * self.perturbation.penalty()
         terms["interaction_penalty"] = penalty
         total = recon + self.kl_weight * kl + adv + penalty
+        if len(self.regulatory_tf) and self.regulatory_weight > 0:  # only then: logged terms as before otherwise
+            terms["regulatory_penalty"] = self.regulatory_weight * self.regulatory_loss(batch, out)
+            total = total + terms["regulatory_penalty"]
         return LossOutput(loss=total, terms=terms, metrics=metrics)
+
+    def regulatory_loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unweighted TF->target sign penalty of a batch (see ``regulatory``); 0 without perturbed cells or edges.
+
+        Per perturbed cell: the decoded change from its unperturbed latent ``z_basal + z_cov`` to its own ``z``
+        (the decoded output of ``out``; one extra decoder pass for the unperturbed state), in log1p(CP10k); then
+        :func:`~vcell.module.regulatory_penalty` summed over edges, averaged over those cells.
+        """
+        rows = torch.nonzero((batch[REGISTRY_KEYS.PERT_ENCODING_KEY] != 0).any(1)).flatten()
+        if not len(rows) or not len(self.regulatory_tf):
+            return out["z"].sum() * 0.0
+        z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
+        z_ref = out["z_basal"][rows] + (z_cov[rows] if isinstance(z_cov, torch.Tensor) else z_cov)
+        own = {k: out[k][rows] for k in ("log_scale", "pi_logits", "mean") if k in out}
+        delta = self.mean_log1p(own) - self.mean_log1p(self.decode(z_ref))
+        edges = (self.regulatory_tf, self.regulatory_target, self.regulatory_sign)
+        return regulatory_penalty(delta, *edges) * len(self.regulatory_tf)
 
     # ------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -24,8 +24,9 @@ class TrainingPlan(lightning.LightningModule):
 
     Every named term and metric of the loss output is averaged over each epoch (weighted by batch size) and
     logged as ``train_<name>`` / ``val_<name>``, together with ``train_loss`` / ``val_loss``; the epoch means are
-    also kept in :attr:`history` (one dict per epoch, with everything else logged that epoch, e.g. by callbacks). Adversarial training works through gradient reversal inside
-    the module, so no second optimizer is needed.
+    also kept in :attr:`history` (one dict per epoch, with everything else logged that epoch, e.g. by callbacks;
+    ``val_*`` values only for epochs that ran a validation, e.g. every ``check_val_every_n_epoch``-th). Adversarial
+    training works through gradient reversal inside the module, so no second optimizer is needed.
 
     Parameters
     ----------
@@ -60,6 +61,7 @@ class TrainingPlan(lightning.LightningModule):
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, dict[tuple[str, ...], torch.Tensor]] = {"train": {}, "val": {}}
         self._counts = {"train": 0, "val": 0}
+        self._validated_epoch = -1
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The module's forward pass."""
@@ -100,12 +102,15 @@ class TrainingPlan(lightning.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self._flush("val")
+            self._validated_epoch = int(self.current_epoch)
         else:
             self._sums["val"], self._counts["val"] = {}, 0
 
     def on_train_epoch_end(self) -> None:
         self._flush("train")
         logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        if self._validated_epoch != int(self.current_epoch):  # no validation this epoch (check_val_every_n_epoch)
+            logged = {k: v for k, v in logged.items() if not k.startswith("val_")}
         self.history.append({"epoch": int(self.current_epoch), **logged})
 
     def configure_optimizers(self) -> Any:
