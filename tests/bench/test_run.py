@@ -71,6 +71,8 @@ def test_run_accepts_model_spec_and_rejects_unknown(sim):
     assert set(res.results["model"]) == {"add2"}
     with pytest.raises(ValueError, match="unknown model"):
         vcell.bench.run(sim, models=["GEARS"], splits=["combo_half"], seeds=[1])
+    with pytest.raises(ValueError, match="models is empty"):
+        vcell.bench.run(sim, models=[], splits=["combo_half"], seeds=[1])
     with pytest.raises(KeyError, match="cell_type_x"):
         vcell.bench.run(sim, splits=["combo_half"], seeds=[1], covariate_keys=["cell_type_x"])
 

@@ -178,6 +178,9 @@ def _resolve_models(models: Sequence[str | Predictor] | Mapping[str, Any]) -> li
     if len(set(names)) != len(names):
         msg = f"model names must be unique, got {names}"
         raise ValueError(msg)
+    if not specs:
+        msg = "models is empty: give at least one baseline name, ModelSpec or Predictor"
+        raise ValueError(msg)
     return specs
 
 
