@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import vcell
 from vcell._settings import logger
@@ -172,3 +173,21 @@ def test_tl_predict_perturbation_and_bench_unseen_split(data):
     assert (graph_rows["error"] == "").all()
     assert set(graph_rows["perturbation"]) == set(rows.loc[rows["model"] == "mean", "perturbation"])
     assert (res.results.loc[res.results["model"] == "CausalVAE (one-hot)", "error"] != "").all()
+
+
+def test_neighbours_only_operators(data, tmp_path):
+    train, graph, held, seen = data
+    model = _fit(train.copy(), gene_graph=graph, graph_own_embedding=False, seed=3, epochs=2)
+    ops = model.module.perturbation.operators
+    assert not ops.own_embedding
+    # a training gene's operator is the neighbours-only rule, the same one an unseen gene gets
+    emb = model.get_perturbation_embedding()
+    with torch.no_grad():
+        idx = model._graph_nodes.get_indexer(emb.index)
+        rule = ops.mlp(ops._unseen_states(idx)).numpy()
+    np.testing.assert_allclose(emb.to_numpy(), rule, atol=1e-5)
+    pred = model.predict(perturbation=held)
+    model.save(tmp_path / "nbr", overwrite=True, save_anndata=False)
+    loaded = vcell.model.CausalVAE.load(tmp_path / "nbr", adata=model.adata.copy(), accelerator="cpu")
+    assert not loaded.module.perturbation.operators.own_embedding
+    np.testing.assert_array_equal(pred, loaded.predict(perturbation=held))

@@ -258,6 +258,10 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         Exclusive with ``perturbation_embedding``; saved with the model.
     graph_layers
         Hops of the gene-graph propagation (with ``gene_graph``).
+    graph_own_embedding
+        With ``gene_graph``: each training perturbation also has a free embedding of its own node (more capacity on
+        seen perturbations); ``False``: every perturbation's operator, seen or not, comes from its neighbours only,
+        so training fits exactly the rule that unseen genes are predicted with.
     pathways
         ``None`` (an MLP decoder), or gene programs for a pathway-structured decoder
         (:class:`vcell.module.PathwayDecoder`): a network in decoupler's long format (columns ``source`` = program,
@@ -329,6 +333,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         perturbation_embedding: str | pd.DataFrame | None = None,
         gene_graph: str | pd.DataFrame | None = None,
         graph_layers: int = 1,
+        graph_own_embedding: bool = True,
         pathways: str | pd.DataFrame | None = None,
         pathway_min_genes: int = 5,
         pathway_init: str = "programs",
@@ -366,7 +371,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         self._atom_index = {a: i for i, a in enumerate(self.atoms_)}
         features = None if table is None else table.loc[self.atoms_].to_numpy(dtype=np.float32)
         seen = np.array([a in set(self.vocab.atoms) for a in self.atoms_], dtype=bool)
-        graph_kwargs = {} if graph is None else self._graph_arrays(graph, graph_layers)
+        graph_kwargs = {} if graph is None else self._graph_arrays(graph, graph_layers, graph_own_embedding)
         pairs = self._pairs() if interactions else np.zeros((0, 2), dtype=np.int64)
         self.pairs_: list[str] = ["+".join((self.atoms_[i], self.atoms_[j])) for i, j in pairs]
         self.covariate_names_, self._categories = self._covariate_categories()
@@ -541,7 +546,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         self._graph_nodes = pd.Index(np.sort(names.astype(str)))
         return graph
 
-    def _graph_arrays(self, graph: pd.DataFrame, graph_layers: int) -> dict[str, Any]:
+    def _graph_arrays(self, graph: pd.DataFrame, graph_layers: int, own_embedding: bool) -> dict[str, Any]:
         """The module's gene-graph arguments: integer edges and each atom's node (``-1``: an isolated node)."""
         nodes = self._graph_nodes
         atom_nodes = nodes.get_indexer(self.atoms_).astype(np.int64)
@@ -568,6 +573,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             "atom_nodes": atom_nodes,
             "n_graph_nodes": len(nodes),
             "graph_layers": graph_layers,
+            "graph_own_embedding": bool(own_embedding),
         }
 
     def _genes(self) -> list[str]:

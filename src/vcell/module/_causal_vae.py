@@ -116,6 +116,9 @@ class CausalVAEModule(VCellModule):
         With ``gene_graph``: number of graph nodes (``None``: largest index + 1).
     graph_layers, graph_embed
         With ``gene_graph``: propagation steps (hops an unseen gene borrows from) and node embedding size.
+    graph_own_embedding
+        With ``gene_graph``: seen atoms also use their own node's embedding (``False``: neighbours only, as unseen
+        atoms; see :class:`GeneGraphOperators`).
     seen_atoms
         Which atoms were seen in training (unseen ones use the mean dose-response; one-hot: a zero operator;
         gene graph: an operator from the graph neighbours); ``None``: all.
@@ -169,6 +172,7 @@ class CausalVAEModule(VCellModule):
         n_graph_nodes: int | None = None,
         graph_layers: int = 1,
         graph_embed: int = 64,
+        graph_own_embedding: bool = True,
         seen_atoms: np.ndarray | None = None,
         pairs: np.ndarray | None = None,
         adversary_weight: float = 1.0,
@@ -235,6 +239,7 @@ class CausalVAEModule(VCellModule):
                 n_nodes=n_graph_nodes,
                 n_layers=graph_layers,
                 n_embed=graph_embed,
+                own_embedding=graph_own_embedding,
                 n_hidden=n_hidden,
                 seen_atoms=seen_atoms,
             )
