@@ -164,7 +164,7 @@ def test_module_regulatory_loss_known_answer():
     got = module.regulatory_loss(batch, out)
     torch.testing.assert_close(got, by_hand)
     loss = module.loss(batch, out)
-    torch.testing.assert_close(loss.terms["regulatory_penalty"], got)  # weight 1
+    torch.testing.assert_close(loss.terms["regulatory_penalty"], 0.3 * got)  # default weight 0.3
     assert set(loss.terms) >= {"reconstruction", "kl", "adversary", "interaction_penalty", "regulatory_penalty"}
     controls = {k: v[[0, 2]] for k, v in batch.items()}
     assert module.regulatory_loss(controls, module(controls)).item() == 0.0

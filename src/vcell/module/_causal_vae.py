@@ -182,7 +182,7 @@ class CausalVAEModule(VCellModule):
         programs: np.ndarray | None = None,
         pathway_init: str = "programs",
         regulatory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-        regulatory_weight: float = 1.0,
+        regulatory_weight: float = 0.3,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
