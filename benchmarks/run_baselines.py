@@ -921,6 +921,10 @@ def write_report(
         "one run on Kang cell-type transfer, Papalexi unseen knock-outs and simulated doubles (one seed): "
         "[Peers side by side](peers.md).",
         "",
+        "Prior knowledge (unseen knock-outs predicted from a gene graph, zero-shot), few-shot adapters for a new cell "
+        "type, and the pathway-structured decoder and regulatory penalty, each beside these baselines: "
+        "[Prior knowledge and adapters](priors.md).",
+        "",
     ]
     if "kang2018" in by_name:
         lines += kang_section(by_name["kang2018"], variants, fig_rel)
