@@ -20,7 +20,15 @@ MAX_IMPORT_SECONDS = 3.0
 HEAVY_TOP = ("jax", "torch", "scvi", "scanpy", "lightning", "pytorch_lightning", "pertpy", "decoupler")
 # never imported by the light subpackages
 HEAVY_SUB = ("jax", "torch", "scvi", "lightning", "pytorch_lightning", "pertpy", "decoupler")
-LIGHT_SUBPACKAGES = ("vcell.pp", "vcell.metrics", "vcell.bench", "vcell.datasets", "vcell.pl", "vcell.tl", "vcell.priors")
+LIGHT_SUBPACKAGES = (
+    "vcell.pp",
+    "vcell.metrics",
+    "vcell.bench",
+    "vcell.datasets",
+    "vcell.pl",
+    "vcell.tl",
+    "vcell.priors",
+)
 
 _PROBE = """
 import json, sys, time
