@@ -39,6 +39,30 @@ _DENSE_LIMIT = 2 * 1024**3
 _CELL_KEYS = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.PERT_ENCODING_KEY, REGISTRY_KEYS.COVARIATES_KEY)
 
 
+def _edge_frame(spec: Any, what: str, weight: str, *, accepted: str, fmt: str) -> pd.DataFrame:
+    """``source``, ``target`` (str) and ``weight`` (float64, default 1) columns of an edge table or dict of columns.
+
+    Shared by the gene graph (``weight="importance"``) and the decoupler-format networks; ``accepted`` and ``fmt``
+    word the errors.
+    """
+    if isinstance(spec, dict):
+        spec = pd.DataFrame(spec)
+    if not isinstance(spec, pd.DataFrame):
+        msg = f"{what} must be None, {accepted}, got {type(spec).__name__}"
+        raise ValueError(msg)
+    missing = [c for c in ("source", "target") if c not in spec.columns]
+    if missing:
+        msg = f"{what} lacks column(s) {missing}; expected {fmt}: source, target, {weight}"
+        raise KeyError(msg)
+    return pd.DataFrame(
+        {
+            "source": spec["source"].astype(str).to_numpy(),
+            "target": spec["target"].astype(str).to_numpy(),
+            weight: spec[weight].to_numpy(dtype=np.float64) if weight in spec else 1.0,
+        }
+    )
+
+
 def _as_anndata(data: AnnData | MuData | None, modality: str = "rna") -> AnnData | None:
     """The AnnData a model reads: ``data`` itself, or its ``modality`` when ``data`` is a MuData."""
     if data is None or not hasattr(data, "mod"):
@@ -522,21 +546,8 @@ class CausalVAE(AdaptMixin, PerturbationModel):
                 msg = f"gene_graph {spec!r} is not a key of adata.uns"
                 raise KeyError(msg)
             spec = adata.uns[spec]
-        if isinstance(spec, dict):
-            spec = pd.DataFrame(spec)
-        if not isinstance(spec, pd.DataFrame):
-            msg = f"gene_graph must be None, a DataFrame or a key of adata.uns, got {type(spec).__name__}"
-            raise ValueError(msg)
-        missing = [c for c in ("source", "target") if c not in spec.columns]
-        if missing:
-            msg = f"gene_graph lacks column(s) {missing}; expected GEARS' format: source, target, importance"
-            raise KeyError(msg)
-        graph = pd.DataFrame(
-            {
-                "source": spec["source"].astype(str).to_numpy(),
-                "target": spec["target"].astype(str).to_numpy(),
-                "importance": spec["importance"].to_numpy(dtype=np.float64) if "importance" in spec else 1.0,
-            }
+        graph = _edge_frame(
+            spec, "gene_graph", "importance", accepted="a DataFrame or a key of adata.uns", fmt="GEARS' format"
         )
         w = graph["importance"].to_numpy()
         if not np.isfinite(w).all() or (w < 0).any():
@@ -605,21 +616,8 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             else:
                 msg = f"{what} {spec!r} is neither a key of adata.uns nor a file"
                 raise KeyError(msg)
-        if isinstance(spec, dict):
-            spec = pd.DataFrame(spec)
-        if not isinstance(spec, pd.DataFrame):
-            msg = f"{what} must be None, a DataFrame, a key of adata.uns or a file, got {type(spec).__name__}"
-            raise ValueError(msg)
-        missing = [c for c in ("source", "target") if c not in spec.columns]
-        if missing:
-            msg = f"{what} lacks column(s) {missing}; expected decoupler's format: source, target, weight"
-            raise KeyError(msg)
-        net = pd.DataFrame(
-            {
-                "source": spec["source"].astype(str).to_numpy(),
-                "target": spec["target"].astype(str).to_numpy(),
-                "weight": spec["weight"].to_numpy(dtype=np.float64) if "weight" in spec else 1.0,
-            }
+        net = _edge_frame(
+            spec, what, "weight", accepted="a DataFrame, a key of adata.uns or a file", fmt="decoupler's format"
         )
         if not np.isfinite(net["weight"].to_numpy()).all():
             msg = f"{what} weight values must be finite"
