@@ -198,6 +198,7 @@ def simulate(
     n_programs: int = 10,
     n_proteins: int = 20,
     effects: str = "random",
+    responder_fraction: float = 1.0,
     seed: int | None = None,
 ) -> AnnData | MuData:
     """Simulate a perturbation screen with known ground truth (negative-binomial counts, latent gene programs).
@@ -234,6 +235,12 @@ def simulate(
       lognormal library size ``l_c`` (median ``20 n_genes``, log-sd 0.3) and counts
       ``x_cg ~ NB(mean = l_c / 1e4 exp(b_t + W^T s_c + effect), dispersion phi_g)`` (``var = mu + phi mu^2``,
       ``phi_g`` lognormal around 0.1).
+    * **Responders**: each perturbed cell responds with probability ``responder_fraction`` (an independent coin
+      flip per cell, from its own random stream, so ``responder_fraction=1.0`` leaves every other draw unchanged).
+      A non-responder gets no perturbation effect at all (no program effect, no target knock-down, in RNA and
+      protein): it is drawn exactly like a control cell of its cell type but keeps its perturbation label and dose.
+      With ``responder_fraction < 1`` every condition is thus a two-component mixture (a bimodal response);
+      ``obs['responder']`` marks the responders.
     * **Protein** (``protein=True``): ``n_proteins`` proteins ``P000, ...`` whose log-means are driven by the
       same program states and effects through their own loadings (each protein loads 2 programs), with their
       own baseline, library size and NB dispersion. Target knock-downs act on RNA only.
@@ -272,6 +279,9 @@ def simulate(
         ``"random"``: each single's program effect is drawn independently of its target gene;
         ``"target_programs"``: it acts on the programs that load its target (see above), the setting for zero-shot
         prediction of unseen genes from a gene graph.
+    responder_fraction
+        Probability, in ``(0, 1]``, that a perturbed cell responds; non-responders are drawn like controls of
+        their cell type (see "Responders" above). ``1.0`` (default): every perturbed cell responds.
     seed
         Random seed; ``None`` uses ``vcell.settings.seed``. The same seed gives identical data.
 
@@ -288,6 +298,9 @@ def simulate(
         ``'type0'``, ... (categorical).
     ``.obs['dose']``
         Dose of the perturbation (0 for controls; 1.0 for everything without ``doses``).
+    ``.obs['responder']``
+        ``True`` for perturbed cells that respond, ``False`` for non-responders and controls (bool; every
+        perturbed cell with ``responder_fraction=1.0``).
     ``.uns['vcell_simulation']``
         The ground truth, h5ad-writable: ``perturbations`` (singles, sorted), ``combos``, ``epistatic``
         (bool per combo), ``interaction_kind`` (``'additive'``, ``'synergy'``, ``'buffering'`` per combo),
@@ -296,14 +309,15 @@ def simulate(
         (``n_combos x n_programs``), ``cell_type_response`` (``n_types x n_programs x n_programs``),
         ``single_effects_by_type`` (``n_types x n_perturbations x n_programs``), ``baseline_log_mean``
         (``n_types x n_genes``), ``dispersion`` (per gene), ``true_log_mean`` (conditions x cell types by genes:
-        the log of the expected count per 1e4 library units, cell heterogeneity included) with row labels
+        the log of the expected count per 1e4 library units, cell heterogeneity included; that of the
+        responders: non-responders follow the ``control`` row of their cell type) with row labels
         ``true_log_mean_labels`` (``'G0012+G0087|type0'``; with doses ``'G0012@0.1|type0'``, ``'control@0|type0'``,
         ``'G0012+G0087@1|type0'``) and the row's ``true_log_mean_perturbation``, ``true_log_mean_cell_type``,
         ``true_log_mean_dose``; ``dose_response`` (``doses``, ``ec50``, ``hill`` per single) when ``doses`` is
         given; ``gene_graph`` with ``effects="target_programs"``: the ground-truth gene-gene graph in GEARS' format
         (``source``, ``target``, ``importance`` arrays: Jaccard index of the sets of programs loading two genes,
         for every pair of genes sharing one; ``pd.DataFrame(uns['vcell_simulation']['gene_graph'])``);
-        ``params`` (the arguments). With ``protein=True`` the protein ground truth
+        ``responder_fraction``; ``params`` (the arguments). With ``protein=True`` the protein ground truth
         (``program_loadings``, ``baseline_log_mean``, ``true_log_mean``, ``true_log_mean_labels``,
         ``dispersion``) is in ``mdata['prot'].uns['vcell_simulation']``, and ``mdata.obs`` and ``mdata.uns``
         hold copies of the RNA ``obs`` columns and ground truth.
@@ -319,6 +333,13 @@ def simulate(
     """
     if effects not in ("random", "target_programs"):
         msg = f"effects must be 'random' or 'target_programs', got {effects!r}"
+        raise ValueError(msg)
+    is_number = isinstance(responder_fraction, int | float | np.number) and not isinstance(responder_fraction, bool)
+    if not is_number or not 0.0 < responder_fraction <= 1.0:  # the comparison also rejects NaN
+        msg = (
+            "responder_fraction must be a number in (0, 1] (the chance that a perturbed cell responds), "
+            f"got {responder_fraction!r}"
+        )
         raise ValueError(msg)
     type_names, dose_arr = _validate(
         n_cells, n_genes, n_perturbations, n_combos, frac_epistatic, doses, cell_types, n_programs, n_proteins
@@ -441,6 +462,10 @@ def simulate(
     type_of_cell = np.concatenate([rng.permutation(np.arange(s) % n_types) for s in sizes])
     order = rng.permutation(n_cells)
     cond_of_cell, type_of_cell = cond_of_cell[order], type_of_cell[order]
+    # responders: coin flips from their own stream (the main stream's draws do not depend on responder_fraction)
+    coin = np.random.default_rng([seed, 7]).random(n_cells)
+    responder = (cond_of_cell != 0) & (coin < responder_fraction)
+    effect_of_cell = np.where(responder, cond_of_cell, 0)  # non-responders get condition 0, the control's effect
 
     # counts
     state = rng.normal(0.0, _CELL_STATE_SD, size=(n_cells, k))
@@ -453,7 +478,7 @@ def simulate(
         state=state,
         offset=kd_all,
         type_of_cell=type_of_cell,
-        cond_of_cell=cond_of_cell,
+        cond_of_cell=effect_of_cell,
         size=library / _TARGET_SUM,
         dispersion=dispersion,
     )
@@ -464,6 +489,7 @@ def simulate(
             "perturbation": pd.Categorical([conditions[c][0] for c in cond_of_cell]),
             "cell_type": pd.Categorical(np.asarray(type_names, dtype=object)[type_of_cell], categories=type_names),
             "dose": np.array([conditions[c][1] for c in cond_of_cell], dtype=float),
+            "responder": responder,
         },
         index=pd.Index(obs_names),
     )
@@ -493,6 +519,7 @@ def simulate(
         "true_log_mean_perturbation": [conditions[c][0] for c, _ in rows],
         "true_log_mean_cell_type": [type_names[t] for _, t in rows],
         "true_log_mean_dose": np.array([conditions[c][1] for c, _ in rows]),
+        "responder_fraction": float(responder_fraction),
         "params": {
             "n_cells": n_cells,
             "n_genes": n_genes,
@@ -504,6 +531,7 @@ def simulate(
             "protein": bool(protein),
             "n_programs": n_programs,
             "n_proteins": int(n_proteins) if protein else 0,
+            "responder_fraction": float(responder_fraction),
             "seed": seed,
             "log_mean_units": "log expected count per 1e4 library-size units",
         },
@@ -536,7 +564,7 @@ def simulate(
         state=state,
         offset=None,
         type_of_cell=type_of_cell,
-        cond_of_cell=cond_of_cell,
+        cond_of_cell=effect_of_cell,
         size=lib_p,
         dispersion=disp_p,
     )
