@@ -19,6 +19,7 @@ from ._distribution import diversity, energy_distance, fit_pca, mmd, pca_project
 from ._evaluate import METRICS, evaluate
 from ._interaction import interaction_auprc, nonadditivity
 from ._pathway import PATHWAY_METHODS, pathway_agreement
+from ._uncertainty import interval_coverage, predictive_interval
 
 __all__ = [
     "METRICS",
@@ -32,6 +33,7 @@ __all__ = [
     "evaluate",
     "fit_pca",
     "interaction_auprc",
+    "interval_coverage",
     "l2_top_expressed",
     "mmd",
     "mse_top_de",
@@ -42,5 +44,6 @@ __all__ = [
     "pds",
     "pearson_delta",
     "perturbed_centroid_reference",
+    "predictive_interval",
     "top_de_genes",
 ]
