@@ -3,5 +3,6 @@
 from ._base import PerturbationModel
 from ._baseline import Baseline
 from ._causal_vae import CausalVAE
+from ._residual_diffusion import ResidualDiffusion
 
-__all__ = ["PerturbationModel", "Baseline", "CausalVAE"]
+__all__ = ["PerturbationModel", "Baseline", "CausalVAE", "ResidualDiffusion"]

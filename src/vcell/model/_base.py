@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from scvi.model.base import BaseModelClass
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
@@ -14,6 +15,24 @@ from vcell.data import PerturbationVocab, context_labels, setup_perturbation_ann
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+
+def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFrame:
+    """``obs`` of cells drawn by a model's ``sample``.
+
+    Columns ``perturbation`` and ``vcell_perturbation`` (categorical), ``vcell_dose`` and ``vcell_source_cell`` (the
+    starting cell); index ``sample-0, sample-1, ...``.
+    """
+    n = len(sources)
+    return pd.DataFrame(
+        {
+            "perturbation": pd.Categorical([perturbation] * n),
+            PERT_COL: pd.Categorical([perturbation] * n),
+            DOSE_COL: np.full(n, float(dose)),
+            "vcell_source_cell": sources,
+        },
+        index=[f"sample-{i}" for i in range(n)],
+    )
 
 
 class PerturbationModel(BaseModelClass):

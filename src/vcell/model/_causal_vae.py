@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +11,7 @@ import torch
 from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from vcell._settings import logger, settings
+from vcell._settings import logger
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed, to_dense
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
@@ -26,7 +24,7 @@ from vcell.module._causal_vae import (
 )
 
 from ._adapt import AdaptMixin
-from ._base import PerturbationModel
+from ._base import PerturbationModel, sample_obs
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -184,36 +182,6 @@ class _CounterfactualValidation:
         if trainer.sanity_checking or not len(self.targets):
             return
         pl_module.log("val_counterfactual_mse", self.score(pl_module.module, pl_module.device), prog_bar=True)
-
-
-class _BestWeights:
-    """Lightning callback keeping (on CPU) the module weights of the epoch with the lowest ``monitor``."""
-
-    def __init__(self, monitor: str) -> None:
-        self.monitor, self.best, self.state, self.epoch = monitor, np.inf, None, -1
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or not float(value) < self.best:
-            return
-        self.best, self.epoch = float(value), int(trainer.current_epoch)
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()}
-
-
-def _callback(obj: Any) -> Any:
-    """A :class:`lightning.pytorch.callbacks.Callback` forwarding its validation hooks to ``obj`` (lazy Lightning)."""
-    import lightning
-
-    class _Forward(lightning.pytorch.callbacks.Callback):
-        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if hasattr(obj, "on_validation_epoch_end"):
-                obj.on_validation_epoch_end(trainer, pl_module)
-
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if hasattr(obj, "on_validation_end"):
-                obj.on_validation_end(trainer, pl_module)
-
-    return _Forward()
 
 
 class CausalVAE(AdaptMixin, PerturbationModel):
@@ -905,7 +873,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         """
         import lightning
 
-        from vcell.train import TrainingPlan
+        from vcell.train import TrainingPlan, as_callback, fit
 
         seed = resolve_seed(seed)
         lightning.seed_everything(seed, verbose=False)
@@ -919,41 +887,18 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         groups = self._counterfactual_groups(adata, tensors, train_idx, val_idx, seed) if len(val_idx) else None
         monitor = "val_counterfactual_mse" if groups else ("val_elbo" if len(val_idx) else "train_elbo")
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor=monitor)
-        callbacks = [_callback(groups)] if groups else []
-        best = _BestWeights(monitor)
-        if early_stopping:
-            callbacks.append(_callback(best))
-            callbacks.append(
-                lightning.pytorch.callbacks.EarlyStopping(monitor=monitor, patience=early_stopping_patience)
-            )
-        kwargs = {
-            "max_epochs": int(max_epochs),
-            "accelerator": accelerator,
-            "devices": devices,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": settings.progress_bar,
-            **(trainer_kwargs or {}),
-        }
-        kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks") or [])
-        if not len(val_idx):
-            kwargs["limit_val_batches"] = 0
-        pl_logger = logging.getLogger("lightning.pytorch")
-        level = pl_logger.level
-        if settings.verbosity != "debug":  # Lightning's banner (GPU available, tips) only in debug mode
-            pl_logger.setLevel(logging.WARNING)
-        try:
-            with warnings.catch_warnings():  # Lightning's own use of a deprecated torch pytree API
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=DeprecationWarning)
-                trainer = lightning.Trainer(**kwargs)
-                trainer.fit(plan, train_dataloaders=train_dl, val_dataloaders=val_dl if len(val_idx) else None)
-        finally:
-            pl_logger.setLevel(level)
-        if early_stopping and best.state is not None:
-            self.module.load_state_dict(best.state)
-        self.best_epoch_ = best.epoch if early_stopping else len(plan.history) - 1
+        self.best_epoch_ = fit(
+            plan,
+            train_dl,
+            val_dl if len(val_idx) else None,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            callbacks=[as_callback(groups)] if groups else [],
+            trainer_kwargs=trainer_kwargs,
+        )
         self.module.eval()
         self.is_trained_ = True
         hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
@@ -1090,6 +1035,31 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             out.append(m.counterfactual(batch, mode=mode, compose=compose).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
+    def _latents(
+        self, adata: AnnData, idx: np.ndarray, *, perturbation: str | None = None, dose: float = 1.0
+    ) -> np.ndarray:
+        """Latent states of cells ``idx``: their own (``perturbation=None``) or their counterfactual under it."""
+        self._require_trained()
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        target, nodes = (None, None) if perturbation is None else self._encode_query([str(perturbation)], float(dose))
+        out = []
+        for chunk in self._chunks(np.asarray(idx), 2048):
+            batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
+            z = m.latent(batch, full=True) if target is None else m.counterfactual_latent(batch)
+            out.append(z.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, m.n_latent), dtype=np.float32)
+
+    def _decode_log1p(self, z: np.ndarray) -> np.ndarray:
+        """Decoded mean log1p(CP10k) of latent states ``z`` (rows)."""
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        out = [
+            m.decode_log1p(torch.as_tensor(z[i : i + 2048], device=device)).cpu().numpy()
+            for i in range(0, len(z), 2048)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, m.n_genes), dtype=np.float32)
+
     def sample(
         self,
         adata: AnnData | MuData | None = None,
@@ -1156,15 +1126,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             if m.likelihood == "zinb":
                 x[rng.random(x.shape) < 1.0 / (1.0 + np.exp(-p["pi_logits"]))] = 0.0
             counts.append(x)
-        obs = pd.DataFrame(
-            {
-                "perturbation": pd.Categorical([str(perturbation)] * len(idx)),
-                PERT_COL: pd.Categorical([str(perturbation)] * len(idx)),
-                DOSE_COL: np.full(len(idx), float(dose)),
-                "vcell_source_cell": adata.obs_names[idx].to_numpy(),
-            },
-            index=[f"sample-{i}" for i in range(len(idx))],
-        )
+        obs = sample_obs(str(perturbation), dose, adata.obs_names[idx].to_numpy())
         var = pd.DataFrame(index=adata.var_names.copy())
         if counts:
             C = np.concatenate(counts)

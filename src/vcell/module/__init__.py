@@ -12,9 +12,11 @@ from ._perturbation_encoders import (
     PerturbationEncoder,
     TableOperators,
 )
+from ._residual_diffusion import ResidualDiffusionModule
 from ._structured import PathwayDecoder, gene_programs, regulatory_edges, regulatory_penalty
 
 __all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS", "CausalVAEModule"]
 __all__ += ["PathwayDecoder", "gene_programs", "regulatory_edges", "regulatory_penalty"]
 __all__ += ["AtomOperators", "OneHotOperators", "TableOperators", "GeneGraphOperators"]
 __all__ += ["DoseResponse", "PairInteractions", "PerturbationEncoder"]
+__all__ += ["ResidualDiffusionModule"]

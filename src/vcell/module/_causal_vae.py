@@ -487,6 +487,21 @@ class CausalVAEModule(VCellModule):
         return mu + z_own if full else mu
 
     @torch.no_grad()
+    def counterfactual_latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Latent state of the cells under ``batch[TARGET_ENCODING_KEY]``.
+
+        ``z_basal`` (posterior mean) + covariates + the target's perturbation latent: what :meth:`counterfactual`
+        decodes with ``compose="latent"``.
+        """
+        _, _, z_cov, _, mu, _ = self._encode_batch(batch)
+        return mu + z_cov + self.perturbation_latent(batch[TARGET_ENCODING_KEY], batch.get(TARGET_EXTRA_NODES_KEY))
+
+    @torch.no_grad()
+    def decode_log1p(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoded mean log1p(CP10k) expression of latent states ``z``."""
+        return self.mean_log1p(self.decode(z))
+
+    @torch.no_grad()
     def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
         _, lib, z_cov, _, mu, _ = self._encode_batch(batch)

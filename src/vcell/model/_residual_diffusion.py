@@ -1,0 +1,547 @@
+"""``ResidualDiffusion``: a conditional-mean predictor plus a diffusion model of the residuals around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL
+from vcell._settings import logger
+from vcell._utils import resolve_seed
+from vcell.module import BASELINE_METHODS
+from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
+
+from ._base import PerturbationModel, sample_obs
+from ._causal_vae import _CellBatches
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+SPACES = ("pca", "vae")
+TAILS = ("empirical", "gaussian", "none")
+#: training cells whose out-of-space residuals are kept for ``tail="empirical"``
+_N_TAIL = 2000
+_MEAN_DIR = "mean_model"
+
+
+class ResidualDiffusion(PerturbationModel):
+    """Conditional mean ``mu(c)`` from any vcell model, plus a conditional diffusion model of ``x - mu(c)``.
+
+    Stage 1 is a mean predictor (default :class:`~vcell.model.CausalVAE`, or a baseline) trained inside or passed in
+    trained. For a condition ``c`` (perturbation, dose, context) its conditional mean ``mu(c)`` is the mean of its
+    counterfactual predictions of the context's control cells (for controls, their mean). Stage 2 learns the
+    distribution of the residuals ``x - mu(c)`` of the training cells with a denoising diffusion model
+    (:class:`vcell.module.ResidualDiffusionModule`: cosine schedule, v-prediction, DDIM sampler, optional
+    classifier-free guidance) in a low-dimensional space:
+
+    * ``space="pca"``: the top ``n_components`` principal components of the training residuals (standardised);
+    * ``space="vae"`` (mean model a CausalVAE): its latent space; a cell's residual is its latent state minus the
+      condition's mean counterfactual latent ``z(c)``, mapped back to genes as ``decode(z(c) + r) - decode(z(c))``.
+
+    The diffusion model is conditioned on the condition's mean ``mu(c)`` projected on the principal components of
+    the training conditions' means (``n_condition_components``), so any condition the mean model predicts (unseen
+    perturbation, unseen cell type) gets a residual distribution; optionally also on a control cell's own residual
+    coordinates (``condition_on_control``: training pairs each cell with a random control of its context). What the
+    low-dimensional space misses is added back per gene (``tail``): a residual of a random training cell outside
+    the space (``"empirical"``), Gaussian noise of that part's per-gene variance (``"gaussian"``), or nothing.
+    A sampled cell is ``max(0, mu(c) + residual)`` in log1p(CP10k).
+
+    :meth:`predict` is the mean model's prediction (deterministic); :meth:`sample` draws cells.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by :meth:`load`).
+    mean_model
+        A vcell model (trained or not) registered on the same genes, the name of a baseline
+        (``"mean"``, ``"additive"``, ``"linear"``, ``"control"``) or of a vcell model class (``"CausalVAE"``), built on
+        ``adata`` with ``mean_model_kwargs`` (a CausalVAE on log-normalised data defaults to
+        ``likelihood="gaussian"``). Saved with the model (:meth:`save`).
+    mean_model_kwargs
+        Keyword arguments of the mean model's constructor (when built from a name).
+    space
+        ``"pca"`` or ``"vae"`` (see above).
+    n_components
+        Dimension of the residual space with ``space="pca"`` (capped by cells and genes).
+    n_condition_components
+        Dimension of the condition vector.
+    condition_on_control
+        Condition the residual also on a control cell (see above).
+    tail
+        ``"empirical"``, ``"gaussian"`` or ``"none"`` (see above).
+    n_hidden, n_layers, dropout
+        Width, residual blocks and dropout of the denoiser.
+    p_uncond
+        Share of training cells whose condition is dropped (classifier-free guidance; 0 disables it).
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=0, seed=0)
+    >>> vcell.model.ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.ResidualDiffusion(adata, mean_model="additive", n_components=5, n_hidden=32)
+    >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
+    >>> model.sample(perturbation="G0005", n_cells=10, seed=0).shape
+    (10, 50)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        *,
+        mean_model: str | PerturbationModel = "CausalVAE",
+        mean_model_kwargs: dict | None = None,
+        space: str = "pca",
+        n_components: int = 30,
+        n_condition_components: int = 16,
+        condition_on_control: bool = False,
+        tail: str = "empirical",
+        n_hidden: int = 256,
+        n_layers: int = 3,
+        dropout: float = 0.0,
+        p_uncond: float = 0.1,
+    ) -> None:
+        super().__init__(adata, registry=registry)
+        if space not in SPACES:
+            msg = f"space must be one of {SPACES}, got {space!r}"
+            raise ValueError(msg)
+        if tail not in TAILS:
+            msg = f"tail must be one of {TAILS}, got {tail!r}"
+            raise ValueError(msg)
+        if int(n_components) < 1 or int(n_condition_components) < 1:
+            msg = f"n_components and n_condition_components must be positive, got {n_components}, {n_condition_components}"
+            raise ValueError(msg)
+        self.space, self.tail, self.condition_on_control = space, tail, bool(condition_on_control)
+        self.mean_model: PerturbationModel | None = None
+        if isinstance(mean_model, PerturbationModel):
+            if adata is not None:
+                self._check_mean_genes(mean_model)
+            self.mean_model = mean_model
+            name = type(mean_model).__name__
+            name = mean_model.method if name == "Baseline" else name
+        else:
+            name = str(mean_model)
+            cls, kwargs = self._mean_class(name, mean_model_kwargs)
+            if adata is not None and registry is None:  # load() restores the saved mean model instead
+                cls.setup_anndata(adata, **self.registry_["setup_args"])
+                self.mean_model = cls(adata, **kwargs)
+        if space == "vae" and name != "CausalVAE":
+            msg = f"space='vae' needs a CausalVAE mean model (its latent space), got {name!r}"
+            raise ValueError(msg)
+        self.mean_model_name_ = name
+        n_dims = int(n_components)
+        if space == "vae":
+            n_dims = int(self.mean_model.module.n_latent) if self.mean_model is not None else int(n_components)
+        elif adata is not None:
+            n_dims = int(min(n_dims, adata.n_obs, adata.n_vars))
+        self.n_dims_ = n_dims
+        self.n_condition = int(n_condition_components)
+        n_cond = self.n_condition + (n_dims if self.condition_on_control else 0)
+        self.module = ResidualDiffusionModule(
+            n_dims, n_cond, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, p_uncond=p_uncond
+        )
+        self._model_summary_string = (
+            f"ResidualDiffusion: mean model {name}, {space} space of {n_dims} dims, tail={tail!r}, "
+            f"condition_on_control={self.condition_on_control}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+        self.init_params_["non_kwargs"]["mean_model"] = name  # the model itself is saved beside (save())
+        if space == "vae":  # load() rebuilds the module before the mean model is back: keep its size
+            self.init_params_["non_kwargs"]["n_components"] = n_dims
+
+    # ------------------------------------------------------------------ mean model
+    def _mean_class(self, name: str, kwargs: dict | None) -> tuple[type, dict]:
+        from vcell import model as vmodel
+
+        kwargs = dict(kwargs or {})
+        if name in BASELINE_METHODS:
+            return vmodel.Baseline, {"method": name, **kwargs}
+        cls = getattr(vmodel, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, PerturbationModel)) or cls in (
+            PerturbationModel,
+            type(self),
+            vmodel.Baseline,
+        ):
+            msg = (
+                f"unknown mean_model {name!r}: give a vcell model, a baseline name {BASELINE_METHODS} "
+                "or a vcell.model class name such as 'CausalVAE'"
+            )
+            raise ValueError(msg)
+        if name == "CausalVAE" and not self.counts_:
+            kwargs.setdefault("likelihood", "gaussian")
+        return cls, kwargs
+
+    def _check_mean_genes(self, model: PerturbationModel) -> None:
+        genes = getattr(model, "var_names_", None)
+        if genes is not None and list(genes) != list(self.var_names_):
+            msg = "mean_model was set up on other genes (or another gene order) than adata"
+            raise ValueError(msg)
+
+    def _require_trained(self) -> None:
+        if not self.is_trained_ or self.mean_model is None:
+            msg = "the model is not trained: call model.train() first"
+            raise RuntimeError(msg)
+
+    def _condition_mean(self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray) -> np.ndarray:
+        """``mu(c)``: mean counterfactual of ``controls`` (the controls' mean for ``control``), log1p(CP10k)."""
+        if perturbation == CONTROL:
+            return self._expression(adata, controls).mean(0)
+        pred = self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose)
+        return np.asarray(pred, dtype=np.float64).mean(0)
+
+    def _condition_latent(self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray) -> np.ndarray:
+        """``z(c)``: mean counterfactual latent state of ``controls`` (``space="vae"``)."""
+        pert = None if perturbation == CONTROL else perturbation
+        return self.mean_model._latents(adata, controls, perturbation=pert, dose=dose).mean(0)
+
+    # ------------------------------------------------------------------ spaces
+    def _project_condition(self, means: np.ndarray) -> np.ndarray:
+        return ((means - self.cond_mean_) @ self.cond_components_.T / self.cond_scale_).astype(np.float32)
+
+    def _to_genes(self, coords: np.ndarray, z_ref: np.ndarray | None) -> np.ndarray:
+        """Gene-space residuals of standardised coordinates (``z_ref``: each row's condition latent, ``vae``)."""
+        y = coords * self.coord_scale_
+        if self.space == "pca":
+            return y @ self.pca_components_ + self.pca_mean_
+        return self.mean_model._decode_log1p((z_ref + y).astype(np.float32)) - self.mean_model._decode_log1p(
+            z_ref.astype(np.float32)
+        )
+
+    def _tail(self, n: int, rng: np.random.Generator) -> np.ndarray | float:
+        if self.tail == "empirical":
+            return self.tail_[rng.integers(len(self.tail_), size=n)].astype(np.float64)
+        if self.tail == "gaussian":
+            return rng.normal(size=(n, len(self.tail_std_))) * self.tail_std_
+        return 0.0
+
+    # ------------------------------------------------------------------ training
+    def _training_cells(self, adata: AnnData) -> np.ndarray:
+        if "vcell_split" in adata.obs:
+            keep = adata.obs["vcell_split"].astype(str).to_numpy() != "test"
+            return np.flatnonzero(keep)
+        return np.arange(adata.n_obs)
+
+    def train(
+        self,
+        max_epochs: int = 300,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = True,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        *,
+        weight_decay: float = 0.0,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 30,
+        mean_train_kwargs: dict | None = None,
+    ) -> None:
+        """Train the mean model (unless it is trained already), then the residual diffusion model.
+
+        Cells with ``obs['vcell_split'] == 'test'`` are never used. The diffusion model holds out a seeded
+        ``validation_fraction`` of the cells for its validation loss (computed with fixed noise, so epochs compare).
+
+        Parameters
+        ----------
+        max_epochs, lr, batch_size
+            Of the diffusion model (AdamW).
+        accelerator, devices
+            Passed to :class:`lightning.Trainer`.
+        early_stopping
+            Stop the diffusion model when its validation loss has not improved for ``early_stopping_patience``
+            epochs and keep its best weights.
+        seed
+            Random seed (mean model too, unless ``mean_train_kwargs`` has one); ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further :class:`lightning.Trainer` arguments of the diffusion model.
+        weight_decay
+            AdamW weight decay.
+        validation_fraction
+            Share of cells held out for the diffusion model's validation loss.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        mean_train_kwargs
+            Arguments of the mean model's ``train`` (when it is not trained yet).
+
+        Sets the following fields
+        -------------------------
+        ``model.history_``
+            Per-epoch ``train_loss`` / ``val_loss`` of the diffusion model: dict of DataFrames indexed by epoch.
+        ``model.residual_variance_explained_``
+            Share of the training residuals' variance inside the low-dimensional space.
+        """
+        import lightning
+
+        from vcell.train import TrainingPlan, fit
+
+        seed = resolve_seed(seed)
+        adata = self.adata
+        if not self.mean_model.is_trained_:
+            self.mean_model.train(**{"seed": seed, **(mean_train_kwargs or {})})
+        lightning.seed_everything(seed, verbose=False)
+        if not self.is_trained_:
+            self.module.reset_parameters()
+        rng = np.random.default_rng(seed)
+        cells = self._training_cells(adata)
+        E = self._expression(adata, cells).astype(np.float64)
+        pert = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
+        ctx = self._contexts(adata)[cells]
+        is_ctrl = pert == CONTROL
+        if not is_ctrl.any():
+            msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
+            raise ValueError(msg)
+        groups = pd.DataFrame({"p": pert, "d": dose, "k": ctx}).groupby(["p", "d", "k"], sort=True).indices
+        ctrl_of = {k: cells[is_ctrl & (ctx == k)] for k in np.unique(ctx)}
+        means, latents, group_of = [], [], np.zeros(len(cells), dtype=np.int64)
+        for g, ((p, d, k), rows) in enumerate(groups.items()):
+            controls = ctrl_of[k] if len(ctrl_of[k]) else cells[is_ctrl]
+            means.append(self._condition_mean(adata, p, d, controls))
+            if self.space == "vae":
+                latents.append(self._condition_latent(adata, p, d, controls))
+            group_of[rows] = g
+        M = np.stack(means)
+        R = E - M[group_of]
+        coords, tails = self._fit_space(adata, cells, R, group_of, np.stack(latents) if latents else None, rng)
+        self._fit_conditions(M)
+        cond = self._project_condition(M)[group_of]
+        if self.condition_on_control:
+            partner = np.zeros(len(cells), dtype=np.int64)
+            for k in np.unique(ctx):  # a random control of the same context (any control if it has none)
+                rows, pool = np.flatnonzero(ctx == k), np.flatnonzero(is_ctrl & (ctx == k))
+                pool = pool if len(pool) else np.flatnonzero(is_ctrl)
+                partner[rows] = rng.choice(pool, size=len(rows))
+            cond = np.concatenate([cond, coords[partner]], axis=1)
+        keep = rng.choice(len(cells), size=min(_N_TAIL, len(cells)), replace=False)
+        self.tail_ = tails[np.sort(keep)].astype(np.float32)
+        self.tail_std_ = tails.std(0).astype(np.float32)
+        self.residual_variance_explained_ = float(1.0 - tails.var(0).sum() / max(R.var(0).sum(), 1e-12))
+
+        tensors = {RESIDUAL_KEY: torch.as_tensor(coords, dtype=torch.float32), CONDITION_KEY: torch.as_tensor(cond)}
+        order = rng.permutation(len(cells))
+        n_val = int(round(validation_fraction * len(cells))) if len(cells) >= 20 else 0
+        train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+        train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
+        val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 2048), shuffle=False, seed=seed)
+        plan = TrainingPlan(
+            self.module, lr=lr, weight_decay=weight_decay, monitor="val_loss" if n_val else "train_loss"
+        )
+        self.best_epoch_ = fit(
+            plan,
+            train_dl,
+            val_dl if n_val else None,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping and n_val > 0,
+            early_stopping_patience=early_stopping_patience,
+            trainer_kwargs=trainer_kwargs,
+        )
+        self.module.eval()
+        self.is_trained_ = True
+        hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
+        self.history_ = {col: hist[[col]] for col in hist.columns}
+        logger.info("ResidualDiffusion: diffusion model trained for %d epochs", len(plan.history))
+
+    def _fit_space(
+        self,
+        adata: AnnData,
+        cells: np.ndarray,
+        R: np.ndarray,
+        group_of: np.ndarray,
+        Z: np.ndarray | None,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised residual coordinates of the training cells and their residuals outside the space."""
+        from vcell.metrics import fit_pca
+
+        if self.space == "pca":
+            comps, mean = fit_pca(R, self.n_dims_, seed=int(rng.integers(2**31)))
+            if comps.shape[0] < self.n_dims_:  # fewer cells/genes than components: pad with null directions
+                comps = np.vstack([comps, np.zeros((self.n_dims_ - comps.shape[0], comps.shape[1]))])
+            self.pca_components_, self.pca_mean_ = comps, mean
+            Y = (R - mean) @ comps.T
+            self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
+            coords = Y / self.coord_scale_
+            return coords.astype(np.float32), R - self._to_genes(coords, None)
+        Y = self.mean_model._latents(adata, cells) - Z[group_of]
+        self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
+        coords = Y / self.coord_scale_
+        return coords.astype(np.float32), R - self._to_genes(coords, Z[group_of])
+
+    def _fit_conditions(self, M: np.ndarray) -> None:
+        """Principal components of the training conditions' means: the condition vector's axes."""
+        n = self.n_condition
+        self.cond_mean_ = M.mean(0)
+        comps = np.zeros((n, M.shape[1]))
+        if len(M) > 1:
+            _, s, vt = np.linalg.svd(M - self.cond_mean_, full_matrices=False)
+            k = min(n, int((s > 1e-8 * max(s[0], 1e-12)).sum()))
+            comps[:k] = vt[:k]
+        self.cond_components_ = comps
+        proj = (M - self.cond_mean_) @ comps.T
+        self.cond_scale_ = float(max(proj[:, 0].std(), 1e-6)) if len(M) > 1 else 1.0
+
+    # ------------------------------------------------------------------ inference
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """The mean model's counterfactual prediction of control cells (deterministic; log1p(CP10k), float32).
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells; ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"``.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of the perturbation.
+        seed
+            Passed to the mean model.
+
+        Returns
+        -------
+        Array of shape ``(n_selected_cells, n_genes)``.
+        """
+        self._require_trained()
+        adata = self._check_adata(adata)
+        return self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed)
+
+    def sample(
+        self,
+        adata: AnnData | None = None,
+        *,
+        perturbation: str,
+        n_cells: int | None = None,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        n_steps: int = 50,
+        eta: float = 0.0,
+        guidance_scale: float = 0.0,
+        batch_size: int = 4096,
+    ) -> AnnData:
+        """Cells drawn from the model: ``max(0, mu(c) + residual)`` for the context of each starting control cell.
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells; ``None`` uses the training data.
+        perturbation
+            Canonical condition to sample (``"control"`` samples the controls' distribution).
+        n_cells
+            Number of cells; ``None`` draws one per starting cell, else starting cells are drawn with replacement.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names. Their context
+            (covariates) sets ``mu(c)``, the mean counterfactual of the selected controls of that context.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Random seed; ``None`` uses ``vcell.settings.seed``.
+        n_steps
+            DDIM steps (fewer: faster, coarser).
+        eta
+            DDIM stochasticity (0 deterministic given the starting noise).
+        guidance_scale
+            Classifier-free guidance weight (0: none).
+        batch_size
+            Cells per denoising pass.
+
+        Returns
+        -------
+        A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) samples (float32), ``obs['perturbation']`` /
+        ``obs['vcell_perturbation']`` the condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the
+        starting cell.
+        """
+        import anndata as ad
+
+        self._require_trained()
+        if int(n_steps) < 1:
+            msg = f"n_steps must be a positive integer, got {n_steps!r}"
+            raise ValueError(msg)
+        adata = self._check_adata(adata)
+        seed = resolve_seed(seed)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        pool = self._control_indices(adata, controls)
+        idx = pool
+        if n_cells is not None:
+            if int(n_cells) < 1:
+                msg = f"n_cells must be a positive integer, got {n_cells!r}"
+                raise ValueError(msg)
+            idx = rng.choice(pool, size=int(n_cells), replace=True)
+        perturbation = str(perturbation)
+        ctx_all = self._contexts(adata)
+        ctx = ctx_all[idx]
+        contexts = sorted(set(ctx))
+        means = {k: self._condition_mean(adata, perturbation, dose, pool[ctx_all[pool] == k]) for k in contexts}
+        M = np.stack([means[k] for k in ctx])
+        z_ref = None
+        if self.space == "vae":
+            lat = {k: self._condition_latent(adata, perturbation, dose, pool[ctx_all[pool] == k]) for k in contexts}
+            z_ref = np.stack([lat[k] for k in ctx])
+        cond = self._project_condition(np.stack([means[k] for k in contexts]))[[contexts.index(k) for k in ctx]]
+        if self.condition_on_control:
+            cond = np.concatenate([cond, self._control_coords(adata, idx)], axis=1)
+        m = self.module.eval()
+        device = next(m.parameters()).device
+        coords = []
+        for start in range(0, len(idx), batch_size):
+            c = torch.as_tensor(cond[start : start + batch_size], device=device)
+            y = m.sample(c, n_steps=n_steps, eta=eta, guidance_scale=guidance_scale, generator=gen)
+            coords.append(y.cpu().numpy().astype(np.float64))
+        resid = self._to_genes(np.concatenate(coords), z_ref) + self._tail(len(idx), rng)
+        X = np.clip(M + resid, 0.0, None).astype(np.float32)
+        var = pd.DataFrame(index=adata.var_names.copy())
+        return ad.AnnData(X=X, obs=sample_obs(perturbation, dose, adata.obs_names[idx].to_numpy()), var=var)
+
+    def _control_coords(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        """Standardised residual coordinates of control cells around their context's control mean."""
+        ctx_all = self._contexts(adata)
+        E = self._expression(adata, idx).astype(np.float64)
+        ctrl = self._control_indices(adata, None)
+        out = np.zeros((len(idx), self.n_dims_), dtype=np.float32)
+        for k in sorted(set(ctx_all[idx])):
+            rows = np.flatnonzero(ctx_all[idx] == k)
+            pool = ctrl[ctx_all[ctrl] == k]
+            pool = pool if len(pool) else ctrl
+            mean = self._expression(adata, pool).mean(0)
+            if self.space == "pca":
+                out[rows] = ((E[rows] - mean - self.pca_mean_) @ self.pca_components_.T) / self.coord_scale_
+            else:
+                z = self.mean_model._latents(adata, idx[rows]) - self._condition_latent(adata, CONTROL, 1.0, pool)
+                out[rows] = z / self.coord_scale_
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, dir_path: str | Path, prefix: str | None = None, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save the model and its mean model (in ``dir_path/mean_model``); arguments of scvi-tools' ``save``."""
+        super().save(str(dir_path), prefix=prefix, overwrite=overwrite, **kwargs)
+        self.mean_model.save(str(Path(dir_path) / _MEAN_DIR), prefix=prefix, overwrite=True)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: AnnData | None = None, **kwargs: Any) -> ResidualDiffusion:
+        """Load a model saved by :meth:`save` (with its mean model); arguments of scvi-tools' ``load``."""
+        from vcell import model as vmodel
+
+        model = super().load(str(dir_path), adata=adata, **kwargs)
+        name = model.mean_model_name_
+        mean_cls = vmodel.Baseline if name in BASELINE_METHODS else getattr(vmodel, name)
+        model.mean_model = mean_cls.load(str(Path(dir_path) / _MEAN_DIR), adata=adata, **kwargs)
+        return model
