@@ -21,6 +21,25 @@ def _layer_key(key_added: str, perturbation: str, n: int) -> str:
     return key_added if n == 1 else f"{key_added}_{perturbation}"
 
 
+def starting_cells(
+    adata: AnnData, model: PerturbationModel, controls: Any, cell_type: str | None, cell_type_key: str
+) -> np.ndarray:
+    """Indices of the control cells a prediction starts from: ``controls`` (see the model), of ``cell_type``."""
+    idx = model._control_indices(model._check_adata(adata), controls)
+    if cell_type is None:
+        return idx
+    check_obs_keys(adata, [cell_type_key], what="cell_type_key")
+    types = adata.obs[cell_type_key].astype(str).to_numpy()
+    if cell_type not in set(types):
+        msg = f"cell_type {cell_type!r} not in adata.obs[{cell_type_key!r}]; values: {sorted(set(types))[:20]}"
+        raise KeyError(msg)
+    idx = idx[types[idx] == cell_type]
+    if idx.size == 0:
+        msg = f"no control cells of cell_type {cell_type!r} to start from"
+        raise ValueError(msg)
+    return idx
+
+
 def predict_perturbation(
     adata: AnnData,
     model: PerturbationModel,
@@ -99,17 +118,7 @@ def predict_perturbation(
     if len(set(perts)) != len(perts):
         msg = f"perturbations contains duplicates: {perts}"
         raise ValueError(msg)
-    idx = model._control_indices(model._check_adata(adata), controls)
-    if cell_type is not None:
-        check_obs_keys(adata, [cell_type_key], what="cell_type_key")
-        types = adata.obs[cell_type_key].astype(str).to_numpy()
-        if cell_type not in set(types):
-            msg = f"cell_type {cell_type!r} not in adata.obs[{cell_type_key!r}]; values: {sorted(set(types))[:20]}"
-            raise KeyError(msg)
-        idx = idx[types[idx] == cell_type]
-        if idx.size == 0:
-            msg = f"no control cells of cell_type {cell_type!r} to start from"
-            raise ValueError(msg)
+    idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
     params = {
         "perturbations": perts,
