@@ -3,6 +3,7 @@
 from ._base import VCellModule
 from ._baseline import BASELINE_METHODS, BaselineModule
 from ._causal_vae import CausalVAEModule
+from ._flow_matching import FlowMatchingModule, ot_pairs, sinkhorn_plan
 from ._perturbation_encoders import (
     AtomOperators,
     DoseResponse,
@@ -19,4 +20,6 @@ __all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS", "CausalVAEModule
 __all__ += ["PathwayDecoder", "gene_programs", "regulatory_edges", "regulatory_penalty"]
 __all__ += ["AtomOperators", "OneHotOperators", "TableOperators", "GeneGraphOperators"]
 __all__ += ["DoseResponse", "PairInteractions", "PerturbationEncoder"]
+
+__all__ += ["FlowMatchingModule", "ot_pairs", "sinkhorn_plan"]
 __all__ += ["ResidualDiffusionModule"]

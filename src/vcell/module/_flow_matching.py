@@ -1,0 +1,374 @@
+"""Conditional flow matching (pure torch/numpy/scipy): a vector field from control to perturbed cells.
+
+Cells live in a standardised PCA space (buffers ``pca_components``, ``pca_mean``, ``scale``: ``z = (x - mean) @ C.T /
+scale``). A vector field ``v(z, t | c)`` (an MLP on ``[z, sinusoidal(t), c]``) is trained on pairs ``(z0, z1)`` of a
+control cell and a perturbed cell of the same context, coupled by optimal transport (:func:`ot_pairs`): on the
+straight path ``z_t = (1 - t) z0 + t z1`` (plus optional noise ``sigma``) it regresses the displacement
+``u = z1 - z0``. The condition ``c`` is the perturbation encoder's vector (one-hot, table or gene graph operators with
+dose responses; a combination is the sum of its singles) plus learned covariate embeddings, and optionally a scalar
+time covariate. A prediction integrates ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` (:meth:`transport`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vcell._constants import REGISTRY_KEYS
+
+from ._base import VCellModule
+from ._causal_vae import EXTRA_NODES_KEY, LossOutput
+from ._perturbation_encoders import (
+    DoseResponse,
+    GeneGraphOperators,
+    OneHotOperators,
+    PerturbationEncoder,
+    TableOperators,
+)
+
+SOLVERS = ("euler", "midpoint")
+#: batch keys: source (control) and target (perturbed) coordinates, flow time, time covariate
+SOURCE_KEY = "x0"
+TARGET_KEY = "x1"
+FLOW_TIME_KEY = "t"
+TIME_COVARIATE_KEY = "time"
+
+
+# ---------------------------------------------------------------------------------------------- couplings
+def _sq_dists(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    x0, x1 = np.asarray(x0, dtype=np.float64), np.asarray(x1, dtype=np.float64)
+    d = (x0**2).sum(1)[:, None] + (x1**2).sum(1)[None, :] - 2.0 * x0 @ x1.T
+    return np.maximum(d, 0.0)
+
+
+def sinkhorn_plan(cost: np.ndarray, *, epsilon: float = 0.05, max_iter: int = 500, tol: float = 1e-4) -> np.ndarray:
+    """Entropic optimal-transport plan between uniform marginals (log-domain Sinkhorn, in torch).
+
+    Parameters
+    ----------
+    cost
+        ``(n, m)`` cost matrix.
+    epsilon
+        Entropic regularisation relative to the mean cost (the absolute one is ``epsilon * cost.mean()``).
+    max_iter
+        Maximum number of iterations (each updates both potentials).
+    tol
+        Stop when the row marginals are off by less than ``tol`` in L1 (relative to their total 1).
+
+    Returns
+    -------
+    ``(n, m)`` plan (float64) with row sums ``1/n`` and column sums ``1/m``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> P = sinkhorn_plan(np.array([[0.0, 1.0], [1.0, 0.0]]), epsilon=0.01)
+    >>> np.round(P, 3)
+    array([[0.5, 0. ],
+           [0. , 0.5]])
+    """
+    C = torch.as_tensor(np.asarray(cost, dtype=np.float64))
+    if C.ndim != 2 or not C.numel() or not bool(torch.isfinite(C).all()):
+        msg = f"cost must be a finite, non-empty 2-D matrix, got shape {tuple(C.shape)}"
+        raise ValueError(msg)
+    if not epsilon > 0:
+        msg = f"epsilon must be > 0, got {epsilon!r}"
+        raise ValueError(msg)
+    n, m = C.shape
+    eps = float(epsilon) * max(float(C.mean()), 1e-12)
+    K = (-C / eps).to(torch.float32)
+    log_a, log_b = -math.log(n), -math.log(m)
+    f = torch.zeros(n, dtype=torch.float32)
+    g = torch.zeros(m, dtype=torch.float32)
+    for it in range(int(max_iter)):
+        f = log_a - torch.logsumexp(K + g[None, :], dim=1)
+        g = log_b - torch.logsumexp(K + f[:, None], dim=0)
+        if it % 5 == 4:  # columns are exact after the g update; check the rows every 5 iterations
+            rows = torch.exp(torch.logsumexp(K + f[:, None] + g[None, :], dim=1))
+            if float((rows - 1.0 / n).abs().sum()) < tol:
+                break
+    return torch.exp(K.double() + f.double()[:, None] + g.double()[None, :]).numpy()
+
+
+def ot_pairs(
+    x0: np.ndarray,
+    x1: np.ndarray,
+    *,
+    method: str = "auto",
+    exact_max: int = 512,
+    epsilon: float = 0.05,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Source row coupled with every target row by optimal transport on squared Euclidean cost.
+
+    Parameters
+    ----------
+    x0
+        ``(n, d)`` source points.
+    x1
+        ``(m, d)`` target points (``m <= n`` for ``"exact"``; equal sizes give a permutation).
+    method
+        ``"exact"`` (:func:`scipy.optimize.linear_sum_assignment`: the exact solver for equal-size point sets),
+        ``"sinkhorn"`` (:func:`sinkhorn_plan`; each target draws its source from its column of the plan) or
+        ``"auto"``: exact up to ``exact_max`` points, Sinkhorn above.
+    exact_max
+        Size threshold of ``"auto"``.
+    epsilon
+        Sinkhorn regularisation (relative to the mean cost).
+    rng
+        Generator of the Sinkhorn draws (``None``: seed 0).
+
+    Returns
+    -------
+    ``(m,)`` integer array: index into ``x0`` of each target's source.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ot_pairs(np.array([[0.0], [10.0], [20.0]]), np.array([[21.0], [1.0], [9.0]]))
+    array([2, 0, 1])
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if method not in ("auto", "exact", "sinkhorn"):
+        msg = f"method must be 'auto', 'exact' or 'sinkhorn', got {method!r}"
+        raise ValueError(msg)
+    x0, x1 = np.atleast_2d(np.asarray(x0, dtype=np.float64)), np.atleast_2d(np.asarray(x1, dtype=np.float64))
+    if x0.shape[1] != x1.shape[1] or not len(x0) or not len(x1):
+        msg = f"x0 and x1 must be non-empty with the same number of columns, got {x0.shape} and {x1.shape}"
+        raise ValueError(msg)
+    if method == "auto":
+        method = "exact" if max(len(x0), len(x1)) <= int(exact_max) else "sinkhorn"
+    cost = _sq_dists(x0, x1)
+    if method == "exact":
+        if len(x1) > len(x0):
+            msg = f"exact coupling needs at least as many sources as targets, got {len(x0)} < {len(x1)}"
+            raise ValueError(msg)
+        rows, cols = linear_sum_assignment(cost.T)  # rows: targets, each assigned a distinct source
+        out = np.empty(len(x1), dtype=np.int64)
+        out[rows] = cols
+        return out
+    plan = sinkhorn_plan(cost, epsilon=epsilon)
+    cum = np.cumsum(plan / plan.sum(0, keepdims=True), axis=0)
+    u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
+    return np.minimum((cum < u[None, :]).sum(0), len(x0) - 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- module
+def time_embedding(t: torch.Tensor, n_freqs: int, *, max_freq: float = 100.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[sin(w_k t), cos(w_k t)]`` of flow times ``t`` ``(n,)``, frequencies ``1..max_freq``."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), int(n_freqs), device=t.device, dtype=t.dtype))
+    arg = t.reshape(-1, 1) * freqs[None, :]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+class FlowMatchingModule(VCellModule):
+    """Conditional vector field in a standardised PCA space (see the module docstring).
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes.
+    n_atoms
+        Number of single perturbations the encoder knows (training vocabulary plus extra table rows).
+    n_components
+        Dimension of the PCA space.
+    covariate_sizes
+        Number of categories of each categorical covariate (a learned embedding of size ``n_condition`` each).
+    n_condition
+        Size of the condition vector (perturbation plus covariates).
+    n_hidden, n_layers
+        Width and number of hidden layers (SiLU) of the vector field MLP.
+    n_freqs
+        Frequencies of the sinusoidal flow-time embedding.
+    time_covariate
+        Append a scalar time covariate (``batch['time']``, standardised by buffers ``time_loc``/``time_scale``).
+    sigma
+        Standard deviation of the noise added to ``z_t`` in training (0: deterministic straight paths).
+    perturbation_features, gene_graph, atom_nodes, n_graph_nodes, graph_layers, graph_embed, graph_own_embedding
+        Perturbation operators as in :class:`~vcell.module.CausalVAEModule` (table MLP, gene-graph GNN, else one-hot).
+    seen_atoms
+        Which atoms were seen in training; ``None``: all.
+    log_dose_init
+        Initial log-EC50 of the dose responses.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_atoms: int,
+        n_components: int,
+        *,
+        covariate_sizes: tuple[int, ...] = (),
+        n_condition: int = 64,
+        n_hidden: int = 256,
+        n_layers: int = 3,
+        n_freqs: int = 16,
+        time_covariate: bool = False,
+        sigma: float = 0.0,
+        perturbation_features: np.ndarray | None = None,
+        gene_graph: tuple[np.ndarray, ...] | None = None,
+        atom_nodes: np.ndarray | None = None,
+        n_graph_nodes: int | None = None,
+        graph_layers: int = 1,
+        graph_embed: int = 64,
+        graph_own_embedding: bool = True,
+        seen_atoms: np.ndarray | None = None,
+        log_dose_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if min(int(n_genes), int(n_components), int(n_condition), int(n_hidden), int(n_layers), int(n_freqs)) < 1:
+            msg = "n_genes, n_components, n_condition, n_hidden, n_layers and n_freqs must be positive integers"
+            raise ValueError(msg)
+        if not (np.isfinite(sigma) and sigma >= 0):
+            msg = f"sigma must be a finite number >= 0, got {sigma!r}"
+            raise ValueError(msg)
+        self.n_genes, self.n_atoms, self.n_components = int(n_genes), int(n_atoms), int(n_components)
+        self.n_condition, self.n_freqs = int(n_condition), int(n_freqs)
+        self.time_covariate, self.sigma = bool(time_covariate), float(sigma)
+        self.register_buffer("pca_components", torch.zeros(self.n_components, self.n_genes))
+        self.register_buffer("pca_mean", torch.zeros(self.n_genes))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("time_loc", torch.zeros(()))
+        self.register_buffer("time_scale", torch.ones(()))
+        if gene_graph is not None:
+            if perturbation_features is not None or atom_nodes is None:
+                msg = "gene_graph needs atom_nodes and excludes perturbation_features"
+                raise ValueError(msg)
+            ops = GeneGraphOperators(
+                gene_graph,
+                atom_nodes,
+                dim=self.n_condition,
+                n_nodes=n_graph_nodes,
+                n_layers=graph_layers,
+                n_embed=graph_embed,
+                own_embedding=graph_own_embedding,
+                n_hidden=n_hidden,
+                seen_atoms=seen_atoms,
+            )
+        elif perturbation_features is not None:
+            ops = TableOperators(perturbation_features, self.n_condition, n_hidden=n_hidden)
+        else:
+            ops = OneHotOperators(self.n_atoms, self.n_condition, seen_atoms=seen_atoms)
+        dose = DoseResponse(self.n_atoms, log_dose_init=log_dose_init, seen_atoms=seen_atoms)
+        self.perturbation = PerturbationEncoder(ops, dose)  # no interactions: a combination sums its singles
+        self.covariates = nn.ModuleList([nn.Embedding(max(int(k), 1), self.n_condition) for k in covariate_sizes])
+        n_in = self.n_components + 2 * self.n_freqs + self.n_condition + int(self.time_covariate)
+        layers: list[nn.Module] = []
+        for i in range(int(n_layers)):
+            layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.SiLU()]
+        layers.append(nn.Linear(n_hidden, self.n_components))
+        self.field = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise every parameter with torch's global RNG (seed it first); the PCA buffers stay."""
+        ops = self.perturbation.operators
+        for m in self.modules():
+            if m is not self and m is not ops and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        with torch.no_grad():
+            for emb in self.covariates:
+                emb.weight.normal_(0.0, 0.1)
+            if hasattr(ops, "reset_parameters"):
+                ops.reset_parameters()
+            self.field[-1].weight.mul_(0.1)  # start near the zero field
+            self.field[-1].bias.zero_()
+
+    def set_space(self, components: np.ndarray, mean: np.ndarray, scale: float) -> None:
+        """Set the PCA space: ``components`` ``(n_components, n_genes)``, gene ``mean`` and global ``scale``."""
+        comps = torch.as_tensor(np.asarray(components, dtype=np.float32))
+        if tuple(comps.shape) != (self.n_components, self.n_genes) or len(np.ravel(mean)) != self.n_genes:
+            msg = f"components must be ({self.n_components}, {self.n_genes}) and mean ({self.n_genes},)"
+            raise ValueError(msg)
+        if not (np.isfinite(scale) and scale > 0):
+            msg = f"scale must be a finite number > 0, got {scale!r}"
+            raise ValueError(msg)
+        with torch.no_grad():
+            self.pca_components.copy_(comps)
+            self.pca_mean.copy_(torch.as_tensor(np.ravel(mean), dtype=torch.float32))
+            self.scale.fill_(float(scale))
+
+    # ------------------------------------------------------------------------- space
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised PCA coordinates of log1p(CP10k) expression ``x`` ``(n, n_genes)``."""
+        return (x - self.pca_mean) @ self.pca_components.T / self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Expression (log1p(CP10k), unclipped) of standardised PCA coordinates ``z``."""
+        return z * self.scale @ self.pca_components + self.pca_mean
+
+    def decode_delta(self, dz: torch.Tensor) -> torch.Tensor:
+        """Change in expression of a displacement ``dz`` in the standardised PCA space."""
+        return dz * self.scale @ self.pca_components
+
+    # ------------------------------------------------------------------------- field
+    def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Condition vector ``(n, n_condition [+ 1])``: perturbation encoding + covariate embeddings [, time]."""
+        enc = batch[REGISTRY_KEYS.PERT_ENCODING_KEY]
+        c = self.perturbation(enc, batch.get(EXTRA_NODES_KEY))
+        if self.covariates:
+            cov = batch[REGISTRY_KEYS.COVARIATES_KEY]
+            c = c + sum(emb(cov[:, k]) for k, emb in enumerate(self.covariates))
+        if self.time_covariate:
+            time = batch[TIME_COVARIATE_KEY].reshape(-1, 1).to(c.dtype)
+            c = torch.cat([c, (time - self.time_loc) / self.time_scale], dim=1)
+        return c
+
+    def velocity(self, z: torch.Tensor, t: torch.Tensor | float, c: torch.Tensor) -> torch.Tensor:
+        """``v(z, t | c)``; ``t`` a scalar or ``(n,)``."""
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[0])
+        return self.field(torch.cat([z, time_embedding(t, self.n_freqs), c], dim=1))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Predicted velocity ``v`` at ``z_t`` and the target displacement ``u`` of each pair in ``batch``.
+
+        ``batch``: ``SOURCE_KEY``/``TARGET_KEY`` coordinates, the target's perturbation encoding and covariates
+        (and time covariate), optionally fixed flow times ``FLOW_TIME_KEY`` (else ``t ~ U(0, 1)``).
+        """
+        z0, z1 = batch[SOURCE_KEY], batch[TARGET_KEY]
+        t = batch.get(FLOW_TIME_KEY)
+        t = torch.rand(z0.shape[0], device=z0.device, dtype=z0.dtype) if t is None else t.reshape(-1).to(z0.dtype)
+        zt = (1.0 - t[:, None]) * z0 + t[:, None] * z1
+        if self.sigma > 0 and self.training:
+            zt = zt + self.sigma * torch.randn_like(zt)
+        return {"v": self.velocity(zt, t, self.condition(batch)), "u": z1 - z0}
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
+        """Flow-matching loss: mean squared error between ``v`` and ``u`` (mean over pairs and dimensions)."""
+        mse = F.mse_loss(out["v"], out["u"])
+        return LossOutput(loss=mse, terms={"flow_mse": mse.detach()})
+
+    @torch.no_grad()
+    def transport(
+        self, z0: torch.Tensor, c: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
+    ) -> torch.Tensor:
+        """Integrate ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` with ``n_steps`` fixed steps.
+
+        Returns the endpoints ``(n, n_components)``, or with ``path=True`` the states at every step
+        ``(n_steps + 1, n, n_components)``.
+        """
+        if solver not in SOLVERS:
+            msg = f"solver must be one of {SOLVERS}, got {solver!r}"
+            raise ValueError(msg)
+        if isinstance(n_steps, bool) or int(n_steps) < 1 or int(n_steps) != n_steps:
+            msg = f"n_steps must be a positive integer, got {n_steps!r}"
+            raise ValueError(msg)
+        n_steps = int(n_steps)
+        dt = 1.0 / n_steps
+        z = z0
+        states = [z]
+        for k in range(n_steps):
+            t = k * dt
+            if solver == "euler":
+                z = z + dt * self.velocity(z, t, c)
+            else:
+                z_mid = z + 0.5 * dt * self.velocity(z, t, c)
+                z = z + dt * self.velocity(z_mid, t + 0.5 * dt, c)
+            if path:
+                states.append(z)
+        return torch.stack(states) if path else z
