@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from ._benchmark import benchmark
 from ._prediction import delta_heatmap, prediction_scatter
+from ._uncertainty import uncertainty
 
-__all__ = ["benchmark", "delta_heatmap", "prediction_scatter"]
+__all__ = ["benchmark", "delta_heatmap", "prediction_scatter", "uncertainty"]
