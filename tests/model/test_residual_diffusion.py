@@ -1,0 +1,162 @@
+"""ResidualDiffusion: mean model + residual diffusion; bimodal responders, seeded sampling, save/load, errors."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import vcell
+from vcell.model import ResidualDiffusion
+
+QUIET = {"enable_progress_bar": False}
+
+
+def _bimodal_adata(seed: int = 0, n_ctrl: int = 300, n_pert: int = 300, n_genes: int = 20) -> ad.AnnData:
+    """log1p-like data: controls N(2, 0.3^2); perturbation A: half the cells (responders) +1.5 on genes 0-4."""
+    rng = np.random.default_rng(seed)
+    X = 2.0 + 0.3 * rng.normal(size=(n_ctrl + n_pert, n_genes))
+    responder = np.zeros(n_ctrl + n_pert, dtype=bool)
+    responder[n_ctrl:] = rng.random(n_pert) < 0.5
+    X[responder, :5] += 1.5
+    obs = pd.DataFrame(
+        {"perturbation": ["control"] * n_ctrl + ["A"] * n_pert, "responder": responder},
+        index=[f"c{i}" for i in range(n_ctrl + n_pert)],
+    )
+    return ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+
+
+@pytest.fixture(scope="module")
+def bimodal():
+    adata = _bimodal_adata()
+    ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    model = ResidualDiffusion(adata, mean_model="additive", n_components=4, n_hidden=64, n_layers=2)
+    model.train(max_epochs=300, batch_size=128, lr=3e-3, seed=0, early_stopping=False, trainer_kwargs=QUIET)
+    return adata, model
+
+
+def test_recovers_planted_bimodal_responders(bimodal):
+    adata, model = bimodal
+    s = model.sample(perturbation="A", n_cells=1000, seed=0)
+    assert s.shape == (1000, 20)
+    score = s.X[:, :5].mean(1)  # responders near 3.5, non-responders near 2.0
+    high = score > 2.75
+    share = adata.obs["responder"][adata.obs["perturbation"] == "A"].mean()  # 0.45 in this draw
+    assert abs(high.mean() - share) < 0.08
+    assert abs(score[high].mean() - 3.5) < 0.25
+    assert abs(score[~high].mean() - 2.0) < 0.25
+    assert np.mean(np.abs(score - 2.75) < 0.25) < 0.1  # the mean itself is not where samples land
+    # the mean model alone puts every cell in the middle
+    mean = model.predict(perturbation="A").mean(0)[:5].mean()
+    assert abs(mean - 2.75) < 0.1
+    # and beats the mean predictor with Gaussian noise of the residuals' per-gene sd in energy distance
+    true = adata.X[adata.obs["perturbation"].to_numpy() == "A"]
+    rng = np.random.default_rng(0)
+    resid_sd = true.std(0)
+    gauss = model.predict(perturbation="A").mean(0) + rng.normal(size=(1000, 20)) * resid_sd
+    ed_model = vcell.metrics.energy_distance(s.X, true, seed=0)
+    ed_gauss = vcell.metrics.energy_distance(gauss, true, seed=0)
+    assert ed_model < 0.5 * ed_gauss
+
+
+def test_sample_seeded_and_contract(bimodal):
+    adata, model = bimodal
+    a = model.sample(perturbation="A", n_cells=50, seed=1)
+    b = model.sample(perturbation="A", n_cells=50, seed=1)
+    c = model.sample(perturbation="A", n_cells=50, seed=2)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert not np.array_equal(a.X, c.X)
+    assert a.X.dtype == np.float32
+    assert (a.X >= 0).all()
+    assert list(a.obs.columns) == ["perturbation", "vcell_perturbation", "vcell_dose", "vcell_source_cell"]
+    assert set(a.obs["vcell_source_cell"]) <= set(adata.obs_names[adata.obs["perturbation"] == "control"])
+    one_each = model.sample(perturbation="A", seed=0, n_steps=5)
+    assert one_each.n_obs == int((adata.obs["perturbation"] == "control").sum())
+    ctrl = model.sample(perturbation="control", n_cells=300, seed=0)
+    assert abs(float(ctrl.X[:, :5].mean()) - 2.0) < 0.15
+
+
+def test_predict_is_the_mean_models(bimodal):
+    adata, model = bimodal
+    np.testing.assert_array_equal(model.predict(perturbation="A"), model.mean_model.predict(adata, perturbation="A"))
+    assert 0.0 <= model.residual_variance_explained_ <= 1.0
+    assert "train_loss" in model.history_
+
+
+def test_save_load_round_trip(bimodal, tmp_path):
+    adata, model = bimodal
+    model.save(tmp_path / "rd", overwrite=True)
+    assert (tmp_path / "rd" / "mean_model" / "model.pt").exists()
+    loaded = ResidualDiffusion.load(tmp_path / "rd", adata=adata)
+    np.testing.assert_allclose(
+        loaded.sample(perturbation="A", n_cells=40, seed=3).X,
+        model.sample(perturbation="A", n_cells=40, seed=3).X,
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(loaded.predict(perturbation="A"), model.predict(perturbation="A"))
+
+
+def test_same_seed_same_model():
+    adata = _bimodal_adata(n_ctrl=100, n_pert=100, n_genes=8)
+    ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    samples = []
+    for _ in range(2):
+        model = ResidualDiffusion(adata, mean_model="mean", n_components=3, n_hidden=16, n_layers=1)
+        model.train(max_epochs=3, seed=5, trainer_kwargs=QUIET)
+        samples.append(model.sample(perturbation="A", n_cells=20, seed=0).X)
+    np.testing.assert_array_equal(*samples)
+
+
+def test_vae_space_and_control_conditioning():
+    adata = vcell.datasets.simulate(n_cells=300, n_genes=40, n_perturbations=2, n_combos=0, seed=0)
+    ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    model = ResidualDiffusion(
+        adata,
+        space="vae",
+        mean_model_kwargs={"n_latent": 6, "n_hidden": 32},
+        condition_on_control=True,
+        tail="gaussian",
+        n_hidden=32,
+        n_layers=1,
+    )
+    assert model.n_dims_ == 6
+    model.train(
+        max_epochs=3, seed=0, trainer_kwargs=QUIET, mean_train_kwargs={"max_epochs": 3, "trainer_kwargs": QUIET}
+    )
+    assert model.mean_model.is_trained_
+    pert = model.mean_model.vocab.atoms[0]
+    s = model.sample(perturbation=pert, n_cells=30, seed=0, n_steps=5)
+    assert s.shape == (30, 40)
+    assert np.isfinite(s.X).all()
+
+
+def test_passing_a_trained_mean_model(bimodal):
+    adata, model = bimodal
+    rd = ResidualDiffusion(adata, mean_model=model.mean_model, n_components=3, n_hidden=16, n_layers=1)
+    assert rd.mean_model is model.mean_model
+    assert rd.init_params_["non_kwargs"]["mean_model"] == "additive"
+    other = _bimodal_adata(n_genes=10)
+    ResidualDiffusion.setup_anndata(other, perturbation_key="perturbation", control="control")
+    with pytest.raises(ValueError, match="other genes"):
+        ResidualDiffusion(other, mean_model=model.mean_model)
+
+
+def test_errors(bimodal):
+    adata, model = bimodal
+    with pytest.raises(ValueError, match="space must be one of"):
+        ResidualDiffusion(adata, mean_model="mean", space="umap")
+    with pytest.raises(ValueError, match="tail must be one of"):
+        ResidualDiffusion(adata, mean_model="mean", tail="t")
+    with pytest.raises(ValueError, match="needs a CausalVAE"):
+        ResidualDiffusion(adata, mean_model="mean", space="vae")
+    with pytest.raises(ValueError, match="unknown mean_model 'SCVI'"):
+        ResidualDiffusion(adata, mean_model="SCVI")
+    with pytest.raises(RuntimeError, match="not trained"):
+        ResidualDiffusion(adata, mean_model="mean").sample(perturbation="A")
+    with pytest.raises(KeyError, match="'B'"):
+        model.sample(perturbation="B", n_cells=5)
+    with pytest.raises(ValueError, match="n_steps"):
+        model.sample(perturbation="A", n_steps=0)
+    with pytest.raises(ValueError, match="n_cells"):
+        model.sample(perturbation="A", n_cells=0)
