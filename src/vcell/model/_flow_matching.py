@@ -1,0 +1,688 @@
+"""``FlowMatching``: optimal-transport conditional flow matching from control to perturbed cells in a PCA space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._settings import logger
+from vcell._utils import check_obs_keys, resolve_seed
+from vcell.module import FlowMatchingModule, ot_pairs
+from vcell.module._causal_vae import EXTRA_NODES_KEY
+from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
+
+from ._base import PerturbationModel, sample_obs
+from ._causal_vae import CausalVAE, _as_anndata
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+COUPLINGS = ("ot", "random")
+#: the PCA is fitted on at most this many cells (a seeded subsample beyond)
+_PCA_MAX_CELLS = 50_000
+
+
+class _PairBatches:
+    """Sized iterable of batches of (control, perturbed) pairs in the PCA space.
+
+    ``groups``: ``(targets, controls)`` index arrays per (condition, dose, context[, time]) group; every pass draws one
+    control per target (with replacement, from the same context) and couples them (``coupling="ot"``: within chunks
+    of at most ``coupling_size`` cells, exactly up to ``exact_max`` cells, by Sinkhorn above), seeded by
+    ``(seed, epoch)``; ``identity``: control cells paired with themselves (the zero displacement). ``fixed=True``
+    (validation) draws the same pairs and flow times every pass.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        groups: list[tuple[np.ndarray, np.ndarray]],
+        identity: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        coupling: str,
+        coupling_size: int,
+        exact_max: int,
+        epsilon: float,
+        fixed: bool = False,
+    ) -> None:
+        self.tensors, self.groups, self.identity = tensors, groups, np.asarray(identity, dtype=np.int64)
+        self.z = tensors["z"].numpy()
+        self.batch_size, self.seed, self.fixed, self.epoch = int(batch_size), int(seed), bool(fixed), 0
+        self.coupling, self.coupling_size, self.exact_max, self.epsilon = coupling, coupling_size, exact_max, epsilon
+        self.n_pairs = sum(len(t) for t, _ in groups) + len(self.identity)
+
+    def pairs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``(source, target)`` cell indices of one pass."""
+        src, tgt = [self.identity], [self.identity]
+        for targets, controls in self.groups:
+            targets = rng.permutation(targets)
+            for chunk in np.array_split(targets, -(-len(targets) // self.coupling_size)):
+                sources = rng.choice(controls, size=len(chunk), replace=True)
+                if self.coupling == "ot" and len(chunk) > 1:
+                    perm = ot_pairs(
+                        self.z[sources], self.z[chunk], exact_max=self.exact_max, epsilon=self.epsilon, rng=rng
+                    )
+                    sources = sources[perm]
+                src.append(sources)
+                tgt.append(chunk)
+        return np.concatenate(src), np.concatenate(tgt)
+
+    def _shard(self, order: np.ndarray) -> np.ndarray:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return order[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
+        return order
+
+    def __len__(self) -> int:
+        return -(-len(self._shard(np.arange(self.n_pairs))) // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch + 1])
+        self.epoch += 0 if self.fixed else 1
+        src, tgt = self.pairs(rng)
+        order = self._shard(np.arange(len(src)) if self.fixed else rng.permutation(len(src)))
+        flow_t = torch.as_tensor(rng.random(len(src)), dtype=torch.float32) if self.fixed else None
+        z = self.tensors["z"]
+        for start in range(0, len(order), self.batch_size):
+            pos = order[start : start + self.batch_size]
+            s, t = torch.as_tensor(src[pos]), torch.as_tensor(tgt[pos])
+            batch = {SOURCE_KEY: z[s], TARGET_KEY: z[t]}
+            batch.update({k: v[t] for k, v in self.tensors.items() if k != "z"})
+            if flow_t is not None:
+                batch[FLOW_TIME_KEY] = flow_t[torch.as_tensor(pos)]
+            yield batch
+
+
+class FlowMatching(PerturbationModel):
+    """Optimal-transport conditional flow matching: a learned flow carries control cells to perturbed ones.
+
+    Cells are not paired before and after a perturbation; the model learns the map between the control population
+    and the perturbed one of the same context (as CellOT and CellFlow do). Cells live in a PCA space fitted on the
+    training cells' log1p(CP10k) expression (``n_components``; coordinates divided by one global scale). A vector
+    field ``v(z, t | c)`` (an MLP of ``n_layers`` x ``n_hidden`` SiLU units on ``z``, a sinusoidal embedding of the
+    flow time ``t`` and the condition ``c``) is trained by conditional flow matching: for every (condition, dose,
+    context) group of perturbed training cells, control cells of the same context are drawn with replacement, one
+    per perturbed cell, and coupled to them by optimal transport on squared Euclidean cost
+    (:func:`vcell.module.ot_pairs`: exact assignment up to ``exact_max`` cells, log-domain Sinkhorn above, within
+    chunks of at most ``coupling_size`` cells), anew every epoch; ``v`` regresses ``z1 - z0`` at
+    ``z_t = (1 - t) z0 + t z1``. ``coupling="random"`` pairs them at random instead (the mini-batch OT ablation).
+    Control cells are also trained on as the identity map (condition without perturbation, zero displacement).
+
+    The condition is the perturbation encoder's vector (:class:`vcell.module.PerturbationEncoder` with one-hot,
+    embedding-table or gene-graph operators and per-perturbation log-dose sigmoids; a combination is the sum of its
+    singles' encodings, so unseen combinations of seen singles can be predicted) plus a learned embedding per
+    category of every covariate (cell type, batch), and optionally a numeric time covariate (``time_key``) so that
+    time courses interpolate.
+
+    Predictions integrate ``dz/dt = v(z, t | c)`` from each control cell's coordinates (``n_steps`` fixed Euler or
+    midpoint steps) and decode. With ``residual=True`` (default) the decoded displacement is added to the cell's own
+    log1p(CP10k) expression, so each cell keeps the detail outside the PCA space; ``False`` returns the decoded
+    endpoint (the PCA reconstruction). Values are clipped at 0. Only ``space="pca"`` is supported (no VAE latent).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (log data or counts), or a MuData whose ``rna`` was registered.
+    registry
+        Registry of a saved model (used by :meth:`load`).
+    n_components
+        PCA dimension (capped at the number of genes and cells).
+    n_hidden, n_layers
+        Width and number of hidden layers of the vector field.
+    n_condition
+        Size of the condition vector (perturbation plus covariates).
+    n_freqs
+        Frequencies of the flow-time embedding.
+    coupling
+        ``"ot"`` (mini-batch optimal transport) or ``"random"``.
+    coupling_size
+        Largest number of cells coupled jointly (bigger groups are split at random).
+    exact_max
+        Couple exactly (:func:`scipy.optimize.linear_sum_assignment`) up to this many cells, by Sinkhorn above.
+    sinkhorn_epsilon
+        Entropic regularisation of Sinkhorn, relative to the mean cost.
+    sigma
+        Noise added to ``z_t`` in training (in units of the standardised PCA space; 0: none).
+    identity_pairs
+        Train on control cells as the identity map.
+    residual
+        Add the decoded displacement to each starting cell's own expression (see above).
+    time_key
+        Optional numeric ``obs`` column (e.g. hours after perturbation): a condition of the flow, so predictions can
+        ask for any time (``time=``); perturbed cells are grouped by time for the coupling.
+    perturbation_embedding, gene_graph, graph_layers, graph_own_embedding
+        Perturbation operators as in :class:`vcell.model.CausalVAE`: ``None`` (one-hot), an embedding table
+        (:class:`pandas.DataFrame` indexed by single perturbation, or a key of ``adata.uns``) or a gene graph in
+        GEARS' format; both predict perturbations never seen in training (a table row, a graph node).
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=1, seed=0)
+    >>> vcell.model.FlowMatching.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.FlowMatching(adata, n_components=10, n_hidden=32)
+    >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
+    >>> model.predict(perturbation="G0005").shape
+    (60, 50)
+    """
+
+    # AnnData plumbing shared with CausalVAE (registry categories, encodings, embedding table, gene graph, split)
+    _conditions = CausalVAE._conditions
+    _covariate_categories = CausalVAE._covariate_categories
+    _covariate_codes = CausalVAE._covariate_codes
+    _embedding_table = CausalVAE._embedding_table
+    _gene_graph = CausalVAE._gene_graph
+    _graph_arrays = CausalVAE._graph_arrays
+    _encode = CausalVAE._encode
+    _log_dose_init = CausalVAE._log_dose_init
+    _split = CausalVAE._split
+    _require_trained = CausalVAE._require_trained
+    _chunks = CausalVAE._chunks
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        registry: dict | None = None,
+        *,
+        n_components: int = 50,
+        n_hidden: int = 256,
+        n_layers: int = 3,
+        n_condition: int = 64,
+        n_freqs: int = 16,
+        coupling: str = "ot",
+        coupling_size: int = 1024,
+        exact_max: int = 512,
+        sinkhorn_epsilon: float = 0.05,
+        sigma: float = 0.0,
+        identity_pairs: bool = True,
+        residual: bool = True,
+        time_key: str | None = None,
+        perturbation_embedding: str | pd.DataFrame | None = None,
+        gene_graph: str | pd.DataFrame | None = None,
+        graph_layers: int = 1,
+        graph_own_embedding: bool = True,
+    ) -> None:
+        adata = _as_anndata(adata)
+        super().__init__(adata, registry=registry)
+        if coupling not in COUPLINGS:
+            msg = f"coupling must be one of {COUPLINGS}, got {coupling!r}"
+            raise ValueError(msg)
+        for name, value in {
+            "n_components": n_components,
+            "coupling_size": coupling_size,
+            "exact_max": exact_max,
+        }.items():
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        if not (np.isfinite(sinkhorn_epsilon) and sinkhorn_epsilon > 0):
+            msg = f"sinkhorn_epsilon must be a finite number > 0, got {sinkhorn_epsilon!r}"
+            raise ValueError(msg)
+        if gene_graph is not None and perturbation_embedding is not None:
+            msg = "pass either perturbation_embedding or gene_graph, not both"
+            raise ValueError(msg)
+        if int(graph_layers) < 1:
+            msg = f"graph_layers must be a positive integer, got {graph_layers!r}"
+            raise ValueError(msg)
+        self.coupling, self.coupling_size, self.exact_max = coupling, int(coupling_size), int(exact_max)
+        self.sinkhorn_epsilon, self.identity_pairs, self.residual = (
+            float(sinkhorn_epsilon),
+            bool(identity_pairs),
+            bool(residual),
+        )
+        self.time_key = time_key
+        table = self._embedding_table(adata, perturbation_embedding)
+        perturbation_embedding = table  # saved with the model
+        graph = self._gene_graph(adata, gene_graph)
+        gene_graph = graph
+        extra = [] if table is None else sorted(set(map(str, table.index)) - set(self.vocab.atoms))
+        self.atoms_: list[str] = [*self.vocab.atoms, *extra]
+        self._atom_index = {a: i for i, a in enumerate(self.atoms_)}
+        features = None if table is None else table.loc[self.atoms_].to_numpy(dtype=np.float32)
+        seen = np.array([a in set(self.vocab.atoms) for a in self.atoms_], dtype=bool)
+        graph_kwargs = {} if graph is None else self._graph_arrays(graph, graph_layers, graph_own_embedding)
+        self.covariate_names_, self._categories = self._covariate_categories()
+        times = self._times(adata) if adata is not None and time_key is not None else None
+        space = None
+        if adata is not None and registry is None:  # a new model (load() restores the space from the weights)
+            space = self._fit_space(adata, int(n_components))
+            n_components = int(space[0].shape[0])  # saved so that load() builds buffers of the fitted size
+        self.module = FlowMatchingModule(
+            self.summary_stats["n_vars"],
+            len(self.atoms_),
+            int(n_components),
+            covariate_sizes=tuple(len(c) for c in self._categories),
+            n_condition=n_condition,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_freqs=n_freqs,
+            time_covariate=time_key is not None,
+            sigma=sigma,
+            perturbation_features=features,
+            seen_atoms=seen,
+            **graph_kwargs,
+            log_dose_init=self._log_dose_init(adata),
+        )
+        if space is not None:
+            self.module.set_space(*space)
+        if times is not None:
+            with torch.no_grad():
+                self.module.time_loc.fill_(float(times.mean()))
+                self.module.time_scale.fill_(float(times.std()) if times.std() > 0 else 1.0)
+            perturbed = (adata.obs[PERT_COL].astype(str) != CONTROL).to_numpy()
+            self.default_time_ = float(np.median(times[perturbed] if perturbed.any() else times))
+        kind = "gene graph" if graph is not None else ("embedding table" if table is not None else "one-hot")
+        self._model_summary_string = (
+            f"FlowMatching: {len(self.atoms_)} perturbations ({self.vocab.n_atoms} seen, {kind}), covariates "
+            f"{self.covariate_names_}, PCA space of {n_components} components, coupling={coupling!r}"
+            + (f", time covariate {time_key!r}" if time_key is not None else "")
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ AnnData -> arrays
+    def _times(self, adata: AnnData) -> np.ndarray:
+        check_obs_keys(adata, [self.time_key], what="time_key")
+        try:
+            values = adata.obs[self.time_key].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            msg = f"time_key {self.time_key!r} must name a numeric obs column: {err}"
+            raise ValueError(msg) from err
+        if not np.isfinite(values).all():
+            msg = f"obs[{self.time_key!r}] (time_key) holds NaN or infinite values"
+            raise ValueError(msg)
+        return values
+
+    def _fit_space(self, adata: AnnData, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """PCA ``(components, mean)`` on the non-test cells' log1p(CP10k) and the global scale of the coordinates."""
+        from vcell.metrics import fit_pca, pca_project
+
+        idx = np.arange(adata.n_obs)
+        if "vcell_split" in adata.obs:
+            idx = idx[(adata.obs["vcell_split"].astype(str) != "test").to_numpy()]
+        if len(idx) > _PCA_MAX_CELLS:
+            idx = np.sort(np.random.default_rng(resolve_seed(None)).choice(idx, _PCA_MAX_CELLS, replace=False))
+        X = self._expression(adata, idx)
+        comps, mean = fit_pca(X, n_components)
+        z = pca_project(X, comps, mean)
+        scale = float(np.sqrt(np.mean(z**2))) if z.size else 1.0
+        return comps, mean, scale if scale > 0 else 1.0
+
+    def _encode_query(self, labels: Sequence[str], doses: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """CausalVAE's encoding of labels (dose-scaled multi-hot, extra graph nodes); KeyError naming unknown ones."""
+        labels = [str(x) for x in labels]
+        if self._graph_nodes is None and len(self.atoms_) == self.vocab.n_atoms:
+            self.vocab.check(
+                labels, what="FlowMatching (one-hot perturbation encoder; pass perturbation_embedding= or gene_graph=)"
+            )
+        return CausalVAE._encode_query(self, labels, doses)
+
+    def _space(self, adata: AnnData, idx: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, torch.Tensor]:
+        """log1p(CP10k) expression and standardised PCA coordinates of cells ``idx``."""
+        X = self._expression(adata, idx)
+        m = self.module
+        with torch.no_grad():
+            z = torch.cat(
+                [m.encode(torch.as_tensor(X[i : i + batch_size])) for i in range(0, len(X), batch_size)]
+                or [torch.zeros(0, m.n_components)]
+            )
+        return X, z
+
+    def _training_tensors(self, adata: AnnData) -> dict[str, torch.Tensor]:
+        idx = np.arange(adata.n_obs)
+        device = self.module.pca_components.device
+        self.module.to("cpu")  # after training on a GPU the module may still be there
+        try:
+            _, z = self._space(adata, idx)
+        finally:
+            self.module.to(device)
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
+        tensors = {
+            "z": z,
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
+        }
+        if self.time_key is not None:
+            tensors[TIME_COVARIATE_KEY] = torch.as_tensor(self._times(adata), dtype=torch.float32)
+        return tensors
+
+    def _groups(
+        self, adata: AnnData, idx: np.ndarray, controls: np.ndarray
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """Coupling groups of the perturbed cells in ``idx`` and the control cells of ``idx`` (identity pairs).
+
+        Each group holds the cells of one condition, dose, context (and time) with the ``controls`` of that context.
+        """
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        ctx = self._contexts(adata)
+        is_ctrl = labels[idx] == CONTROL
+        target = idx[~is_ctrl]
+        key = pd.Series(labels[target]) + "\t" + pd.Series(ctx[target])
+        if DOSE_COL in adata.obs:
+            key = key + "\t" + pd.Series(adata.obs[DOSE_COL].to_numpy()[target]).astype(str)
+        if self.time_key is not None:
+            key = key + "\t" + pd.Series(self._times(adata)[target]).astype(str)
+        groups, lacking = [], set()
+        for _, members in pd.Series(np.arange(len(target))).groupby(key.to_numpy(), sort=True):
+            cells = target[members.to_numpy()]
+            pool = controls[ctx[controls] == ctx[cells[0]]]
+            if not pool.size:
+                lacking.add(str(ctx[cells[0]]))
+                pool = controls
+            groups.append((cells, pool))
+        if lacking:
+            logger.warning(
+                "FlowMatching: no control cells in context(s) %s; their cells use all controls", sorted(lacking)
+            )
+        identity = idx[is_ctrl] if self.identity_pairs else np.zeros(0, dtype=np.int64)
+        return groups, identity
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int = 200,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = True,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        *,
+        weight_decay: float = 1e-6,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 20,
+    ) -> None:
+        """Train the vector field with Lightning (progress bar, validation flow-matching loss, early stopping).
+
+        Validation cells are ``obs['vcell_split'] == 'val'`` when present (then only ``'train'`` cells are trained
+        on), else a seeded ``validation_fraction`` of the cells; their pairs (with training controls) and flow times
+        are drawn once. The first call re-initialises the weights from ``seed``, so the same seed gives the same model
+        (on CPU).
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of passes over the pairs (every pass draws new controls and couplings).
+        lr
+            AdamW learning rate.
+        batch_size
+            Pairs per batch.
+        accelerator, devices
+            Passed to :class:`lightning.Trainer`.
+        early_stopping
+            Stop when ``val_loss`` has not improved for ``early_stopping_patience`` epochs and keep the best weights.
+        seed
+            Random seed of weights, split, couplings and flow times; ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further :class:`lightning.Trainer` arguments (e.g. ``{"enable_progress_bar": False}``).
+        weight_decay
+            AdamW weight decay.
+        validation_fraction
+            Share of cells held out for validation when ``obs['vcell_split']`` has no ``val`` cells.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+
+        Sets the following fields
+        -------------------------
+        ``model.history_``
+            Per-epoch means of the loss (``train_loss``, ``val_loss``, ``*_flow_mse``): dict of DataFrames.
+        ``model.best_epoch_``, ``model.train_indices_``, ``model.validation_indices_``
+            The epoch whose weights are kept and the cells trained and validated on.
+        """
+        import lightning
+
+        from vcell.train import TrainingPlan, fit
+
+        seed = resolve_seed(seed)
+        lightning.seed_everything(seed, verbose=False)
+        if not self.is_trained_:
+            self.module.reset_parameters()
+        adata = self.adata
+        train_idx, val_idx = self._split(adata, validation_fraction, seed)
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        controls = train_idx[labels[train_idx] == CONTROL]
+        if not controls.size:
+            msg = f"FlowMatching needs control cells (obs[{PERT_COL!r}] == {CONTROL!r}) among the training cells"
+            raise ValueError(msg)
+        tensors = self._training_tensors(adata)
+        opts = {
+            "seed": seed,
+            "coupling": self.coupling,
+            "coupling_size": self.coupling_size,
+            "exact_max": self.exact_max,
+            "epsilon": self.sinkhorn_epsilon,
+        }
+        train_dl = _PairBatches(tensors, *self._groups(adata, train_idx, controls), batch_size=batch_size, **opts)
+        val_dl = None
+        if len(val_idx):
+            val_dl = _PairBatches(
+                tensors, *self._groups(adata, val_idx, controls), batch_size=max(batch_size, 1024), fixed=True, **opts
+            )
+            val_dl = val_dl if val_dl.n_pairs else None
+        plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor="val_loss")
+        self.best_epoch_ = fit(
+            plan,
+            train_dl,
+            val_dl,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping and val_dl is not None,
+            early_stopping_patience=early_stopping_patience,
+            trainer_kwargs=trainer_kwargs,
+        )
+        self.module.eval()
+        self.is_trained_ = True
+        hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
+        self.history_ = {col: hist[[col]] for col in hist.columns}
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        logger.info("FlowMatching trained for %d epochs", len(plan.history))
+
+    # ------------------------------------------------------------------ inference
+    def _check_options(self, n_steps: int, solver: str, time: float | None) -> float | None:
+        if solver not in SOLVERS:
+            msg = f"solver must be one of {SOLVERS}, got {solver!r}"
+            raise ValueError(msg)
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 1:
+            msg = f"n_steps must be a positive integer, got {n_steps!r}"
+            raise ValueError(msg)
+        if self.time_key is None:
+            if time is not None:
+                msg = "time= needs a model created with time_key="
+                raise ValueError(msg)
+            return None
+        time = self.default_time_ if time is None else float(time)
+        if not np.isfinite(time):
+            msg = f"time must be a finite number, got {time!r}"
+            raise ValueError(msg)
+        return time
+
+    def _flow(
+        self,
+        adata: AnnData,
+        idx: np.ndarray,
+        perturbation: str,
+        dose: float,
+        time: float | None,
+        *,
+        n_steps: int,
+        solver: str,
+        batch_size: int,
+        path: bool = False,
+    ):
+        """Yield ``(X, z0, z_end)`` per chunk of cells ``idx`` (``z_end``: endpoints, or all states with ``path``)."""
+        target, nodes = self._encode_query([str(perturbation)], float(dose))
+        m = self.module.eval()
+        device = m.pca_components.device
+        for chunk in self._chunks(idx, batch_size):
+            X = self._expression(adata, chunk)
+            batch = {
+                REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, len(chunk), axis=0)),
+                REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, chunk)),
+            }
+            if nodes.size:
+                batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (len(chunk), 1)))
+            if time is not None:
+                batch[TIME_COVARIATE_KEY] = torch.full((len(chunk),), float(time))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            x = torch.as_tensor(X, device=device)
+            with torch.no_grad():
+                z0 = m.encode(x)
+                z_end = m.transport(z0, m.condition(batch), n_steps=int(n_steps), solver=solver, path=path)
+            yield x, z0, z_end
+
+    def predict(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        n_steps: int = 20,
+        solver: str = "midpoint",
+        time: float | None = None,
+        residual: bool | None = None,
+        batch_size: int = 2048,
+    ) -> np.ndarray:
+        """Counterfactual expression of control cells under ``perturbation``: each cell pushed through the flow.
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells (same genes as in training); ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"`` (unseen combinations of seen singles too).
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Unused (the flow is deterministic); accepted for the common interface.
+        n_steps
+            Fixed steps of the ODE solver.
+        solver
+            ``"euler"`` or ``"midpoint"``.
+        time
+            Value of the time covariate (models with ``time_key``); ``None``: the median time of the perturbed
+            training cells.
+        residual
+            Add the decoded displacement to each cell's own expression (``None``: the model's ``residual``).
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array of shape ``(n_selected_cells, n_genes)``, log1p(CP10k), float32, clipped at 0.
+        """
+        self._require_trained()
+        time = self._check_options(n_steps, solver, time)
+        adata = self._check_adata(_as_anndata(adata))
+        idx = self._control_indices(adata, controls)
+        return self._predict_cells(adata, idx, perturbation, dose, time, n_steps, solver, residual, batch_size)
+
+    def _predict_cells(self, adata, idx, perturbation, dose, time, n_steps, solver, residual, batch_size) -> np.ndarray:
+        residual = self.residual if residual is None else bool(residual)
+        m, out = self.module, []
+        kw = {"n_steps": n_steps, "solver": solver, "batch_size": batch_size}
+        for x, z0, z1 in self._flow(adata, idx, perturbation, dose, time, **kw):
+            with torch.no_grad():
+                pred = x + m.decode_delta(z1 - z0) if residual else m.decode(z1)
+            out.append(pred.clamp(min=0).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def get_trajectory(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        n_steps: int = 20,
+        solver: str = "midpoint",
+        time: float | None = None,
+        batch_size: int = 2048,
+    ) -> np.ndarray:
+        """Paths of control cells through the flow, in the standardised PCA space.
+
+        Parameters
+        ----------
+        adata, perturbation, controls, dose, n_steps, solver, time, batch_size
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        Array of shape ``(n_steps + 1, n_selected_cells, n_components)``: the states at ``t = 0, 1/n_steps, ..., 1``.
+        """
+        self._require_trained()
+        time = self._check_options(n_steps, solver, time)
+        adata = self._check_adata(_as_anndata(adata))
+        idx = self._control_indices(adata, controls)
+        kw = {"n_steps": n_steps, "solver": solver, "batch_size": batch_size, "path": True}
+        paths = [zs.cpu().numpy() for _, _, zs in self._flow(adata, idx, perturbation, dose, time, **kw)]
+        return np.concatenate(paths, axis=1)
+
+    def sample(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        n_cells: int | None = None,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        n_steps: int = 20,
+        solver: str = "midpoint",
+        time: float | None = None,
+        batch_size: int = 2048,
+    ) -> AnnData:
+        """Cells of the predicted perturbed population: starting control cells pushed through the flow.
+
+        The randomness is in the starting cells: ``n_cells=None`` pushes each selected control cell once; otherwise
+        ``n_cells`` starting cells are drawn from them with replacement (seeded). Values are as in :meth:`predict`.
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells; ``None`` uses the training data.
+        perturbation
+            Canonical condition to sample.
+        n_cells
+            Number of cells; ``None`` draws one per starting cell.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Random seed of the draw of starting cells; ``None`` uses ``vcell.settings.seed``.
+        n_steps, solver, time, batch_size
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) (float32, clipped at 0),
+        ``obs['perturbation']`` / ``obs['vcell_perturbation']`` the condition, ``obs['vcell_dose']`` the dose and
+        ``obs['vcell_source_cell']`` the starting cell.
+        """
+        import anndata as ad
+
+        self._require_trained()
+        time = self._check_options(n_steps, solver, time)
+        adata = self._check_adata(_as_anndata(adata))
+        rng = np.random.default_rng(resolve_seed(seed))
+        idx = self._control_indices(adata, controls)
+        if n_cells is not None:
+            if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
+                msg = f"n_cells must be a positive integer, got {n_cells!r}"
+                raise ValueError(msg)
+            idx = rng.choice(idx, size=int(n_cells), replace=True)
+        X = self._predict_cells(adata, idx, perturbation, dose, time, n_steps, solver, None, batch_size)
+        obs = sample_obs(str(perturbation), float(dose), adata.obs_names[idx].to_numpy())
+        return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
