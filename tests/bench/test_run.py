@@ -107,3 +107,24 @@ def test_linear_without_embedding_is_recorded_not_hidden(papalexi_path):
     err = res.results[res.results["metric"] == "error"]
     assert set(err["perturbation"]) == {"IFNGR1", "STAT1"}
     assert err["error"].str.contains("embedding").all()
+
+
+def test_model_spec_sample_output_scores_generated_cells(sim):
+    """output="sample" benchmarks a generative model's cells: its spread reaches the distribution metrics."""
+    rd = ModelSpec(
+        "rd",
+        vcell.model.ResidualDiffusion,
+        {"mean_model": "additive", "n_components": 5, "n_hidden": 32, "n_layers": 1},
+        {"max_epochs": 5, "trainer_kwargs": {"enable_progress_bar": False}},
+        output="sample",
+        sample_kwargs={"n_steps": 5},
+    )
+    point = ModelSpec("rd_mean", vcell.model.ResidualDiffusion, rd.init_kwargs, rd.train_kwargs)
+    res = vcell.bench.run(
+        sim, models=[rd, point], splits=["combo_half"], seeds=[1], metrics=["energy_distance"], progress=False
+    )
+    per = res.results.pivot_table(index="perturbation", columns="model", values="value")
+    assert per.notna().all().all()
+    assert not np.allclose(per["rd"], per["rd_mean"])  # samples, not the mean model's counterfactuals
+    with pytest.raises(ValueError, match="output must be"):
+        ModelSpec("x", vcell.model.Baseline, output="mean")

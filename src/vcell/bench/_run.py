@@ -83,13 +83,26 @@ class ModelSpec:
         A vcell model class (``setup_anndata`` / ``__init__`` / ``train`` / ``predict``).
     init_kwargs, train_kwargs
         Keyword arguments of ``model_cls(adata, **init_kwargs)`` and ``model.train(**train_kwargs)``.
+    output
+        ``"predict"``: each control cell's counterfactual from ``model.predict`` (point predictions);
+        ``"sample"``: cells drawn by ``model.sample`` (one per control cell, seeded; generative models such as
+        :class:`~vcell.model.ResidualDiffusion`), so distribution metrics see the model's spread.
+    sample_kwargs
+        Further arguments of ``model.sample`` (e.g. ``{"n_steps": 20}``) with ``output="sample"``.
     """
 
     name: str
     model_cls: Any
     init_kwargs: dict = field(default_factory=dict)
     train_kwargs: dict = field(default_factory=dict)
+    output: str = "predict"
+    sample_kwargs: dict = field(default_factory=dict)
     last_resources: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.output not in ("predict", "sample"):
+            msg = f"ModelSpec output must be 'predict' or 'sample', got {self.output!r}"
+            raise ValueError(msg)
 
     def fit_predict(
         self,
@@ -116,9 +129,21 @@ class ModelSpec:
         out: dict[str, np.ndarray | str] = {}
         for req in requests:
             try:
-                out[req.condition] = model.predict(
-                    tr, perturbation=req.perturbation, controls=req.controls, dose=req.dose, seed=seed
-                )
+                if self.output == "sample":
+                    out[req.condition] = np.asarray(
+                        model.sample(
+                            tr,
+                            perturbation=req.perturbation,
+                            controls=req.controls,
+                            dose=req.dose,
+                            seed=seed,
+                            **self.sample_kwargs,
+                        ).X
+                    )
+                else:
+                    out[req.condition] = model.predict(
+                        tr, perturbation=req.perturbation, controls=req.controls, dose=req.dose, seed=seed
+                    )
             except (KeyError, ValueError) as err:
                 out[req.condition] = str(err)
         self.last_resources = {"fit_s": fit_s, "predict_s": time.perf_counter() - t0}
