@@ -132,7 +132,9 @@ class FlowMatching(PerturbationModel):
     registry
         Registry of a saved model (used by :meth:`load`).
     n_components
-        PCA dimension (capped at the number of genes and cells).
+        PCA dimension (capped at the number of genes and cells). 20 beat 50 in energy distance on Kang 2018
+        cell-type transfer (2,000 HVGs; 6-7 of 7 held-out types over two seeds, with ``sigma=0.1``); the residual
+        add-back keeps each cell's expression outside these components.
     n_hidden, n_layers
         Width and number of hidden layers of the vector field.
     n_condition
@@ -148,7 +150,8 @@ class FlowMatching(PerturbationModel):
     sinkhorn_epsilon
         Entropic regularisation of Sinkhorn, relative to the mean cost.
     sigma
-        Noise added to ``z_t`` in training (in units of the standardised PCA space; 0: none).
+        Noise added to ``z_t`` in training (in units of the standardised PCA space; 0: none); a little noise
+        smooths the field between the training paths (better energy distance on Kang transfer than 0).
     identity_pairs
         Train on control cells as the identity map.
     residual
@@ -190,7 +193,7 @@ class FlowMatching(PerturbationModel):
         adata: AnnData | MuData | None = None,
         registry: dict | None = None,
         *,
-        n_components: int = 50,
+        n_components: int = 20,
         n_hidden: int = 256,
         n_layers: int = 3,
         n_condition: int = 64,
@@ -199,7 +202,7 @@ class FlowMatching(PerturbationModel):
         coupling_size: int = 1024,
         exact_max: int = 512,
         sinkhorn_epsilon: float = 0.05,
-        sigma: float = 0.0,
+        sigma: float = 0.1,
         identity_pairs: bool = True,
         residual: bool = True,
         time_key: str | None = None,
@@ -386,12 +389,12 @@ class FlowMatching(PerturbationModel):
     # ------------------------------------------------------------------ training
     def train(
         self,
-        max_epochs: int = 200,
+        max_epochs: int = 150,
         lr: float = 1e-3,
         batch_size: int = 256,
         accelerator: str = "auto",
         devices: int | str = "auto",
-        early_stopping: bool = True,
+        early_stopping: bool = False,
         seed: int | None = None,
         trainer_kwargs: dict | None = None,
         *,
@@ -417,7 +420,10 @@ class FlowMatching(PerturbationModel):
         accelerator, devices
             Passed to :class:`lightning.Trainer`.
         early_stopping
-            Stop when ``val_loss`` has not improved for ``early_stopping_patience`` epochs and keep the best weights.
+            Stop when ``val_loss`` (the flow-matching loss of fixed validation pairs) has not improved for
+            ``early_stopping_patience`` epochs and keep the best weights. Off by default: that loss plateaus early
+            and is a poor guide to the transported distribution (on Kang transfer, 150 epochs without early stopping
+            gave a lower mean energy distance over the 7 held-out types than with it).
         seed
             Random seed of weights, split, couplings and flow times; ``None`` uses ``vcell.settings.seed``.
         trainer_kwargs
