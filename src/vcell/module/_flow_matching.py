@@ -153,7 +153,7 @@ def ot_pairs(
         out[rows] = cols
         return out
     plan = sinkhorn_plan(cost, epsilon=epsilon)
-    cum = np.cumsum(plan / plan.sum(0, keepdims=True), axis=0)
+    cum = np.cumsum(plan / np.maximum(plan.sum(0, keepdims=True), 1e-300), axis=0)
     u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
     return np.minimum((cum < u[None, :]).sum(0), len(x0) - 1).astype(np.int64)
 
