@@ -10,8 +10,9 @@ Two settings (issue 7):
 
 Generators compared, per held-out condition, each drawing ``--n-samples`` cells (clipped at 0, log1p(CP10k)):
 
-* ``RD(additive)`` / ``RD(CausalVAE)``: ResidualDiffusion with that mean model (the CausalVAE is the one trained for
-  the CausalVAE rows, passed in trained);
+* ``RD(additive)`` / ``RD(CausalVAE)``: ResidualDiffusion (defaults: 30-PC residual space, empirical tails,
+  ``match_mean``) with that mean model (the CausalVAE is the one trained for the CausalVAE rows, passed in trained;
+  ``mu(c)`` from its samples, ``mean_from="auto"``); ``RD(CausalVAE,vae)``: the same in the CausalVAE's latent space;
 * ``additive+gauss`` / ``CausalVAE+gauss``: that mean model's conditional mean ``mu(c)`` (mean counterfactual of the
   context's controls) plus independent Gaussian noise per gene with the training residuals' per-gene sd;
 * ``CausalVAE.sample``: cells drawn from the CausalVAE's decoded negative binomial;
@@ -134,6 +135,12 @@ def run_task(task, seed: int, args) -> tuple[list[dict], list[dict]]:
         rd.train(max_epochs=args.rd_epochs, seed=seed, trainer_kwargs=QUIET)
         times.append({"task": name, "seed": seed, "model": f"RD({mean_name})", "fit_s": time.perf_counter() - t0})
         generators[f"RD({mean_name})"] = rd
+        if mean_name == "CausalVAE":  # the same mean model, residuals in its latent space
+            t0 = time.perf_counter()
+            rd = vcell.model.ResidualDiffusion(train, mean_model=mean_model, space="vae")
+            rd.train(max_epochs=args.rd_epochs, seed=seed, trainer_kwargs=QUIET)
+            times.append({"task": name, "seed": seed, "model": "RD(CausalVAE,vae)", "fit_s": time.perf_counter() - t0})
+            generators["RD(CausalVAE,vae)"] = rd
         generators[f"{mean_name}+gauss"] = gaussian_sampler(mean_model, train, covariates, seed)
         generators[mean_name] = mean_model
 
@@ -174,7 +181,7 @@ def run_task(task, seed: int, args) -> tuple[list[dict], list[dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=["sim", "kang"], default="sim")
+    parser.add_argument("--data", choices=["sim", "kang", "speed"], default="sim")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--types", default="", help="Kang cell types (comma-separated; default all 7)")
     parser.add_argument("--epochs", type=int, default=200, help="CausalVAE max epochs (early stopping)")
@@ -189,6 +196,9 @@ def main() -> None:
 
     out = Path(args.out) / args.data
     out.mkdir(parents=True, exist_ok=True)
+    if args.data == "speed":
+        speed(args, out)
+        return
     rows, times = [], []
     for seed in [int(s) for s in args.seeds.split(",")]:
         tasks = sim_tasks(seed) if args.data == "sim" else kang_tasks([t for t in args.types.split(",") if t])
@@ -199,6 +209,39 @@ def main() -> None:
             times += t
             print(f"{task[0]} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             write(pd.DataFrame(rows), pd.DataFrame(times), out)  # after every task, so a stop keeps the finished ones
+
+
+def speed(args, out: Path) -> None:
+    """Sampling throughput (cells/s) of ResidualDiffusion by DDIM step count (200 genes, 30 dims, 256 x 3 MLP)."""
+    import torch
+
+    adata = vcell.datasets.simulate(n_cells=3000, n_genes=200, n_perturbations=4, n_combos=0, seed=0)
+    vcell.model.ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    rd = vcell.model.ResidualDiffusion(adata, mean_model="additive", n_components=args.n_components)
+    rd.train(max_epochs=2, seed=0, trainer_kwargs=QUIET)  # speed does not depend on training
+    pert = rd.mean_model.vocab.atoms[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rd.module.to(device)
+    rows = []
+    for n_steps in (5, 10, 20, 50):
+        rd.sample(perturbation=pert, n_cells=200, n_steps=n_steps, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        rd.sample(perturbation=pert, n_cells=args.n_samples, n_steps=n_steps, seed=0)
+        dt = time.perf_counter() - t0
+        rows.append(
+            {
+                "device": device,
+                "threads": args.threads,
+                "n_steps": n_steps,
+                "cells": args.n_samples,
+                "seconds": dt,
+                "cells_per_s": args.n_samples / dt,
+            }
+        )
+    df = pd.DataFrame(rows)
+    path = out / f"speed_{device}_{args.threads}threads.csv"
+    df.to_csv(path, index=False)
+    print(df.to_string(index=False))
 
 
 def write(res: pd.DataFrame, times: pd.DataFrame, out: Path) -> None:

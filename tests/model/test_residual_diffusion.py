@@ -121,6 +121,7 @@ def test_vae_space_and_control_conditioning():
         n_layers=1,
     )
     assert model.n_dims_ == 6
+    assert model.mean_from_ == "sample"  # a count-likelihood CausalVAE: mu(c) from its samples
     model.train(
         max_epochs=3, seed=0, trainer_kwargs=QUIET, mean_train_kwargs={"max_epochs": 3, "trainer_kwargs": QUIET}
     )
@@ -146,6 +147,10 @@ def test_errors(bimodal):
     adata, model = bimodal
     with pytest.raises(ValueError, match="space must be one of"):
         ResidualDiffusion(adata, mean_model="mean", space="umap")
+    with pytest.raises(ValueError, match="mean_from must be"):
+        ResidualDiffusion(adata, mean_model="mean", mean_from="median")
+    with pytest.raises(ValueError, match="needs a mean model with a sample method"):
+        ResidualDiffusion(adata, mean_model="additive", mean_from="sample")
     with pytest.raises(ValueError, match="tail must be one of"):
         ResidualDiffusion(adata, mean_model="mean", tail="t")
     with pytest.raises(ValueError, match="needs a CausalVAE"):
@@ -160,3 +165,23 @@ def test_errors(bimodal):
         model.sample(perturbation="A", n_steps=0)
     with pytest.raises(ValueError, match="n_cells"):
         model.sample(perturbation="A", n_cells=0)
+
+
+def test_mean_matching_shift_known_answer():
+    from vcell.model._residual_diffusion import _mean_matching_shift
+
+    Y = np.array([[-1.0, 5.0], [0.0, 5.0], [1.0, 5.0], [2.0, 5.0]])
+    # gene 0: values (0, s, 1 + s, 2 + s) for s in (0, 1) average 1 at s = 1/3; gene 1 (never clipped): s = 2 - 5
+    np.testing.assert_allclose(_mean_matching_shift(Y, np.array([1.0, 2.0])), [1 / 3, -3.0], atol=1e-9)
+    np.testing.assert_allclose(np.clip(Y + _mean_matching_shift(Y, np.array([0.0, 0.0])), 0, None), 0.0, atol=1e-9)
+
+
+def test_samples_keep_the_conditional_mean(bimodal):
+    adata, model = bimodal
+    mu = model.predict(perturbation="A").mean(0)
+    big = model.sample(perturbation="A", n_cells=600, seed=0)
+    np.testing.assert_allclose(big.X.mean(0), mu, atol=1e-3)
+    few = model.sample(perturbation="A", n_cells=30, seed=0)  # shift estimated on extra draws
+    assert np.abs(few.X.mean(0) - mu).mean() < 0.1
+    raw = model.sample(perturbation="A", n_cells=600, seed=0, match_mean=False)
+    assert not np.allclose(raw.X, big.X)
