@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=1000)
     parser.add_argument("--n-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/residual_diffusion")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "residual_diffusion"))
     args = parser.parse_args()
     quiet_setup(args.threads)
 

@@ -121,11 +121,13 @@ def test_vae_space_and_control_conditioning():
         n_layers=1,
     )
     assert model.n_dims_ == 6
-    assert model.mean_from_ == "sample"  # a count-likelihood CausalVAE: mu(c) from its samples
+    assert model.mean_from_ == "auto"  # a mean model that can sample: chosen when training
     model.train(
         max_epochs=3, seed=0, trainer_kwargs=QUIET, mean_train_kwargs={"max_epochs": 3, "trainer_kwargs": QUIET}
     )
     assert model.mean_model.is_trained_
+    mse = model.mean_source_mse_
+    assert model.mean_from_ == min(mse, key=mse.get)  # the source closer to the training conditions' means
     pert = model.mean_model.vocab.atoms[0]
     s = model.sample(perturbation=pert, n_cells=30, seed=0, n_steps=5)
     assert s.shape == (30, 40)
