@@ -3,7 +3,8 @@
 from ._base import PerturbationModel
 from ._baseline import Baseline
 from ._causal_vae import CausalVAE
+from ._cell_jepa import CellJEPA
 from ._flow_matching import FlowMatching
 from ._residual_diffusion import ResidualDiffusion
 
-__all__ = ["PerturbationModel", "Baseline", "CausalVAE", "ResidualDiffusion", "FlowMatching"]
+__all__ = ["PerturbationModel", "Baseline", "CausalVAE", "ResidualDiffusion", "FlowMatching", "CellJEPA"]

@@ -4,6 +4,15 @@ from ._base import VCellModule
 from ._baseline import BASELINE_METHODS, BaselineModule
 from ._causal_vae import CausalVAEModule
 from ._flow_matching import FlowMatchingModule, ot_pairs, sinkhorn_plan
+from ._jepa import (
+    CellJEPAModule,
+    JEPAModule,
+    LatentTransitionModule,
+    cosine_error,
+    effective_rank,
+    ema_update,
+    retrieval_ranks,
+)
 from ._perturbation_encoders import (
     AtomOperators,
     DoseResponse,
@@ -23,3 +32,6 @@ __all__ += ["DoseResponse", "PairInteractions", "PerturbationEncoder"]
 
 __all__ += ["FlowMatchingModule", "ot_pairs", "sinkhorn_plan"]
 __all__ += ["ResidualDiffusionModule"]
+
+__all__ += ["JEPAModule", "LatentTransitionModule", "CellJEPAModule"]
+__all__ += ["ema_update", "effective_rank", "retrieval_ranks", "cosine_error"]

@@ -1,0 +1,818 @@
+"""``CellJEPA``: joint-embedding predictive pretraining over gene modules, then latent perturbation transitions."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._settings import logger
+from vcell._utils import resolve_seed
+from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cosine_error, retrieval_ranks
+from vcell.module._causal_vae import EXTRA_NODES_KEY
+from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, SOURCE_Z_KEY, TARGET_Z_KEY
+
+from ._base import PerturbationModel
+from ._causal_vae import CausalVAE, _as_anndata
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+POLICIES = ("random", "coexpression")
+#: cells used to cluster genes by co-expression (a seeded subsample beyond)
+_COEXPRESSION_MAX_CELLS = 20_000
+
+
+class _Batches:
+    """Sized iterable of batches over cells ``idx`` of ``tensors`` (``fixed=True``: same order every pass).
+
+    With ``pairs`` (``(targets, pool)`` per context), each pass draws for every target cell one source cell of its
+    pool (with replacement, seeded by ``(seed, epoch)``) and yields source/target embeddings (``tensors['z']``)
+    with the target's other tensors; ``idx`` are then identity pairs (controls paired with themselves).
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        idx: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        fixed: bool = False,
+        pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        self.tensors, self.idx, self.pairs = tensors, np.asarray(idx, dtype=np.int64), pairs
+        self.batch_size, self.seed, self.fixed, self.epoch = int(batch_size), int(seed), bool(fixed), 0
+        self.n = len(self.idx) + sum(len(t) for t, _ in pairs or [])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch + 1])
+        self.epoch += 0 if self.fixed else 1
+        src, tgt = [self.idx], [self.idx]
+        for targets, pool in self.pairs or []:
+            src.append(rng.choice(pool, size=len(targets), replace=True))
+            tgt.append(targets)
+        src, tgt = np.concatenate(src), np.concatenate(tgt)
+        order = np.arange(len(tgt)) if self.fixed else rng.permutation(len(tgt))
+        for start in range(0, len(order), self.batch_size):
+            pos = order[start : start + self.batch_size]
+            s, t = torch.as_tensor(src[pos]), torch.as_tensor(tgt[pos])
+            batch = {k: v[t] for k, v in self.tensors.items() if k != "z"}
+            if self.pairs is not None:
+                batch[SOURCE_Z_KEY], batch[TARGET_Z_KEY] = self.tensors["z"][s], self.tensors["z"][t]
+            yield batch
+
+
+def _ema_callback() -> Any:
+    """Lightning callback: one EMA step of the target encoder after every optimizer step."""
+    import lightning
+
+    class _EMA(lightning.pytorch.callbacks.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.module.update_target()
+
+    return _EMA()
+
+
+def _history(plan: Any) -> dict[str, pd.DataFrame]:
+    hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
+    return {col: hist[[col]] for col in hist.columns}
+
+
+class CellJEPA(PerturbationModel):
+    """Joint-embedding predictive pretraining over gene-module tokens, then a perturbation transition in its latent.
+
+    **Tokens** are gene modules, chosen by ``modules``: ``"random"`` (genes split at random into ``n_modules`` equal
+    groups, seeded), ``"coexpression"`` (k-means with ``n_modules`` clusters on the rows of the gene-gene
+    correlation matrix of the training cells' log1p(CP10k)), a pathway resource (a decoupler-format DataFrame with
+    ``source`` = module and ``target`` = gene, or a ``.gmt``/csv file read by :func:`vcell.priors.read_network`:
+    modules with at least ``min_genes`` model genes are kept, at most the ``n_modules`` largest; genes in no kept
+    module form one more module ``"rest"``) or a dict ``{module: genes}`` used as given. Pathway modules may share
+    genes. The resolved modules are kept in :attr:`gene_modules_`.
+
+    **Pretraining** (:meth:`pretrain`, :class:`vcell.module.JEPAModule`): on all non-test cells (perturbed or not), a
+    share ``mask_ratio`` of each cell's modules is masked; a context encoder (``encoder="transformer"``, or a DeepSets
+    ``"mlp"``) sees the other modules, with every gene of a masked module hidden; a predictor predicts the masked
+    modules' embeddings from an EMA target encoder that sees the whole cell (``ema=False``: the context encoder
+    under stop-gradient). ``objective="reconstruction"`` (the control arm) decodes the masked genes' log1p values
+    instead. ``anti_collapse`` adds VICReg variance and covariance terms on the cell embeddings (the mean of the
+    encoder's output tokens, ``n_latent`` dimensions). The per-epoch embedding std and effective rank are logged
+    (:attr:`history_`), so a collapse shows.
+
+    **Transition** (:meth:`train`, :class:`vcell.module.LatentTransitionModule`): with the encoder frozen, every
+    perturbed training cell is paired with a random control cell of its context (anew each epoch; controls are also
+    paired with themselves) and ``z_pert = z_ctrl + g(c, cov) - g(0, cov)`` is fitted by MSE in embedding space; ``c``
+    is the perturbation encoder's vector (one-hot, embedding table or gene graph; a combination sums its singles),
+    ``cov`` learned covariate embeddings. A decoder (MLP or linear) maps embeddings to log1p(CP10k) and is fitted on
+    all training cells. A prediction for a control cell ``x`` with embedding ``z`` is
+    ``x + decode(z + delta) - decode(z)`` (``residual=True``, as CausalVAE's default, keeping each cell's own
+    detail) or ``decode(z + delta)``, clipped at 0.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (counts or log data), or a MuData whose ``rna`` was registered.
+    registry
+        Registry of a saved model (used by :meth:`load`).
+    n_latent
+        Token and cell-embedding dimension.
+    modules
+        ``"random"``, ``"coexpression"``, a pathway DataFrame or file path, or a dict ``{module: genes}``.
+    n_modules
+        Number of modules (``"random"``, ``"coexpression"``), or the most pathway modules kept.
+    min_genes
+        Pathway modules need at least this many model genes.
+    encoder
+        ``"transformer"`` or ``"mlp"``.
+    n_layers, n_heads
+        Encoder depth and attention heads.
+    objective
+        ``"jepa"`` or ``"reconstruction"``.
+    ema, ema_momentum
+        EMA target encoder and its momentum (updated after every optimizer step).
+    anti_collapse, variance_weight, covariance_weight
+        VICReg variance/covariance terms on the cell embeddings and their weights.
+    mask_ratio
+        Share of modules masked per cell.
+    n_hidden
+        Width of the transition MLP and of the decoder.
+    decoder
+        ``"mlp"`` or ``"linear"``.
+    residual
+        Predict ``x + decode(z + delta) - decode(z)`` (default) rather than ``decode(z + delta)``.
+    perturbation_embedding, gene_graph, graph_layers, graph_own_embedding
+        Perturbation operators as in :class:`vcell.model.CausalVAE` (``None``: one-hot).
+    seed
+        Seed of the ``"random"`` and ``"coexpression"`` modules; ``None`` uses ``vcell.settings.seed``.
+
+    Examples
+    --------
+    >>> import vcell
+    >>> adata = vcell.datasets.simulate(n_cells=200, n_genes=40, n_perturbations=3, n_combos=0, seed=0)
+    >>> vcell.model.CellJEPA.setup_anndata(adata, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.CellJEPA(adata, n_latent=16, n_modules=4, modules="random")
+    >>> model.train(max_epochs=2, pretrain_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
+    >>> model.predict(perturbation="G0023").shape
+    (40, 40)
+    >>> model.get_latent_representation().shape
+    (200, 16)
+    """
+
+    _conditions = CausalVAE._conditions
+    _covariate_categories = CausalVAE._covariate_categories
+    _covariate_codes = CausalVAE._covariate_codes
+    _embedding_table = CausalVAE._embedding_table
+    _gene_graph = CausalVAE._gene_graph
+    _graph_arrays = CausalVAE._graph_arrays
+    _encode = CausalVAE._encode
+    _log_dose_init = CausalVAE._log_dose_init
+    _require_trained = CausalVAE._require_trained
+    _chunks = CausalVAE._chunks
+    _genes = CausalVAE._genes
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        registry: dict | None = None,
+        *,
+        n_latent: int = 64,
+        modules: str | PathLike | pd.DataFrame | Mapping[str, Sequence[str]] = "coexpression",
+        n_modules: int = 32,
+        min_genes: int = 5,
+        encoder: str = "transformer",
+        n_layers: int = 2,
+        n_heads: int = 4,
+        objective: str = "jepa",
+        ema: bool = True,
+        ema_momentum: float = 0.996,
+        anti_collapse: bool = True,
+        variance_weight: float = 1.0,
+        covariance_weight: float = 0.04,
+        mask_ratio: float = 0.5,
+        n_hidden: int = 128,
+        decoder: str = "mlp",
+        residual: bool = True,
+        perturbation_embedding: str | pd.DataFrame | None = None,
+        gene_graph: str | pd.DataFrame | None = None,
+        graph_layers: int = 1,
+        graph_own_embedding: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        adata = _as_anndata(adata)
+        super().__init__(adata, registry=registry)
+        if encoder not in ENCODERS:
+            msg = f"encoder must be one of {ENCODERS}, got {encoder!r}"
+            raise ValueError(msg)
+        if objective not in OBJECTIVES:
+            msg = f"objective must be one of {OBJECTIVES}, got {objective!r}"
+            raise ValueError(msg)
+        for name, value in {"n_latent": n_latent, "n_modules": n_modules, "min_genes": min_genes}.items():
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        if gene_graph is not None and perturbation_embedding is not None:
+            msg = "pass either perturbation_embedding or gene_graph, not both"
+            raise ValueError(msg)
+        self.residual = bool(residual)
+        genes = self._genes()
+        policy = modules if isinstance(modules, str) and modules in POLICIES else type(modules).__name__
+        scale = None
+        if adata is not None and registry is None:  # a new model; load() restores modules and scales
+            X = self._expression(adata, self._non_test(adata))
+            modules = self._resolve_modules(X, genes, modules, int(n_modules), int(min_genes), resolve_seed(seed))
+            scale = (X.mean(0), X.std(0))
+        elif not isinstance(modules, Mapping):
+            msg = "a model without data needs modules= as a dict {module: genes}"
+            raise ValueError(msg)
+        modules = {str(k): [str(g) for g in v] for k, v in modules.items()}  # saved: load() rebuilds the same
+        self.gene_modules_: dict[str, list[str]] = modules
+        pos = {g: i for i, g in enumerate(genes)}
+        table = self._embedding_table(adata, perturbation_embedding)
+        perturbation_embedding = table
+        graph = self._gene_graph(adata, gene_graph)
+        gene_graph = graph
+        extra = [] if table is None else sorted(set(map(str, table.index)) - set(self.vocab.atoms))
+        self.atoms_: list[str] = [*self.vocab.atoms, *extra]
+        self._atom_index = {a: i for i, a in enumerate(self.atoms_)}
+        features = None if table is None else table.loc[self.atoms_].to_numpy(dtype=np.float32)
+        seen = np.array([a in set(self.vocab.atoms) for a in self.atoms_], dtype=bool)
+        graph_kwargs = {} if graph is None else self._graph_arrays(graph, int(graph_layers), graph_own_embedding)
+        self.covariate_names_, self._categories = self._covariate_categories()
+        jepa = JEPAModule(
+            len(genes),
+            [[pos[g] for g in v if g in pos] for v in modules.values()],
+            n_latent=int(n_latent),
+            encoder=encoder,
+            n_layers=int(n_layers),
+            n_heads=int(n_heads),
+            objective=objective,
+            ema=bool(ema),
+            ema_momentum=float(ema_momentum),
+            anti_collapse=bool(anti_collapse),
+            variance_weight=float(variance_weight),
+            covariance_weight=float(covariance_weight),
+            mask_ratio=float(mask_ratio),
+        )
+        transition = LatentTransitionModule(
+            int(n_latent),
+            len(genes),
+            len(self.atoms_),
+            covariate_sizes=tuple(len(c) for c in self._categories),
+            n_hidden=int(n_hidden),
+            decoder=decoder,
+            perturbation_features=features,
+            seen_atoms=seen,
+            **graph_kwargs,
+            log_dose_init=self._log_dose_init(adata),
+        )
+        self.module = CellJEPAModule(jepa, transition)
+        if scale is not None:
+            jepa.set_scale(*scale)
+        self.is_pretrained_ = False
+        self._model_summary_string = (
+            f"CellJEPA: {len(modules)} gene-module tokens ({policy}), {encoder} encoder, objective={objective!r}, "
+            f"ema={bool(ema)}, anti_collapse={bool(anti_collapse)}, n_latent={n_latent}; "
+            f"{len(self.atoms_)} perturbations, covariates {self.covariate_names_}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ gene modules
+    @staticmethod
+    def _non_test(adata: AnnData) -> np.ndarray:
+        idx = np.arange(adata.n_obs)
+        if "vcell_split" in adata.obs:
+            idx = idx[(adata.obs["vcell_split"].astype(str) != "test").to_numpy()]
+        return idx
+
+    def _resolve_modules(
+        self, X: np.ndarray, genes: list[str], spec: Any, n_modules: int, min_genes: int, seed: int
+    ) -> dict[str, list[str]]:
+        """``{module: genes}`` of the masking policy ``spec`` (see the class docstring), genes in model order."""
+        n_genes = len(genes)
+        if isinstance(spec, str) and spec in POLICIES:
+            if n_modules < 2 or n_modules > n_genes:
+                msg = f"n_modules must be between 2 and the number of genes ({n_genes}), got {n_modules}"
+                raise ValueError(msg)
+            if spec == "random":
+                labels = np.empty(n_genes, dtype=np.int64)
+                for k, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n_genes), n_modules)):
+                    labels[part] = k
+            else:
+                labels = _coexpression_labels(X, n_modules, seed)
+            out = {f"{spec}_{k:03d}": [genes[i] for i in np.flatnonzero(labels == k)] for k in range(n_modules)}
+            return {k: v for k, v in out.items() if v}
+        if isinstance(spec, Mapping):
+            known = set(genes)
+            out = {str(k): [g for g in dict.fromkeys(map(str, v)) if g in known] for k, v in spec.items()}
+            out = {k: v for k, v in out.items() if v}
+            if len(out) < 2:
+                msg = f"modules dict needs at least 2 modules holding model genes, got {len(out)}"
+                raise ValueError(msg)
+            return out
+        if isinstance(spec, str | PathLike):
+            from vcell.priors import read_network
+
+            table, what = read_network(spec), f"pathway file {str(spec)!r}"
+        elif isinstance(spec, pd.DataFrame):
+            table, what = spec, "pathway table"
+            missing = [c for c in ("source", "target") if c not in table.columns]
+            if missing:
+                msg = f"modules DataFrame lacks the column(s) {missing}; expected decoupler format (source, target)"
+                raise ValueError(msg)
+        else:
+            msg = f"modules must be one of {POLICIES}, a DataFrame, a file path or a dict, got {type(spec).__name__}"
+            raise ValueError(msg)
+        order = pd.Index(genes)
+        sets = {}
+        for name, targets in table.groupby(table["source"].astype(str), sort=True)["target"]:
+            idx = np.unique(order.get_indexer(targets.astype(str).to_numpy()))
+            idx = idx[idx >= 0]
+            if len(idx) >= min_genes:
+                sets[str(name)] = idx
+        if not sets:
+            msg = f"no module of the {what} has at least min_genes={min_genes} of the model's genes"
+            raise ValueError(msg)
+        kept = sorted(sets, key=lambda k: (-len(sets[k]), k))[:n_modules]
+        if len(kept) < len(sets):
+            logger.info("CellJEPA: kept the %d largest of %d pathway modules (n_modules)", len(kept), len(sets))
+        out = {k: [genes[i] for i in sets[k]] for k in sorted(kept)}
+        covered = np.zeros(n_genes, dtype=bool)
+        for k in kept:
+            covered[sets[k]] = True
+        if not covered.all():
+            out["rest"] = [genes[i] for i in np.flatnonzero(~covered)]
+        if len(out) < 2:
+            msg = f"the {what} gives a single module over the model's genes; at least 2 are needed"
+            raise ValueError(msg)
+        return out
+
+    # ------------------------------------------------------------------ data helpers
+    def _split_cells(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Non-test cells: ``obs['vcell_split']`` train/val when it has ``val`` cells, else a seeded share."""
+        if "vcell_split" in adata.obs and (adata.obs["vcell_split"] == "val").any():
+            split = adata.obs["vcell_split"].astype(str).to_numpy()
+            return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        idx = self._non_test(adata)
+        order = np.random.default_rng(seed).permutation(idx)
+        n_val = int(round(validation_fraction * len(idx))) if len(idx) >= 20 else 0
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def _device(self) -> torch.device:
+        return self.module.jepa.gene_mean.device
+
+    def _embed(self, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        jepa = self.module.jepa.eval()
+        dev = self._device()
+        out = [
+            jepa.embed(torch.as_tensor(X[i : i + batch_size], device=dev)).cpu() for i in range(0, len(X), batch_size)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, jepa.n_latent), dtype=np.float32)
+
+    def _encode_query(self, labels: Sequence[str], doses: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        labels = [str(x) for x in labels]
+        if self._graph_nodes is None and len(self.atoms_) == self.vocab.n_atoms:
+            self.vocab.check(
+                labels, what="CellJEPA (one-hot perturbation encoder; pass perturbation_embedding= or gene_graph=)"
+            )
+        return CausalVAE._encode_query(self, labels, doses)
+
+    def _require_pretrained(self) -> None:
+        if not self.is_pretrained_:
+            msg = "the encoder is not pretrained: call model.pretrain() or model.train() first"
+            raise RuntimeError(msg)
+
+    # ------------------------------------------------------------------ training
+    def pretrain(
+        self,
+        max_epochs: int = 100,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = False,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        *,
+        weight_decay: float = 1e-6,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 20,
+    ) -> None:
+        """Pretrain the encoder on all non-test cells (perturbed or not) by masked module-embedding prediction.
+
+        Validation cells are ``obs['vcell_split'] == 'val'`` when present, else a seeded ``validation_fraction`` of
+        the non-test cells; their module masks are drawn once. The first call re-initialises the weights from
+        ``seed``, so the same seed gives the same encoder (on CPU).
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the cells.
+        lr, weight_decay
+            AdamW learning rate and weight decay.
+        batch_size
+            Cells per batch (the VICReg terms and diagnostics are per batch).
+        accelerator, devices
+            Passed to :class:`lightning.Trainer`.
+        early_stopping
+            Stop when ``val_loss`` has not improved for ``early_stopping_patience`` epochs and keep the best weights
+            (off by default: with a moving EMA target the loss is not a stable guide).
+        seed
+            Random seed of weights, split and masks; ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further :class:`lightning.Trainer` arguments.
+        validation_fraction
+            Share of cells held out for validation without ``val`` cells in ``obs['vcell_split']``.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+
+        Sets the following fields
+        -------------------------
+        ``model.pretrain_history_``, ``model.history_``
+            Per-epoch means (dict of DataFrames): ``train_loss``, ``train_jepa`` (or ``train_reconstruction``),
+            ``train_variance``, ``train_covariance``, ``train_embedding_std``, ``train_effective_rank`` and the
+            ``val_*`` counterparts.
+        ``model.is_pretrained_``, ``model.pretrain_indices_``
+            Whether pretraining ran and the cells it used.
+        """
+        import lightning
+
+        from vcell.train import TrainingPlan, fit
+
+        seed = resolve_seed(seed)
+        lightning.seed_everything(seed, verbose=False)
+        jepa = self.module.jepa
+        if not self.is_pretrained_:
+            jepa.reset_parameters()
+        adata = self.adata
+        train_idx, val_idx = self._split_cells(adata, validation_fraction, seed)
+        if len(train_idx) < 2:
+            msg = f"pretraining needs at least 2 training cells, got {len(train_idx)}"
+            raise ValueError(msg)
+        X = torch.as_tensor(self._expression(adata))
+        train_dl = _Batches({REGISTRY_KEYS.X_KEY: X}, train_idx, batch_size=batch_size, seed=seed)
+        val_dl = None
+        if len(val_idx) >= 2:
+            gen = torch.Generator().manual_seed(seed)
+            k = min(max(round(jepa.mask_ratio * jepa.n_modules), 1), jepa.n_modules - 1)
+            masks = torch.rand(adata.n_obs, jepa.n_modules, generator=gen).argsort(dim=1) < k
+            tensors = {REGISTRY_KEYS.X_KEY: X, MASK_KEY: masks}
+            val_dl = _Batches(tensors, val_idx, batch_size=max(batch_size, 1024), seed=seed, fixed=True)
+        plan = TrainingPlan(jepa, lr=lr, weight_decay=weight_decay, monitor="val_loss")
+        fit(
+            plan,
+            train_dl,
+            val_dl,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping and val_dl is not None,
+            early_stopping_patience=early_stopping_patience,
+            callbacks=[_ema_callback()],
+            trainer_kwargs=trainer_kwargs,
+        )
+        jepa.eval()
+        self.is_pretrained_ = True
+        self.pretrain_history_ = _history(plan)
+        self.history_ = dict(self.pretrain_history_)
+        self.pretrain_indices_ = train_idx
+        logger.info("CellJEPA pretrained for %d epochs", len(plan.history))
+
+    def train(
+        self,
+        max_epochs: int = 100,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = True,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        *,
+        pretrain_epochs: int = 100,
+        weight_decay: float = 1e-6,
+        validation_fraction: float = 0.1,
+        early_stopping_patience: int = 20,
+    ) -> None:
+        """Fit the transition and the decoder on the frozen embeddings (pretraining first if it has not run).
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the (control, perturbed) pairs; each pass draws new controls.
+        lr, weight_decay
+            AdamW learning rate and weight decay.
+        batch_size
+            Pairs per batch.
+        accelerator, devices
+            Passed to :class:`lightning.Trainer`.
+        early_stopping
+            Stop when the validation loss (fixed pairs of validation cells) has not improved for
+            ``early_stopping_patience`` epochs and keep the best weights.
+        seed
+            Random seed of weights, split and pairs; ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further :class:`lightning.Trainer` arguments (also used by the pretraining it runs).
+        pretrain_epochs
+            Epochs of :meth:`pretrain` when it has not run yet.
+        validation_fraction
+            Share of cells held out without ``val`` cells in ``obs['vcell_split']``.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+
+        Sets the following fields
+        -------------------------
+        ``model.history_``
+            The pretraining values (see :meth:`pretrain`) plus ``transition_train_loss``, ``train_transition_mse``,
+            ``train_decoder_mse`` and their ``val`` counterparts.
+        ``model.is_trained_``, ``model.best_epoch_``, ``model.train_indices_``, ``model.validation_indices_``
+            Training state and the cells used.
+        """
+        import lightning
+
+        from vcell.train import TrainingPlan, fit
+
+        seed = resolve_seed(seed)
+        if not self.is_pretrained_:
+            self.pretrain(
+                max_epochs=pretrain_epochs,
+                lr=lr,
+                batch_size=batch_size,
+                accelerator=accelerator,
+                devices=devices,
+                seed=seed,
+                trainer_kwargs=trainer_kwargs,
+                weight_decay=weight_decay,
+                validation_fraction=validation_fraction,
+            )
+        lightning.seed_everything(seed, verbose=False)
+        trans = self.module.transition
+        if not self.is_trained_:
+            trans.reset_parameters()
+        adata = self.adata
+        train_idx, val_idx = self._split_cells(adata, validation_fraction, seed)
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        controls = train_idx[labels[train_idx] == CONTROL]
+        if not controls.size:
+            msg = f"CellJEPA needs control cells (obs[{PERT_COL!r}] == {CONTROL!r}) among the training cells"
+            raise ValueError(msg)
+        device = self._device()
+        self.module.to("cpu")
+        try:
+            X = self._expression(adata)
+            z = torch.as_tensor(self._embed(X))
+        finally:
+            self.module.to(device)
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
+        all_idx = np.arange(adata.n_obs)
+        tensors = {
+            "z": z,
+            REGISTRY_KEYS.X_KEY: torch.as_tensor(X),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
+        }
+        ctx = self._contexts(adata)
+
+        def pairs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+            target = idx[labels[idx] != CONTROL]
+            out, lacking = [], set()
+            for c in np.unique(ctx[target]):
+                pool = controls[ctx[controls] == c]
+                if not pool.size:
+                    lacking.add(str(c))
+                    pool = controls
+                out.append((target[ctx[target] == c], pool))
+            if lacking:
+                logger.warning("CellJEPA: no control cells in context(s) %s; they use all controls", sorted(lacking))
+            return idx[labels[idx] == CONTROL], out
+
+        t_ident, t_pairs = pairs(train_idx)
+        train_dl = _Batches(tensors, t_ident, batch_size=batch_size, seed=seed, pairs=t_pairs)
+        val_dl = None
+        if len(val_idx):
+            v_ident, v_pairs = pairs(val_idx)
+            val_dl = _Batches(tensors, v_ident, batch_size=max(batch_size, 1024), seed=seed, fixed=True, pairs=v_pairs)
+        plan = TrainingPlan(trans, lr=lr, weight_decay=weight_decay, monitor="val_loss")
+        self.best_epoch_ = fit(
+            plan,
+            train_dl,
+            val_dl,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping and val_dl is not None,
+            early_stopping_patience=early_stopping_patience,
+            trainer_kwargs=trainer_kwargs,
+        )
+        self.module.eval()
+        self.is_trained_ = True
+        hist = _history(plan)
+        renamed = {f"transition_{k}" if k in ("train_loss", "val_loss") else k: v for k, v in hist.items()}
+        self.history_ = {**getattr(self, "pretrain_history_", {}), **renamed}
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        logger.info("CellJEPA transition trained for %d epochs", len(plan.history))
+
+    # ------------------------------------------------------------------ inference
+    def get_latent_representation(
+        self, adata: AnnData | MuData | None = None, *, indices: Sequence[int] | None = None, batch_size: int = 4096
+    ) -> np.ndarray:
+        """Cell embeddings (context encoder, every module visible).
+
+        Parameters
+        ----------
+        adata
+            Data with the model's genes; ``None`` uses the training data.
+        indices
+            Cells to embed; ``None``: all.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array ``(n_cells, n_latent)``, float32.
+        """
+        self._require_pretrained()
+        adata = self._check_adata(_as_anndata(adata))
+        idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        return self._embed(self._expression(adata, idx), batch_size).astype(np.float32)
+
+    def _shifted(
+        self, adata: AnnData, idx: np.ndarray, perturbation: str, dose: float, batch_size: int
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """log1p expression, embeddings and shifted embeddings of cells ``idx`` under ``perturbation``."""
+        target, nodes = self._encode_query([str(perturbation)], float(dose))
+        X = self._expression(adata, idx)
+        dev = self._device()
+        z = torch.as_tensor(self._embed(X, batch_size), device=dev)
+        batch = {
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, len(idx), axis=0)),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
+        }
+        if nodes.size:
+            batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (len(idx), 1)))
+        with torch.no_grad():
+            shifted = z + self.module.transition.eval().delta({k: v.to(dev) for k, v in batch.items()})
+        return X, z, shifted
+
+    def predict_embedding(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
+        """Predicted embeddings ``z_ctrl + delta`` of control cells under ``perturbation``.
+
+        Parameters
+        ----------
+        adata, perturbation, controls, dose, batch_size
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        Array ``(n_selected_cells, n_latent)``, float32.
+        """
+        self._require_trained()
+        adata = self._check_adata(_as_anndata(adata))
+        idx = self._control_indices(adata, controls)
+        return self._shifted(adata, idx, perturbation, dose, batch_size)[2].cpu().numpy().astype(np.float32)
+
+    def predict(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        residual: bool | None = None,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
+        """Counterfactual expression of control cells: ``x + decode(z + delta) - decode(z)``, clipped at 0.
+
+        Parameters
+        ----------
+        adata
+            Data holding the control cells (same genes as in training); ``None`` uses the training data.
+        perturbation
+            Canonical condition, e.g. ``"IFNb"`` or ``"A+B"`` (unseen combinations of seen singles too).
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of every component of ``perturbation``.
+        seed
+            Unused (predictions are deterministic); accepted for the common interface.
+        residual
+            Add the decoded change to each cell's own expression (``None``: the model's ``residual``); ``False``
+            returns ``decode(z + delta)``.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array ``(n_selected_cells, n_genes)``, log1p(CP10k), float32.
+        """
+        self._require_trained()
+        adata = self._check_adata(_as_anndata(adata))
+        idx = self._control_indices(adata, controls)
+        residual = self.residual if residual is None else bool(residual)
+        out = []
+        for chunk in self._chunks(idx, batch_size):
+            X, z, zs = self._shifted(adata, chunk, perturbation, dose, batch_size)
+            dec = self.module.transition.decode
+            with torch.no_grad():
+                pred = torch.as_tensor(X, device=zs.device) + dec(zs) - dec(z) if residual else dec(zs)
+            out.append(pred.clamp(min=0).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def embedding_retrieval(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbations: Sequence[str] | None = None,
+        controls: Any = None,
+        dose: float = 1.0,
+    ) -> pd.DataFrame:
+        """Retrieval of each perturbation by its predicted mean embedding, and the cosine error of that embedding.
+
+        Shifts are taken from the mean embedding of the control cells: the predicted shift of perturbation ``p`` is
+        the mean of :meth:`predict_embedding` over the controls minus their mean embedding; its true shift the mean
+        embedding of the cells labelled ``p`` minus the same control mean. Each predicted shift is compared by cosine
+        similarity with the true shifts of all the listed perturbations.
+
+        Parameters
+        ----------
+        adata
+            Data with control cells and perturbed cells; ``None`` uses the training data.
+        perturbations
+            Perturbations to compare (each needs cells in ``adata``); ``None``: every non-control condition of
+            ``adata``.
+        controls
+            Control cells (as in :meth:`predict`).
+        dose
+            Dose of the predictions.
+
+        Returns
+        -------
+        DataFrame indexed by perturbation: ``n_cells``, ``rank`` (1 = the true perturbation is the nearest),
+        ``top1``, ``nearest`` (the perturbation whose true shift is nearest) and ``cosine_error``
+        (``1 - cos(predicted shift, true shift)``).
+        """
+        self._require_trained()
+        adata = self._check_adata(_as_anndata(adata))
+        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        present = sorted(set(labels) - {CONTROL})
+        perts = present if perturbations is None else [str(p) for p in perturbations]
+        missing = [p for p in perts if p not in present]
+        if missing:
+            msg = f"perturbation(s) {missing[:10]} have no cells in adata (obs[{PERT_COL!r}]); present: {present[:10]}"
+            raise KeyError(msg)
+        if not perts:
+            msg = "adata has no perturbed cells to compare"
+            raise ValueError(msg)
+        idx = self._control_indices(adata, controls)
+        z_all = self.get_latent_representation(adata)
+        base = z_all[idx].mean(0)
+        pred = np.stack([self.predict_embedding(adata, perturbation=p, controls=idx, dose=dose).mean(0) for p in perts])
+        true = np.stack([z_all[labels == p].mean(0) for p in perts])
+        pred, true = pred - base, true - base
+        ranks = retrieval_ranks(pred, true)
+        unit = true / np.maximum(np.linalg.norm(true, axis=1, keepdims=True), 1e-12)
+        nearest = np.asarray(perts)[np.argmax(pred @ unit.T, axis=1)]
+        return pd.DataFrame(
+            {
+                "n_cells": [int((labels == p).sum()) for p in perts],
+                "rank": ranks,
+                "top1": ranks == 1,
+                "nearest": nearest,
+                "cosine_error": cosine_error(pred, true),
+            },
+            index=pd.Index(perts, name="perturbation"),
+        )
+
+
+def _coexpression_labels(X: np.ndarray, n_modules: int, seed: int) -> np.ndarray:
+    """k-means cluster of each gene on the rows of the gene-gene correlation matrix of ``X`` (cells x genes)."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    if len(X) > _COEXPRESSION_MAX_CELLS:
+        X = X[np.random.default_rng(seed).choice(len(X), _COEXPRESSION_MAX_CELLS, replace=False)]
+    Xc = np.asarray(X, dtype=np.float64) - X.mean(0)
+    sd = Xc.std(0)
+    Zs = Xc / np.where(sd > 0, sd, 1.0)
+    corr = Zs.T @ Zs / max(len(Zs), 1)
+    with warnings.catch_warnings():  # fewer distinct rows than clusters (e.g. constant genes): empty modules dropped
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        return KMeans(n_clusters=n_modules, n_init=4, random_state=seed).fit_predict(corr)
