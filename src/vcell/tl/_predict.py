@@ -21,6 +21,18 @@ def _layer_key(key_added: str, perturbation: str, n: int) -> str:
     return key_added if n == 1 else f"{key_added}_{perturbation}"
 
 
+def perturbation_list(perturbations: str | Sequence[str], verb: str) -> list[str]:
+    """``perturbations`` as a non-empty list without duplicates (``verb``: what is done with them, for the error)."""
+    perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+    if not perts:
+        msg = f"perturbations is empty: name at least one condition to {verb}"
+        raise ValueError(msg)
+    if len(set(perts)) != len(perts):
+        msg = f"perturbations contains duplicates: {perts}"
+        raise ValueError(msg)
+    return perts
+
+
 def starting_cells(
     adata: AnnData, model: PerturbationModel, controls: Any, cell_type: str | None, cell_type_key: str
 ) -> np.ndarray:
@@ -111,13 +123,7 @@ def predict_perturbation(
 
     from vcell import __version__
 
-    perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
-    if not perts:
-        msg = "perturbations is empty: name at least one condition to predict"
-        raise ValueError(msg)
-    if len(set(perts)) != len(perts):
-        msg = f"perturbations contains duplicates: {perts}"
-        raise ValueError(msg)
+    perts = perturbation_list(perturbations, "predict")
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
     params = {

@@ -11,7 +11,7 @@ import pandas as pd
 from vcell._constants import PERT_COL
 from vcell._utils import resolve_seed
 
-from ._predict import starting_cells
+from ._predict import perturbation_list, starting_cells
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -103,13 +103,7 @@ def sample_perturbation(
     from vcell import __version__
     from vcell.metrics import predictive_interval
 
-    perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
-    if not perts:
-        msg = "perturbations is empty: name at least one condition to sample"
-        raise ValueError(msg)
-    if len(set(perts)) != len(perts):
-        msg = f"perturbations contains duplicates: {perts}"
-        raise ValueError(msg)
+    perts = perturbation_list(perturbations, "sample")
     if not hasattr(model, "sample"):
         msg = f"{type(model).__name__} has no sample method: use a generative model such as ResidualDiffusion"
         raise TypeError(msg)
