@@ -211,3 +211,15 @@ def test_errors():
         JEPAModule(20, [[0, 1], [25]])
     with pytest.raises(ValueError, match="decoder"):
         LatentTransitionModule(8, 20, 3, decoder="gp")
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "mlp"])
+def test_reset_parameters_is_seeded(encoder):
+    """Every weight (attention projections included) is re-drawn from torch's global RNG."""
+    a = JEPAModule(20, BLOCKS, n_latent=8, n_heads=2, encoder=encoder)
+    b = JEPAModule(20, BLOCKS, n_latent=8, n_heads=2, encoder=encoder)
+    for m in (a, b):
+        torch.manual_seed(3)
+        m.reset_parameters()
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

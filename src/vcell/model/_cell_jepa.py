@@ -558,6 +558,8 @@ class CellJEPA(PerturbationModel):
         trans = self.module.transition
         if not self.is_trained_:
             trans.reset_parameters()
+            with torch.no_grad():  # the decoder starts at the mean expression
+                trans.decoder[-1].bias.copy_(self.module.jepa.gene_mean)
         adata = self.adata
         train_idx, val_idx = self._split_cells(adata, validation_fraction, seed)
         labels = adata.obs[PERT_COL].astype(str).to_numpy()

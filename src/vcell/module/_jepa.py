@@ -319,7 +319,9 @@ class JEPAModule(VCellModule):
     def reset_parameters(self) -> None:
         """(Re-)initialise every parameter with torch's global RNG; the target encoder copies the context encoder."""
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
+            if isinstance(m, nn.MultiheadAttention):  # torch names its initialiser _reset_parameters
+                m._reset_parameters()
+            elif m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         with torch.no_grad():
             self.mask_token.normal_(0.0, 0.02)
