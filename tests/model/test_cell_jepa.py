@@ -237,3 +237,20 @@ def test_errors():
         model.embedding_retrieval(perturbations=["NOPE"])
     with pytest.raises(ValueError, match="order"):
         model.predict(adata[:, ::-1].copy(), perturbation=p)
+
+
+def test_bench_run_by_class_name():
+    from vcell.bench._run import _resolve_models
+
+    (spec,) = _resolve_models(["CellJEPA"])  # what bench.run(models=["CellJEPA"]) builds
+    assert spec.model_cls is CellJEPA
+    adata = vcell.datasets.simulate(n_cells=300, n_genes=30, n_perturbations=4, n_combos=2, seed=1)
+    spec = vcell.bench.ModelSpec(
+        "CellJEPA",
+        CellJEPA,
+        {"n_latent": 16, "n_modules": 4, "modules": "random"},
+        {"max_epochs": 3, "pretrain_epochs": 3, "trainer_kwargs": QUIET},
+    )
+    res = vcell.bench.run(adata, models=["additive", spec], splits=["combo_half"], seeds=[0])
+    assert set(res.results["model"]) == {"additive", "CellJEPA"}
+    assert res.results.loc[res.results["model"] == "CellJEPA", "value"].notna().any()

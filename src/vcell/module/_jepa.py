@@ -97,6 +97,15 @@ def covariance_loss(z: torch.Tensor) -> torch.Tensor:
     return (off**2).sum() / d
 
 
+def _effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """:func:`effective_rank` as a 0-d tensor on ``z``'s device (no host sync)."""
+    z = z.detach().to(torch.float64)
+    s = torch.linalg.svdvals(z - z.mean(dim=0))
+    p = s / s.sum().clamp(min=1e-300)
+    entropy = -(torch.where(p > 0, p * p.clamp(min=1e-300).log(), p.new_zeros(())).sum())
+    return torch.where(s.sum() > 0, torch.exp(entropy), s.new_ones(()))
+
+
 def effective_rank(z: torch.Tensor | np.ndarray) -> float:
     """``exp`` of the entropy of the normalised singular values of the centred matrix ``z`` ``(n, d)`` (1 to ``d``).
 
@@ -105,13 +114,7 @@ def effective_rank(z: torch.Tensor | np.ndarray) -> float:
     >>> round(effective_rank(np.eye(4)), 3)
     3.0
     """
-    z = torch.as_tensor(np.asarray(z) if isinstance(z, np.ndarray) else z.detach(), dtype=torch.float64)
-    s = torch.linalg.svdvals(z - z.mean(dim=0))
-    if float(s.sum()) <= 0:
-        return 1.0
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return float(_effective_rank(torch.as_tensor(np.asarray(z) if isinstance(z, np.ndarray) else z)))
 
 
 def cosine_error(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -405,7 +408,7 @@ class JEPAModule(VCellModule):
             loss = loss + self.variance_weight * var + self.covariance_weight * cov
         with torch.no_grad():
             std = z.std(dim=0).mean() if z.shape[0] > 1 else z.new_zeros(())
-            rank = z.new_tensor(effective_rank(z.float()))
+            rank = _effective_rank(z).to(z.dtype)
         terms = {self.objective: main.detach(), "variance": var.detach(), "covariance": cov.detach()}
         return LossOutput(loss=loss, terms=terms, metrics={"embedding_std": std, "effective_rank": rank})
 
