@@ -925,6 +925,9 @@ def write_report(
         "type, and the pathway-structured decoder and regulatory penalty, each beside these baselines: "
         "[Prior knowledge and adapters](priors.md).",
         "",
+        "CellJEPA (joint-embedding predictive pretraining) ablated one factor at a time beside these baselines and "
+        "CausalVAE on Papalexi unseen knock-outs and simulated doubles: [CellJEPA ablation](cell_jepa.md).",
+        "",
     ]
     if "kang2018" in by_name:
         lines += kang_section(by_name["kang2018"], variants, fig_rel)
