@@ -57,6 +57,7 @@ import vcell
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HALLMARK = SHARED / "prior_knowledge" / "msigdb_hallmark_human.gmt"
+REFERENCE = "CellJEPA default"
 METRICS = ["pearson_delta", "pearson_delta_top_de", "mse_top_de", "energy_distance"]
 #: one factor changed from the default per arm
 ARMS: dict[str, dict[str, Any]] = {
@@ -175,22 +176,41 @@ def run_simulation(args: argparse.Namespace, seeds: list[int]) -> vcell.bench.Be
     return vcell.bench.BenchmarkResult(results, vcell.bench.summarize(results), timings)
 
 
-def report(task: str, res: vcell.bench.BenchmarkResult, diag: pd.DataFrame, seconds: float) -> str:
-    """Mean [95% CI] per model and metric, the diagnostics (mean over seeds), held-out conditions, timings."""
-    s = res.summary[res.summary["metric"].isin(METRICS)].copy()
+def paired_differences(results: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
+    """``model - reference`` per split, seed, condition and metric, summarised like ``bench.summarize`` (paired)."""
+    v = results.pivot_table(index=["split", "seed", "perturbation", "metric"], columns="model", values="value")
+    diff = v.sub(v[reference], axis=0).drop(columns=reference).stack().rename("value").reset_index()
+    return vcell.bench.summarize(diff)
+
+
+def ci_table(summary: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """``mean [ci_low, ci_high]`` per model (rows, in ``order``) and metric (columns), with ``n_seeds``."""
+    s = summary[summary["metric"].isin(METRICS)].copy()
     s["cell"] = s.apply(lambda r: f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", axis=1)
     table = s.pivot_table(index="model", columns="metric", values="cell", aggfunc="first")
-    order = list(dict.fromkeys(res.results["model"]))
+    order = [m for m in order if m in table.index]
     table = table.reindex(index=order, columns=[m for m in METRICS if m in table])
-    ceiling = s.groupby("metric")["ceiling"].mean().reindex(table.columns)
-    n = s.groupby("model")["n_seeds"].min().reindex(order)
-    table["n_seeds"] = n
-    lines = [f"== {task}: mean [95% t-interval] over seeds ({seconds:.0f} s)", table.to_string()]
+    table["n_seeds"] = s.groupby("model")["n_seeds"].min().reindex(order)
+    return table
+
+
+def report(task: str, res: vcell.bench.BenchmarkResult, diag: pd.DataFrame, seconds: float | None = None) -> str:
+    """Mean [95% CI] per model and metric, paired differences to the default arm, the diagnostics, timings."""
+    order = list(dict.fromkeys(res.results["model"]))
+    table = ci_table(res.summary, order)
+    s = res.summary[res.summary["metric"].isin(METRICS)]
+    ceiling = s.groupby("metric")["ceiling"].mean().reindex([c for c in table.columns if c != "n_seeds"])
+    took = "" if seconds is None else f" ({seconds:.0f} s)"
+    lines = [f"== {task}: mean [95% t-interval] over seeds{took}", table.to_string()]
     lines += ["split-half ceiling: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()), ""]
     errors = res.results.loc[res.results["error"].fillna("") != "", ["model", "error"]].drop_duplicates("model")
     lines += [f"cannot predict: {r.model}: {r.error}" for r in errors.itertuples()]
     held = res.results[res.results["model"] == "mean"].groupby("seed")["perturbation"].unique()
     lines += [f"held-out (seed {k}): {sorted(v)}" for k, v in held.items()]
+    if REFERENCE in order:
+        paired = ci_table(paired_differences(res.results), order)
+        lines += ["", f"== model - {REFERENCE}, paired by seed and condition: mean [95% t-interval] over seeds"]
+        lines += [paired.to_string()]
     if len(diag):
         cols = ["n_modules", "embedding_std", "effective_rank", "retrieval_top1", "cosine_error", "fit_s"]
         d = diag.groupby("arm", sort=False)[cols].mean()
@@ -218,7 +238,17 @@ def main() -> None:
     parser.add_argument("--papalexi-cells", type=int, default=200, help="cells kept per knock-out")
     parser.add_argument("--papalexi-controls", type=int, default=800, help="control cells kept")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 2 epochs, first seed")
+    parser.add_argument("--from-csv", action="store_true", help="rewrite the reports from the CSVs under --out")
     args = parser.parse_args()
+    if args.from_csv:
+        for task in args.tasks.split(","):
+            d = Path(args.out) / task
+            tables = [pd.read_csv(d / f"{n}.csv", keep_default_na=True) for n in ("results", "summary", "timings")]
+            tables[0]["error"] = tables[0]["error"].fillna("")
+            text = report(task, vcell.bench.BenchmarkResult(*tables), pd.read_csv(d / "diagnostics.csv"))
+            print(text)
+            (Path(args.out) / f"report_{task}.txt").write_text(text)
+        return
     if args.quick:
         args.seeds = args.seeds.split(",")[0]
         args.epochs = args.jepa_epochs = args.pretrain_epochs = 2
