@@ -19,8 +19,9 @@ instead of training an identical one (``--refit-sample`` trains it anew through 
 
 ``timings.csv`` adds, per model, split and seed: ``n_fit_cells`` (train+val cells given to the model), ``n_pred_cells``
 (control cells pushed), ``epochs`` (``mean_epochs`` for ResidualDiffusion's CausalVAE), ``fit_cells_per_s`` (fit
-cells / fit seconds), ``cell_epochs_per_s`` (fit cells x epochs / fit seconds) and ``pred_cells_per_s``. ``report.txt``
-is the printed output.
+cells / fit seconds), ``cell_epochs_per_s`` (fit cells x epochs / fit seconds; for ResidualDiffusion ``fit_s`` also
+holds its mean model's training while ``epochs`` counts the diffusion model's, so compare its ``fit_s`` instead) and
+``pred_cells_per_s``. ``report.txt`` is the printed output.
 
 Usage::
 
