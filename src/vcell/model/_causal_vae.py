@@ -13,12 +13,15 @@ from scipy import sparse
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, get_matrix, log1p_cp10k, resolve_seed, to_dense
+from vcell.data._registry import VCELL_STATE_KEY, vcell_state
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
 from vcell.module._causal_vae import (
     EXTRA_NODES_KEY,
     LIKELIHOODS,
     LOG_X_FACTORIAL_KEY,
+    MODALITIES,
+    PROTEIN_KEY,
     TARGET_ENCODING_KEY,
     TARGET_EXTRA_NODES_KEY,
 )
@@ -35,6 +38,42 @@ PREDICTION_MODES = ("residual", "decoded")
 _DENSE_LIMIT = 2 * 1024**3
 #: batch keys of the cells themselves (what encoding a cell needs)
 _CELL_KEYS = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.PERT_ENCODING_KEY, REGISTRY_KEYS.COVARIATES_KEY)
+#: ``obsm`` key of the RNA modality holding the registered protein counts (``setup_anndata(protein_modality=)``)
+PROTEIN_OBSM_KEY = "vcell_protein"
+
+
+def _protein_copy(mdata: MuData, protein_modality: str, rna_modality: str, layer: str | None) -> np.ndarray:
+    """Dense float32 copy of the protein counts of ``mdata[protein_modality]`` in the RNA modality's cell order.
+
+    KeyError for a missing modality/layer, ValueError when the cells differ or values are negative.
+    """
+    if protein_modality not in mdata.mod:
+        msg = f"MuData has no {protein_modality!r} modality (protein_modality); modalities: {list(mdata.mod)}"
+        raise KeyError(msg)
+    rna, prot = mdata.mod[rna_modality], mdata.mod[protein_modality]
+    if not rna.obs_names.equals(prot.obs_names):
+        if set(rna.obs_names) == set(prot.obs_names) and prot.obs_names.is_unique:
+            prot = prot[rna.obs_names]  # same cells, other order
+        else:
+            n_diff = len(set(rna.obs_names).symmetric_difference(set(prot.obs_names)))
+            msg = (
+                f"cells differ between modalities {rna_modality!r} ({rna.n_obs} cells) and {protein_modality!r} "
+                f"({prot.n_obs} cells): {n_diff} obs_names are in only one of them; subset both to the same cells "
+                "(proteins missing for some cells can be NaN rows)"
+            )
+            raise ValueError(msg)
+    if layer is not None and layer not in prot.layers:
+        msg = f"protein_layer {layer!r} is not a layer of mdata[{protein_modality!r}]; layers: {list(prot.layers)}"
+        raise KeyError(msg)
+    P = to_dense(get_matrix(prot, layer)).astype(np.float32, copy=True)
+    finite = P[np.isfinite(P)]
+    if finite.size and finite.min() < 0:
+        msg = (
+            f"mdata[{protein_modality!r}] ({'X' if layer is None else f'layer {layer!r}'}) holds negative values; "
+            "protein counts were expected (CLR-normalised values are not counts: pass protein_layer=)"
+        )
+        raise ValueError(msg)
+    return P
 
 
 def _edge_frame(spec: Any, what: str, weight: str, *, accepted: str, fmt: str) -> pd.DataFrame:
@@ -282,6 +321,14 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         on Kang 2018 with held-out NK cells (benchmarks/causal_vae_structured.py); 3 made predictions worse.
     prediction
         ``"residual"`` or ``"decoded"`` (see above); :meth:`predict` can override it.
+    protein_weight
+        Weight of the protein reconstruction term, for a MuData registered with ``protein_modality=``
+        (CITE-seq). Such a model encodes RNA and proteins into one latent state and decodes proteins with a second
+        head: negative binomial counts with the cell's observed protein library size and one dispersion per protein
+        (as RNA; no totalVI background mixture), see :class:`vcell.module.CausalVAEModule`. ``predict(...,
+        modality="prot")`` gives protein counterfactuals in log1p(counts per 1e4 of the protein library);
+        :func:`vcell.tl.predict_perturbation` writes both modalities. :meth:`sample` stays RNA-only. Ignored
+        without proteins.
 
     Examples
     --------
@@ -332,6 +379,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         regulatory_network: str | pd.DataFrame | None = None,
         regulatory_weight: float = 0.3,
         prediction: str = "residual",
+        protein_weight: float = 1.0,
     ) -> None:
         adata = _as_anndata(adata)
         super().__init__(adata, registry=registry)
@@ -372,6 +420,13 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         structure_kwargs = self._structure_arrays(
             pathways, regulatory_network, n_latent=n_latent, min_genes=pathway_min_genes
         )
+        protein = vcell_state(self.registry_).get("protein") or {}
+        self.protein_names_: list[str] = [str(n) for n in protein.get("names", [])]
+        self.protein_modality_: str | None = protein.get("modality")
+        protein_kwargs = {"n_proteins": len(self.protein_names_), "protein_weight": protein_weight}
+        if self.protein_names_ and likelihood == "gaussian":
+            msg = "proteins are modelled with a negative binomial: register RNA counts and use likelihood='nb'/'zinb'"
+            raise ValueError(msg)
         self.module = CausalVAEModule(
             self.summary_stats["n_vars"],
             len(self.atoms_),
@@ -396,6 +451,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             pathway_init=pathway_init,
             regulatory_weight=regulatory_weight,
             **structure_kwargs,
+            **(protein_kwargs if self.protein_names_ else {}),
         )
         if graph is not None:
             kind = f"gene graph of {len(self._graph_nodes)} nodes, {len(graph)} edges, {graph_layers} layer(s)"
@@ -411,6 +467,10 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         if regulatory_network is not None:
             n_edges = len(structure_kwargs["regulatory"][0])
             self._model_summary_string += f", regulatory penalty ({n_edges} edges, weight {regulatory_weight:g})"
+        if self.protein_names_:
+            self._model_summary_string += (
+                f", {len(self.protein_names_)} proteins ({self.protein_modality_!r}, weight {protein_weight:g})"
+            )
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup
@@ -426,12 +486,14 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         layer: str | None = None,
         batch_key: str | None = None,
         sep: str = "+",
+        protein_modality: str | None = None,
+        protein_layer: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register a perturbation screen (see :meth:`vcell.model.PerturbationModel.setup_anndata`).
 
-        A MuData is accepted: its ``rna`` modality is registered (keys refer to ``mdata['rna'].obs``) and the
-        other modalities are ignored.
+        A MuData is accepted: its ``rna`` modality is registered (keys refer to ``mdata['rna'].obs``); the other
+        modalities are ignored unless one is named by ``protein_modality``.
 
         Parameters
         ----------
@@ -439,14 +501,32 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             AnnData, or MuData with an ``rna`` modality.
         perturbation_key, control, dose_key, covariate_keys, layer, batch_key, sep, **kwargs
             As in :meth:`vcell.model.PerturbationModel.setup_anndata`.
+        protein_modality
+            With a MuData: the modality of protein counts (e.g. ``"prot"``; pertpy's papalexi_2021 calls it
+            ``"adt"``, see :func:`vcell.datasets.read`'s ``modalities=``), modelled jointly with RNA. Its cells
+            must be the ``rna`` modality's (any order); a cell without protein measurement can be a row of NaN (or
+            of zeros): it is left out of the protein likelihood. ``None`` (default): RNA only.
+        protein_layer
+            Layer of the protein modality holding the counts; ``None``: its ``X``.
 
         Sets the following fields
         -------------------------
         ``obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``, ``uns['vcell_harmonize']``
             Canonical labels (:func:`vcell.pp.harmonize`), in the AnnData (or the MuData's ``rna`` modality).
         ``obs['_scvi_*']``, ``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``
-            scvi-tools' registry.
+            scvi-tools' registry; with ``protein_modality`` its vcell state also records the protein modality, layer
+            and names (``model.protein_names_``).
+        ``mdata['rna'].obsm['vcell_protein']``
+            With ``protein_modality``: dense float32 copy of the protein counts in the RNA modality's cell order
+            (cells x proteins; what the model reads).
         """
+        protein = None
+        if protein_modality is not None:
+            if not hasattr(adata, "mod"):
+                msg = "protein_modality needs a MuData (with an 'rna' and a protein modality), got an AnnData"
+                raise ValueError(msg)
+            _as_anndata(adata)  # KeyError without an 'rna' modality
+            protein = _protein_copy(adata, str(protein_modality), "rna", protein_layer)
         super().setup_anndata(
             _as_anndata(adata),
             perturbation_key=perturbation_key,
@@ -458,9 +538,48 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             sep=sep,
             **kwargs,
         )
+        if protein is not None:
+            rna = _as_anndata(adata)
+            rna.obsm[PROTEIN_OBSM_KEY] = protein
+            manager = cls._get_most_recent_anndata_manager(rna, required=True)
+            state = manager.registry.setdefault(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
+            state["protein"] = {
+                "modality": str(protein_modality),
+                "layer": protein_layer,
+                "obsm_key": PROTEIN_OBSM_KEY,
+                "names": [str(n) for n in adata.mod[protein_modality].var_names],
+            }
 
     def _check_adata(self, adata: AnnData | MuData | None) -> AnnData:
+        """The RNA AnnData of ``adata``; a MuData given to a protein model gets ``obsm['vcell_protein']`` if absent."""
+        if adata is not None and hasattr(adata, "mod") and self.protein_names_:
+            rna = _as_anndata(adata)
+            if PROTEIN_OBSM_KEY not in rna.obsm:
+                prot_mod = self.protein_modality_
+                if prot_mod in adata.mod and list(map(str, adata.mod[prot_mod].var_names)) != self.protein_names_:
+                    msg = f"mdata[{prot_mod!r}] does not hold the model's proteins {self.protein_names_[:10]}"
+                    raise KeyError(msg)
+                layer = (vcell_state(self.registry_).get("protein") or {}).get("layer")
+                rna.obsm[PROTEIN_OBSM_KEY] = _protein_copy(adata, prot_mod, "rna", layer)
         return super()._check_adata(_as_anndata(adata))
+
+    def _protein_rows(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray:
+        """Registered protein counts of cells ``idx`` (all: ``None``), float32, NaN rows for unmeasured cells."""
+        if PROTEIN_OBSM_KEY not in adata.obsm:
+            msg = (
+                f"adata.obsm[{PROTEIN_OBSM_KEY!r}] (protein counts) is missing: pass the MuData with its "
+                f"{self.protein_modality_!r} modality, or register it with setup_anndata(protein_modality=)"
+            )
+            raise KeyError(msg)
+        P = np.asarray(adata.obsm[PROTEIN_OBSM_KEY], dtype=np.float32)
+        if P.shape[1] != len(self.protein_names_):
+            msg = f"adata.obsm[{PROTEIN_OBSM_KEY!r}] has {P.shape[1]} columns, the model {len(self.protein_names_)} proteins"
+            raise ValueError(msg)
+        return P if idx is None else P[idx]
+
+    def _cell_keys(self) -> tuple[str, ...]:
+        """Batch keys of the cells themselves (what encoding a cell needs): proteins too when registered."""
+        return (*_CELL_KEYS, PROTEIN_KEY) if self.protein_names_ else _CELL_KEYS
 
     def _conditions(self) -> list[str]:
         mapping = self.registry_["field_registries"][REGISTRY_KEYS.PERT_KEY]["state_registry"]["categorical_mapping"]
@@ -755,6 +874,8 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         }
         if self.module.counts and self.module.likelihood != "gaussian":
             tensors[LOG_X_FACTORIAL_KEY] = torch.as_tensor(_log_factorial_sums(X), dtype=torch.float32)
+        if self.protein_names_:
+            tensors[PROTEIN_KEY] = torch.as_tensor(self._protein_rows(adata))
         return tensors
 
     def _split(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -808,7 +929,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         if not cells:
             return None
         idx = np.concatenate(cells)
-        batch = {k: _rows(tensors[k], idx) for k in _CELL_KEYS}
+        batch = {k: _rows(tensors[k], idx) for k in self._cell_keys()}
         batch[TARGET_ENCODING_KEY] = torch.as_tensor(np.concatenate(encodings))
         group = torch.as_tensor(np.repeat(np.arange(len(cells)), [len(c) for c in cells]), dtype=torch.long)
         return _CounterfactualValidation(batch, group, torch.as_tensor(np.stack(targets)), self.prediction)
@@ -916,7 +1037,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         m = self.module.eval()
         device = next(m.parameters()).device
         zs = [
-            m.latent({k: _rows(tensors[k], chunk).to(device) for k in _CELL_KEYS})
+            m.latent({k: _rows(tensors[k], chunk).to(device) for k in self._cell_keys()})
             for chunk in self._chunks(idx, batch_size)
         ]
         z = torch.cat(zs) if zs else torch.zeros((0, m.n_latent), device=device)
@@ -961,6 +1082,8 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(own),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
         }
+        if self.protein_names_:
+            batch[PROTEIN_KEY] = torch.as_tensor(self._protein_rows(adata, idx))
         if own_nodes.size:
             batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(own_nodes, (len(idx), 1)))
         if target is not None:
@@ -984,6 +1107,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         mode: str | None = None,
         compose: str = "auto",
         batch_size: int = 2048,
+        modality: str = "rna",
     ) -> np.ndarray:
         """Counterfactual mean expression of control cells under ``perturbation`` (log1p(CP10k), float32).
 
@@ -1009,12 +1133,21 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             combinations never seen in training (whose summed latent lies outside the training region).
         batch_size
             Cells per forward pass.
+        modality
+            ``"rna"`` (genes, log1p(CP10k)) or, for a model with proteins, ``"prot"``: proteins in
+            log1p(counts per 1e4 of the cell's protein library), the transform to evaluate protein truth with
+            (``vcell._utils.log1p_cp10k`` of the protein counts).
 
         Returns
         -------
-        Array of shape ``(n_selected_cells, n_genes)``.
+        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
         self._require_trained()
+        if modality not in MODALITIES or (modality == "prot" and not self.protein_names_):
+            msg = f"modality must be 'rna' or, for a model set up with protein_modality=, 'prot'; got {modality!r}" + (
+                "" if self.protein_names_ else " (this model has no proteins)"
+            )
+            raise ValueError(msg)
         mode = self.prediction if mode is None else mode
         if mode not in PREDICTION_MODES:
             msg = f"mode must be one of {PREDICTION_MODES}, got {mode!r}"
@@ -1032,7 +1165,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         out = []
         for chunk in self._chunks(idx, batch_size):
             batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
-            out.append(m.counterfactual(batch, mode=mode, compose=compose).cpu().numpy())
+            out.append(m.counterfactual(batch, mode=mode, compose=compose, modality=modality).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
     def _latents(
@@ -1071,7 +1204,7 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         seed: int | None = None,
         batch_size: int = 2048,
     ) -> AnnData:
-        """Cells drawn from the model's counterfactual distribution (not just its mean).
+        """Cells drawn from the model's counterfactual distribution (not just its mean); RNA only.
 
         Each sampled cell starts from a control cell: its basal state is encoded, the perturbation swapped, and
         counts are drawn from the decoded (zero-inflated) negative binomial with that cell's library size (or

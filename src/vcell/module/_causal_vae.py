@@ -38,6 +38,10 @@ EXTRA_NODES_KEY = "perturbation_extra_nodes"
 TARGET_EXTRA_NODES_KEY = "target_perturbation_extra_nodes"
 #: batch key of the per-cell sum of log(x!) of the counts (optional; see ``reconstruction_log_prob``)
 LOG_X_FACTORIAL_KEY = "log_x_factorial"
+#: batch key of the protein counts (cells x proteins; NaN rows: protein not measured), with ``n_proteins > 0``
+PROTEIN_KEY = "protein"
+#: modalities a counterfactual can be decoded in
+MODALITIES = ("rna", "prot")
 _TARGET_SUM = 1e4
 
 
@@ -148,6 +152,18 @@ class CausalVAEModule(VCellModule):
         log1p(CP10k) (:func:`~vcell.module.regulatory_penalty` times the number of edges). ``None``: no penalty.
     regulatory_weight
         Weight of that penalty (0 switches it off).
+    n_proteins
+        Number of proteins measured beside RNA (CITE-seq), ``batch[PROTEIN_KEY]`` holding their counts; 0 (default):
+        RNA only, and nothing below exists. With proteins the encoder also sees the cell's log1p(protein counts per
+        1e4 of its protein library) (zeros for a cell without protein), so ``z_basal`` is a joint latent, and a
+        second decoder head (an MLP of ``n_hidden`` x ``n_layers``) gives each protein's share of the protein
+        library. Protein counts follow a negative binomial with the cell's observed protein library size and a
+        learned dispersion per protein: the RNA model's choice, which suits antibody counts well enough for
+        predicting mean responses (totalVI's background/foreground mixture is left out: the background is absorbed
+        into the shares; it matters for calling a protein present, less for mean shifts). Cells whose protein row
+        holds a NaN or sums to 0 count as unmeasured: they are left out of the protein likelihood.
+    protein_weight
+        Weight of the protein reconstruction term in the loss (with ``n_proteins``).
     """
 
     def __init__(
@@ -183,6 +199,8 @@ class CausalVAEModule(VCellModule):
         pathway_init: str = "programs",
         regulatory: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         regulatory_weight: float = 0.3,
+        n_proteins: int = 0,
+        protein_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -193,7 +211,11 @@ class CausalVAEModule(VCellModule):
         self.kl_weight, self.adversary_weight = float(kl_weight), float(adversary_weight)
         self.interaction_penalty, self.log_dose_init = float(interaction_penalty), float(log_dose_init)
         self.condition_encoder = bool(condition_encoder)
-        n_in = n_genes + (n_latent if condition_encoder else 0)
+        self.n_proteins, self.protein_weight = int(n_proteins), float(protein_weight)
+        if self.n_proteins < 0 or not np.isfinite(self.protein_weight) or self.protein_weight < 0:
+            msg = f"n_proteins must be >= 0 and protein_weight a finite number >= 0, got {n_proteins!r}, {protein_weight!r}"
+            raise ValueError(msg)
+        n_in = n_genes + self.n_proteins + (n_latent if condition_encoder else 0)
         self.encoder = mlp(n_in, n_hidden, 2 * n_latent, n_layers=n_layers, dropout=dropout)
         n_out = 2 * n_genes if likelihood == "zinb" else n_genes
         if programs is None:
@@ -258,6 +280,9 @@ class CausalVAEModule(VCellModule):
         self.adversary_names = (["perturbation"] if n_conditions > 1 else []) + cov_names
         self.adversaries = nn.ModuleList([mlp(n_latent, n_hidden // 2, k, n_layers=1) for k in sizes])
         self.adversary_active = [k > 1 for k in sizes]
+        if self.n_proteins:  # registered last: RNA-only modules draw their initial weights exactly as before
+            self.protein_decoder = mlp(n_latent, n_hidden, self.n_proteins, n_layers=n_layers, dropout=dropout)
+            self.protein_param = nn.Parameter(torch.zeros(self.n_proteins))  # log theta of the protein NB
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -277,6 +302,8 @@ class CausalVAEModule(VCellModule):
             if hasattr(ops, "reset_parameters"):
                 ops.reset_parameters()
             self.gene_param.zero_()
+            if self.n_proteins:
+                self.protein_param.zero_()
 
     # ------------------------------------------------------------------------- pieces
     def _pad(self, enc: torch.Tensor) -> torch.Tensor:
@@ -337,6 +364,37 @@ class CausalVAEModule(VCellModule):
             out["pi_logits"] = h[:, self.n_genes :]
         return out
 
+    def protein_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Protein counts of a batch (NaN -> 0), their log1p(per 1e4 of the protein library), library and mask.
+
+        Keys ``p`` (counts), ``p_log`` (zeros for unmeasured cells), ``p_lib`` (``(cells, 1)``, at least 1) and
+        ``p_observed`` (bool per cell: no NaN and a positive total). Empty without proteins.
+        """
+        if not self.n_proteins:
+            return {}
+        raw = batch[PROTEIN_KEY]
+        observed = torch.isfinite(raw).all(1)
+        p = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)).clamp(min=0.0)
+        total = p.sum(1, keepdim=True)
+        observed = observed & (total[:, 0] > 0)
+        p_lib = total.clamp(min=1.0)
+        p_log = torch.log1p(p * (_TARGET_SUM / p_lib)) * observed[:, None].to(p.dtype)
+        return {"p": p, "p_log": p_log, "p_lib": p_lib, "p_observed": observed}
+
+    def decode_protein(self, z: torch.Tensor) -> torch.Tensor:
+        """Log share of each protein in the protein library, ``(cells, n_proteins)``."""
+        return torch.log_softmax(self.protein_decoder(z), dim=-1)
+
+    def protein_mean_log1p(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoded mean protein expression of latent states ``z``: log1p(counts per 1e4 of the protein library)."""
+        return torch.log1p(_TARGET_SUM * torch.exp(self.decode_protein(z)))
+
+    def protein_log_prob(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-cell NB log-likelihood of the protein counts (0 for unmeasured cells); ``out`` from :meth:`forward`."""
+        log_mu = torch.log(out["p_lib"]) + out["protein_log_scale"]
+        ll = nb_log_prob_rows(out["p"], log_mu, self.protein_param) - torch.lgamma(out["p"] + 1.0).sum(1)
+        return torch.where(out["p_observed"], ll, torch.zeros_like(ll))
+
     def mean_log1p(self, dec: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decoded mean expression in log1p(CP10k) space."""
         if self.likelihood == "gaussian":
@@ -358,7 +416,8 @@ class CausalVAEModule(VCellModule):
         x_log, lib = self.log_normalise(batch[REGISTRY_KEYS.X_KEY])
         z_cov = self.covariate_latent(batch.get(REGISTRY_KEYS.COVARIATES_KEY))
         z_own = z_cov + self.perturbation_latent(batch[REGISTRY_KEYS.PERT_ENCODING_KEY], batch.get(EXTRA_NODES_KEY))
-        mu, log_var = self.encode(x_log, z_own)
+        x_in = torch.cat([x_log, self.protein_inputs(batch)["p_log"]], 1) if self.n_proteins else x_log
+        mu, log_var = self.encode(x_in, z_own)
         return x_log, lib, z_cov, z_own, mu, log_var
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -366,7 +425,10 @@ class CausalVAEModule(VCellModule):
         x_log, lib, _, z_known, mu, log_var = self._encode_batch(batch)
         z_basal = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var) if self.variational and self.training else mu
         z = z_basal + z_known
-        return {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
+        out = {"x_log": x_log, "lib": lib, "mu": mu, "log_var": log_var, "z_basal": z_basal, "z": z, **self.decode(z)}
+        if self.n_proteins:
+            out.update(self.protein_inputs(batch), protein_log_scale=self.decode_protein(z))
+        return out
 
     def reconstruction_log_prob(
         self, x: torch.Tensor, out: dict[str, torch.Tensor], log_x_factorial: torch.Tensor | None = None
@@ -423,6 +485,9 @@ class CausalVAEModule(VCellModule):
         if len(self.regulatory_tf) and self.regulatory_weight > 0:  # only then: logged terms as before otherwise
             terms["regulatory_penalty"] = self.regulatory_weight * self.regulatory_loss(batch, out)
             total = total + terms["regulatory_penalty"]
+        if self.n_proteins:  # mean over the batch's cells (unmeasured ones add 0)
+            terms["protein_reconstruction"] = -self.protein_log_prob(out).mean()
+            total = total + self.protein_weight * terms["protein_reconstruction"]
         return LossOutput(loss=total, terms=terms, metrics=metrics)
 
     def regulatory_loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -445,7 +510,7 @@ class CausalVAEModule(VCellModule):
     # ------------------------------------------------------------------------- inference
     @torch.no_grad()
     def counterfactual(
-        self, batch: dict[str, torch.Tensor], *, mode: str = "residual", compose: str = "latent"
+        self, batch: dict[str, torch.Tensor], *, mode: str = "residual", compose: str = "latent", modality: str = "rna"
     ) -> torch.Tensor:
         """log1p(CP10k) expression of the cells in ``batch`` under ``batch[TARGET_ENCODING_KEY]``.
 
@@ -459,25 +524,42 @@ class CausalVAEModule(VCellModule):
         component on its own and adds their decoded changes from the unperturbed state ``m(z)`` (each cell's own
         state-dependent single responses, added in log1p space; no interaction term). A combination never seen
         in training puts the summed latent where the decoder was not trained; ``"shifts"`` stays where it was.
+
+        ``modality="prot"`` (with ``n_proteins``) decodes the proteins instead, in log1p(counts per 1e4 of the
+        protein library); in residual mode the change is added to the cell's own protein values (the decoded
+        ``m(z_target)`` for cells without measured protein).
         """
         if compose not in ("latent", "shifts"):
             msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
+        if modality not in MODALITIES or (modality == "prot" and not self.n_proteins):
+            msg = f"modality must be 'rna' or, for a module with proteins, 'prot'; got {modality!r}"
+            raise ValueError(msg)
         x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
+        if modality == "rna":
+
+            def mean_of(z: torch.Tensor) -> torch.Tensor:
+                return self.mean_log1p(self.decode(z))
+
+        else:
+            mean_of = self.protein_mean_log1p
         target, nodes = self._pad(batch[TARGET_ENCODING_KEY]), batch.get(TARGET_EXTRA_NODES_KEY)
         active = torch.nonzero((target > 0).any(0)).flatten()
         if compose == "shifts" and len(active) > 1:
-            m_base = self.mean_log1p(self.decode(mu + z_cov))
+            m_base = mean_of(mu + z_cov)
             m_target = m_base.clone()
             for j in active.tolist():
                 single = torch.zeros_like(target)
                 single[:, j] = target[:, j]
-                m_target += self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(single, nodes))) - m_base
+                m_target += mean_of(mu + z_cov + self.perturbation_latent(single, nodes)) - m_base
         else:
-            m_target = self.mean_log1p(self.decode(mu + z_cov + self.perturbation_latent(target, nodes)))
+            m_target = mean_of(mu + z_cov + self.perturbation_latent(target, nodes))
         if mode == "decoded":
             return m_target.clamp(min=0.0)
-        m_own = self.mean_log1p(self.decode(mu + z_own))
+        m_own = mean_of(mu + z_own)
+        if modality == "prot":
+            prot = self.protein_inputs(batch)
+            x_log = torch.where(prot["p_observed"][:, None], prot["p_log"], m_own)
         return (x_log + m_target - m_own).clamp(min=0.0)
 
     @torch.no_grad()
