@@ -35,7 +35,7 @@ effective rank (``model.pretrain_history_``) and ``model.embedding_retrieval()``
 retrieval rate and mean cosine error of the predicted embedding shifts), written to ``diagnostics.csv``.
 
 Usage: ``python benchmarks/cell_jepa_ablation.py [--tasks papalexi,simulation] [--seeds 0,1,2] [--threads 1]
-[--out DIR] [--quick]``
+[--arms default,...] [--pretrain-epochs 30] [--out DIR] [--quick]``
 """
 
 from __future__ import annotations
@@ -113,6 +113,12 @@ def jepa_specs(args: argparse.Namespace, task: str, arms: list[str], **extra: An
         "batch_size": args.batch_size,
         "trainer_kwargs": {"enable_progress_bar": False},
     }
+    if args.arms:
+        unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+        if unknown:
+            msg = f"unknown arm(s) {unknown}; expected some of {list(ARMS)}"
+            raise ValueError(msg)
+        arms = [a for a in arms if a in args.arms.split(",")]
     specs = []
     for arm in arms:
         cls = type(f"CellJEPA_{arm}", (RecordedCellJEPA,), {"arm": arm, "task": task})
@@ -234,6 +240,7 @@ def main() -> None:
         default='{"n_latent": 32, "n_modules": 16, "n_hidden": 64}',
         help="JSON dict of CellJEPA(...) arguments shared by all arms",
     )
+    parser.add_argument("--arms", default="", help="comma-separated CellJEPA arms to run (default: all)")
     parser.add_argument("--dims", type=int, default=10, help="GO embedding dimensions (Papalexi)")
     parser.add_argument("--papalexi-cells", type=int, default=200, help="cells kept per knock-out")
     parser.add_argument("--papalexi-controls", type=int, default=800, help="control cells kept")
