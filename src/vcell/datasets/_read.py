@@ -46,7 +46,63 @@ def _gears_hint(folder: Path) -> str:
     return f"; these subfolders hold one: {inner}" if inner else ""
 
 
-def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | MuData:
+def rename_modalities(mdata: MuData, modalities: dict[str, str]) -> MuData:
+    """A MuData whose modalities are renamed: ``modalities`` maps vcell's name to the name in ``mdata``.
+
+    E.g. ``{"rna": "rna", "prot": "adt"}`` for pertpy's papalexi_2021 (CITE-seq antibody counts in ``adt``).
+    The other modalities are kept under their names; the modality AnnData objects, ``mdata.obs`` columns and
+    ``mdata.uns`` are shared with ``mdata``, not copied.
+
+    Parameters
+    ----------
+    mdata
+        MuData to rename.
+    modalities
+        ``{new_name: name_in_mdata}``.
+
+    Returns
+    -------
+    A new MuData (``pull_on_update=False``).
+
+    Raises
+    ------
+    KeyError
+        If a name of ``modalities``' values is not a modality of ``mdata`` (the message lists the modalities).
+    ValueError
+        If two modalities would get one name, or ``modalities`` is not a dict of strings.
+    """
+    import mudata
+
+    if not isinstance(modalities, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in modalities.items()
+    ):
+        msg = f"modalities must be a dict {{new_name: name_in_file}} of strings, got {modalities!r}"
+        raise ValueError(msg)
+    missing = {new: old for new, old in modalities.items() if old not in mdata.mod}
+    if missing:
+        msg = f"modalities {missing} name modalities the MuData lacks; its modalities: {list(mdata.mod)}"
+        raise KeyError(msg)
+    if len(set(modalities.values())) != len(modalities):
+        msg = f"modalities maps several names to one modality: {modalities}"
+        raise ValueError(msg)
+    rest = {name: mod for name, mod in mdata.mod.items() if name not in set(modalities.values())}
+    clash = sorted(set(rest) & set(modalities))
+    if clash:
+        msg = f"renaming would give two modalities the name(s) {clash}: rename those too (modalities={modalities})"
+        raise ValueError(msg)
+    mods = {new: mdata.mod[old] for new, old in modalities.items()} | rest
+    with mudata.set_options(pull_on_update=False):
+        out = mudata.MuData(mods)
+    if out.obs_names.equals(mdata.obs_names):
+        for col in mdata.obs.columns:  # global columns (modality-prefixed ones keep their old prefix)
+            out.obs[col] = mdata.obs[col].to_numpy()
+    out.uns.update(mdata.uns)
+    return out
+
+
+def read(
+    path: str | Path, *, perturbation_key: str | None = None, modalities: dict[str, str] | None = None
+) -> AnnData | MuData:
     """Read a perturbation dataset from disk: ``.h5ad``, ``.h5mu`` or a GEARS data folder.
 
     Parameters
@@ -62,6 +118,10 @@ def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | 
         to ``obs['perturbation']`` (for MuData: in ``mdata.obs`` and in every modality that has the column).
         For GEARS folders it defaults to ``'condition'``. Labels are copied as they are; canonicalise them
         (``'ctrl'`` -> ``'control'``, ``'A+ctrl'`` -> ``'A'``) with ``vcell.pp.harmonize``.
+    modalities
+        ``.h5mu`` only: rename modalities to vcell's names, ``{new_name: name_in_file}``, e.g.
+        ``{"rna": "rna", "prot": "adt"}`` for pertpy's papalexi_2021 (see :func:`rename_modalities`; the
+        other modalities are kept). ``None``: names as stored.
 
     Returns
     -------
@@ -84,7 +144,8 @@ def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | 
     ValueError
         If ``path`` is neither an ``.h5ad``/``.h5mu`` file nor a folder holding ``perturb_processed.h5ad``.
     KeyError
-        If ``perturbation_key`` (or GEARS' ``condition``) is not an ``obs`` column.
+        If ``perturbation_key`` (or GEARS' ``condition``) is not an ``obs`` column, or a modality named in
+        ``modalities`` is not in the file.
 
     Examples
     --------
@@ -95,6 +156,9 @@ def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | 
     (200, 20)
     """
     path = Path(path).expanduser()
+    if modalities is not None and path.suffix.lower() != ".h5mu":
+        msg = f"modalities= renames the modalities of an .h5mu file; {str(path)!r} is not one"
+        raise ValueError(msg)
     if not path.exists():
         msg = f"no file or folder at {str(path)!r}; expected {_EXPECTED}"
         raise FileNotFoundError(msg)
@@ -117,6 +181,8 @@ def read(path: str | Path, *, perturbation_key: str | None = None) -> AnnData | 
 
         with mudata.set_options(pull_on_update=False):
             mdata = mudata.read_h5mu(path)
+        if modalities is not None:
+            mdata = rename_modalities(mdata, modalities)
         if perturbation_key is not None:
             holders = [mdata] if perturbation_key in mdata.obs.columns else []
             holders += [m for m in mdata.mod.values() if perturbation_key in m.obs.columns]

@@ -538,17 +538,25 @@ class CausalVAE(AdaptMixin, PerturbationModel):
             sep=sep,
             **kwargs,
         )
+        rna = _as_anndata(adata)
+        source = kwargs.get("source_registry")  # load(): the saved model's registry
+        info = None
         if protein is not None:
-            rna = _as_anndata(adata)
             rna.obsm[PROTEIN_OBSM_KEY] = protein
-            manager = cls._get_most_recent_anndata_manager(rna, required=True)
-            state = manager.registry.setdefault(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
-            state["protein"] = {
+            info = {
                 "modality": str(protein_modality),
                 "layer": protein_layer,
                 "obsm_key": PROTEIN_OBSM_KEY,
                 "names": [str(n) for n in adata.mod[protein_modality].var_names],
             }
+        elif source is not None and vcell_state(source).get("protein"):
+            info = dict(vcell_state(source)["protein"])
+            if hasattr(adata, "mod") and PROTEIN_OBSM_KEY not in rna.obsm and info["modality"] in adata.mod:
+                rna.obsm[PROTEIN_OBSM_KEY] = _protein_copy(adata, info["modality"], "rna", info.get("layer"))
+        if info is not None:
+            manager = cls._get_most_recent_anndata_manager(rna, required=True)
+            state = manager.registry.setdefault(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
+            state["protein"] = info
 
     def _check_adata(self, adata: AnnData | MuData | None) -> AnnData:
         """The RNA AnnData of ``adata``; a MuData given to a protein model gets ``obsm['vcell_protein']`` if absent."""
@@ -1142,12 +1150,12 @@ class CausalVAE(AdaptMixin, PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        self._require_trained()
         if modality not in MODALITIES or (modality == "prot" and not self.protein_names_):
             msg = f"modality must be 'rna' or, for a model set up with protein_modality=, 'prot'; got {modality!r}" + (
                 "" if self.protein_names_ else " (this model has no proteins)"
             )
             raise ValueError(msg)
+        self._require_trained()
         mode = self.prediction if mode is None else mode
         if mode not in PREDICTION_MODES:
             msg = f"mode must be one of {PREDICTION_MODES}, got {mode!r}"

@@ -13,6 +13,7 @@ from vcell._utils import check_obs_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
     from vcell.model import PerturbationModel
 
@@ -52,8 +53,59 @@ def starting_cells(
     return idx
 
 
+def _modalities(mdata: MuData, model: PerturbationModel) -> tuple[AnnData, AnnData | None, np.ndarray | None]:
+    """The RNA modality, the protein modality of a protein model (else ``None``) and its rows in RNA order."""
+    if "rna" not in mdata.mod:
+        msg = f"MuData has no 'rna' modality; modalities: {list(mdata.mod)}"
+        raise KeyError(msg)
+    rna = mdata.mod["rna"]
+    prot_mod = getattr(model, "protein_modality_", None) if getattr(model, "protein_names_", None) else None
+    if prot_mod is None:
+        return rna, None, None
+    if prot_mod not in mdata.mod:
+        msg = f"the model predicts proteins of modality {prot_mod!r}, which the MuData lacks; modalities: {list(mdata.mod)}"
+        raise KeyError(msg)
+    model._check_adata(mdata)  # copies the protein counts into rna.obsm when they are not there yet
+    prot = mdata.mod[prot_mod]
+    rows = rna.obs_names.get_indexer(prot.obs_names)
+    if (rows < 0).any() or len(rows) != rna.n_obs:
+        msg = f"cells differ between modalities 'rna' ({rna.n_obs} cells) and {prot_mod!r} ({prot.n_obs} cells)"
+        raise ValueError(msg)
+    return rna, prot, rows
+
+
+def _predicted_cells(
+    adata: AnnData, idx: np.ndarray, perts: list[str], preds: dict[str, np.ndarray], var: pd.DataFrame, key_added: str
+) -> AnnData:
+    """AnnData of predicted cells (``return_adata=True``), one block of rows per perturbation."""
+    import anndata as ad
+
+    obs_src = adata.obs.iloc[idx]
+    obs = pd.concat([obs_src.assign(perturbation=p) for p in perts], axis=0)
+    obs["vcell_source_cell"] = np.tile(adata.obs_names[idx].to_numpy(), len(perts))
+    obs[PERT_COL] = obs["perturbation"]
+    obs.index = [f"{key_added}-{p}-{c}" for p in perts for c in adata.obs_names[idx]]
+    for col in ("perturbation", PERT_COL):
+        obs[col] = pd.Categorical(obs[col], categories=perts)
+    return ad.AnnData(X=np.concatenate([preds[p] for p in perts], axis=0).astype(np.float32), obs=obs, var=var)
+
+
+def _write_layers(
+    adata: AnnData, rows: np.ndarray, perts: list[str], preds: dict[str, np.ndarray], key_added: str
+) -> list[str]:
+    """Write each prediction into ``adata.layers`` (rows ``rows``, NaN elsewhere); the layer keys."""
+    layers = []
+    for p in perts:
+        full = np.full(adata.shape, np.nan, dtype=np.float32)
+        full[rows] = preds[p]
+        key = _layer_key(key_added, p, len(perts))
+        adata.layers[key] = full
+        layers.append(key)
+    return layers
+
+
 def predict_perturbation(
-    adata: AnnData,
+    adata: AnnData | MuData,
     model: PerturbationModel,
     *,
     perturbations: str | Sequence[str],
@@ -71,7 +123,9 @@ def predict_perturbation(
     ----------
     adata
         Data with the control cells (``obs['vcell_perturbation'] == 'control'``, or ``controls=``) and the
-        genes the model was trained on.
+        genes the model was trained on; or a MuData whose ``rna`` modality is such data. With a model that
+        registered proteins (``CausalVAE.setup_anndata(mdata, protein_modality=...)``) the proteins are predicted
+        too, into the protein modality.
     model
         A trained vcell model (e.g. :class:`vcell.model.Baseline`).
     perturbations
@@ -96,7 +150,9 @@ def predict_perturbation(
     With ``return_adata=True``: a new AnnData (n_selected_cells x n_perturbations rows, adata's genes) whose
     ``X`` holds log1p(CP10k) predictions, ``obs['perturbation']`` the predicted condition,
     ``obs['vcell_source_cell']`` the control cell it started from (plus that cell's other ``obs`` columns),
-    and ``uns[key_added]`` the parameters. Otherwise ``None`` and ``adata`` is updated.
+    and ``uns[key_added]`` the parameters. For a MuData: a MuData with modality ``rna`` (that AnnData) and,
+    for a protein model, the protein modality (same ``obs``, the model's proteins, log1p(counts per 1e4 of the
+    protein library)). Otherwise ``None`` and ``adata`` is updated.
 
     Sets the following fields (``return_adata=False``)
     --------------------------------------------------
@@ -107,6 +163,15 @@ def predict_perturbation(
         bool, which cells hold a prediction.
     ``adata.uns[key_added]``
         ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``.
+
+    For a MuData these fields go into ``mdata['rna']``; with a protein model also:
+
+    ``mdata[<protein modality>].layers[key_added]`` (or ``f"{key_added}_{perturbation}"``)
+        float32, the protein modality's shape (its cell order): predicted proteins in log1p(counts per 1e4 of
+        the cell's protein library) on the rows of the selected control cells, NaN elsewhere.
+    ``mdata[<protein modality>].uns[key_added]``
+        The same parameters, with that modality's ``layers``; ``mdata['rna'].uns[key_added]['protein_layers']``
+        names them too.
 
     Examples
     --------
@@ -119,13 +184,20 @@ def predict_perturbation(
     >>> adata.layers["vcell_pred"].shape
     (1975, 6998)
     """
-    import anndata as ad
-
     from vcell import __version__
 
     perts = perturbation_list(perturbations, "predict")
+    mdata, prot, prot_rows = None, None, None
+    if hasattr(adata, "mod"):
+        mdata = adata
+        adata, prot, prot_rows = _modalities(mdata, model)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
+    prot_preds = {}
+    if prot is not None:
+        prot_preds = {
+            p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed, modality="prot") for p in perts
+        }
     params = {
         "perturbations": perts,
         "n_cells": int(idx.size),
@@ -136,32 +208,30 @@ def predict_perturbation(
     info = {"params": params, "model": repr(type(model).__name__), "vcell_version": __version__}
 
     if return_adata:
-        obs_src = adata.obs.iloc[idx]
-        obs = pd.concat([obs_src.assign(perturbation=p) for p in perts], axis=0)
-        obs["vcell_source_cell"] = np.tile(adata.obs_names[idx].to_numpy(), len(perts))
-        obs[PERT_COL] = obs["perturbation"]
-        obs.index = [f"{key_added}-{p}-{c}" for p in perts for c in adata.obs_names[idx]]
-        for col in ("perturbation", PERT_COL):
-            obs[col] = pd.Categorical(obs[col], categories=perts)
-        out = ad.AnnData(
-            X=np.concatenate([preds[p] for p in perts], axis=0).astype(np.float32),
-            obs=obs,
-            var=adata.var.copy(),
-        )
+        out = _predicted_cells(adata, idx, perts, preds, adata.var.copy(), key_added)
         out.uns[key_added] = info
-        return out
+        if mdata is None:
+            return out
+        import mudata
 
-    layers = []
-    for p in perts:
-        full = np.full(adata.shape, np.nan, dtype=np.float32)
-        full[idx] = preds[p]
-        key = _layer_key(key_added, p, len(perts))
-        adata.layers[key] = full
-        layers.append(key)
+        mods = {"rna": out}
+        if prot is not None:
+            mods[model.protein_modality_] = _predicted_cells(adata, idx, perts, prot_preds, prot.var.copy(), key_added)
+            mods[model.protein_modality_].uns[key_added] = dict(info)
+        with mudata.set_options(pull_on_update=False):
+            return mudata.MuData(mods)
+
+    info["layers"] = _write_layers(adata, idx, perts, preds, key_added)
     mask = np.zeros(adata.n_obs, dtype=bool)
     mask[idx] = True
     adata.obs[f"{key_added}_source"] = mask
-    info["layers"] = layers
+    if prot is not None:  # rows of the protein modality holding the starting cells, in its own order
+        rows = np.flatnonzero(mask[prot_rows])
+        order = np.argsort(idx)  # predictions are in idx order; rows ascend in the protein modality's order
+        pos = np.searchsorted(idx[order], prot_rows[rows])
+        prot_layers = _write_layers(prot, rows, perts, {p: v[order][pos] for p, v in prot_preds.items()}, key_added)
+        info["protein_layers"] = prot_layers
+        prot.uns[key_added] = {**info, "layers": prot_layers}
     adata.uns[key_added] = info
     return None
 
