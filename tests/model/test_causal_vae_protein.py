@@ -172,6 +172,8 @@ def test_missing_protein_cells_train_and_save_load(tmp_path):
     assert np.isfinite(model.history_["train_protein_reconstruction"].to_numpy()).all()
     pred = model.predict(mdata, perturbation="control", modality="prot")
     assert np.isfinite(pred).all()
+    assert model.sample(mdata, perturbation=model.atoms_[0], n_cells=7, seed=0).shape == (7, 20)  # RNA only
+    assert model.get_latent_representation(mdata).shape == (200, 4)
     model.save(tmp_path / "m", overwrite=True, save_anndata=False)
     loaded = vcell.model.CausalVAE.load(tmp_path / "m", adata=mdata["rna"])
     assert loaded.protein_names_ == model.protein_names_
