@@ -70,6 +70,15 @@ def rename_modalities(mdata: MuData, modalities: dict[str, str]) -> MuData:
         If a name of ``modalities``' values is not a modality of ``mdata`` (the message lists the modalities).
     ValueError
         If two modalities would get one name, or ``modalities`` is not a dict of strings.
+
+    Examples
+    --------
+    >>> import anndata as ad, mudata, numpy as np, pandas as pd
+    >>> rna = ad.AnnData(np.ones((3, 2)), var=pd.DataFrame(index=["CD4", "CD8A"]))
+    >>> adt = ad.AnnData(np.ones((3, 4)), var=pd.DataFrame(index=["a1", "a2", "a3", "a4"]))
+    >>> mdata = mudata.MuData({"rna": rna, "adt": adt})
+    >>> sorted(rename_modalities(mdata, {"prot": "adt"}).mod)
+    ['prot', 'rna']
     """
     import mudata
 
