@@ -19,7 +19,7 @@ from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, SOURCE_Z_KEY, TARGET_Z_KEY
 
 from ._base import PerturbationModel
-from ._causal_vae import CausalVAE, _as_anndata
+from ._encoding import PerturbationInputs, _as_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -89,7 +89,7 @@ def _history(plan: Any) -> dict[str, pd.DataFrame]:
     return {col: hist[[col]] for col in hist.columns}
 
 
-class CellJEPA(PerturbationModel):
+class CellJEPA(PerturbationInputs, PerturbationModel):
     """Joint-embedding predictive pretraining over gene-module tokens, then a perturbation transition in its latent.
 
     **Tokens** are gene modules, chosen by ``modules``: ``"random"`` (genes split at random into ``n_modules`` equal
@@ -167,18 +167,6 @@ class CellJEPA(PerturbationModel):
     >>> model.get_latent_representation().shape
     (200, 16)
     """
-
-    _conditions = CausalVAE._conditions
-    _covariate_categories = CausalVAE._covariate_categories
-    _covariate_codes = CausalVAE._covariate_codes
-    _embedding_table = CausalVAE._embedding_table
-    _gene_graph = CausalVAE._gene_graph
-    _graph_arrays = CausalVAE._graph_arrays
-    _encode = CausalVAE._encode
-    _log_dose_init = CausalVAE._log_dose_init
-    _require_trained = CausalVAE._require_trained
-    _chunks = CausalVAE._chunks
-    _genes = CausalVAE._genes
 
     def __init__(
         self,
@@ -384,7 +372,7 @@ class CellJEPA(PerturbationModel):
             self.vocab.check(
                 labels, what="CellJEPA (one-hot perturbation encoder; pass perturbation_embedding= or gene_graph=)"
             )
-        return CausalVAE._encode_query(self, labels, doses)
+        return super()._encode_query(labels, doses)
 
     def _require_pretrained(self) -> None:
         if not self.is_pretrained_:

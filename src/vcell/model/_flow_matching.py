@@ -17,7 +17,7 @@ from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
 
 from ._base import PerturbationModel, sample_obs
-from ._causal_vae import CausalVAE, _as_anndata
+from ._encoding import PerturbationInputs, _as_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -99,7 +99,7 @@ class _PairBatches:
             yield batch
 
 
-class FlowMatching(PerturbationModel):
+class FlowMatching(PerturbationInputs, PerturbationModel):
     """Optimal-transport conditional flow matching: a learned flow carries control cells to perturbed ones.
 
     Cells are not paired before and after a perturbation; the model learns the map between the control population
@@ -174,19 +174,6 @@ class FlowMatching(PerturbationModel):
     >>> model.predict(perturbation="G0005").shape
     (60, 50)
     """
-
-    # AnnData plumbing shared with CausalVAE (registry categories, encodings, embedding table, gene graph, split)
-    _conditions = CausalVAE._conditions
-    _covariate_categories = CausalVAE._covariate_categories
-    _covariate_codes = CausalVAE._covariate_codes
-    _embedding_table = CausalVAE._embedding_table
-    _gene_graph = CausalVAE._gene_graph
-    _graph_arrays = CausalVAE._graph_arrays
-    _encode = CausalVAE._encode
-    _log_dose_init = CausalVAE._log_dose_init
-    _split = CausalVAE._split
-    _require_trained = CausalVAE._require_trained
-    _chunks = CausalVAE._chunks
 
     def __init__(
         self,
@@ -323,7 +310,7 @@ class FlowMatching(PerturbationModel):
             self.vocab.check(
                 labels, what="FlowMatching (one-hot perturbation encoder; pass perturbation_embedding= or gene_graph=)"
             )
-        return CausalVAE._encode_query(self, labels, doses)
+        return super()._encode_query(labels, doses)
 
     def _space(self, adata: AnnData, idx: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, torch.Tensor]:
         """log1p(CP10k) expression and standardised PCA coordinates of cells ``idx``."""
