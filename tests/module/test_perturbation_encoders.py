@@ -228,6 +228,16 @@ def test_gene_graph_exact_after_pruning():
         graph.node_vectors(np.array([n]))
 
 
+def _with_noisy_node(graph: GeneGraphOperators, node_row: int) -> torch.Tensor:
+    """The graph's operators with random noise added to one node's embedding (restored afterwards)."""
+    with torch.no_grad():
+        old = graph.node_embedding[node_row].clone()
+        graph.node_embedding[node_row] += torch.randn(graph.n_embed)
+        out = graph().detach()
+        graph.node_embedding[node_row] = old
+    return out
+
+
 def test_unseen_gene_vector_comes_from_its_neighbours():
     # path 0-1-...-9; atom 0 (gene 0) unseen, atoms at genes 3 and 9 seen; 2 layers: gene 0 sees genes 1, 2 only
     torch.manual_seed(0)
@@ -237,12 +247,7 @@ def test_unseen_gene_vector_comes_from_its_neighbours():
     base = graph().detach()
 
     def perturbed(gene: int) -> torch.Tensor:
-        with torch.no_grad():
-            old = graph.node_embedding[row[gene]].clone()
-            graph.node_embedding[row[gene]] += torch.randn(graph.n_embed)
-            out = graph().detach()
-            graph.node_embedding[row[gene]] = old
-        return out
+        return _with_noisy_node(graph, row[gene])
 
     for neighbour in (1, 2):
         assert not torch.allclose(perturbed(neighbour)[0], base[0])
@@ -265,12 +270,7 @@ def test_gene_graph_without_own_embedding_uses_neighbours_for_seen_atoms_too():
     base = graph().detach()
 
     def perturbed(gene: int) -> torch.Tensor:
-        with torch.no_grad():
-            old = graph.node_embedding[row[gene]].clone()
-            graph.node_embedding[row[gene]] += torch.randn(graph.n_embed)
-            out = graph().detach()
-            graph.node_embedding[row[gene]] = old
-        return out
+        return _with_noisy_node(graph, row[gene])
 
     assert torch.equal(perturbed(3)[0], base[0])  # its own node is left out
     assert not torch.allclose(perturbed(2)[0], base[0])
