@@ -180,6 +180,13 @@ class PerturbationModel(BaseModelClass):
             raise ValueError(msg)
         return idx
 
+    @staticmethod
+    def _non_test_cells(adata: AnnData) -> np.ndarray:
+        """Integer indices of the cells a model may fit on: all but ``obs['vcell_split'] == 'test'``."""
+        if "vcell_split" not in adata.obs:
+            return np.arange(adata.n_obs)
+        return np.flatnonzero((adata.obs["vcell_split"].astype(str) != "test").to_numpy())
+
     def _doses(self, adata: AnnData, indices: np.ndarray) -> np.ndarray:
         return adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[indices]
 

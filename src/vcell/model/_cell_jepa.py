@@ -216,7 +216,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         policy = modules if isinstance(modules, str) and modules in POLICIES else type(modules).__name__
         scale = None
         if adata is not None and registry is None:  # a new model; load() restores modules and scales
-            X = self._expression(adata, self._non_test(adata))
+            X = self._expression(adata, self._non_test_cells(adata))
             modules = self._resolve_modules(X, genes, modules, int(n_modules), int(min_genes), resolve_seed(seed))
             scale = (X.mean(0), X.std(0))
         elif not isinstance(modules, Mapping):
@@ -275,13 +275,6 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ gene modules
-    @staticmethod
-    def _non_test(adata: AnnData) -> np.ndarray:
-        idx = np.arange(adata.n_obs)
-        if "vcell_split" in adata.obs:
-            idx = idx[(adata.obs["vcell_split"].astype(str) != "test").to_numpy()]
-        return idx
-
     def _resolve_modules(
         self, X: np.ndarray, genes: list[str], spec: Any, n_modules: int, min_genes: int, seed: int
     ) -> dict[str, list[str]]:
@@ -350,7 +343,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         if "vcell_split" in adata.obs and (adata.obs["vcell_split"] == "val").any():
             split = adata.obs["vcell_split"].astype(str).to_numpy()
             return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-        idx = self._non_test(adata)
+        idx = self._non_test_cells(adata)
         order = np.random.default_rng(seed).permutation(idx)
         n_val = int(round(validation_fraction * len(idx))) if len(idx) >= 20 else 0
         return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -292,9 +292,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """PCA ``(components, mean)`` on the non-test cells' log1p(CP10k) and the global scale of the coordinates."""
         from vcell.metrics import fit_pca, pca_project
 
-        idx = np.arange(adata.n_obs)
-        if "vcell_split" in adata.obs:
-            idx = idx[(adata.obs["vcell_split"].astype(str) != "test").to_numpy()]
+        idx = self._non_test_cells(adata)
         if len(idx) > _PCA_MAX_CELLS:
             idx = np.sort(np.random.default_rng(resolve_seed(None)).choice(idx, _PCA_MAX_CELLS, replace=False))
         X = self._expression(adata, idx)

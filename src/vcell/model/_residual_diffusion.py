@@ -245,11 +245,13 @@ class ResidualDiffusion(PerturbationModel):
         sampled = []
         for g, ((p, d, k), rows) in enumerate(groups.items()):
             controls = ctrl_of[k] if len(ctrl_of[k]) else all_controls
+            if p == CONTROL:  # the controls' mean whatever the source
+                sampled.append(means[g])
+                continue
             sampled.append(self._condition_mean(adata, p, d, controls, "sample"))
-            if p != CONTROL:
-                target = E[rows].mean(0)
-                errors["predict"].append(np.mean((means[g] - target) ** 2))
-                errors["sample"].append(np.mean((sampled[g] - target) ** 2))
+            target = E[rows].mean(0)
+            errors["predict"].append(np.mean((means[g] - target) ** 2))
+            errors["sample"].append(np.mean((sampled[g] - target) ** 2))
         self.mean_source_mse_ = {k: float(np.mean(v)) if v else float("nan") for k, v in errors.items()}
         if errors["sample"] and self.mean_source_mse_["sample"] < self.mean_source_mse_["predict"]:
             means[:] = sampled
@@ -293,12 +295,6 @@ class ResidualDiffusion(PerturbationModel):
         return self.tail_[rows].astype(np.float64)
 
     # ------------------------------------------------------------------ training
-    def _training_cells(self, adata: AnnData) -> np.ndarray:
-        if "vcell_split" in adata.obs:
-            keep = adata.obs["vcell_split"].astype(str).to_numpy() != "test"
-            return np.flatnonzero(keep)
-        return np.arange(adata.n_obs)
-
     def train(
         self,
         max_epochs: int = 300,
@@ -361,7 +357,7 @@ class ResidualDiffusion(PerturbationModel):
         if not self.is_trained_:
             self.module.reset_parameters()
         rng = np.random.default_rng(seed)
-        cells = self._training_cells(adata)
+        cells = self._non_test_cells(adata)
         E = self._expression(adata, cells).astype(np.float64)
         pert = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
         dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
