@@ -13,8 +13,11 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._utils import check_obs_keys, check_var_names_match, expression_for_eval
 from vcell.data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
 
+from ._protein import PROTEIN_OBSM_KEY, ProteinData, protein_copy, protein_info, record_protein, registered_protein
+
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
 
 def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFrame:
@@ -35,16 +38,35 @@ def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFr
     )
 
 
-class PerturbationModel(BaseModelClass):
+class PerturbationModel(ProteinData, BaseModelClass):
     """Shared machinery of vcell models, on scvi-tools' :class:`~scvi.model.base.BaseModelClass`.
 
     Subclasses build ``self.module`` (a pure-torch module) in ``__init__`` from summary numbers, and
     implement :meth:`train` and :meth:`predict`. Every model predicts in the evaluation space of
-    BENCHMARK.md, log1p(CP10k), whatever its likelihood.
+    BENCHMARK.md, log1p(CP10k), whatever its likelihood. A model registered with proteins
+    (``setup_anndata(mdata, protein_modality=...)``) has ``protein_names_`` and predicts them with
+    ``predict(..., modality="prot")``; a subclass that cannot model proteins sets ``_models_proteins = False``.
     """
 
-    def __init__(self, adata: AnnData | None = None, registry: dict | None = None) -> None:
+    #: whether the model can be trained on a MuData registered with ``protein_modality``
+    _models_proteins: bool = True
+
+    def __init__(self, adata: AnnData | MuData | None = None, registry: dict | None = None) -> None:
+        if adata is not None and hasattr(adata, "mod"):
+            if "rna" not in adata.mod:
+                msg = f"MuData has no 'rna' modality; modalities: {list(adata.mod)}"
+                raise KeyError(msg)
+            adata = adata.mod["rna"]
         super().__init__(adata, registry=registry)
+        protein = registered_protein(self.registry_)
+        self.protein_names_: list[str] = [str(n) for n in protein.get("names", [])]
+        self.protein_modality_: str | None = protein.get("modality")
+        if self.protein_names_ and not self._models_proteins:
+            msg = (
+                f"{type(self).__name__} does not model proteins: register the data without protein_modality= "
+                "(or pass mdata['rna'])"
+            )
+            raise ValueError(msg)
         mapping = self.registry_["field_registries"][REGISTRY_KEYS.PERT_KEY]["state_registry"]["categorical_mapping"]
         self.vocab = PerturbationVocab([str(c) for c in mapping])
         state = vcell_state(self.registry_)
@@ -56,7 +78,7 @@ class PerturbationModel(BaseModelClass):
     @classmethod
     def setup_anndata(
         cls,
-        adata: AnnData,
+        adata: AnnData | MuData,
         *,
         perturbation_key: str,
         control: str | Sequence[str],
@@ -65,14 +87,20 @@ class PerturbationModel(BaseModelClass):
         layer: str | None = None,
         batch_key: str | None = None,
         sep: str = "+",
+        protein_modality: str | None = None,
+        protein_layer: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register a perturbation screen for this model.
 
+        A MuData is accepted: its ``rna`` modality is registered (keys refer to ``mdata['rna'].obs``); the other
+        modalities are ignored unless one is named by ``protein_modality``.
+
         Parameters
         ----------
         adata
-            Cells x genes; ``X`` (or ``layer``) holds raw counts or log-normalised expression.
+            Cells x genes; ``X`` (or ``layer``) holds raw counts or log-normalised expression. Or a MuData with
+            such an ``rna`` modality.
         perturbation_key
             ``obs`` column with perturbation labels (singles, ``"A+B"`` combinations, GEARS or scPerturb style).
         control
@@ -88,15 +116,26 @@ class PerturbationModel(BaseModelClass):
             Optional ``obs`` column with batches (also part of the context).
         sep
             Separator of combinations in ``perturbation_key``.
+        protein_modality
+            With a MuData: the modality of protein counts (e.g. ``"prot"``; pertpy's papalexi_2021 calls it
+            ``"adt"``, see :func:`vcell.datasets.read`'s ``modalities=``), modelled jointly with RNA. Its cells
+            must be the ``rna`` modality's (any order); a cell without protein measurement can be a row of NaN (or
+            of zeros): it is left out of protein fitting. ``None`` (default): RNA only.
+        protein_layer
+            Layer of the protein modality holding the counts; ``None``: its ``X``.
         **kwargs
             Passed to scvi-tools' ``AnnDataManager.register_fields``.
 
         Sets the following fields
         -------------------------
         ``adata.obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``, ``adata.uns['vcell_harmonize']``
-            Canonical labels (:func:`vcell.pp.harmonize`).
+            Canonical labels (:func:`vcell.pp.harmonize`); in ``mdata['rna']`` for a MuData.
         ``adata.obs['_scvi_*']``, ``adata.uns['_scvi_uuid']``, ``adata.uns['_scvi_manager_uuid']``
-            scvi-tools' registry.
+            scvi-tools' registry; with ``protein_modality`` its vcell state also records the protein modality, layer
+            and names (``model.protein_names_``).
+        ``mdata['rna'].obsm['vcell_protein']``
+            With ``protein_modality``: dense float32 copy of the protein counts in the RNA modality's cell order
+            (cells x proteins; what the model reads).
 
         Examples
         --------
@@ -108,7 +147,20 @@ class PerturbationModel(BaseModelClass):
         >>> adata.obs["vcell_perturbation"].value_counts().to_dict()
         {'IFNb': 1039, 'control': 936}
         """
-        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_locals = {k: v for k, v in locals().items() if k not in ("protein_modality", "protein_layer")}
+        setup_method_args = cls._get_setup_method_args(**setup_locals)  # proteins: recorded in the vcell state
+        counts, info = None, None
+        if protein_modality is not None:
+            counts, info = protein_info(adata, protein_modality, protein_layer)
+        elif hasattr(adata, "mod") and "rna" not in adata.mod:
+            msg = f"MuData has no 'rna' modality; modalities: {list(adata.mod)}"
+            raise KeyError(msg)
+        mdata, adata = adata, (adata.mod["rna"] if hasattr(adata, "mod") else adata)
+        source = kwargs.get("source_registry")  # load(): the saved model's registry
+        if info is None and source is not None and registered_protein(source):
+            info = registered_protein(source)
+            if hasattr(mdata, "mod") and PROTEIN_OBSM_KEY not in adata.obsm and info["modality"] in mdata.mod:
+                counts = protein_copy(mdata, info["modality"], "rna", info.get("layer"))
         setup_perturbation_anndata(
             cls,
             adata,
@@ -122,14 +174,25 @@ class PerturbationModel(BaseModelClass):
             sep=sep,
             **kwargs,
         )
+        if counts is not None:
+            adata.obsm[PROTEIN_OBSM_KEY] = counts
+        if info is not None:
+            record_protein(cls._get_most_recent_anndata_manager(adata, required=True).registry, info)
 
     # ---------------------------------------------------------------- helpers for subclasses
     def _layer(self) -> str | None:
         """Layer the model reads (``None`` = ``X``)."""
         return self.registry_["setup_args"].get("layer")
 
-    def _check_adata(self, adata: AnnData | None) -> AnnData:
+    def _check_adata(self, adata: AnnData | MuData | None) -> AnnData:
+        """The AnnData a model reads (a MuData's ``rna``, its proteins attached), its genes checked."""
         adata = self.adata if adata is None else adata
+        if adata is not None and hasattr(adata, "mod"):
+            if "rna" not in adata.mod:
+                msg = f"MuData has no 'rna' modality; modalities: {list(adata.mod)}"
+                raise KeyError(msg)
+            self._attach_protein(adata)
+            adata = adata.mod["rna"]
         if adata is None:
             msg = "this model was loaded without data: pass adata="
             raise ValueError(msg)

@@ -13,14 +13,12 @@ from scipy import sparse
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
 from vcell._utils import get_matrix, log1p_cp10k, resolve_seed, to_dense
-from vcell.data._registry import VCELL_STATE_KEY, vcell_state
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
 from vcell.module._causal_vae import (
     EXTRA_NODES_KEY,
     LIKELIHOODS,
     LOG_X_FACTORIAL_KEY,
-    MODALITIES,
     PROTEIN_KEY,
     TARGET_ENCODING_KEY,
     TARGET_EXTRA_NODES_KEY,
@@ -39,42 +37,6 @@ PREDICTION_MODES = ("residual", "decoded")
 _DENSE_LIMIT = 2 * 1024**3
 #: batch keys of the cells themselves (what encoding a cell needs)
 _CELL_KEYS = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.PERT_ENCODING_KEY, REGISTRY_KEYS.COVARIATES_KEY)
-#: ``obsm`` key of the RNA modality holding the registered protein counts (``setup_anndata(protein_modality=)``)
-PROTEIN_OBSM_KEY = "vcell_protein"
-
-
-def _protein_copy(mdata: MuData, protein_modality: str, rna_modality: str, layer: str | None) -> np.ndarray:
-    """Dense float32 copy of the protein counts of ``mdata[protein_modality]`` in the RNA modality's cell order.
-
-    KeyError for a missing modality/layer, ValueError when the cells differ or values are negative.
-    """
-    if protein_modality not in mdata.mod:
-        msg = f"MuData has no {protein_modality!r} modality (protein_modality); modalities: {list(mdata.mod)}"
-        raise KeyError(msg)
-    rna, prot = mdata.mod[rna_modality], mdata.mod[protein_modality]
-    if not rna.obs_names.equals(prot.obs_names):
-        if set(rna.obs_names) == set(prot.obs_names) and prot.obs_names.is_unique:
-            prot = prot[rna.obs_names]  # same cells, other order
-        else:
-            n_diff = len(set(rna.obs_names).symmetric_difference(set(prot.obs_names)))
-            msg = (
-                f"cells differ between modalities {rna_modality!r} ({rna.n_obs} cells) and {protein_modality!r} "
-                f"({prot.n_obs} cells): {n_diff} obs_names are in only one of them; subset both to the same cells "
-                "(proteins missing for some cells can be NaN rows)"
-            )
-            raise ValueError(msg)
-    if layer is not None and layer not in prot.layers:
-        msg = f"protein_layer {layer!r} is not a layer of mdata[{protein_modality!r}]; layers: {list(prot.layers)}"
-        raise KeyError(msg)
-    P = to_dense(get_matrix(prot, layer)).astype(np.float32, copy=True)
-    finite = P[np.isfinite(P)]
-    if finite.size and finite.min() < 0:
-        msg = (
-            f"mdata[{protein_modality!r}] ({'X' if layer is None else f'layer {layer!r}'}) holds negative values; "
-            "protein counts were expected (CLR-normalised values are not counts: pass protein_layer=)"
-        )
-        raise ValueError(msg)
-    return P
 
 
 class _CellBatches:
@@ -387,9 +349,6 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         structure_kwargs = self._structure_arrays(
             pathways, regulatory_network, n_latent=n_latent, min_genes=pathway_min_genes
         )
-        protein = vcell_state(self.registry_).get("protein") or {}
-        self.protein_names_: list[str] = [str(n) for n in protein.get("names", [])]
-        self.protein_modality_: str | None = protein.get("modality")
         protein_kwargs = {"n_proteins": len(self.protein_names_), "protein_weight": protein_weight}
         if self.protein_names_ and likelihood == "gaussian":
             msg = "proteins are modelled with a negative binomial: register RNA counts and use likelihood='nb'/'zinb'"
@@ -439,118 +398,6 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
                 f", {len(self.protein_names_)} proteins ({self.protein_modality_!r}, weight {protein_weight:g})"
             )
         self.init_params_ = self._get_init_params(locals())
-
-    # ------------------------------------------------------------------ setup
-    @classmethod
-    def setup_anndata(
-        cls,
-        adata: AnnData | MuData,
-        *,
-        perturbation_key: str,
-        control: str | Sequence[str],
-        dose_key: str | None = None,
-        covariate_keys: Sequence[str] = (),
-        layer: str | None = None,
-        batch_key: str | None = None,
-        sep: str = "+",
-        protein_modality: str | None = None,
-        protein_layer: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Register a perturbation screen (see :meth:`vcell.model.PerturbationModel.setup_anndata`).
-
-        A MuData is accepted: its ``rna`` modality is registered (keys refer to ``mdata['rna'].obs``); the other
-        modalities are ignored unless one is named by ``protein_modality``.
-
-        Parameters
-        ----------
-        adata
-            AnnData, or MuData with an ``rna`` modality.
-        perturbation_key, control, dose_key, covariate_keys, layer, batch_key, sep, **kwargs
-            As in :meth:`vcell.model.PerturbationModel.setup_anndata`.
-        protein_modality
-            With a MuData: the modality of protein counts (e.g. ``"prot"``; pertpy's papalexi_2021 calls it
-            ``"adt"``, see :func:`vcell.datasets.read`'s ``modalities=``), modelled jointly with RNA. Its cells
-            must be the ``rna`` modality's (any order); a cell without protein measurement can be a row of NaN (or
-            of zeros): it is left out of the protein likelihood. ``None`` (default): RNA only.
-        protein_layer
-            Layer of the protein modality holding the counts; ``None``: its ``X``.
-
-        Sets the following fields
-        -------------------------
-        ``obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``, ``uns['vcell_harmonize']``
-            Canonical labels (:func:`vcell.pp.harmonize`), in the AnnData (or the MuData's ``rna`` modality).
-        ``obs['_scvi_*']``, ``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``
-            scvi-tools' registry; with ``protein_modality`` its vcell state also records the protein modality, layer
-            and names (``model.protein_names_``).
-        ``mdata['rna'].obsm['vcell_protein']``
-            With ``protein_modality``: dense float32 copy of the protein counts in the RNA modality's cell order
-            (cells x proteins; what the model reads).
-        """
-        protein = None
-        if protein_modality is not None:
-            if not hasattr(adata, "mod"):
-                msg = "protein_modality needs a MuData (with an 'rna' and a protein modality), got an AnnData"
-                raise ValueError(msg)
-            _as_anndata(adata)  # KeyError without an 'rna' modality
-            protein = _protein_copy(adata, str(protein_modality), "rna", protein_layer)
-        super().setup_anndata(
-            _as_anndata(adata),
-            perturbation_key=perturbation_key,
-            control=control,
-            dose_key=dose_key,
-            covariate_keys=covariate_keys,
-            layer=layer,
-            batch_key=batch_key,
-            sep=sep,
-            **kwargs,
-        )
-        rna = _as_anndata(adata)
-        source = kwargs.get("source_registry")  # load(): the saved model's registry
-        info = None
-        if protein is not None:
-            rna.obsm[PROTEIN_OBSM_KEY] = protein
-            info = {
-                "modality": str(protein_modality),
-                "layer": protein_layer,
-                "obsm_key": PROTEIN_OBSM_KEY,
-                "names": [str(n) for n in adata.mod[protein_modality].var_names],
-            }
-        elif source is not None and vcell_state(source).get("protein"):
-            info = dict(vcell_state(source)["protein"])
-            if hasattr(adata, "mod") and PROTEIN_OBSM_KEY not in rna.obsm and info["modality"] in adata.mod:
-                rna.obsm[PROTEIN_OBSM_KEY] = _protein_copy(adata, info["modality"], "rna", info.get("layer"))
-        if info is not None:
-            manager = cls._get_most_recent_anndata_manager(rna, required=True)
-            state = manager.registry.setdefault(VCELL_STATE_KEY, {"counts": True, "context_keys": []})
-            state["protein"] = info
-
-    def _check_adata(self, adata: AnnData | MuData | None) -> AnnData:
-        """The RNA AnnData of ``adata``; a MuData given to a protein model gets ``obsm['vcell_protein']`` if absent."""
-        if adata is not None and hasattr(adata, "mod") and self.protein_names_:
-            rna = _as_anndata(adata)
-            if PROTEIN_OBSM_KEY not in rna.obsm:
-                prot_mod = self.protein_modality_
-                if prot_mod in adata.mod and list(map(str, adata.mod[prot_mod].var_names)) != self.protein_names_:
-                    msg = f"mdata[{prot_mod!r}] does not hold the model's proteins {self.protein_names_[:10]}"
-                    raise KeyError(msg)
-                layer = (vcell_state(self.registry_).get("protein") or {}).get("layer")
-                rna.obsm[PROTEIN_OBSM_KEY] = _protein_copy(adata, prot_mod, "rna", layer)
-        return super()._check_adata(_as_anndata(adata))
-
-    def _protein_rows(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray:
-        """Registered protein counts of cells ``idx`` (all: ``None``), float32, NaN rows for unmeasured cells."""
-        if PROTEIN_OBSM_KEY not in adata.obsm:
-            msg = (
-                f"adata.obsm[{PROTEIN_OBSM_KEY!r}] (protein counts) is missing: pass the MuData with its "
-                f"{self.protein_modality_!r} modality, or register it with setup_anndata(protein_modality=)"
-            )
-            raise KeyError(msg)
-        P = np.asarray(adata.obsm[PROTEIN_OBSM_KEY], dtype=np.float32)
-        if P.shape[1] != len(self.protein_names_):
-            msg = f"adata.obsm[{PROTEIN_OBSM_KEY!r}] has {P.shape[1]} columns, the model {len(self.protein_names_)} proteins"
-            raise ValueError(msg)
-        return P if idx is None else P[idx]
 
     def _cell_keys(self) -> tuple[str, ...]:
         """Batch keys of the cells themselves (what encoding a cell needs): proteins too when registered."""
@@ -934,11 +781,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        if modality not in MODALITIES or (modality == "prot" and not self.protein_names_):
-            msg = f"modality must be 'rna' or, for a model set up with protein_modality=, 'prot'; got {modality!r}" + (
-                "" if self.protein_names_ else " (this model has no proteins)"
-            )
-            raise ValueError(msg)
+        self._check_modality(modality)
         self._require_trained()
         mode = self.prediction if mode is None else mode
         if mode not in PREDICTION_MODES:

@@ -168,6 +168,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
     (200, 16)
     """
 
+    _models_proteins = False  # RNA only (for now)
+
     def __init__(
         self,
         adata: AnnData | MuData | None = None,

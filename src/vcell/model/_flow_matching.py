@@ -175,6 +175,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
     (60, 50)
     """
 
+    _models_proteins = False  # RNA only (for now)
+
     def __init__(
         self,
         adata: AnnData | MuData | None = None,

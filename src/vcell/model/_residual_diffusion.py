@@ -103,6 +103,8 @@ class ResidualDiffusion(PerturbationModel):
     (10, 50)
     """
 
+    _models_proteins = False  # RNA only (for now)
+
     def __init__(
         self,
         adata: AnnData | None = None,
