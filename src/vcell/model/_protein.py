@@ -138,3 +138,23 @@ class ProteinData:
                 "" if self.protein_names_ else " (this model has no proteins)"
             )
             raise ValueError(msg)
+
+
+#: ``obsm`` key of the sampled proteins in what a protein model's ``sample()`` returns
+SAMPLED_PROTEIN_KEY = "protein"
+
+
+def with_sampled_proteins(cells: AnnData, values: np.ndarray, names: list[str]) -> AnnData:
+    """``cells`` (a model's ``sample()`` output) with ``obsm['protein']``: sampled proteins as a DataFrame.
+
+    ``values`` (cells x proteins) are in log1p(counts per 1e4 of the protein library), the space of
+    ``predict(modality="prot")``; columns are the model's protein names, the index the cells' ``obs_names``.
+    """
+    import pandas as pd
+
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != (cells.n_obs, len(names)):
+        msg = f"sampled proteins have shape {values.shape}, expected ({cells.n_obs}, {len(names)})"
+        raise ValueError(msg)
+    cells.obsm[SAMPLED_PROTEIN_KEY] = pd.DataFrame(values, index=cells.obs_names.copy(), columns=list(names))
+    return cells
