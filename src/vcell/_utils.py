@@ -110,17 +110,29 @@ def expression_for_eval(adata: AnnData, layer: str | None = None, *, counts: boo
     return to_dense(X)
 
 
-def group_means(X: np.ndarray | sparse.spmatrix, labels: Sequence | pd.Series | np.ndarray) -> pd.DataFrame:
-    """Mean of the rows of ``X`` per label: a DataFrame indexed by label (one column per feature)."""
+def group_means(
+    X: np.ndarray | sparse.spmatrix, labels: Sequence | pd.Series | np.ndarray, *, skipna: bool = False
+) -> pd.DataFrame:
+    """Mean of the rows of ``X`` per label: a DataFrame indexed by label (one column per feature).
+
+    ``skipna=True`` (dense ``X``): NaN entries are left out of their column's mean (NaN where a label has none).
+    """
     labels = pd.Series(np.asarray(labels)).astype("category")
     codes = labels.cat.codes.to_numpy()
     ind = sparse.csr_matrix(
         (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(labels.cat.categories), len(codes))
     )
+    index = pd.Index(labels.cat.categories, name="label")
+    if skipna and not sparse.issparse(X):
+        X = np.asarray(X)
+        finite = ~np.isnan(X)
+        sums, counts = ind @ np.where(finite, X, 0.0), ind @ finite.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return pd.DataFrame(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), index=index)
     counts = np.asarray(ind.sum(axis=1)).ravel()
     sums = ind @ X
     sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums)
-    return pd.DataFrame(sums / counts[:, None], index=pd.Index(labels.cat.categories, name="label"))
+    return pd.DataFrame(sums / counts[:, None], index=index)
 
 
 def check_var_names_match(reference: Sequence[str], adata: AnnData, *, what: str = "the model") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -178,6 +179,28 @@ class PerturbationModel(ProteinData, BaseModelClass):
             adata.obsm[PROTEIN_OBSM_KEY] = counts
         if info is not None:
             record_protein(cls._get_most_recent_anndata_manager(adata, required=True).registry, info)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: AnnData | MuData | None = None, **kwargs: Any) -> PerturbationModel:
+        """Load a saved model (scvi-tools' ``load``); ``adata`` may be the MuData it was trained on.
+
+        Parameters
+        ----------
+        dir_path
+            Directory the model was saved into.
+        adata
+            Data to attach (same genes): an AnnData, or a MuData whose ``rna`` modality is used (and whose proteins
+            are attached for a protein model); ``None`` uses the AnnData saved with the model.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (``accelerator``, ``device``, ``prefix``, ...).
+        """
+        mdata = adata if adata is not None and hasattr(adata, "mod") else None
+        if mdata is not None and "rna" not in mdata.mod:
+            msg = f"MuData has no 'rna' modality; modalities: {list(mdata.mod)}"
+            raise KeyError(msg)
+        model = super().load(str(dir_path), adata=mdata.mod["rna"] if mdata is not None else adata, **kwargs)
+        model._attach_protein(mdata)
+        return model
 
     # ---------------------------------------------------------------- helpers for subclasses
     def _layer(self) -> str | None:

@@ -54,6 +54,15 @@ class Baseline(PerturbationModel):
         ``"auto"`` (``"gene"`` when every single perturbation is a measured gene, else ``"training"``),
         ``"gene"``, ``"training"``, or a :class:`pandas.DataFrame` indexed by single perturbation.
 
+    Notes
+    -----
+    With proteins (a MuData registered with ``setup_anndata(mdata, protein_modality=...)``) every baseline works on
+    the joint features: genes in log1p(CP10k) followed by proteins in log1p(counts per 1e4 of the protein library).
+    Means over cells skip the cells without protein measurement (NaN or zero-total rows); a protein shift no
+    training cell measured is 0. ``linear`` fits one joint ``G`` over genes and proteins. ``predict(...,
+    modality="prot")`` returns the protein part; control cells without proteins give NaN rows there (a baseline
+    shifts the cell's own values and has none to shift).
+
     Examples
     --------
     >>> import vcell
@@ -87,7 +96,7 @@ class Baseline(PerturbationModel):
         self.method = method
         self.ridge = float(ridge)
         self.perturbation_embedding = perturbation_embedding
-        n_genes = self.summary_stats["n_vars"]
+        n_genes = self.summary_stats["n_vars"] + len(self.protein_names_)  # features: genes, then proteins
         self.contexts_: list[str] = []
         if adata is not None:
             self.contexts_ = sorted(set(self._contexts(adata)))
@@ -110,7 +119,7 @@ class Baseline(PerturbationModel):
             benchmark code can treat every model alike; a closed-form fit ignores them.
         """
         adata = self.adata
-        E = self._expression(adata)
+        E = self._features(adata)
         ctx = self._contexts(adata)
         cond = adata.obs[PERT_COL].astype(str).to_numpy()
         dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
@@ -118,15 +127,16 @@ class Baseline(PerturbationModel):
         if not is_ctrl.any():
             msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
             raise ValueError(msg)
-        ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl])
-        global_ctrl = E[is_ctrl].mean(0)
+        ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl], skipna=True)
+        global_ctrl = group_means(E[is_ctrl], np.zeros(int(is_ctrl.sum())), skipna=True).to_numpy()[0]
         ref = ctrl_means.reindex(ctx).to_numpy()  # context control mean per cell
         ref[~np.isin(ctx, ctrl_means.index)] = global_ctrl  # contexts without controls: all controls
         pert = ~is_ctrl
         D = (E - ref)[pert]
         buf = self.module
         if pert.any():
-            buf.mean_shift.copy_(torch.as_tensor(D.mean(0)))
+            mean_shift = group_means(D, np.zeros(len(D)), skipna=True).to_numpy()[0]
+            buf.mean_shift.copy_(torch.as_tensor(np.nan_to_num(mean_shift)))
             self._fit_additive(D, cond[pert], ctx[pert], dose[pert])
             if self.method == "linear":
                 self._fit_linear(D, cond[pert], dose[pert])
@@ -142,7 +152,8 @@ class Baseline(PerturbationModel):
         is_single = np.array([len(_components(c)) == 1 for c in cond])
         if is_single.any():
             keys = pd.Series(cond[is_single]) + "\t" + pd.Series(ctx[is_single])
-            means = group_means(D[is_single] / np.maximum(dose[is_single], 1e-12)[:, None], keys)
+            means = group_means(D[is_single] / np.maximum(dose[is_single], 1e-12)[:, None], keys, skipna=True)
+            means = means.fillna(0.0)  # proteins no cell of that single measured: no change
             atom_index = {a: i for i, a in enumerate(self.vocab.atoms)}
             ctx_index = {c: i for i, c in enumerate(self.contexts_)}
             for key, row in zip(means.index, means.to_numpy(), strict=True):
@@ -169,8 +180,8 @@ class Baseline(PerturbationModel):
         return "gene" if self.vocab.n_atoms and all(a in genes for a in self.vocab.atoms) else "training"
 
     def _fit_linear(self, D: np.ndarray, cond: np.ndarray, dose: np.ndarray) -> None:
-        means = group_means(D / np.maximum(dose, 1e-12)[:, None], cond)
-        Y = means.to_numpy().T.astype(np.float64)  # genes x conditions
+        means = group_means(D / np.maximum(dose, 1e-12)[:, None], cond, skipna=True).fillna(0.0)
+        Y = means.to_numpy().T.astype(np.float64)  # features (genes, proteins) x conditions
         conditions = list(means.index.astype(str))
         b = Y.mean(1)
         Yc = Y - b[:, None]
@@ -214,6 +225,13 @@ class Baseline(PerturbationModel):
         m.lin_P.copy_(torch.as_tensor(P_atoms))
         m.lin_P_ok.copy_(torch.as_tensor(ok))
         self.linear_embedding_mode_ = mode if isinstance(mode, str) else "table"
+
+    def _features(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray:
+        """log1p(CP10k) expression of cells ``idx`` (all: ``None``), then their proteins (NaN rows if unmeasured)."""
+        E = self._expression(adata, idx)
+        if not self.protein_names_:
+            return E
+        return np.hstack([E, self._protein_expression(adata, idx)])
 
     # ------------------------------------------------------------------ prediction
     def _check_predictable(self, perturbation: str) -> None:
@@ -273,6 +291,7 @@ class Baseline(PerturbationModel):
         controls: Any = None,
         dose: float = 1.0,
         seed: int | None = None,
+        modality: str = "rna",
     ) -> np.ndarray:
         """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
 
@@ -288,11 +307,15 @@ class Baseline(PerturbationModel):
             Dose of the perturbation (effects are linear in dose).
         seed
             Unused (the baselines are deterministic); accepted for a uniform interface.
+        modality
+            ``"rna"`` or, for a model registered with proteins, ``"prot"`` (log1p(counts per 1e4 of the protein
+            library); NaN rows for control cells without protein measurement).
 
         Returns
         -------
-        Array of shape ``(n_selected_cells, n_genes)``.
+        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
+        self._check_modality(modality)
         self._check_if_trained(warn=False)
         if not self.is_trained_:
             msg = "the model is not trained: call model.train() first"
@@ -302,11 +325,13 @@ class Baseline(PerturbationModel):
         if perturbation != CONTROL:
             self._check_predictable(perturbation)
         idx = self._control_indices(adata, controls)
-        X = self._expression(adata, idx)
+        X = self._features(adata, idx)
+        n_genes = self.summary_stats["n_vars"]
+        part = slice(0, n_genes) if modality == "rna" else slice(n_genes, None)
         ctx_index = {c: i for i, c in enumerate(self.contexts_)}
         ctx = np.array([ctx_index.get(c, -1) for c in self._contexts(adata)[idx]], dtype=np.int64)
         if perturbation == CONTROL:
-            return X
+            return X[:, part]
         if self.method == "additive":
             enc = self.vocab.encode([perturbation], dose)
         else:  # the other baselines do not read the code: any non-zero code means "perturbed"
@@ -321,4 +346,4 @@ class Baseline(PerturbationModel):
             batch["perturbation_embedding"] = torch.as_tensor(np.repeat(emb[None], len(idx), axis=0))
         with torch.no_grad():
             out = self.module.to("cpu")(batch)
-        return out.numpy().astype(np.float32)
+        return out.numpy()[:, part].astype(np.float32)
