@@ -27,6 +27,7 @@ from vcell.module._causal_vae import (
 from ._adapt import AdaptMixin
 from ._base import PerturbationModel, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata, _edge_frame
+from ._protein import with_sampled_proteins
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -839,7 +840,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         seed: int | None = None,
         batch_size: int = 2048,
     ) -> AnnData:
-        """Cells drawn from the model's counterfactual distribution (not just its mean); RNA only.
+        """Cells drawn from the model's counterfactual distribution (not just its mean).
 
         Each sampled cell starts from a control cell: its basal state is encoded, the perturbation swapped, and
         counts are drawn from the decoded (zero-inflated) negative binomial with that cell's library size (or
@@ -866,7 +867,10 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         -------
         A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) of the samples, ``layers['counts']`` the
         sampled counts (count likelihoods only), ``obs['perturbation']`` / ``obs['vcell_perturbation']`` the
-        condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the starting cell.
+        condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the starting cell. A model with
+        proteins also sets ``obsm['protein']``: a DataFrame (cells x ``protein_names_``) of protein counts drawn
+        from the decoded negative binomial with the starting cell's protein library (the mean library of the
+        batch's measured cells for a cell without proteins), in log1p(counts per 1e4 of the protein library).
         """
         import anndata as ad
 
@@ -882,10 +886,13 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         target, nodes = self._encode_query([str(perturbation)], float(dose))
         m = self.module.eval()
         device = next(m.parameters()).device
-        counts, logs = [], []
+        counts, logs, proteins = [], [], []
         for chunk in self._chunks(idx, batch_size):
             batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
             p = {k: v.cpu().numpy().astype(np.float64) for k, v in m.generative_params(batch).items()}
+            if self.protein_names_:
+                rate = rng.gamma(p["protein_theta"], p["protein_mu"] / p["protein_theta"])
+                proteins.append(log1p_cp10k(rng.poisson(rate).astype(np.float32)))
             if m.likelihood == "gaussian":
                 logs.append(np.clip(rng.normal(p["mean"], p["std"]), 0.0, None).astype(np.float32))
                 continue
@@ -900,8 +907,11 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             C = np.concatenate(counts)
             out = ad.AnnData(X=log1p_cp10k(C), obs=obs, var=var)
             out.layers["counts"] = C
-            return out
-        return ad.AnnData(X=np.concatenate(logs), obs=obs, var=var)
+        else:
+            out = ad.AnnData(X=np.concatenate(logs), obs=obs, var=var)
+        if proteins:
+            with_sampled_proteins(out, np.concatenate(proteins), self.protein_names_)
+        return out
 
     def get_latent_representation(
         self,

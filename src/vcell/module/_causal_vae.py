@@ -585,14 +585,32 @@ class CausalVAEModule(VCellModule):
 
     @torch.no_grad()
     def generative_params(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``)."""
+        """Decoded distribution of the cells' counterfactuals (``mu``/``theta``/``pi_logits``, or ``mean``/``std``).
+
+        With proteins also ``protein_mu``/``protein_theta`` (negative binomial of the protein counts).
+        """
         _, lib, z_cov, _, mu, _ = self._encode_batch(batch)
         target = self.perturbation_latent(batch[TARGET_ENCODING_KEY], batch.get(TARGET_EXTRA_NODES_KEY))
-        dec = self.decode(mu + z_cov + target)
+        z = mu + z_cov + target
+        dec = self.decode(z)
         if self.likelihood == "gaussian":
             return {"mean": dec["mean"], "std": torch.exp(0.5 * self.gene_param).expand_as(dec["mean"])}
-        mu = lib * torch.exp(dec["log_scale"])
-        out = {"mu": mu, "theta": torch.exp(self.gene_param).expand_as(mu)}
+        x_mu = lib * torch.exp(dec["log_scale"])
+        out = {"mu": x_mu, "theta": torch.exp(self.gene_param).expand_as(x_mu)}
         if self.likelihood == "zinb":
             out["pi_logits"] = dec["pi_logits"]
+        if self.n_proteins:
+            out.update(self._protein_params(batch, z))
         return out
+
+    def _protein_params(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """NB ``protein_mu``/``protein_theta`` of latent states ``z`` with the cells' protein libraries.
+
+        A cell without measured proteins gets the mean library of the batch's measured cells (1e4 if none).
+        """
+        prot = self.protein_inputs(batch)
+        lib, seen = prot["p_lib"], prot["p_observed"]
+        fill = lib[seen].mean() if bool(seen.any()) else torch.tensor(_TARGET_SUM, dtype=lib.dtype, device=lib.device)
+        lib = torch.where(seen[:, None], lib, fill)
+        p_mu = lib * torch.exp(self.decode_protein(z))
+        return {"protein_mu": p_mu, "protein_theta": torch.exp(self.protein_param).expand_as(p_mu)}
