@@ -85,3 +85,25 @@ def test_rna_only_model_with_a_mudata_writes_rna_only():
     assert "vcell_pred" not in mdata["prot"].layers
     with pytest.raises(KeyError, match="no 'rna' modality"):
         vcell.tl.predict_perturbation(md.MuData({"gex": mdata["rna"]}), model, perturbations=model.atoms_[0])
+
+
+def test_sample_perturbation_returns_both_modalities(fitted):
+    """sample_perturbation of a protein model: a MuData, proteins with their own means and intervals."""
+    mdata, model = fitted
+    perts = list(model.atoms_)
+    out = vcell.tl.sample_perturbation(mdata, model, perturbations=perts, n_samples=30, key_added="s", seed=0)
+    assert isinstance(out, md.MuData)
+    rna, prot = out["rna"], out["prot"]
+    assert rna.shape == (60, 20)
+    assert prot.shape == (60, 5)
+    assert list(prot.var_names) == model.protein_names_
+    assert prot.obs_names.equals(rna.obs_names)
+    assert list(prot.obs["perturbation"]) == list(rna.obs["perturbation"])
+    for p in perts:
+        rows = (prot.obs["perturbation"] == p).to_numpy()
+        np.testing.assert_allclose(prot.varm["s_mean"][p].to_numpy(), prot.X[rows].mean(0), rtol=1e-6)
+    assert (prot.varm["s_lower"].to_numpy() <= prot.varm["s_upper"].to_numpy()).all()
+    assert prot.layers["s_upper"].shape == prot.shape
+    assert prot.uns["s"]["model"] == "CausalVAE"
+    again = vcell.tl.sample_perturbation(mdata, model, perturbations=perts, n_samples=30, key_added="s", seed=0)
+    np.testing.assert_array_equal(again["prot"].X, prot.X)

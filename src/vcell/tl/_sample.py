@@ -15,12 +15,33 @@ from ._predict import perturbation_list, starting_cells
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
     from vcell.model import PerturbationModel
 
 
+def _add_intervals(out: AnnData, perts: list[str], level: float, key_added: str) -> None:
+    """Per-feature mean and predictive interval of each perturbation's sampled cells, into ``varm`` and ``layers``."""
+    from vcell.metrics import predictive_interval
+
+    X = np.asarray(out.X, dtype=np.float32)
+    out.X = X
+    stats = {"mean": {}, "lower": {}, "upper": {}}
+    rows = {p: np.flatnonzero(out.obs["perturbation"].to_numpy() == p) for p in perts}
+    for p in perts:
+        stats["mean"][p] = X[rows[p]].mean(0)
+        stats["lower"][p], stats["upper"][p] = predictive_interval(X[rows[p]], level=level)
+    for name, cols in stats.items():
+        out.varm[f"{key_added}_{name}"] = pd.DataFrame(cols, index=out.var_names)
+    for name in ("lower", "upper"):
+        layer = np.zeros(out.shape, dtype=np.float32)
+        for p in perts:
+            layer[rows[p]] = stats[name][p]
+        out.layers[f"{key_added}_{name}"] = layer
+
+
 def sample_perturbation(
-    adata: AnnData,
+    adata: AnnData | MuData,
     model: PerturbationModel,
     *,
     perturbations: str | Sequence[str],
@@ -45,7 +66,9 @@ def sample_perturbation(
     ----------
     adata
         Data with the starting control cells (``obs['vcell_perturbation'] == 'control'``, or ``controls=``) and the
-        model's genes. It is not modified.
+        model's genes, or a MuData whose ``rna`` modality is such data (and, for a model with proteins, whose
+        protein modality holds their proteins). It is not modified (a MuData of a protein model gets
+        ``mdata['rna'].obsm['vcell_protein']``, the protein copy the model reads, when absent).
     model
         A trained vcell model with a ``sample`` method.
     perturbations
@@ -71,7 +94,10 @@ def sample_perturbation(
 
     Returns
     -------
-    A new AnnData of ``n_samples x n_perturbations`` sampled cells and adata's genes.
+    A new AnnData of ``n_samples x n_perturbations`` sampled cells and adata's genes. For a model with proteins
+    (``setup_anndata(mdata, protein_modality=...)``) whose ``sample`` draws them: a MuData with that AnnData as
+    ``rna`` and the sampled proteins (log1p(counts per 1e4 of the protein library), same cells) as the model's
+    protein modality, which gets the same ``obs``, ``varm``, ``layers`` and ``uns`` fields over proteins.
 
     Sets the following fields (of the returned AnnData)
     ---------------------------------------------------
@@ -101,7 +127,6 @@ def sample_perturbation(
     import anndata as ad
 
     from vcell import __version__
-    from vcell.metrics import predictive_interval
 
     perts = perturbation_list(perturbations, "sample")
     if not hasattr(model, "sample"):
@@ -113,33 +138,29 @@ def sample_perturbation(
     if n_samples is not None and int(n_samples) < 2:
         msg = f"n_samples must be at least 2 (for the intervals), got {n_samples!r}"
         raise ValueError(msg)
+    if hasattr(adata, "mod"):  # a MuData: its rna modality, the model's proteins attached (not otherwise changed)
+        adata = model._check_adata(adata)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     seed = resolve_seed(seed)
-    parts = []
+    parts, proteins = [], []
     for i, p in enumerate(perts):
         s = model.sample(
             adata, perturbation=p, n_cells=n_samples, controls=idx, dose=dose, seed=seed + i, **sample_kwargs
         )
         s.obs_names = [f"{key_added}-{p}-{j}" for j in range(s.n_obs)]
+        if "protein" in s.obsm:
+            proteins.append(s.obsm.pop("protein"))
         parts.append(s)
     out = ad.concat(parts, axis=0, merge="same")
     out.var = adata.var.copy()
     for col in ("perturbation", PERT_COL):
         out.obs[col] = pd.Categorical(out.obs[col].astype(str), categories=perts)
-    X = np.asarray(out.X, dtype=np.float32)
-    out.X = X
-    stats = {"mean": {}, "lower": {}, "upper": {}}
-    rows = {p: np.flatnonzero(out.obs["perturbation"].to_numpy() == p) for p in perts}
-    for p in perts:
-        stats["mean"][p] = X[rows[p]].mean(0)
-        stats["lower"][p], stats["upper"][p] = predictive_interval(X[rows[p]], level=level)
-    for name, cols in stats.items():
-        out.varm[f"{key_added}_{name}"] = pd.DataFrame(cols, index=out.var_names)
-    for name in ("lower", "upper"):
-        layer = np.zeros(out.shape, dtype=np.float32)
-        for p in perts:
-            layer[rows[p]] = stats[name][p]
-        out.layers[f"{key_added}_{name}"] = layer
+    _add_intervals(out, perts, level, key_added)
+    prot = None
+    if proteins and len(proteins) == len(parts):
+        P = np.concatenate([np.asarray(df, dtype=np.float32) for df in proteins])
+        prot = ad.AnnData(X=P, obs=out.obs.copy(), var=pd.DataFrame(index=pd.Index(list(proteins[0].columns))))
+        _add_intervals(prot, perts, level, key_added)
     params = {
         "perturbations": perts,
         "n_samples": -1 if n_samples is None else int(n_samples),
@@ -151,7 +172,12 @@ def sample_perturbation(
         **{k: v for k, v in sample_kwargs.items() if isinstance(v, int | float | str | bool)},
     }
     out.uns[key_added] = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
-    return out
+    if prot is None:
+        return out
+    import mudata as md
+
+    prot.uns[key_added] = dict(out.uns[key_added])
+    return md.MuData({"rna": out, str(model.protein_modality_): prot})
 
 
 __all__ = ["sample_perturbation"]
