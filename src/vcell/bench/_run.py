@@ -18,6 +18,7 @@ from vcell._utils import check_obs_keys, expression_for_eval
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
 #: the baselines shown in every report
 BASELINES = ("control", "mean", "additive", "linear")
@@ -54,6 +55,11 @@ class Predictor(Protocol):
     ``obs['vcell_perturbation']``, split in ``obs['vcell_split']``; no held-out cell) and returns, per request
     condition, a ``(len(request.controls), n_genes)`` array of log1p(CP10k) predictions, or a string saying why
     that condition cannot be predicted. It may set ``last_resources`` (``fit_s``, ``predict_s``, ``peak_mem_mb``).
+
+    When :func:`run` benchmarks RNA + protein (a MuData with ``protein_modality``), a predictor whose
+    ``models_proteins`` attribute is true gets ``train`` as a MuData (``rna`` and the protein modality, same cells)
+    and may return, per condition, a mapping ``{"rna": array, "prot": (n_controls, n_proteins) array}`` (proteins in
+    log1p(counts per 1e4 of the protein library)); other predictors get ``train['rna']`` and are scored on RNA.
     """
 
     name: str
@@ -98,6 +104,8 @@ class ModelSpec:
     output: str = "predict"
     sample_kwargs: dict = field(default_factory=dict)
     last_resources: dict = field(default_factory=dict, repr=False)
+    #: vcell models take RNA + protein MuData (:func:`run` with ``protein_modality``) when their class can
+    models_proteins: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.output not in ("predict", "sample"):
@@ -113,11 +121,28 @@ class ModelSpec:
         covariate_keys: Sequence[str],
         layer: str | None,
     ) -> dict[str, np.ndarray | str]:
-        """Set up, train and predict with the vcell model (see :class:`Predictor`)."""
+        """Set up, train and predict with the vcell model (see :class:`Predictor`).
+
+        ``train`` may be a MuData (``rna`` and one protein modality): the model is registered with
+        ``protein_modality`` and each condition's prediction is ``{"rna": ..., "prot": ...}``.
+        """
         t0 = time.perf_counter()
-        tr = train.copy()
+        protein = {}
+        if hasattr(train, "mod"):
+            import mudata as md
+
+            protein = {"protein_modality": next(m for m in train.mod if m != "rna")}
+            with md.set_options(pull_on_update=False):
+                tr = train.copy()
+        else:
+            tr = train.copy()
         self.model_cls.setup_anndata(
-            tr, perturbation_key=PERT_COL, control=CONTROL, covariate_keys=list(covariate_keys), layer=layer
+            tr,
+            perturbation_key=PERT_COL,
+            control=CONTROL,
+            covariate_keys=list(covariate_keys),
+            layer=layer,
+            **protein,
         )
         model = self.model_cls(tr, **self.init_kwargs)
         train_kwargs = dict(self.train_kwargs)
@@ -130,19 +155,21 @@ class ModelSpec:
         for req in requests:
             try:
                 if self.output == "sample":
-                    out[req.condition] = np.asarray(
-                        model.sample(
-                            tr,
-                            perturbation=req.perturbation,
-                            controls=req.controls,
-                            dose=req.dose,
-                            seed=seed,
-                            **self.sample_kwargs,
-                        ).X
+                    cells = model.sample(
+                        tr,
+                        perturbation=req.perturbation,
+                        controls=req.controls,
+                        dose=req.dose,
+                        seed=seed,
+                        **self.sample_kwargs,
                     )
+                    rna = np.asarray(cells.X)
+                    out[req.condition] = {"rna": rna, "prot": cells.obsm["protein"].to_numpy()} if protein else rna
                 else:
-                    out[req.condition] = model.predict(
-                        tr, perturbation=req.perturbation, controls=req.controls, dose=req.dose, seed=seed
+                    kw = {"perturbation": req.perturbation, "controls": req.controls, "dose": req.dose, "seed": seed}
+                    rna = model.predict(tr, **kw)
+                    out[req.condition] = (
+                        {"rna": rna, "prot": model.predict(tr, **kw, modality="prot")} if protein else rna
                     )
             except (KeyError, ValueError) as err:
                 out[req.condition] = str(err)
@@ -243,7 +270,7 @@ def _sub_adata(X: np.ndarray, label: str, var_names: pd.Index) -> AnnData:
 
 
 def run(
-    adata: AnnData,
+    adata: AnnData | MuData,
     *,
     models: Sequence[str | Predictor] | Mapping[str, Any] = BASELINES,
     splits: Sequence[str | Mapping[str, Any]],
@@ -259,6 +286,8 @@ def run(
     progress: bool | None = None,
     on_error: str = "raise",
     pathway_nets: Mapping[str, pd.DataFrame] | None = None,
+    protein_modality: str | None = None,
+    protein_layer: str | None = None,
 ) -> BenchmarkResult:
     """Benchmark models on out-of-distribution splits, beside the baselines, with BENCHMARK.md's metrics.
 
@@ -270,10 +299,16 @@ def run(
     PCA (``n_pcs``) fitted on the training cells of that split, shared by all models; DE genes are computed
     once per condition and shared too.
 
+    With proteins (a MuData and ``protein_modality``), every vcell model is trained on RNA + protein and every
+    metric is also computed on the proteins (log1p(counts per 1e4 of the protein library) of the cells with
+    proteins measured; PCA of the training cells' proteins; top-DE proteins ``min(20, n_proteins // 2)``);
+    rows carry ``modality`` ``"rna"`` or ``"prot"``. Predictors without proteins (peer adapters) are scored on RNA.
+
     Parameters
     ----------
     adata
-        The screen: counts or log-normalised expression; labels in ``obs[perturbation_key]``.
+        The screen: counts or log-normalised expression; labels in ``obs[perturbation_key]``. Or a MuData: its
+        ``rna`` modality is the screen (keys refer to ``mdata['rna'].obs``).
     models
         Baseline names (``"control"``, ``"mean"``, ``"additive"``, ``"linear"``), vcell model class names
         with default arguments, :class:`ModelSpec` objects, any :class:`Predictor` (e.g. a peer adapter from
@@ -304,10 +339,15 @@ def run(
     pathway_nets
         ``name -> decoupler-format network``: also score ``pathway_agreement_<name>`` (see
         :func:`vcell.metrics.evaluate`; no ceiling for these).
+    protein_modality, protein_layer
+        With a MuData: the modality (and its layer, ``None``: ``X``) of protein counts to benchmark beside RNA;
+        the cells must be the ``rna`` modality's. Cells without protein measurement (NaN or zero-total rows) are
+        left out of the protein truth.
 
     Returns
     -------
-    A :class:`BenchmarkResult` with ``results`` (tidy), ``summary`` and ``timings``.
+    A :class:`BenchmarkResult` with ``results`` (tidy; ``modality`` says which modality a row scores),
+    ``summary`` (per modality too) and ``timings``.
 
     Examples
     --------
@@ -340,8 +380,24 @@ def run(
     if not seeds:
         msg = "seeds is empty"
         raise ValueError(msg)
+    proteins = None  # counts (RNA cell order), names
+    if hasattr(adata, "mod"):
+        from vcell.model._protein import protein_info
+
+        if protein_modality is not None:
+            counts, pinfo = protein_info(adata, protein_modality, protein_layer)
+            proteins = (counts, pinfo["names"])
+        elif "rna" not in adata.mod:
+            msg = f"MuData has no 'rna' modality; modalities: {list(adata.mod)}"
+            raise KeyError(msg)
+        adata = adata.mod["rna"]
+    elif protein_modality is not None:
+        msg = "protein_modality needs a MuData (with an 'rna' and a protein modality), got an AnnData"
+        raise ValueError(msg)
     check_obs_keys(adata, [perturbation_key, *covariate_keys], what="obs key")
     base = adata.copy()
+    if proteins is not None:
+        base.obsm[_PROTEIN_BENCH_KEY] = proteins[0]
     pp.harmonize(base, perturbation_key=perturbation_key, control=control)
     context_keys = list(covariate_keys)
     from vcell.data import context_labels
@@ -383,6 +439,7 @@ def run(
             if not src.any():
                 src = train_ctrl
             cases[h] = {
+                "sel": sel,
                 "true": expression_for_eval(a[sel], layer),
                 "ctrl_mask": src,
                 "dose": float(np.median(dose[sel])),
@@ -404,27 +461,36 @@ def run(
             PredictionRequest(h, c["pert"], c["dose"], np.flatnonzero(c["ctrl_mask"][train_positions]))
             for h, c in cases.items()
         ]
+        prot = None if proteins is None else _protein_cases(a, is_train, cases, ctrl_union, proteins[1], n_pcs, seed)
         for spec in specs:
             bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
             t0 = time.perf_counter()
-            out = spec.fit_predict(train.copy(), requests, seed=seed, covariate_keys=context_keys, layer=layer)
+            with_proteins = (
+                prot is not None
+                and getattr(spec, "models_proteins", False)
+                and getattr(getattr(spec, "model_cls", None), "_models_proteins", True)
+            )
+            fit_data = _with_protein_modality(train, protein_modality, proteins[1]) if with_proteins else train
+            fit_data = fit_data if with_proteins else fit_data.copy()  # a fresh MuData needs no copy
+            out = spec.fit_predict(fit_data, requests, seed=seed, covariate_keys=context_keys, layer=layer)
             total_s = time.perf_counter() - t0
-            preds, errors = [], {}
+            preds, errors, prot_preds = [], {}, []
             for req in requests:
                 X = out.get(req.condition, f"{spec.name} returned no prediction for {req.condition!r}")
+                if isinstance(X, Mapping):
+                    if with_proteins and "prot" in X:
+                        P = _checked(X["prot"], (req.controls.size, len(proteins[1])), spec.name, req.condition)
+                        P = P[np.isfinite(P).all(1)]  # a baseline has no proteins to shift for unmeasured controls
+                        if len(P):
+                            prot_preds.append(_sub_adata(P, req.condition, prot["var_names"]))
+                    X = X.get("rna", f"{spec.name} returned no RNA prediction for {req.condition!r}")
                 if isinstance(X, str):
                     if on_error == "raise":
                         msg = f"{spec.name} cannot predict {req.condition!r} (split {split_name!r}, seed {seed}): {X}"
                         raise ValueError(msg)
                     errors[req.condition] = X
                     continue
-                X = np.asarray(X, dtype=np.float32)
-                if X.shape != (req.controls.size, a.n_vars):
-                    msg = (
-                        f"{spec.name} returned shape {X.shape} for {req.condition!r}; expected "
-                        f"({req.controls.size}, {a.n_vars}) (one row per requested control cell)"
-                    )
-                    raise ValueError(msg)
+                X = _checked(X, (req.controls.size, a.n_vars), spec.name, req.condition)
                 preds.append(_sub_adata(X, req.condition, a.var_names))
             res = dict(getattr(spec, "last_resources", {}) or {})
             timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
@@ -449,9 +515,30 @@ def run(
                     ceiling=ceiling,
                     pathway_nets=pathway_nets,
                 )
+                df.insert(0, "modality", "rna")
                 df.insert(0, "seed", seed)
                 df.insert(0, "split", split_name)
                 df.insert(0, "model", spec.name)
+                rows.append(df)
+            if prot_preds:
+                pred_p = _concat(prot_preds)
+                ok = set(pred_p.obs["perturbation"].astype(str))
+                true_p = prot["true"][prot["true"].obs["perturbation"].isin(ok)].copy()
+                df = vmetrics.evaluate(
+                    pred_p,
+                    true_p,
+                    prot["ctrl"],
+                    perturbation_key="perturbation",
+                    metrics=None if metrics is None else [m for m in metrics if m != "interaction_auprc"],
+                    n_top_de=prot["n_top"],
+                    pca=prot["pca"],
+                    de_genes={h: prot["de"][h] for h in ok if h in prot["de"]},
+                    max_cells=max_cells,
+                    seed=seed,
+                    ceiling=ceiling,
+                )
+                for col, value in (("modality", "prot"), ("seed", seed), ("split", split_name), ("model", spec.name)):
+                    df.insert(0, col, value)
                 rows.append(df)
             for h, err in errors.items():
                 rows.append(
@@ -470,12 +557,80 @@ def run(
             bar.update(1)
     bar.close()
     results = pd.concat(rows, ignore_index=True)
+    results["modality"] = results["modality"].fillna("rna") if "modality" in results else "rna"
     if "error" not in results:
         results["error"] = ""
     results["error"] = results["error"].fillna("")
     if "ceiling" not in results:
         results["ceiling"] = np.nan
     return BenchmarkResult(results=results, summary=summarize(results), timings=pd.DataFrame(timings))
+
+
+#: ``obsm`` key of the protein counts inside :func:`run` (its own copy of the screen)
+_PROTEIN_BENCH_KEY = "vcell_bench_protein"
+
+
+def _checked(X: Any, shape: tuple[int, int], name: str, condition: str) -> np.ndarray:
+    """``X`` as float32, or a ValueError when its shape is not ``shape`` (one row per requested control cell)."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape != shape:
+        msg = (
+            f"{name} returned shape {X.shape} for {condition!r}; expected {shape} (one row per requested control cell)"
+        )
+        raise ValueError(msg)
+    return X
+
+
+def _protein_log(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log1p(counts per 1e4 of the protein library) of measured cells (NaN rows elsewhere) and the measured mask."""
+    from vcell._utils import log1p_cp10k
+
+    measured = np.isfinite(counts).all(1) & (np.nan_to_num(counts).sum(1) > 0)
+    out = np.full(counts.shape, np.nan, dtype=np.float32)
+    if measured.any():
+        out[measured] = log1p_cp10k(counts[measured])
+    return out, measured
+
+
+def _protein_cases(
+    a: AnnData, is_train: np.ndarray, cases: dict, ctrl_union: np.ndarray, names: list[str], n_pcs: int, seed: int
+) -> dict[str, Any] | None:
+    """Protein truth, controls, training PCA and top-DE proteins of a split's held-out conditions.
+
+    ``cases[h]['sel']`` marks each condition's held-out cells; only cells with proteins measured count. ``None``
+    when no held-out or control cell has proteins.
+    """
+    from vcell import metrics as vmetrics
+
+    E, measured = _protein_log(np.asarray(a.obsm[_PROTEIN_BENCH_KEY], dtype=np.float32))
+    var_names = pd.Index(names)
+    ctrl = ctrl_union & measured
+    truth = {h: E[c["sel"] & measured] for h, c in cases.items() if (c["sel"] & measured).any()}
+    if not truth or not ctrl.any() or not (is_train & measured).any():
+        return None
+    train_E = E[is_train & measured]
+    n_top = max(1, min(20, len(names) // 2))
+    return {
+        "var_names": var_names,
+        "true": _concat([_sub_adata(X, h, var_names) for h, X in truth.items()]),
+        "ctrl": _sub_adata(E[ctrl], CONTROL, var_names),
+        "pca": vmetrics.fit_pca(train_E, n_comps=min(n_pcs, *train_E.shape), seed=seed),
+        "de": {h: vmetrics.top_de_genes(X, E[ctrl], n_top=n_top) for h, X in truth.items()},
+        "n_top": n_top,
+    }
+
+
+def _with_protein_modality(train: AnnData, modality: str, names: list[str]) -> MuData:
+    """The training cells as a MuData: ``rna`` (without the bench's protein copy) and the protein counts."""
+    import anndata as ad
+    import mudata as md
+
+    rna = train.copy()
+    counts = rna.obsm.pop(_PROTEIN_BENCH_KEY)
+    prot = ad.AnnData(X=np.asarray(counts, dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names.copy()))
+    prot.var_names = pd.Index(names)
+    with md.set_options(pull_on_update=False):
+        return md.MuData({"rna": rna, modality: prot})
 
 
 def _additive_expectations(cases: dict, E_train: np.ndarray, cond_train: np.ndarray) -> dict[str, np.ndarray]:
@@ -553,7 +708,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     Returns
     -------
-    One row per model, split and metric: ``mean``, ``ci_low``, ``ci_high``, ``n_seeds``, ``ceiling``.
+    One row per model, split (modality, when ``results`` has that column) and metric: ``mean``, ``ci_low``,
+    ``ci_high``, ``n_seeds``, ``ceiling``.
 
     Examples
     --------
@@ -577,7 +733,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     res = results[results["metric"] != "error"]
     if "ceiling" not in res:
         res = res.assign(ceiling=np.nan)
-    per_seed = res.groupby(["model", "split", "metric", "seed"], sort=False)[["value", "ceiling"]].mean().reset_index()
+    keys = ["model", "split", *(["modality"] if "modality" in res else []), "metric"]
+    per_seed = res.groupby([*keys, "seed"], sort=False)[["value", "ceiling"]].mean().reset_index()
 
     def _agg(g: pd.DataFrame) -> pd.Series:
         v = g["value"].dropna().to_numpy()
@@ -588,4 +745,4 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
             {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n, "ceiling": g["ceiling"].mean()}
         )
 
-    return per_seed.groupby(["model", "split", "metric"], sort=False)[["value", "ceiling"]].apply(_agg).reset_index()
+    return per_seed.groupby(keys, sort=False)[["value", "ceiling"]].apply(_agg).reset_index()

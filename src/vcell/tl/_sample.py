@@ -177,7 +177,8 @@ def sample_perturbation(
     import mudata as md
 
     prot.uns[key_added] = dict(out.uns[key_added])
-    return md.MuData({"rna": out, str(model.protein_modality_): prot})
+    with md.set_options(pull_on_update=False):
+        return md.MuData({"rna": out, str(model.protein_modality_): prot})
 
 
 __all__ = ["sample_perturbation"]
