@@ -30,6 +30,7 @@ from ._pathway import pathway_agreement
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
 #: names of the metrics :func:`evaluate` reports, in table order
 METRICS: tuple[str, ...] = (
@@ -219,10 +220,42 @@ def _ranking(stats: tuple[np.ndarray, np.ndarray] | None, mean: np.ndarray, ctrl
     return rank_by_abs(stats[0])
 
 
+def _evaluate_modalities(
+    pred: AnnData | MuData,
+    true: AnnData | MuData,
+    control: AnnData | MuData,
+    *,
+    pca: Any,
+    de_genes: Any,
+    pathway_nets: Mapping[str, pd.DataFrame] | None,
+    n_top_de: int,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`evaluate` of each modality the three MuData share, with a ``modality`` column."""
+    if not all(hasattr(x, "mod") for x in (pred, true, control)):
+        msg = "pred, true and control must all be MuData, or all AnnData"
+        raise ValueError(msg)
+    if pca is not None or de_genes is not None:
+        msg = "pca= and de_genes= refer to one feature space: evaluate MuData modalities one by one to pass them"
+        raise ValueError(msg)
+    shared = [m for m in true.mod if m in pred.mod and m in control.mod]
+    if not shared:
+        msg = f"no modality is in pred, true and control (pred {list(pred.mod)}, true {list(true.mod)}, control {list(control.mod)})"
+        raise KeyError(msg)
+    parts = []
+    for mod in shared:
+        n_top = max(1, min(n_top_de, true.mod[mod].n_vars // 2))
+        nets = pathway_nets if mod == "rna" else None
+        df = evaluate(pred.mod[mod], true.mod[mod], control.mod[mod], n_top_de=n_top, pathway_nets=nets, **kwargs)
+        df.insert(0, "modality", mod)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
 def evaluate(
-    pred: AnnData,
-    true: AnnData,
-    control: AnnData,
+    pred: AnnData | MuData,
+    true: AnnData | MuData,
+    control: AnnData | MuData,
     *,
     perturbation_key: str = "perturbation",
     metrics: Sequence[str] | None = None,
@@ -265,11 +298,17 @@ def evaluate(
     control cells and reused by all metrics; ``de_genes`` supplies precomputed top-DE indices (e.g. shared across
     models) for the top-DE metrics.
 
+    MuData (e.g. RNA + protein, as :func:`vcell.tl.predict_perturbation` and
+    :func:`vcell.tl.sample_perturbation` write them) are evaluated modality by modality: every modality that
+    ``pred``, ``true`` and ``control`` all hold (labels in each modality's own ``obs``; proteins in
+    log1p(counts per 1e4 of the protein library)), top-DE features ``min(n_top_de, n_features // 2)``, rows with a
+    ``modality`` column; ``pathway_nets`` apply to ``rna`` only.
+
     Parameters
     ----------
     pred
         Predicted cells; ``X`` holds log1p(CP10k) expression (dense or sparse), ``obs[perturbation_key]`` labels
-        them. One cell per perturbation (a mean prediction) is allowed.
+        them. One cell per perturbation (a mean prediction) is allowed. Or a MuData (see above).
     true
         True held-out cells, same genes in the same order, labelled the same way.
     control
@@ -329,6 +368,27 @@ def evaluate(
     >>> df["value"].tolist()
     [1.0, 1.0, 1.0, 1.0]
     """
+    if any(hasattr(x, "mod") for x in (pred, true, control)):
+        return _evaluate_modalities(
+            pred,
+            true,
+            control,
+            perturbation_key=perturbation_key,
+            metrics=metrics,
+            n_top_de=n_top_de,
+            n_top_expressed=n_top_expressed,
+            de_method=de_method,
+            fdr=fdr,
+            n_comps=n_comps,
+            reference=reference,
+            max_cells=max_cells,
+            seed=seed,
+            ceiling=ceiling,
+            n_ceiling_splits=n_ceiling_splits,
+            pathway_nets=pathway_nets,
+            pca=pca,
+            de_genes=de_genes,
+        )
     names = _check_metrics(metrics)
     check_obs_keys(pred, [perturbation_key], what="perturbation_key")
     check_obs_keys(true, [perturbation_key], what="perturbation_key")
