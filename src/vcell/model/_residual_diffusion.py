@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,11 @@ from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, Residu
 
 from ._base import PerturbationModel, sample_obs
 from ._causal_vae import _CellBatches
+from ._protein import record_protein, registered_protein, with_sampled_proteins
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from mudata import MuData
 
 SPACES = ("pca", "vae")
 TAILS = ("empirical", "gaussian", "none")
@@ -54,6 +57,27 @@ class ResidualDiffusion(PerturbationModel):
     A sampled cell is ``max(0, mu(c) + residual)`` in log1p(CP10k).
 
     :meth:`predict` is the mean model's prediction (deterministic); :meth:`sample` draws cells.
+
+    **RNA + protein** (a MuData registered with ``setup_anndata(mdata, protein_modality="prot")``): both modalities
+    are predicted and sampled jointly. The mean model is registered on the same data, proteins included, and must
+    predict them (``predict(modality="prot")``, e.g. a CausalVAE on RNA counts; else ValueError at init). ``mu(c)``
+    gains a protein part, the mean of the mean model's protein counterfactuals of the context's controls (always
+    from ``predict``: a CausalVAE's residual-mode protein counterfactuals keep each control cell's measured
+    proteins; for ``control``, the measured controls' mean), in log1p(counts per 1e4 of the protein library). A
+    cell's residual is the joint vector ``[x_rna - mu_rna(c), w (x_prot - mu_prot(c))]`` (centred per condition),
+    and everything above (residual space, condition vector, tails, ``match_mean``, clipping at 0) works on that
+    vector, so sampled cells carry correlated RNA and protein noise. ``w`` (``protein_weight``) balances the two
+    blocks; by default it is chosen as in multiple factor analysis, the ratio of the leading singular values of
+    the centred RNA and protein residuals, so that the main axis of protein variation weighs as much as the main
+    axis of RNA variation: with a per-feature weight of 1, the few proteins would barely enter the top principal
+    components of thousands of genes, with equal total variance they would crowd out RNA. With ``space="pca"`` the
+    principal components are those of the joint residuals; with ``space="vae"`` the residual is the CausalVAE's
+    joint latent state (its encoder reads RNA and proteins) and is decoded to both modalities
+    (``decode_prot(z(c) + r) - decode_prot(z(c))`` for proteins). Cells without protein measurement (NaN or
+    zero-total rows) train the mean model but not the residual model (space, diffusion model, tails): their
+    joint residual is not observed, and imputing it (e.g. with 0, the condition's mean) would shrink the protein
+    spread; any control cell still starts samples, and ``condition_on_control`` gives an unmeasured control a
+    zero protein residual. :meth:`sample` then also returns the sampled proteins in ``obsm['protein']``.
 
     Parameters
     ----------
@@ -91,6 +115,9 @@ class ResidualDiffusion(PerturbationModel):
         Width, residual blocks and dropout of the denoiser.
     p_uncond
         Share of training cells whose condition is dropped (classifier-free guidance; 0 disables it).
+    protein_weight
+        With proteins: weight ``w`` of the protein block in the joint residual (see above); ``None`` (default)
+        chooses it when training (``model.protein_weight_``). Unused without proteins.
 
     Examples
     --------
@@ -103,11 +130,9 @@ class ResidualDiffusion(PerturbationModel):
     (10, 50)
     """
 
-    _models_proteins = False  # RNA only (for now)
-
     def __init__(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | MuData | None = None,
         registry: dict | None = None,
         *,
         mean_model: str | PerturbationModel = "CausalVAE",
@@ -122,8 +147,14 @@ class ResidualDiffusion(PerturbationModel):
         n_layers: int = 3,
         dropout: float = 0.0,
         p_uncond: float = 0.1,
+        protein_weight: float | None = None,
     ) -> None:
         super().__init__(adata, registry=registry)
+        if protein_weight is not None and not float(protein_weight) > 0:
+            msg = f"protein_weight must be positive (or None: chosen when training), got {protein_weight!r}"
+            raise ValueError(msg)
+        self.protein_weight = None if protein_weight is None else float(protein_weight)
+        rna = adata.mod["rna"] if adata is not None and hasattr(adata, "mod") else adata
         if space not in SPACES:
             msg = f"space must be one of {SPACES}, got {space!r}"
             raise ValueError(msg)
@@ -139,17 +170,22 @@ class ResidualDiffusion(PerturbationModel):
         self.space, self.tail, self.condition_on_control = space, tail, bool(condition_on_control)
         self.mean_model: PerturbationModel | None = None
         if isinstance(mean_model, PerturbationModel):
+            mean_cls = _vcell_class(type(mean_model))  # what load() rebuilds (a subclass loads as its vcell class)
+            name = mean_model.method if mean_cls.__name__ == "Baseline" else mean_cls.__name__
+            self._check_mean_proteins(mean_cls, name)
             if adata is not None:
                 self._check_mean_genes(mean_model)
             self.mean_model = mean_model
-            mean_cls = _vcell_class(type(mean_model))  # what load() rebuilds (a subclass loads as its vcell class)
-            name = mean_model.method if mean_cls.__name__ == "Baseline" else mean_cls.__name__
         else:
             name = str(mean_model)
             mean_cls, kwargs = self._mean_class(name, mean_model_kwargs)
+            self._check_mean_proteins(mean_cls, name)
             if adata is not None and registry is None:  # load() restores the saved mean model instead
-                mean_cls.setup_anndata(adata, **self.registry_["setup_args"])
-                self.mean_model = mean_cls(adata, **kwargs)
+                mean_cls.setup_anndata(rna, **self.registry_["setup_args"])
+                if self.protein_names_:  # the same protein registration (counts already in rna.obsm)
+                    manager = mean_cls._get_most_recent_anndata_manager(rna, required=True)
+                    record_protein(manager.registry, registered_protein(self.registry_))
+                self.mean_model = mean_cls(rna, **kwargs)
         if space == "vae" and mean_cls.__name__ != "CausalVAE":
             msg = f"space='vae' needs a CausalVAE mean model (its latent space), got {name!r}"
             raise ValueError(msg)
@@ -165,7 +201,7 @@ class ResidualDiffusion(PerturbationModel):
         if space == "vae":
             n_dims = int(self.mean_model.module.n_latent) if self.mean_model is not None else int(n_components)
         elif adata is not None:
-            n_dims = int(min(n_dims, adata.n_obs, adata.n_vars))
+            n_dims = int(min(n_dims, rna.n_obs, rna.n_vars + len(self.protein_names_)))
         self.n_dims_ = n_dims
         self.n_condition = int(n_condition_components)
         n_cond = self.n_condition + (n_dims if self.condition_on_control else 0)
@@ -176,6 +212,8 @@ class ResidualDiffusion(PerturbationModel):
             f"ResidualDiffusion: mean model {name}, {space} space of {n_dims} dims, tail={tail!r}, "
             f"condition_on_control={self.condition_on_control}"
         )
+        if self.protein_names_:
+            self._model_summary_string += f", RNA + {len(self.protein_names_)} proteins ({self.protein_modality_!r})"
         self.init_params_ = self._get_init_params(locals())
         self.init_params_["non_kwargs"]["mean_model"] = name  # the model itself is saved beside (save())
         if space == "vae":  # load() rebuilds the module before the mean model is back: keep its size
@@ -204,9 +242,34 @@ class ResidualDiffusion(PerturbationModel):
         return cls, kwargs
 
     def _check_mean_genes(self, model: PerturbationModel) -> None:
+        """ValueError unless ``model`` has the model's genes (and proteins)."""
         genes = getattr(model, "var_names_", None)
         if genes is not None and list(genes) != list(self.var_names_):
             msg = "mean_model was set up on other genes (or another gene order) than adata"
+            raise ValueError(msg)
+        if self.protein_names_ and list(getattr(model, "protein_names_", [])) != self.protein_names_:
+            msg = (
+                f"mean_model was set up without the proteins of adata ({self.protein_names_[:5]} ...): register it "
+                f"with setup_anndata(mdata, protein_modality={self.protein_modality_!r}) on the same MuData"
+            )
+            raise ValueError(msg)
+
+    def _check_mean_proteins(self, mean_cls: type, name: str) -> None:
+        """ValueError when the model has proteins and the mean model (class ``mean_cls``) cannot predict them."""
+        if not self.protein_names_:
+            return
+        if not _predicts_proteins(mean_cls):
+            msg = (
+                f"mean_model {name!r} cannot predict proteins (no predict(modality='prot')), but the data were "
+                f"registered with protein_modality={self.protein_modality_!r}: use a mean model that models proteins "
+                "(e.g. 'CausalVAE' on RNA counts), or register the data without proteins"
+            )
+            raise ValueError(msg)
+        if name == "CausalVAE" and not self.counts_:
+            msg = (
+                "with proteins the CausalVAE mean model needs RNA counts (it models proteins with a negative "
+                "binomial): register a counts layer, or use another mean model that predicts proteins"
+            )
             raise ValueError(msg)
 
     def _require_trained(self) -> None:
@@ -228,6 +291,27 @@ class ResidualDiffusion(PerturbationModel):
             return np.asarray(cells.X, dtype=np.float64).mean(0)
         pred = self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose)
         return np.asarray(pred, dtype=np.float64).mean(0)
+
+    def _condition_protein_mean(
+        self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray
+    ) -> np.ndarray:
+        """Protein part of ``mu(c)``: mean protein counterfactual of ``controls`` (log1p(counts per 1e4)).
+
+        Always from the mean model's ``predict(modality="prot")`` (rows it leaves NaN are skipped); for ``control``,
+        the mean of the measured controls (the mean model's prediction when none is measured).
+        """
+        if perturbation == CONTROL:
+            P = self._protein_expression(adata, controls).astype(np.float64)
+            seen = np.isfinite(P).all(1)
+            if seen.any():
+                return P[seen].mean(0)
+        pred = self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, modality="prot")
+        pred = np.asarray(pred, dtype=np.float64)
+        seen = np.isfinite(pred).all(1)
+        if not seen.any():
+            msg = f"the mean model predicts no finite protein values for {perturbation!r} from these controls"
+            raise ValueError(msg)
+        return pred[seen].mean(0)
 
     def _choose_mean_source(
         self,
@@ -270,13 +354,27 @@ class ResidualDiffusion(PerturbationModel):
         return ((means - self.cond_mean_) @ self.cond_components_.T / self.cond_scale_).astype(np.float32)
 
     def _to_genes(self, coords: np.ndarray, z_ref: np.ndarray | None) -> np.ndarray:
-        """Gene-space residuals of standardised coordinates (``z_ref``: each row's condition latent, ``vae``)."""
+        """Gene-space residuals of standardised coordinates (``z_ref``: each row's condition latent, ``vae``).
+
+        With proteins: the joint residuals ``[genes, w * proteins]``.
+        """
         y = coords * self.coord_scale_
         if self.space == "pca":
             return y @ self.pca_components_ + self.pca_mean_
-        return self.mean_model._decode_log1p((z_ref + y).astype(np.float32)) - self.mean_model._decode_log1p(
-            z_ref.astype(np.float32)
-        )
+        z, z0 = (z_ref + y).astype(np.float32), z_ref.astype(np.float32)
+        genes = self.mean_model._decode_log1p(z) - self.mean_model._decode_log1p(z0)
+        if not self.protein_names_:
+            return genes
+        prot = _decode_protein_log1p(self.mean_model, z) - _decode_protein_log1p(self.mean_model, z0)
+        return np.concatenate([genes, self.protein_weight_ * prot], axis=1)
+
+    def _unscale(self, Y: np.ndarray) -> np.ndarray:
+        """Joint residuals ``[genes, w * proteins]`` back in the proteins' own units (itself without proteins)."""
+        if not self.protein_names_:
+            return Y
+        Y = np.array(Y, dtype=np.float64)
+        Y[:, len(self.var_names_) :] /= self.protein_weight_
+        return Y
 
     def _tail(self, ctx: np.ndarray, rng: np.random.Generator) -> np.ndarray | float:
         """Out-of-space residuals of cells of contexts ``ctx`` (see ``tail`` in the class docstring).
@@ -345,7 +443,11 @@ class ResidualDiffusion(PerturbationModel):
         ``model.history_``
             Per-epoch ``train_loss`` / ``val_loss`` of the diffusion model: dict of DataFrames indexed by epoch.
         ``model.residual_variance_explained_``
-            Share of the training residuals' variance inside the low-dimensional space.
+            Share of the training residuals' variance inside the low-dimensional space (joint residuals
+            ``[genes, w * proteins]`` with proteins).
+        ``model.protein_weight_``, ``model.n_protein_cells_``
+            With proteins: the weight ``w`` of the protein block and the number of training cells with measured
+            proteins (those the residual model fits).
         """
         import lightning
 
@@ -370,11 +472,13 @@ class ResidualDiffusion(PerturbationModel):
             raise ValueError(msg)
         groups = pd.DataFrame({"p": pert, "d": dose, "k": ctx}).groupby(["p", "d", "k"], sort=True).indices
         ctrl_of = {k: cells[is_ctrl & (ctx == k)] for k in np.unique(ctx)}
-        means, latents, group_of = [], [], np.zeros(len(cells), dtype=np.int64)
+        means, pmeans, latents, group_of = [], [], [], np.zeros(len(cells), dtype=np.int64)
         source = "predict" if self.mean_from_ == "auto" else self.mean_from_
         for g, ((p, d, k), rows) in enumerate(groups.items()):
             controls = ctrl_of[k] if len(ctrl_of[k]) else cells[is_ctrl]
             means.append(self._condition_mean(adata, p, d, controls, source))
+            if self.protein_names_:
+                pmeans.append(self._condition_protein_mean(adata, p, d, controls))
             if self.space == "vae":
                 latents.append(self._condition_latent(adata, p, d, controls))
             group_of[rows] = g
@@ -382,12 +486,30 @@ class ResidualDiffusion(PerturbationModel):
             self.mean_from_ = self._choose_mean_source(adata, E, groups, ctrl_of, cells[is_ctrl], means)
         M = np.stack(means)
         R = E - M[group_of]
-        # centred per condition: the diffusion model learns shapes, not the mean model's in-sample errors (which it
-        # would carry over to unseen conditions, and which tails of other conditions would add back)
-        R -= _group_means(R, group_of)[group_of]
-        coords, tails = self._fit_space(adata, cells, R, group_of, np.stack(latents) if latents else None, rng)
+        Z = np.stack(latents) if latents else None
+        present = np.arange(len(M))  # the conditions of the cells the residual model fits
+        if self.protein_names_:  # joint residuals [genes, w * proteins] of the cells with measured proteins
+            P = self._protein_expression(adata, cells).astype(np.float64)
+            fit_rows = np.flatnonzero(np.isfinite(P).all(1))
+            self._check_protein_cells(fit_rows, is_ctrl)
+            Mp = np.stack(pmeans)
+            R = np.concatenate([R, P - Mp[group_of]], axis=1)[fit_rows]
+            cells, ctx, is_ctrl = cells[fit_rows], ctx[fit_rows], is_ctrl[fit_rows]
+            present, group_of = np.unique(group_of[fit_rows], return_inverse=True)
+            Z = None if Z is None else Z[present]
+            R -= _group_means(R, group_of)[group_of]
+            n_genes = E.shape[1]
+            self.protein_weight_ = self.protein_weight or _block_weight(R[:, :n_genes], R[:, n_genes:])
+            R[:, n_genes:] *= self.protein_weight_
+            M = np.concatenate([M, self.protein_weight_ * Mp], axis=1)
+            self.n_protein_cells_ = len(fit_rows)
+        else:
+            # centred per condition: the diffusion model learns shapes, not the mean model's in-sample errors
+            # (which it would carry over to unseen conditions, and which tails of other conditions would add back)
+            R -= _group_means(R, group_of)[group_of]
+        coords, tails = self._fit_space(adata, cells, R, group_of, Z, rng)
         self._fit_conditions(M)
-        cond = self._project_condition(M)[group_of]
+        cond = self._project_condition(M)[present][group_of]
         if self.condition_on_control:
             partner = np.zeros(len(cells), dtype=np.int64)
             for k in np.unique(ctx):  # a random control of the same context (any control if it has none)
@@ -425,6 +547,18 @@ class ResidualDiffusion(PerturbationModel):
         hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
         self.history_ = {col: hist[[col]] for col in hist.columns}
         logger.info("ResidualDiffusion: diffusion model trained for %d epochs", len(plan.history))
+
+    def _check_protein_cells(self, fit_rows: np.ndarray, is_ctrl: np.ndarray) -> None:
+        """ValueError when too few training cells have measured proteins for the joint residual model."""
+        if len(fit_rows) < 2:
+            msg = (
+                f"only {len(fit_rows)} training cell(s) have measured proteins (mdata[{self.protein_modality_!r}] "
+                "rows without NaN and with a positive total): the joint residual model needs at least 2"
+            )
+            raise ValueError(msg)
+        if self.condition_on_control and not is_ctrl[fit_rows].any():
+            msg = "condition_on_control=True needs control cells with measured proteins among the training cells"
+            raise ValueError(msg)
 
     def _fit_space(
         self,
@@ -469,12 +603,13 @@ class ResidualDiffusion(PerturbationModel):
     # ------------------------------------------------------------------ inference
     def predict(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | MuData | None = None,
         *,
         perturbation: str,
         controls: Any = None,
         dose: float = 1.0,
         seed: int | None = None,
+        modality: str = "rna",
     ) -> np.ndarray:
         """The mean model's counterfactual prediction of control cells (deterministic; log1p(CP10k), float32).
 
@@ -490,18 +625,23 @@ class ResidualDiffusion(PerturbationModel):
             Dose of the perturbation.
         seed
             Passed to the mean model.
+        modality
+            ``"rna"`` (genes) or, for a model with proteins, ``"prot"``: the mean model's protein counterfactuals in
+            log1p(counts per 1e4 of the protein library).
 
         Returns
         -------
-        Array of shape ``(n_selected_cells, n_genes)``.
+        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
+        self._check_modality(modality)
         self._require_trained()
         adata = self._check_adata(adata)
-        return self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed)
+        kw = {"modality": "prot"} if modality == "prot" else {}  # RNA: the call of RNA-only mean models too
+        return self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, **kw)
 
     def sample(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | MuData | None = None,
         *,
         perturbation: str,
         n_cells: int | None = None,
@@ -549,7 +689,9 @@ class ResidualDiffusion(PerturbationModel):
         -------
         A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) samples (float32), ``obs['perturbation']`` /
         ``obs['vcell_perturbation']`` the condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the
-        starting cell.
+        starting cell. A model with proteins also sets ``obsm['protein']``: a DataFrame (cells x
+        ``protein_names_``) of the proteins sampled jointly with the genes, ``max(0, mu_prot(c) + residual)`` in
+        log1p(counts per 1e4 of the protein library) (``match_mean`` applies to them too).
         """
         import anndata as ad
 
@@ -572,17 +714,23 @@ class ResidualDiffusion(PerturbationModel):
         ctx = ctx_all[idx]
         contexts = sorted(set(ctx))
         means = {k: self._condition_mean(adata, perturbation, dose, pool[ctx_all[pool] == k]) for k in contexts}
+        cond_means = {k: means[k] for k in contexts}  # what the condition vector is computed from
+        if self.protein_names_:  # joint [genes, proteins]; the condition vector sees [genes, w * proteins]
+            for k in contexts:
+                pmean = self._condition_protein_mean(adata, perturbation, dose, pool[ctx_all[pool] == k])
+                cond_means[k] = np.concatenate([means[k], self.protein_weight_ * pmean])
+                means[k] = np.concatenate([means[k], pmean])
         M = np.stack([means[k] for k in ctx])
         z_ref = None
         if self.space == "vae":
             lat = {k: self._condition_latent(adata, perturbation, dose, pool[ctx_all[pool] == k]) for k in contexts}
             z_ref = np.stack([lat[k] for k in ctx])
-        cond = self._project_condition(np.stack([means[k] for k in contexts]))[[contexts.index(k) for k in ctx]]
+        cond = self._project_condition(np.stack([cond_means[k] for k in contexts]))[[contexts.index(k) for k in ctx]]
         if self.condition_on_control:
             cond = np.concatenate([cond, self._control_coords(adata, idx)], axis=1)
         gen = torch.Generator(device=next(self.module.parameters()).device).manual_seed(seed)
         draw = {"n_steps": n_steps, "eta": eta, "guidance_scale": guidance_scale, "batch_size": batch_size}
-        Y = M + self._draw(cond, z_ref, ctx, gen, rng, **draw)
+        Y = M + self._unscale(self._draw(cond, z_ref, ctx, gen, rng, **draw))
         if match_mean:
             for k in contexts:
                 rows = np.flatnonzero(ctx == k)
@@ -590,11 +738,17 @@ class ResidualDiffusion(PerturbationModel):
                 if len(rows) < _N_CALIBRATION:  # too few cells to estimate the shift: draw more of this context
                     sel = np.repeat(rows[:1], _N_CALIBRATION - len(rows))
                     z_sel = None if z_ref is None else z_ref[sel]
-                    pool = np.vstack([pool, M[sel] + self._draw(cond[sel], z_sel, ctx[sel], gen, rng, **draw)])
+                    extra = self._unscale(self._draw(cond[sel], z_sel, ctx[sel], gen, rng, **draw))
+                    pool = np.vstack([pool, M[sel] + extra])
                 Y[rows] += _mean_matching_shift(pool, means[k])
         X = np.clip(Y, 0.0, None).astype(np.float32)
         var = pd.DataFrame(index=adata.var_names.copy())
-        return ad.AnnData(X=X, obs=sample_obs(perturbation, dose, adata.obs_names[idx].to_numpy()), var=var)
+        n_genes = adata.n_vars
+        obs = sample_obs(perturbation, dose, adata.obs_names[idx].to_numpy())
+        if not self.protein_names_:
+            return ad.AnnData(X=X, obs=obs, var=var)
+        out = ad.AnnData(X=X[:, :n_genes].copy(), obs=obs, var=var)
+        return with_sampled_proteins(out, X[:, n_genes:], self.protein_names_)
 
     def _draw(
         self,
@@ -609,7 +763,10 @@ class ResidualDiffusion(PerturbationModel):
         guidance_scale: float,
         batch_size: int,
     ) -> np.ndarray:
-        """Gene-space residuals (diffusion sample decoded, plus the tail) for conditions ``cond``, in order."""
+        """Gene-space residuals (diffusion sample decoded, plus the tail) for conditions ``cond``, in order.
+
+        With proteins: joint residuals ``[genes, w * proteins]`` (:meth:`_unscale` gives the proteins' units).
+        """
         m = self.module.eval()
         device = next(m.parameters()).device
         coords = []
@@ -620,7 +777,11 @@ class ResidualDiffusion(PerturbationModel):
         return self._to_genes(np.concatenate(coords), z_ref) + self._tail(ctx, rng)
 
     def _control_coords(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
-        """Standardised residual coordinates of control cells around their context's control mean."""
+        """Standardised residual coordinates of control cells around their context's control mean.
+
+        With proteins (``space="pca"``) the joint residual ``[genes, w * proteins]``, whose protein part is 0 (the
+        context's mean) for a control cell without measured proteins.
+        """
         ctx_all = self._contexts(adata)
         E = self._expression(adata, idx).astype(np.float64)
         ctrl = self._control_indices(adata, None)
@@ -631,10 +792,31 @@ class ResidualDiffusion(PerturbationModel):
             pool = pool if len(pool) else ctrl
             mean = self._expression(adata, pool).mean(0)
             if self.space == "pca":
-                out[rows] = ((E[rows] - mean - self.pca_mean_) @ self.pca_components_.T) / self.coord_scale_
+                diff = E[rows] - mean
+                if self.protein_names_:
+                    diff = np.concatenate([diff, self._control_protein_residual(adata, idx[rows], pool, ctrl)], 1)
+                out[rows] = ((diff - self.pca_mean_) @ self.pca_components_.T) / self.coord_scale_
             else:
                 z = self.mean_model._latents(adata, idx[rows]) - self._condition_latent(adata, CONTROL, 1.0, pool)
                 out[rows] = z / self.coord_scale_
+        return out
+
+    def _control_protein_residual(
+        self, adata: AnnData, idx: np.ndarray, pool: np.ndarray, ctrl: np.ndarray
+    ) -> np.ndarray:
+        """``w * (proteins - mean of the measured cells of pool)`` of control cells ``idx`` (0: unmeasured cells).
+
+        The mean falls back to the measured cells of ``ctrl`` when ``pool`` has none.
+        """
+        P = self._protein_expression(adata, idx).astype(np.float64)
+        out = np.zeros_like(P)
+        seen = np.isfinite(P).all(1)
+        for cells in (pool, ctrl):
+            Q = self._protein_expression(adata, cells).astype(np.float64)
+            ok = np.isfinite(Q).all(1)
+            if ok.any():
+                out[seen] = self.protein_weight_ * (P[seen] - Q[ok].mean(0))
+                break
         return out
 
     # ------------------------------------------------------------------ save / load
@@ -644,11 +826,21 @@ class ResidualDiffusion(PerturbationModel):
         self.mean_model.save(str(Path(dir_path) / _MEAN_DIR), prefix=prefix, overwrite=True)
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None, **kwargs: Any) -> ResidualDiffusion:
-        """Load a model saved by :meth:`save` (with its mean model); arguments of scvi-tools' ``load``."""
+    def load(cls, dir_path: str | Path, adata: AnnData | MuData | None = None, **kwargs: Any) -> ResidualDiffusion:
+        """Load a model saved by :meth:`save` (with its mean model); arguments of scvi-tools' ``load``.
+
+        ``adata`` may be a MuData (its ``rna`` modality is registered, the proteins of a protein model copied).
+        """
         from vcell import model as vmodel
 
+        mdata = adata if adata is not None and hasattr(adata, "mod") else None
+        if mdata is not None:
+            if "rna" not in mdata.mod:
+                msg = f"MuData has no 'rna' modality; modalities: {list(mdata.mod)}"
+                raise KeyError(msg)
+            adata = mdata.mod["rna"]
         model = super().load(str(dir_path), adata=adata, **kwargs)
+        model._attach_protein(mdata)
         name = model.mean_model_name_
         mean_cls = vmodel.Baseline if name in BASELINE_METHODS else getattr(vmodel, name)
         model.mean_model = mean_cls.load(str(Path(dir_path) / _MEAN_DIR), adata=adata, **kwargs)
@@ -675,6 +867,54 @@ def _mean_matching_shift(Y: np.ndarray, target: np.ndarray, n_iter: int = 40) ->
         above = np.clip(Y + mid, 0.0, None).mean(0) > target
         hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
     return 0.5 * (lo + hi)
+
+
+def _predicts_proteins(cls: type) -> bool:
+    """Whether models of class ``cls`` can predict proteins (accept protein registrations and ``modality=``)."""
+    return bool(getattr(cls, "_models_proteins", False)) and "modality" in inspect.signature(cls.predict).parameters
+
+
+def _top_singular_value(X: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> float:
+    """Largest singular value of ``X`` (power iteration on ``X^T X`` from a deterministic start)."""
+    if X.size == 0:
+        return 0.0
+    v = np.abs(X).sum(0) + 1.0
+    v /= np.linalg.norm(v)
+    s = 0.0
+    for _ in range(n_iter):
+        w = X.T @ (X @ v)
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return 0.0
+        v = w / norm
+        s_new = float(np.sqrt(norm))
+        if abs(s_new - s) <= tol * s_new:
+            return s_new
+        s = s_new
+    return s
+
+
+def _block_weight(R_rna: np.ndarray, R_prot: np.ndarray) -> float:
+    """Weight of the protein block: ratio of the blocks' leading singular values (multiple factor analysis).
+
+    ``[R_rna, w R_prot]`` then has the same leading singular value in both blocks (1 when a block is constant).
+    """
+    s_rna, s_prot = _top_singular_value(R_rna), _top_singular_value(R_prot)
+    if s_rna <= 1e-12 or s_prot <= 1e-12:
+        return 1.0
+    return float(s_rna / s_prot)
+
+
+def _decode_protein_log1p(mean_model: PerturbationModel, z: np.ndarray) -> np.ndarray:
+    """Decoded mean proteins (log1p(counts per 1e4 of the protein library)) of a CausalVAE's latent states ``z``."""
+    m = mean_model.module.eval()
+    device = next(m.parameters()).device
+    with torch.no_grad():
+        out = [
+            m.protein_mean_log1p(torch.as_tensor(z[i : i + 2048], device=device)).cpu().numpy()
+            for i in range(0, len(z), 2048)
+        ]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, m.n_proteins))
 
 
 def _vcell_class(cls: type) -> type:

@@ -6,6 +6,9 @@ The data ``x0`` are residual coordinates (``d`` numbers per cell, standardised);
 ``v = sqrt(a) eps - sqrt(1 - a) x0`` (Salimans & Ho 2022; stable at both ends of the schedule). Classifier-free
 guidance: the condition is dropped (replaced by zeros and a flag) with probability ``p_uncond``. Sampling: DDIM
 (Song et al. 2021) over any number of steps, ``eta = 0`` deterministic given the starting noise.
+
+The module knows nothing of modalities: for an RNA + protein :class:`vcell.model.ResidualDiffusion` the coordinates
+are those of the joint residual ``[genes, w * proteins]`` (or of the CausalVAE's joint latent state).
 """
 
 from __future__ import annotations
