@@ -21,6 +21,17 @@ encoder's output tokens (``n_latent`` dimensions). Every step logs the embedding
 :class:`~vcell.module.PerturbationEncoder` vector (a combination sums its singles' operators) and ``cov`` learned
 covariate embeddings (so a control maps to itself), trained by MSE in embedding space; plus a decoder from
 embeddings to log1p(CP10k) expression.
+
+**Proteins** (``n_proteins > 0``, CITE-seq): the cell's protein values (log1p(counts per 1e4 of its protein library),
+standardised with buffers ``protein_mean`` / ``protein_std``; ``batch[PROTEIN_LOG_KEY]``, a NaN row for a cell without
+protein measurement) form one more token, the last: a learned linear map of all proteins plus a learned token-id
+embedding. It is masked like a module (independently, with probability ``mask_ratio``), so the predictor learns to
+predict proteins from RNA and RNA modules from proteins plus the visible modules. A cell without proteins has its
+protein token hidden everywhere (context and target encoders; the predictor gets the mask token there) and it
+never enters the loss. The cell embedding is the mean of the visible output tokens, the protein token included
+where measured (a joint latent). :class:`LatentTransitionModule` then has a second decoder head for the proteins,
+fitted by MSE on the measured cells only. With ``n_proteins=0`` none of this exists and the modules are exactly the
+RNA-only ones (same parameters, same random draws).
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ ENCODERS = ("transformer", "mlp")
 OBJECTIVES = ("jepa", "reconstruction")
 #: batch keys: module mask of each cell (``True`` = masked); source / target embeddings of the transition
 MASK_KEY = "module_mask"
+#: batch key of the protein values (log1p(counts per 1e4 of the protein library); NaN rows: not measured)
+PROTEIN_LOG_KEY = "protein_log1p"
 SOURCE_Z_KEY = "z_source"
 TARGET_Z_KEY = "z_target"
 
@@ -200,38 +213,69 @@ class TokenMixer(nn.Module):
 
 
 class ModuleEncoder(nn.Module):
-    """Gene-module tokens (per-module linear map of its genes + module-id embedding) then a :class:`TokenMixer`."""
+    """Gene-module tokens (per-module linear map of its genes + module-id embedding) then a :class:`TokenMixer`.
+
+    With ``n_proteins``, one more token (the last): a linear map of the standardised protein values plus its own id
+    embedding. The cell embedding is the mean of the visible output tokens, the protein token's included.
+    """
 
     def __init__(
-        self, gene_index: torch.Tensor, gene_mask: torch.Tensor, dim: int, *, kind: str, n_layers: int, n_heads: int
+        self,
+        gene_index: torch.Tensor,
+        gene_mask: torch.Tensor,
+        dim: int,
+        *,
+        kind: str,
+        n_layers: int,
+        n_heads: int,
+        n_proteins: int = 0,
     ) -> None:
         super().__init__()
         n_modules, size = gene_index.shape
+        self.n_modules, self.n_proteins = int(n_modules), int(n_proteins)
         self.register_buffer("gene_index", gene_index.clone())
         self.register_buffer("gene_mask", gene_mask.clone())
         self.weight = nn.Parameter(torch.zeros(n_modules, size, dim))
         self.bias = nn.Parameter(torch.zeros(n_modules, dim))
         self.module_embedding = nn.Parameter(torch.zeros(n_modules, dim))
         self.mixer = TokenMixer(dim, kind=kind, n_layers=n_layers, n_heads=n_heads, n_hidden=2 * dim)
+        if self.n_proteins:  # registered last: an RNA-only encoder has exactly the RNA-only parameters
+            self.protein_weight = nn.Parameter(torch.zeros(self.n_proteins, dim))
+            self.protein_embedding = nn.Parameter(torch.zeros(dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Token maps ``N(0, 1/sqrt(module size))``, module ids ``N(0, 0.02)`` (torch's global RNG)."""
+        """Token maps ``N(0, 1/sqrt(module size))``, module ids ``N(0, 0.02)`` (torch's global RNG).
+
+        The protein token's map is ``N(0, 1/sqrt(n_proteins))`` and its id ``N(0, 0.02)``, drawn after the modules'.
+        """
         with torch.no_grad():
             sizes = self.gene_mask.sum(1).clamp(min=1).to(self.weight.dtype)
             self.weight.normal_().mul_(sizes.rsqrt()[:, None, None])
             self.bias.zero_()
             self.module_embedding.normal_(0.0, 0.02)
+            if self.n_proteins:
+                self.protein_weight.normal_().mul_(self.n_proteins**-0.5)
+                self.protein_embedding.normal_(0.0, 0.02)
 
-    def tokens(self, x_std: torch.Tensor) -> torch.Tensor:
-        """``(n, n_modules, dim)`` input tokens of standardised expression ``x_std`` ``(n, n_genes)``."""
+    def tokens(self, x_std: torch.Tensor, p_std: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, n_tokens, dim)`` input tokens of standardised expression ``x_std`` (and proteins ``p_std``)."""
         padded = torch.cat([x_std, x_std.new_zeros(x_std.shape[0], 1)], dim=1)[:, self.gene_index]
         padded = padded * self.gene_mask.to(padded.dtype)
-        return torch.einsum("nms,msd->nmd", padded, self.weight) + self.bias + self.module_embedding
+        tokens = torch.einsum("nms,msd->nmd", padded, self.weight) + self.bias + self.module_embedding
+        if not self.n_proteins:
+            return tokens
+        if p_std is None:
+            msg = "this encoder has a protein token: pass the standardised protein values"
+            raise ValueError(msg)
+        protein = p_std @ self.protein_weight + self.protein_embedding
+        return torch.cat([tokens, protein[:, None, :]], dim=1)
 
-    def forward(self, x_std: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output tokens ``(n, n_modules, dim)`` and cell embeddings ``(n, dim)`` (mean over the visible tokens)."""
-        out = self.mixer(self.tokens(x_std), hidden)
+    def forward(
+        self, x_std: torch.Tensor, hidden: torch.Tensor | None = None, p_std: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output tokens ``(n, n_tokens, dim)`` and cell embeddings ``(n, dim)`` (mean over the visible tokens)."""
+        out = self.mixer(self.tokens(x_std, p_std), hidden)
         w = torch.ones(out.shape[:2], device=out.device, dtype=out.dtype) if hidden is None else (~hidden).to(out.dtype)
         return out, (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
 
@@ -259,7 +303,10 @@ class JEPAModule(VCellModule):
     anti_collapse, variance_weight, covariance_weight
         VICReg terms on the context cell embeddings and their weights.
     mask_ratio
-        Share of modules masked per cell (at least 1, at most ``n_modules - 1``).
+        Share of modules masked per cell (at least 1, at most ``n_modules - 1``); the protein token is masked with
+        this probability on its own.
+    n_proteins
+        Proteins measured beside RNA (one protein token, ``batch[PROTEIN_LOG_KEY]``); 0 (default): RNA only.
     """
 
     def __init__(
@@ -278,8 +325,12 @@ class JEPAModule(VCellModule):
         variance_weight: float = 1.0,
         covariance_weight: float = 0.04,
         mask_ratio: float = 0.5,
+        n_proteins: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(n_proteins, bool) or int(n_proteins) != n_proteins or n_proteins < 0:
+            msg = f"n_proteins must be a non-negative integer, got {n_proteins!r}"
+            raise ValueError(msg)
         if encoder not in ENCODERS:
             msg = f"encoder must be one of {ENCODERS}, got {encoder!r}"
             raise ValueError(msg)
@@ -300,23 +351,30 @@ class JEPAModule(VCellModule):
         self.anti_collapse = bool(anti_collapse)
         self.variance_weight, self.covariance_weight = float(variance_weight), float(covariance_weight)
         index, valid = module_index(modules, self.n_genes)
-        self.n_modules = int(index.shape[0])
+        self.n_modules, self.n_proteins = int(index.shape[0]), int(n_proteins)
+        #: gene-module tokens, plus the protein token (the last) with proteins
+        self.n_tokens = self.n_modules + (1 if self.n_proteins else 0)
         self.register_buffer("gene_mean", torch.zeros(self.n_genes))
         self.register_buffer("gene_std", torch.ones(self.n_genes))
+        if self.n_proteins:
+            self.register_buffer("protein_mean", torch.zeros(self.n_proteins))
+            self.register_buffer("protein_std", torch.ones(self.n_proteins))
         member = torch.zeros(self.n_modules, self.n_genes + 1)
         member.scatter_(1, index, 1.0)
         self.register_buffer("membership", member[:, : self.n_genes], persistent=False)
         kw = {"kind": encoder, "n_heads": int(n_heads)}
-        self.context_encoder = ModuleEncoder(index, valid, self.n_latent, n_layers=int(n_layers), **kw)
+        self.context_encoder = ModuleEncoder(
+            index, valid, self.n_latent, n_layers=int(n_layers), n_proteins=self.n_proteins, **kw
+        )
         self.target_encoder = copy.deepcopy(self.context_encoder) if self.ema else None
         if self.target_encoder is not None:
             self.target_encoder.requires_grad_(False)
         self.mask_token = nn.Parameter(torch.zeros(self.n_latent))
         self.predictor = TokenMixer(self.n_latent, n_layers=1, n_hidden=2 * self.n_latent, **kw)
-        self.predictor_embedding = nn.Parameter(torch.zeros(self.n_modules, self.n_latent))
-        n_out = int(index.shape[1]) if objective == "reconstruction" else self.n_latent
-        self.head_weight = nn.Parameter(torch.zeros(self.n_modules, self.n_latent, n_out))
-        self.head_bias = nn.Parameter(torch.zeros(self.n_modules, n_out))
+        self.predictor_embedding = nn.Parameter(torch.zeros(self.n_tokens, self.n_latent))
+        n_out = max(int(index.shape[1]), self.n_proteins) if objective == "reconstruction" else self.n_latent
+        self.head_weight = nn.Parameter(torch.zeros(self.n_tokens, self.n_latent, n_out))
+        self.head_bias = nn.Parameter(torch.zeros(self.n_tokens, n_out))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -341,29 +399,72 @@ class JEPAModule(VCellModule):
             self.gene_mean.copy_(torch.as_tensor(np.asarray(mean, dtype=np.float32).ravel()))
             self.gene_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
 
+    def set_protein_scale(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Per-protein mean and std (of log1p(counts per 1e4 of the protein library)); std 0 counts as 1."""
+        if not self.n_proteins:
+            msg = "this module has no proteins (n_proteins=0)"
+            raise ValueError(msg)
+        std = np.asarray(std, dtype=np.float32).ravel()
+        with torch.no_grad():
+            self.protein_mean.copy_(torch.as_tensor(np.asarray(mean, dtype=np.float32).ravel()))
+            self.protein_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0)))
+
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - gene_mean) / gene_std`` clipped to [-10, 10]."""
         return ((x - self.gene_mean) / self.gene_std).clamp(-10.0, 10.0)
 
+    def protein_inputs(self, p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised protein values (0 on unmeasured rows) and which cells were measured (no NaN in the row)."""
+        if p is None:
+            msg = f"this module models {self.n_proteins} proteins: the batch needs {PROTEIN_LOG_KEY!r}"
+            raise ValueError(msg)
+        observed = torch.isfinite(p).all(dim=1)
+        p_std = ((torch.nan_to_num(p, nan=0.0) - self.protein_mean) / self.protein_std).clamp(-10.0, 10.0)
+        return torch.where(observed[:, None], p_std, torch.zeros_like(p_std)), observed
+
+    def available(self, observed: torch.Tensor) -> torch.Tensor:
+        """``(n, n_tokens)``: tokens a cell has (every module; the protein token where proteins were measured)."""
+        return torch.cat([observed.new_ones(observed.shape[0], self.n_modules), observed[:, None]], dim=1)
+
     def sample_mask(self, n: int, *, device: torch.device | None = None) -> torch.Tensor:
-        """``(n, n_modules)`` boolean mask, ``round(mask_ratio * n_modules)`` (1 to n_modules - 1) modules per row."""
+        """``(n, n_tokens)`` boolean mask, ``round(mask_ratio * n_modules)`` (1 to n_modules - 1) modules per row.
+
+        With proteins the last column, the protein token, is masked with probability ``mask_ratio``.
+        """
         k = min(max(round(self.mask_ratio * self.n_modules), 1), self.n_modules - 1)
         order = torch.rand(n, self.n_modules, device=device).argsort(dim=1)
-        return order < k
+        if not self.n_proteins:
+            return order < k
+        return torch.cat([order < k, torch.rand(n, 1, device=device) < self.mask_ratio], dim=1)
 
     def hidden_genes(self, mask: torch.Tensor) -> torch.Tensor:
         """``(n, n_genes)``: genes of any masked module."""
-        return (mask.to(self.membership.dtype) @ self.membership) > 0
+        return (mask[:, : self.n_modules].to(self.membership.dtype) @ self.membership) > 0
 
-    def context(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context tokens and cell embeddings of log1p ``x`` with the ``mask``-ed modules (and their genes) hidden."""
+    def context(
+        self, x: torch.Tensor, mask: torch.Tensor, p: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context tokens and cell embeddings of log1p ``x`` with the ``mask``-ed modules (and their genes) hidden.
+
+        With proteins (``p``, NaN rows unmeasured) the protein token is hidden where masked or unmeasured.
+        """
         x_std = self.standardize(x).masked_fill(self.hidden_genes(mask), 0.0)
-        return self.context_encoder(x_std, mask)
+        if not self.n_proteins:
+            return self.context_encoder(x_std, mask)
+        p_std, observed = self.protein_inputs(p)
+        hidden = mask | ~self.available(observed)
+        return self.context_encoder(x_std, hidden, p_std.masked_fill(hidden[:, -1:], 0.0))
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Cell embeddings ``(n, n_latent)`` of log1p ``x``: the context encoder with every module visible."""
-        return self.context_encoder(self.standardize(x))[1]
+    def embed(self, x: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """Cell embeddings ``(n, n_latent)`` of log1p ``x``: the context encoder with every module visible.
+
+        With proteins, ``p`` holds them (NaN rows: not measured, protein token hidden).
+        """
+        if not self.n_proteins:
+            return self.context_encoder(self.standardize(x))[1]
+        p_std, observed = self.protein_inputs(p)
+        return self.context_encoder(self.standardize(x), ~self.available(observed), p_std)[1]
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -372,20 +473,35 @@ class JEPAModule(VCellModule):
             ema_update(self.target_encoder, self.context_encoder, self.ema_momentum)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Predictions and targets of the masked modules (``batch[MASK_KEY]``, else a random mask)."""
+        """Predictions and targets of the masked modules (``batch[MASK_KEY]``, else a random mask).
+
+        ``out["mask"]`` marks the tokens scored: masked ones the cell has (an unmeasured protein token is never).
+        """
         x = batch[REGISTRY_KEYS.X_KEY]
         mask = batch.get(MASK_KEY)
         mask = self.sample_mask(x.shape[0], device=x.device) if mask is None else mask.bool()
-        tokens, z = self.context(x, mask)
+        p = batch.get(PROTEIN_LOG_KEY)
+        tokens, z = self.context(x, mask, p)
         pos = self.predictor_embedding.expand(x.shape[0], -1, -1)
-        pred_in = torch.where(mask[..., None], self.mask_token + pos, tokens + pos)
+        target_hidden = None
+        if self.n_proteins:  # an unmeasured protein token is a mask token for the predictor, and never scored
+            p_std, observed = self.protein_inputs(p)
+            target_hidden = ~self.available(observed)
+            pred_in = torch.where((mask | target_hidden)[..., None], self.mask_token + pos, tokens + pos)
+            mask = mask & ~target_hidden
+        else:
+            pred_in = torch.where(mask[..., None], self.mask_token + pos, tokens + pos)
         pred = self.predictor(pred_in)
         out = torch.einsum("nmd,mdo->nmo", pred, self.head_weight) + self.head_bias
         result = {"z": z, "pred": out, "mask": mask}
         if self.objective == "jepa":  # the reconstruction arm's targets are the genes of batch[X_KEY]
             with torch.no_grad():
                 enc = self.target_encoder if self.target_encoder is not None else self.context_encoder
-                result["target"] = F.layer_norm(enc(self.standardize(x))[0], (self.n_latent,))
+                if self.n_proteins:
+                    full = enc(self.standardize(x), target_hidden, p_std)[0]
+                else:
+                    full = enc(self.standardize(x))[0]
+                result["target"] = F.layer_norm(full, (self.n_latent,))
         return result
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
@@ -399,9 +515,19 @@ class JEPAModule(VCellModule):
             x = batch[REGISTRY_KEYS.X_KEY]
             xp = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)[:, enc.gene_index]
             pad = lambda v: torch.cat([v, v.new_ones(1)])[enc.gene_index]
-            recon = out["pred"] * pad(self.gene_std) + pad(self.gene_mean)
-            w = mask[..., None] & enc.gene_mask
-            main = (((recon - xp) ** 2) * w).sum() / w.sum().clamp(min=1)
+            m, size = enc.gene_index.shape
+            if not self.n_proteins:
+                recon = out["pred"] * pad(self.gene_std) + pad(self.gene_mean)
+                w = mask[..., None] & enc.gene_mask
+                main = (((recon - xp) ** 2) * w).sum() / w.sum().clamp(min=1)
+            else:  # masked genes and, where scored, the proteins: one mean squared error in log1p space
+                recon = out["pred"][:, :m, :size] * pad(self.gene_std) + pad(self.gene_mean)
+                w = mask[:, :m, None] & enc.gene_mask
+                p = torch.nan_to_num(batch[PROTEIN_LOG_KEY], nan=0.0)
+                p_recon = out["pred"][:, m, : self.n_proteins] * self.protein_std + self.protein_mean
+                wp = mask[:, m, None].expand(-1, self.n_proteins)
+                sse = (((recon - xp) ** 2) * w).sum() + (((p_recon - p) ** 2) * wp).sum()
+                main = sse / (w.sum() + wp.sum()).clamp(min=1)
         var, cov = variance_loss(z), covariance_loss(z)
         loss = main
         if self.anti_collapse:
@@ -433,6 +559,10 @@ class LatentTransitionModule(VCellModule):
         Perturbation operators as in :class:`~vcell.module.FlowMatchingModule` (table, gene graph, else one-hot).
     log_dose_init
         Initial log-EC50 of the dose responses.
+    n_proteins
+        Proteins measured beside RNA: a second decoder head (same shape as the gene decoder) maps embeddings to
+        their log1p(counts per 1e4 of the protein library), fitted by MSE on the cells whose ``batch[PROTEIN_LOG_KEY]``
+        row has no NaN. 0 (default): RNA only.
     """
 
     def __init__(
@@ -452,6 +582,7 @@ class LatentTransitionModule(VCellModule):
         graph_own_embedding: bool = True,
         seen_atoms: np.ndarray | None = None,
         log_dose_init: float = 0.0,
+        n_proteins: int = 0,
     ) -> None:
         super().__init__()
         if decoder not in ("mlp", "linear"):
@@ -479,6 +610,9 @@ class LatentTransitionModule(VCellModule):
         self.shift = mlp(n_hidden, n_hidden, self.n_latent, n_layers=1)
         n_dec = 0 if decoder == "linear" else 1
         self.decoder = mlp(self.n_latent, n_hidden, self.n_genes, n_layers=n_dec)
+        self.n_proteins = int(n_proteins)
+        if self.n_proteins:  # registered last: RNA-only modules draw their initial weights exactly as before
+            self.protein_decoder = mlp(self.n_latent, n_hidden, self.n_proteins, n_layers=n_dec)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -506,15 +640,33 @@ class LatentTransitionModule(VCellModule):
         """log1p(CP10k) expression (unclipped) of embeddings ``z``."""
         return self.decoder(z)
 
+    def decode_protein(self, z: torch.Tensor) -> torch.Tensor:
+        """Proteins in log1p(counts per 1e4 of the protein library) (unclipped) of embeddings ``z``."""
+        if not self.n_proteins:
+            msg = "this module has no protein decoder (n_proteins=0)"
+            raise ValueError(msg)
+        return self.protein_decoder(z)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Predicted target embeddings ``z_source + delta`` and decoded target expression."""
-        return {"z": batch[SOURCE_Z_KEY] + self.delta(batch), "x": self.decode(batch[TARGET_Z_KEY])}
+        """Predicted target embeddings ``z_source + delta`` and decoded target expression (and proteins)."""
+        out = {"z": batch[SOURCE_Z_KEY] + self.delta(batch), "x": self.decode(batch[TARGET_Z_KEY])}
+        if self.n_proteins:
+            out["p"] = self.decode_protein(batch[TARGET_Z_KEY])
+        return out
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> LossOutput:
-        """Transition MSE in embedding space plus decoder MSE in log1p space."""
+        """Transition MSE in embedding space plus decoder MSE in log1p space (plus the measured proteins' MSE)."""
         trans = F.mse_loss(out["z"], batch[TARGET_Z_KEY])
         dec = F.mse_loss(out["x"], batch[REGISTRY_KEYS.X_KEY])
-        return LossOutput(loss=trans + dec, terms={"transition_mse": trans.detach(), "decoder_mse": dec.detach()})
+        terms = {"transition_mse": trans.detach(), "decoder_mse": dec.detach()}
+        if not self.n_proteins:
+            return LossOutput(loss=trans + dec, terms=terms)
+        p = batch[PROTEIN_LOG_KEY]
+        w = torch.isfinite(p).all(dim=1, keepdim=True).expand_as(p)
+        sq = torch.where(w, (out["p"] - torch.nan_to_num(p, nan=0.0)) ** 2, torch.zeros_like(p))
+        prot = sq.sum() / w.sum().clamp(min=1)
+        terms["protein_decoder_mse"] = prot.detach()
+        return LossOutput(loss=trans + dec + prot, terms=terms)
 
 
 class CellJEPAModule(VCellModule):
