@@ -7,6 +7,12 @@ straight path ``z_t = (1 - t) z0 + t z1`` (plus optional noise ``sigma``) it reg
 ``u = z1 - z0``. The condition ``c`` is the perturbation encoder's vector (one-hot, table or gene graph operators with
 dose responses; a combination is the sum of its singles) plus learned covariate embeddings, and optionally a scalar
 time covariate. A prediction integrates ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` (:meth:`transport`).
+
+With ``n_proteins > 0`` (RNA + protein) the space is a joint PCA of ``[x, w p]`` (RNA log1p(CP10k) ``x``, proteins
+``p`` in log1p(counts per 1e4 of the protein library), block weight buffer ``protein_scale`` = ``w``): the components
+span genes and proteins, and a cell without protein measurement (a non-finite ``p`` row) gets its coordinates from its
+RNA alone through the buffer ``rna_projection`` (``z = (x - mean_rna) @ rna_projection.T``, see
+:meth:`FlowMatchingModule.set_space`).
 """
 
 from __future__ import annotations
@@ -195,6 +201,10 @@ class FlowMatchingModule(VCellModule):
         Which atoms were seen in training; ``None``: all.
     log_dose_init
         Initial log-EC50 of the dose responses.
+    n_proteins
+        Number of proteins of a joint RNA + protein space (0: RNA only). The PCA buffers then cover
+        ``n_genes + n_proteins`` features, and buffers ``protein_scale`` (the protein block weight ``w``) and
+        ``rna_projection`` (``(n_components, n_genes)``, coordinates of cells without proteins) are added.
     """
 
     def __init__(
@@ -219,6 +229,7 @@ class FlowMatchingModule(VCellModule):
         graph_own_embedding: bool = True,
         seen_atoms: np.ndarray | None = None,
         log_dose_init: float = 0.0,
+        n_proteins: int = 0,
     ) -> None:
         super().__init__()
         if min(int(n_genes), int(n_components), int(n_condition), int(n_hidden), int(n_layers), int(n_freqs)) < 1:
@@ -230,9 +241,17 @@ class FlowMatchingModule(VCellModule):
         self.n_genes, self.n_atoms, self.n_components = int(n_genes), int(n_atoms), int(n_components)
         self.n_condition, self.n_freqs = int(n_condition), int(n_freqs)
         self.time_covariate, self.sigma = bool(time_covariate), float(sigma)
-        self.register_buffer("pca_components", torch.zeros(self.n_components, self.n_genes))
-        self.register_buffer("pca_mean", torch.zeros(self.n_genes))
+        if isinstance(n_proteins, bool) or int(n_proteins) < 0:
+            msg = f"n_proteins must be an integer >= 0, got {n_proteins!r}"
+            raise ValueError(msg)
+        self.n_proteins = int(n_proteins)
+        n_features = self.n_genes + self.n_proteins
+        self.register_buffer("pca_components", torch.zeros(self.n_components, n_features))
+        self.register_buffer("pca_mean", torch.zeros(n_features))
         self.register_buffer("scale", torch.ones(()))
+        if self.n_proteins:
+            self.register_buffer("protein_scale", torch.ones(()))
+            self.register_buffer("rna_projection", torch.zeros(self.n_components, self.n_genes))
         self.register_buffer("time_loc", torch.zeros(()))
         self.register_buffer("time_scale", torch.ones(()))
         if gene_graph is not None:
@@ -279,32 +298,91 @@ class FlowMatchingModule(VCellModule):
             self.field[-1].weight.mul_(0.1)  # start near the zero field
             self.field[-1].bias.zero_()
 
-    def set_space(self, components: np.ndarray, mean: np.ndarray, scale: float) -> None:
-        """Set the PCA space: ``components`` ``(n_components, n_genes)``, gene ``mean`` and global ``scale``."""
+    def set_space(
+        self,
+        components: np.ndarray,
+        mean: np.ndarray,
+        scale: float,
+        *,
+        protein_scale: float | None = None,
+        rna_projection: np.ndarray | None = None,
+    ) -> None:
+        """Set the PCA space: ``components`` ``(n_components, n_features)``, feature ``mean`` and global ``scale``.
+
+        ``n_features`` is ``n_genes`` (RNA only) or ``n_genes + n_proteins``; a joint space also needs the protein
+        block weight ``protein_scale`` (``w``: protein features are ``w`` times log1p(counts per 1e4)) and
+        ``rna_projection`` ``(n_components, n_genes)``: the map from centred RNA to standardised coordinates used for
+        cells without protein measurement.
+        """
+        n_features = self.n_genes + self.n_proteins
         comps = torch.as_tensor(np.asarray(components, dtype=np.float32))
-        if tuple(comps.shape) != (self.n_components, self.n_genes) or len(np.ravel(mean)) != self.n_genes:
-            msg = f"components must be ({self.n_components}, {self.n_genes}) and mean ({self.n_genes},)"
+        if tuple(comps.shape) != (self.n_components, n_features) or len(np.ravel(mean)) != n_features:
+            msg = f"components must be ({self.n_components}, {n_features}) and mean ({n_features},)"
             raise ValueError(msg)
         if not (np.isfinite(scale) and scale > 0):
             msg = f"scale must be a finite number > 0, got {scale!r}"
             raise ValueError(msg)
+        if self.n_proteins:
+            if protein_scale is None or not (np.isfinite(protein_scale) and protein_scale > 0):
+                msg = f"a joint RNA + protein space needs protein_scale, a finite number > 0, got {protein_scale!r}"
+                raise ValueError(msg)
+            proj = None if rna_projection is None else np.asarray(rna_projection, dtype=np.float32)
+            if proj is None or proj.shape != (self.n_components, self.n_genes) or not np.isfinite(proj).all():
+                shape = None if proj is None else proj.shape
+                msg = f"rna_projection must be a finite ({self.n_components}, {self.n_genes}) array, got {shape}"
+                raise ValueError(msg)
         with torch.no_grad():
             self.pca_components.copy_(comps)
             self.pca_mean.copy_(torch.as_tensor(np.ravel(mean), dtype=torch.float32))
             self.scale.fill_(float(scale))
+            if self.n_proteins:
+                self.protein_scale.fill_(float(protein_scale))
+                self.rna_projection.copy_(torch.as_tensor(proj))
 
     # ------------------------------------------------------------------------- space
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised PCA coordinates of log1p(CP10k) expression ``x`` ``(n, n_genes)``."""
-        return (x - self.pca_mean) @ self.pca_components.T / self.scale
+    def encode(self, x: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised PCA coordinates of log1p(CP10k) expression ``x`` ``(n, n_genes)``.
+
+        A joint space also reads the proteins ``p`` ``(n, n_proteins)`` (log1p(counts per 1e4 of the protein
+        library)); rows of ``p`` with a non-finite value, or ``p=None`` (all rows), are cells without protein
+        measurement: their coordinates come from ``x`` through ``rna_projection``.
+        """
+        if not self.n_proteins:
+            return (x - self.pca_mean) @ self.pca_components.T / self.scale
+        z_rna = (x - self.pca_mean[: self.n_genes]) @ self.rna_projection.T
+        if p is None:
+            return z_rna
+        measured = torch.isfinite(p).all(dim=1, keepdim=True)
+        f = torch.cat([x, torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) * self.protein_scale], dim=1)
+        z = (f - self.pca_mean) @ self.pca_components.T / self.scale
+        return torch.where(measured, z, z_rna)
+
+    def _rna_components(self) -> torch.Tensor:
+        return self.pca_components[:, : self.n_genes] if self.n_proteins else self.pca_components
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Expression (log1p(CP10k), unclipped) of standardised PCA coordinates ``z``."""
-        return z * self.scale @ self.pca_components + self.pca_mean
+        return z * self.scale @ self._rna_components() + self.pca_mean[: self.n_genes]
 
     def decode_delta(self, dz: torch.Tensor) -> torch.Tensor:
         """Change in expression of a displacement ``dz`` in the standardised PCA space."""
-        return dz * self.scale @ self.pca_components
+        return dz * self.scale @ self._rna_components()
+
+    def _check_proteins(self) -> None:
+        if not self.n_proteins:
+            msg = "this FlowMatchingModule has no proteins (n_proteins=0)"
+            raise ValueError(msg)
+
+    def decode_protein(self, z: torch.Tensor) -> torch.Tensor:
+        """Proteins (log1p(counts per 1e4 of the protein library), unclipped) of coordinates ``z`` (joint space)."""
+        self._check_proteins()
+        G = self.n_genes
+        return (z * self.scale @ self.pca_components[:, G:] + self.pca_mean[G:]) / self.protein_scale
+
+    def decode_protein_delta(self, dz: torch.Tensor) -> torch.Tensor:
+        """Change in proteins (log1p(counts per 1e4)) of a displacement ``dz`` (joint space)."""
+        self._check_proteins()
+        return dz * self.scale @ self.pca_components[:, self.n_genes :] / self.protein_scale
 
     # ------------------------------------------------------------------------- field
     def condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
