@@ -211,3 +211,26 @@ def test_reset_parameters_is_seeded():
     m2.reset_parameters()
     for (n1, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         assert torch.equal(p1, p2), n1
+
+
+@pytest.mark.parametrize("n_layers", [0, 1, 2])
+def test_split_first_layer_equals_the_concatenated_encoder(n_layers):
+    """encode() splits the first layer over [x_log, z_known]: same values and gradients as the concatenation."""
+    torch.manual_seed(0)
+    m = CausalVAEModule(7, 2, n_latent=3, n_hidden=8, n_layers=n_layers, dropout=0.0)
+    x = torch.rand(5, 7)
+    z_known = torch.randn(5, 3, requires_grad=True)
+    mean, logvar = m.encode(x, z_known)
+    ref = m.encoder(torch.cat([x, z_known], 1))
+    torch.testing.assert_close(mean, ref[:, :3])
+    torch.testing.assert_close(logvar, ref[:, 3:].clamp(-10.0, 10.0))
+    (mean.sum() + logvar.sum()).backward()
+    grad_w, grad_z = m.encoder[0].weight.grad.clone(), z_known.grad.clone()
+    m.zero_grad()
+    z2 = z_known.detach().clone().requires_grad_(True)
+    ref = m.encoder(torch.cat([x, z2], 1))
+    (ref[:, :3].sum() + ref[:, 3:].clamp(-10.0, 10.0).sum()).backward()
+    torch.testing.assert_close(m.encoder[0].weight.grad, grad_w)
+    torch.testing.assert_close(z2.grad, grad_z)
+    mean0, _ = m.encode(x)  # z_known = 0 (a float) still works
+    torch.testing.assert_close(mean0, m.encoder(torch.cat([x, torch.zeros(5, 3)], 1))[:, :3])
