@@ -1,18 +1,26 @@
-"""Does RNA help predict protein, and protein help predict RNA? CausalVAE joint vs single-modality (issue 10).
+"""Does RNA help predict protein, and protein help predict RNA? Joint vs single-modality models (issue 10).
 
-Data: ``vcell.datasets.simulate(protein=True)``: RNA and protein counts driven by the same latent programs. Split:
-``vcell.bench.split(kind="combo_half")`` on the RNA modality (half of the double perturbations held out; their cells
-never trained on), applied to both modalities. Models, all trained on the same training cells:
+Data: ``vcell.datasets.simulate(protein=True, effects="target_programs")``: RNA and protein counts driven by the
+same latent programs, with the ground-truth gene graph of the programs (``uns['vcell_simulation']['gene_graph']``)
+that lets a model predict a perturbation it never saw. Two splits of ``vcell.bench.split``, the same cells held out
+for every model and modality: ``combo_half`` (half of the double perturbations held out) and
+``unseen_perturbation`` (20% of the single perturbations held out, with the doubles containing them).
 
-* ``joint``: CausalVAE on RNA + protein (``protein_modality="prot"``), predicting both;
-* ``rna_only``: CausalVAE on RNA alone; ``prot_only``: CausalVAE on the protein counts alone;
-* ``additive``: the additive baseline, fitted per modality.
+For every model family (``--families``: CausalVAE, FlowMatching, CellJEPA, ResidualDiffusion) three variants are
+trained on the same training cells by ``vcell.bench.run``:
 
-For every held-out double: Pearson delta of the mean predicted change of the control cells against the true mean
-change (log1p of counts per 1e4 of each modality's library), and the MSE of the mean, per modality. Means over the
-held-out doubles per seed, then mean and sd over seeds.
+* ``<family> joint``: registered on the MuData with ``protein_modality="prot"`` (one model of both modalities);
+* ``<family> rna``: on the RNA modality alone; ``<family> prot``: on the protein counts alone (proteins as genes).
 
-Usage: ``python benchmarks/multimodal.py --seeds 0,1,2 [--epochs 200] [--threads 1]``
+Models are given the gene graph (``gene_graph=``; ResidualDiffusion through its CausalVAE mean model) so unseen
+singles can be predicted. The baselines (control, mean, additive, linear) are fitted on both modalities (they work
+feature by feature; ``linear`` fits one joint gene/protein embedding). Metrics per modality (``bench.run``'s
+``modality`` column): Pearson delta, MSE of the top-DE features, energy distance in a PCA of the training cells.
+
+Printed and written (``--out``): the summary per split, modality, metric and model (mean and 95% t-interval over
+seeds), and the paired difference joint minus single-modality per family (mean and 95% t-interval over seeds).
+
+Usage: ``python benchmarks/multimodal.py --seeds 0,1,2 [--families CausalVAE,FlowMatching] [--epochs 150]``
 """
 
 from __future__ import annotations
@@ -21,102 +29,142 @@ import argparse
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from _causal_vae_cli import quiet_setup
+from scipy import stats
 
 import vcell
-from vcell._utils import log1p_cp10k
 
+METRICS = ["pearson_delta", "mse_top_de", "energy_distance"]
+SPLITS = ["combo_half", "unseen_perturbation"]
+BASELINES = ["control", "mean", "additive", "linear"]
 QUIET = {"enable_progress_bar": False}
-SETUP = {"perturbation_key": "perturbation", "control": "control"}
 
 
-def score(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray) -> dict:
-    return {
-        "pearson_delta": float(np.corrcoef(pred - ctrl, true - ctrl)[0, 1]),
-        "mse": float(np.mean((pred - true) ** 2)),
-    }
-
-
-def run_seed(seed: int, args) -> list[dict]:
+def simulation(args: argparse.Namespace):
     mdata = vcell.datasets.simulate(
-        n_cells=args.cells, n_genes=200, n_perturbations=10, n_combos=20, protein=True, n_proteins=20, seed=seed
+        n_cells=args.cells,
+        n_genes=args.genes,
+        n_perturbations=args.perturbations,
+        n_combos=args.combos,
+        n_proteins=args.proteins,
+        effects="target_programs",
+        protein=True,
+        seed=args.data_seed,
     )
-    rna, prot = mdata["rna"], mdata["prot"]
-    vcell.bench.split(rna, kind="combo_half", seed=seed, perturbation_key="perturbation", control="control")
-    split = rna.obs["vcell_split"].astype(str).to_numpy()
-    train_mask = split != "test"
-    held = sorted(set(rna.obs["perturbation"].astype(str)[split == "test"]) - {"control"})
-    train = mdata[train_mask].copy()
-    E = {"rna": log1p_cp10k(rna.X), "prot": log1p_cp10k(prot.X)}
-    labels = rna.obs["perturbation"].astype(str).to_numpy()
-    ctrl_train = np.flatnonzero(train["rna"].obs["perturbation"].astype(str).to_numpy() == "control")
+    graph = pd.DataFrame(mdata["rna"].uns["vcell_simulation"]["gene_graph"])
+    return mdata, graph
 
-    preds: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+
+def family_spec(family: str, variant: str, graph: pd.DataFrame, args: argparse.Namespace) -> vcell.bench.ModelSpec:
+    """The ``ModelSpec`` of one family, all given the gene graph and ``--epochs``."""
+    train = {"max_epochs": args.epochs, "trainer_kwargs": QUIET}
+    name = f"{family} {variant}"
+    if family == "ResidualDiffusion":
+        init = {"mean_model": "CausalVAE", "mean_kwargs": {"gene_graph": graph}, "mean_train_kwargs": dict(train)}
+        return vcell.bench.ModelSpec(name, vcell.model.ResidualDiffusion, init, dict(train))
+    if family == "CellJEPA":
+        train = {**train, "pretrain_epochs": args.epochs}
+    return vcell.bench.ModelSpec(name, getattr(vcell.model, family), {"gene_graph": graph}, train)
+
+
+def protein_anndata(mdata) -> ad.AnnData:
+    """The protein counts as an AnnData of their own, with the RNA modality's obs (labels)."""
+    prot = mdata["prot"]
+    return ad.AnnData(X=prot.X.copy(), obs=mdata["rna"].obs.copy(), var=prot.var.copy())
+
+
+def run_all(args: argparse.Namespace) -> pd.DataFrame:
+    mdata, graph = simulation(args)
+    families = [f for f in args.families.split(",") if f]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    common = {"splits": SPLITS, "seeds": seeds, "metrics": METRICS, "on_error": "skip", "progress": False}
+    parts = []
     t0 = time.perf_counter()
-    vcell.model.CausalVAE.setup_anndata(train, protein_modality="prot", **SETUP)
-    joint = vcell.model.CausalVAE(train)
-    joint.train(max_epochs=args.epochs, seed=seed, trainer_kwargs=QUIET)
-    preds["joint"] = {
-        m: {p: joint.predict(train, perturbation=p, controls=ctrl_train, modality=m).mean(0) for p in held}
-        for m in ("rna", "prot")
-    }
-    for name, mod in (("rna_only", "rna"), ("prot_only", "prot")):
-        ad = train[mod].copy()
-        vcell.model.CausalVAE.setup_anndata(ad, **SETUP)
-        single = vcell.model.CausalVAE(ad)
-        single.train(max_epochs=args.epochs, seed=seed, trainer_kwargs=QUIET)
-        preds[name] = {mod: {p: single.predict(ad, perturbation=p, controls=ctrl_train).mean(0) for p in held}}
-    preds["additive"] = {}
-    for mod in ("rna", "prot"):
-        ad = train[mod].copy()
-        vcell.model.Baseline.setup_anndata(ad, **SETUP)
-        add = vcell.model.Baseline(ad, method="additive")
-        add.train()
-        preds["additive"][mod] = {p: add.predict(ad, perturbation=p, controls=ctrl_train).mean(0) for p in held}
-    print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    joint = [family_spec(f, "joint", graph, args) for f in families]
+    res = vcell.bench.run(mdata, models=[*BASELINES, *joint], protein_modality="prot", **common)
+    parts.append(res.results)
+    print(f"joint run: {time.perf_counter() - t0:.0f} s", flush=True)
+    for modality, data in (("rna", mdata["rna"]), ("prot", protein_anndata(mdata))):
+        t0 = time.perf_counter()
+        specs = [family_spec(f, modality, graph, args) for f in families]
+        res = vcell.bench.run(data, models=specs, **common)
+        parts.append(res.results.assign(modality=modality))
+        print(f"{modality}-only run: {time.perf_counter() - t0:.0f} s", flush=True)
+    return pd.concat(parts, ignore_index=True)
 
+
+def paired(results: pd.DataFrame, families: list[str]) -> pd.DataFrame:
+    """Joint minus single-modality, per family, split, modality and metric: mean and 95% t-interval over seeds."""
+    r = results[results["metric"].isin(METRICS)]
+    per_seed = r.groupby(["model", "split", "modality", "metric", "seed"])["value"].mean()
     rows = []
-    ctrl_mean = {m: E[m][np.flatnonzero(train_mask & (labels == "control"))].mean(0) for m in E}
-    for model, by_mod in preds.items():
-        for mod, by_pert in by_mod.items():
-            for p, pred in by_pert.items():
-                true = E[mod][labels == p].mean(0)
-                rows.append(
-                    {
-                        "seed": seed,
-                        "model": model,
-                        "modality": mod,
-                        "perturbation": p,
-                        **score(pred, true, ctrl_mean[mod]),
-                    }
-                )
-    return rows
+    for fam in families:
+        for (split, modality, metric), _ in per_seed.groupby(["split", "modality", "metric"]):
+            try:
+                a = per_seed.loc[(f"{fam} joint", split, modality, metric)]
+                b = per_seed.loc[(f"{fam} {modality}", split, modality, metric)]
+            except KeyError:
+                continue
+            d = (a - b).dropna()
+            n = len(d)
+            half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+            mean = float(d.mean()) if n else np.nan
+            rows.append(
+                {
+                    "family": fam,
+                    "split": split,
+                    "modality": modality,
+                    "metric": metric,
+                    "joint_minus_single": mean,
+                    "ci_low": mean - half,
+                    "ci_high": mean + half,
+                    "n_seeds": n,
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--cells", type=int, default=4000)
+    parser.add_argument("--families", default="CausalVAE,FlowMatching,CellJEPA,ResidualDiffusion")
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--cells", type=int, default=3000)
+    parser.add_argument("--genes", type=int, default=200)
+    parser.add_argument("--proteins", type=int, default=20)
+    parser.add_argument("--perturbations", type=int, default=12)
+    parser.add_argument("--combos", type=int, default=16)
+    parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "multimodal"))
     args = parser.parse_args()
     quiet_setup(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        rows += run_seed(seed, args)
-        res = pd.DataFrame(rows)
-        res.to_csv(out / "results.csv", index=False)
-        per_seed = res.groupby(["modality", "model", "seed"])[["pearson_delta", "mse"]].mean()
-        summary = per_seed.groupby(["modality", "model"]).agg(["mean", "std"])
-        summary.columns = [f"{m}_{s}" for m, s in summary.columns]
-        summary.to_csv(out / "summary.csv")
-        with pd.option_context("display.width", 200, "display.precision", 3):
-            print(summary, flush=True)
+    results = run_all(args)
+    results.to_csv(out / "results.csv", index=False)
+    summary = vcell.bench.summarize(results)
+    summary.to_csv(out / "summary.csv", index=False)
+    diff = paired(results, [f for f in args.families.split(",") if f])
+    diff.to_csv(out / "paired.csv", index=False)
+    errors = results.loc[results["error"].fillna("") != "", ["model", "split", "error"]].drop_duplicates("model")
+    with pd.option_context("display.width", 220, "display.max_rows", 500, "display.precision", 3):
+        s = summary.copy()
+        s["cell"] = s.apply(lambda r: f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", axis=1)
+        for split in SPLITS:
+            table = s[s["split"] == split].pivot_table(
+                index="model", columns=["modality", "metric"], values="cell", aggfunc="first"
+            )
+            print(f"\n== {split}: mean [95% t-interval] over seeds", flush=True)
+            print(table.to_string())
+        print("\n== joint minus single-modality (same split, seeds and cells)")
+        print(diff.to_string(index=False))
+        if len(errors):
+            print("\ncannot predict:")
+            print(errors.to_string(index=False))
 
 
 if __name__ == "__main__":
