@@ -13,7 +13,8 @@ trained on the same training cells by ``vcell.bench.run``:
 * ``<family> rna``: on the RNA modality alone; ``<family> prot``: on the protein counts alone (proteins as genes).
 
 Models are given the gene graph (``gene_graph=``; ResidualDiffusion through its CausalVAE mean model) so unseen
-singles can be predicted. The baselines (control, mean, additive, linear) are fitted on both modalities (they work
+singles can be predicted. ResidualDiffusion is scored on its sampled cells (one per control cell, ``output="sample"``;
+its ``predict`` is its CausalVAE mean model's), the others on ``predict``. The baselines (control, mean, additive, linear) are fitted on both modalities (they work
 feature by feature; ``linear`` fits one joint gene/protein embedding). Metrics per modality (``bench.run``'s
 ``modality`` column): Pearson delta, MSE of the top-DE features, energy distance in a PCA of the training cells.
 
@@ -50,6 +51,7 @@ def simulation(args: argparse.Namespace):
         n_perturbations=args.perturbations,
         n_combos=args.combos,
         n_proteins=args.proteins,
+        n_programs=args.programs,
         effects="target_programs",
         protein=True,
         seed=args.data_seed,
@@ -63,8 +65,9 @@ def family_spec(family: str, variant: str, graph: pd.DataFrame, args: argparse.N
     train = {"max_epochs": args.epochs, "trainer_kwargs": QUIET}
     name = f"{family} {variant}"
     if family == "ResidualDiffusion":
-        init = {"mean_model": "CausalVAE", "mean_kwargs": {"gene_graph": graph}, "mean_train_kwargs": dict(train)}
-        return vcell.bench.ModelSpec(name, vcell.model.ResidualDiffusion, init, dict(train))
+        init = {"mean_model": "CausalVAE", "mean_model_kwargs": {"gene_graph": graph}}
+        train = {**train, "mean_train_kwargs": train}
+        return vcell.bench.ModelSpec(name, vcell.model.ResidualDiffusion, init, train, output="sample")
     if family == "CellJEPA":
         train = {**train, "pretrain_epochs": args.epochs}
     return vcell.bench.ModelSpec(name, getattr(vcell.model, family), {"gene_graph": graph}, train)
@@ -135,16 +138,26 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=3000)
     parser.add_argument("--genes", type=int, default=200)
     parser.add_argument("--proteins", type=int, default=20)
-    parser.add_argument("--perturbations", type=int, default=12)
+    parser.add_argument("--perturbations", type=int, default=24)
+    parser.add_argument("--programs", type=int, default=8)
     parser.add_argument("--combos", type=int, default=16)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "multimodal"))
+    parser.add_argument(
+        "--from-results", default="", help="comma-separated results.csv files (e.g. one per seed) to merge and report"
+    )
     args = parser.parse_args()
     quiet_setup(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(args)
+    if args.from_results:
+        results = pd.concat(
+            [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in args.from_results.split(",")]
+        )
+        results["error"] = results["error"].fillna("")
+    else:
+        results = run_all(args)
     results.to_csv(out / "results.csv", index=False)
     summary = vcell.bench.summarize(results)
     summary.to_csv(out / "summary.csv", index=False)
