@@ -349,19 +349,19 @@ class CausalVAEModule(VCellModule):
         With ``condition_encoder``, the encoder also sees ``z_known`` (the cell's own perturbation and covariate
         latents), so it can explain them away instead of copying them into ``z_basal``.
         """
-        first = self.encoder[0]
-        if self.condition_encoder:
-            z_known = torch.as_tensor(z_known).to(x_log).expand(x_log.shape[0], self.n_latent)
-        if self.condition_encoder and type(first) is nn.Linear:
-            # the first layer on [x_log, z_known] as two products: the data columns need no input gradient, so
-            # backward skips the (cells x genes x hidden) product a concatenated input would cost
-            n_x = x_log.shape[1]
-            h = F.linear(x_log, first.weight[:, :n_x], first.bias) + F.linear(z_known, first.weight[:, n_x:])
-            h = self.encoder[1:](h)
-        elif self.condition_encoder:  # an adapted first layer (LoRA): on the concatenation
-            h = self.encoder(torch.cat([x_log, z_known], 1))
-        else:
+        if not self.condition_encoder:
             h = self.encoder(x_log)
+            return h[:, : self.n_latent], h[:, self.n_latent :].clamp(-10.0, 10.0)
+        z_known = torch.as_tensor(z_known).to(x_log).expand(x_log.shape[0], self.n_latent)
+        first = self.encoder[0]
+        base = first if type(first) is nn.Linear else first.base  # a LoRA-adapted layer wraps the trained one
+        # the first layer on [x_log, z_known] as two products: the data columns need no input gradient, so
+        # backward skips the (cells x genes x hidden) product a concatenated input would cost
+        n_x = x_log.shape[1]
+        h = F.linear(x_log, base.weight[:, :n_x], base.bias) + F.linear(z_known, base.weight[:, n_x:])
+        if base is not first:  # the adapter's low-rank update, on the concatenation (0 for a new adapter)
+            h = h + first.update(torch.cat([x_log, z_known], 1))
+        h = self.encoder[1:](h)
         return h[:, : self.n_latent], h[:, self.n_latent :].clamp(-10.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:

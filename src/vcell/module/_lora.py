@@ -88,9 +88,13 @@ class LoRALinear(nn.Module):
         """The low-rank update ``s B A`` of the weight (``out_features x in_features``)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank term ``s (x A^T) B^T`` alone (what the adapter adds to ``base(x)``)."""
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + s (x A^T) B^T``."""
-        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+        return self.base(x) + self.update(x)
 
     def merged(self) -> nn.Linear:
         """A plain :class:`torch.nn.Linear` with weight ``W + s B A`` and ``base``'s bias (trainable again)."""
