@@ -239,6 +239,22 @@ def test_mean_model_that_cannot_predict_proteins(monkeypatch):
         ResidualDiffusion(mdata, mean_model="additive")
 
 
+def test_baseline_mean_model_with_proteins():
+    """The additive baseline predicts proteins, so it can be the mean model of a protein ResidualDiffusion."""
+    mdata = _sim(n_cells=300)
+    _setup(mdata)
+    rd = ResidualDiffusion(mdata, mean_model="additive", n_components=5, n_hidden=32)
+    rd.train(max_epochs=2, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
+    pert = rd.mean_model.vocab.atoms[0]
+    np.testing.assert_allclose(
+        rd.predict(mdata, perturbation=pert, modality="prot"),
+        rd.mean_model.predict(mdata, perturbation=pert, modality="prot"),
+    )
+    cells = rd.sample(mdata, perturbation=pert, n_cells=20, seed=0)
+    assert cells.obsm["protein"].shape == (20, 8)
+    assert np.isfinite(cells.obsm["protein"].to_numpy()).all()
+
+
 def test_block_weight_known_answer():
     """Multiple-factor-analysis weight: ratio of the blocks' leading singular values (3 / 0.5)."""
     rna = np.array([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
