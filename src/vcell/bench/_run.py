@@ -581,17 +581,6 @@ def _checked(X: Any, shape: tuple[int, int], name: str, condition: str) -> np.nd
     return X
 
 
-def _protein_log(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log1p(counts per 1e4 of the protein library) of measured cells (NaN rows elsewhere) and the measured mask."""
-    from vcell._utils import log1p_cp10k
-
-    measured = np.isfinite(counts).all(1) & (np.nan_to_num(counts).sum(1) > 0)
-    out = np.full(counts.shape, np.nan, dtype=np.float32)
-    if measured.any():
-        out[measured] = log1p_cp10k(counts[measured])
-    return out, measured
-
-
 def _protein_cases(
     a: AnnData, is_train: np.ndarray, cases: dict, ctrl_union: np.ndarray, names: list[str], n_pcs: int, seed: int
 ) -> dict[str, Any] | None:
@@ -601,8 +590,10 @@ def _protein_cases(
     when no held-out or control cell has proteins.
     """
     from vcell import metrics as vmetrics
+    from vcell.model._protein import protein_log1p
 
-    E, measured = _protein_log(np.asarray(a.obsm[_PROTEIN_BENCH_KEY], dtype=np.float32))
+    E = protein_log1p(a.obsm[_PROTEIN_BENCH_KEY])
+    measured = np.isfinite(E).all(axis=1)
     var_names = pd.Index(names)
     ctrl = ctrl_union & measured
     truth = {h: E[c["sel"] & measured] for h, c in cases.items() if (c["sel"] & measured).any()}

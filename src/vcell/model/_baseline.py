@@ -228,10 +228,8 @@ class Baseline(PerturbationModel):
 
     def _features(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray:
         """log1p(CP10k) expression of cells ``idx`` (all: ``None``), then their proteins (NaN rows if unmeasured)."""
-        E = self._expression(adata, idx)
-        if not self.protein_names_:
-            return E
-        return np.hstack([E, self._protein_expression(adata, idx)])
+        E, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
+        return E if P is None else np.hstack([E, P])
 
     # ------------------------------------------------------------------ prediction
     def _check_predictable(self, perturbation: str) -> None:

@@ -841,15 +841,17 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             out.append(z.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, m.n_latent), dtype=np.float32)
 
-    def _decode_log1p(self, z: np.ndarray) -> np.ndarray:
-        """Decoded mean log1p(CP10k) of latent states ``z`` (rows)."""
+    def _decode_log1p(self, z: np.ndarray, modality: str = "rna") -> np.ndarray:
+        """Decoded mean log1p(CP10k) of latent states ``z`` (rows); ``"prot"``: their proteins (per 1e4)."""
         m = self.module.eval()
         device = next(m.parameters()).device
-        out = [
-            m.decode_log1p(torch.as_tensor(z[i : i + 2048], device=device)).cpu().numpy()
-            for i in range(0, len(z), 2048)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, m.n_genes), dtype=np.float32)
+        decode = m.decode_log1p if modality == "rna" else m.protein_mean_log1p
+        with torch.no_grad():
+            out = [
+                decode(torch.as_tensor(z[i : i + 2048], device=device)).cpu().numpy() for i in range(0, len(z), 2048)
+            ]
+        width = m.n_genes if modality == "rna" else m.n_proteins
+        return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
 
     def sample(
         self,

@@ -384,10 +384,6 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
     def _device(self) -> torch.device:
         return self.module.jepa.gene_mean.device
 
-    def _proteins(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray | None:
-        """Protein log1p values of cells ``idx`` (NaN rows: unmeasured); ``None`` for an RNA-only model."""
-        return self._protein_expression(adata, idx) if self.protein_names_ else None
-
     def _embed(self, X: np.ndarray, batch_size: int = 4096, *, proteins: np.ndarray | None = None) -> np.ndarray:
         jepa = self.module.jepa.eval()
         dev = self._device()
@@ -480,7 +476,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         X = torch.as_tensor(self._expression(adata))
         cells = {REGISTRY_KEYS.X_KEY: X}
         if self.protein_names_:
-            cells[PROTEIN_LOG_KEY] = torch.as_tensor(self._proteins(adata))
+            cells[PROTEIN_LOG_KEY] = torch.as_tensor(self._cell_proteins(adata))
         train_dl = _Batches(cells, train_idx, batch_size=batch_size, seed=seed)
         val_dl = None
         if len(val_idx) >= 2:
@@ -596,7 +592,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         device = self._device()
         self.module.to("cpu")
         try:
-            X, P = self._expression(adata), self._proteins(adata)
+            X, P = self._expression(adata), self._cell_proteins(adata)
             z = torch.as_tensor(self._embed(X, proteins=P))
         finally:
             self.module.to(device)
@@ -674,7 +670,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         self._require_pretrained()
         adata = self._check_adata(adata)
         idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-        X, P = self._expression(adata, idx), self._proteins(adata, idx)
+        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
         return self._embed(X, batch_size, proteins=P).astype(np.float32)
 
     def _shifted(
@@ -682,7 +678,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
     ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor]:
         """log1p expression, proteins (``None`` without), embeddings and shifted embeddings of cells ``idx``."""
         target, nodes = self._encode_query([str(perturbation)], float(dose))
-        X, P = self._expression(adata, idx), self._proteins(adata, idx)
+        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
         dev = self._device()
         z = torch.as_tensor(self._embed(X, batch_size, proteins=P), device=dev)
         batch = {

@@ -52,6 +52,16 @@ def _as_anndata(data: AnnData | MuData | None, modality: str = "rna") -> AnnData
     return data.mod[modality]
 
 
+def _from_uns(adata: AnnData | None, spec: Any, what: str) -> Any:
+    """``adata.uns[spec]`` when ``spec`` is a string (KeyError naming ``what`` if absent), else ``spec`` itself."""
+    if not isinstance(spec, str):
+        return spec
+    if adata is None or spec not in adata.uns:
+        msg = f"{what} {spec!r} is not a key of adata.uns"
+        raise KeyError(msg)
+    return adata.uns[spec]
+
+
 class PerturbationInputs:
     """Mixin of the models that encode perturbations like CausalVAE (CausalVAE, FlowMatching, CellJEPA).
 
@@ -93,11 +103,7 @@ class PerturbationInputs:
     def _embedding_table(self, adata: AnnData | None, spec: str | pd.DataFrame | None) -> pd.DataFrame | None:
         if spec is None:
             return None
-        if isinstance(spec, str):
-            if adata is None or spec not in adata.uns:
-                msg = f"perturbation_embedding {spec!r} is not a key of adata.uns"
-                raise KeyError(msg)
-            spec = adata.uns[spec]
+        spec = _from_uns(adata, spec, "perturbation_embedding")
         if not isinstance(spec, pd.DataFrame):
             msg = f"perturbation_embedding must be None, a DataFrame or a key of adata.uns, got {type(spec).__name__}"
             raise ValueError(msg)
@@ -121,13 +127,12 @@ class PerturbationInputs:
         self._graph_nodes: pd.Index | None = None
         if spec is None:
             return None
-        if isinstance(spec, str):
-            if adata is None or spec not in adata.uns:
-                msg = f"gene_graph {spec!r} is not a key of adata.uns"
-                raise KeyError(msg)
-            spec = adata.uns[spec]
         graph = _edge_frame(
-            spec, "gene_graph", "importance", accepted="a DataFrame or a key of adata.uns", fmt="GEARS' format"
+            _from_uns(adata, spec, "gene_graph"),
+            "gene_graph",
+            "importance",
+            accepted="a DataFrame or a key of adata.uns",
+            fmt="GEARS' format",
         )
         w = graph["importance"].to_numpy()
         if not np.isfinite(w).all() or (w < 0).any():

@@ -365,10 +365,6 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             )
         return super()._encode_query(labels, doses)
 
-    def _cell_proteins(self, adata: AnnData, idx: np.ndarray) -> np.ndarray | None:
-        """Proteins (log1p(counts per 1e4), NaN rows: unmeasured) of cells ``idx``; ``None`` for an RNA-only model."""
-        return self._protein_expression(adata, idx) if self.protein_names_ else None
-
     def _space(self, adata: AnnData, idx: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, torch.Tensor]:
         """log1p(CP10k) expression and standardised PCA coordinates of cells ``idx`` (joint with proteins)."""
         X = self._expression(adata, idx)

@@ -52,6 +52,19 @@ def protein_copy(mdata: MuData, protein_modality: str, rna_modality: str, layer:
     return P
 
 
+def protein_log1p(counts: np.ndarray) -> np.ndarray:
+    """log1p(counts per 1e4 of each cell's protein library), float32; NaN rows for unmeasured cells.
+
+    A cell is unmeasured when its row holds a NaN or sums to zero.
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    measured = np.isfinite(counts).all(axis=1) & (np.nan_to_num(counts).sum(axis=1) > 0)
+    out = np.full(counts.shape, np.nan, dtype=np.float32)
+    if measured.any():
+        out[measured] = log1p_cp10k(counts[measured])
+    return out
+
+
 def protein_info(mdata: MuData, protein_modality: str, protein_layer: str | None) -> tuple[np.ndarray, dict]:
     """The protein counts to register (RNA cell order) and the registry record of them (checks ``mdata``)."""
     if not hasattr(mdata, "mod"):
@@ -124,12 +137,11 @@ class ProteinData:
 
         The space of ``predict(modality="prot")``. A row of NaN or of zeros (no measurement) gives a NaN row.
         """
-        P = self._protein_rows(adata, idx)
-        missing = ~np.isfinite(P).all(axis=1) | (np.nan_to_num(P).sum(axis=1) <= 0)
-        out = np.full(P.shape, np.nan, dtype=np.float32)
-        if (~missing).any():
-            out[~missing] = log1p_cp10k(P[~missing])
-        return out
+        return protein_log1p(self._protein_rows(adata, idx))
+
+    def _cell_proteins(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray | None:
+        """:meth:`_protein_expression` of cells ``idx`` for a model with proteins; ``None`` for an RNA-only model."""
+        return self._protein_expression(adata, idx) if self.protein_names_ else None
 
     def _check_modality(self, modality: str) -> None:
         """ValueError unless ``modality`` is ``"rna"`` or, for a model with proteins, ``"prot"``."""

@@ -365,7 +365,8 @@ class ResidualDiffusion(PerturbationModel):
         genes = self.mean_model._decode_log1p(z) - self.mean_model._decode_log1p(z0)
         if not self.protein_names_:
             return genes
-        prot = _decode_protein_log1p(self.mean_model, z) - _decode_protein_log1p(self.mean_model, z0)
+        decode = self.mean_model._decode_log1p
+        prot = decode(z, "prot").astype(np.float64) - decode(z0, "prot").astype(np.float64)
         return np.concatenate([genes, self.protein_weight_ * prot], axis=1)
 
     def _unscale(self, Y: np.ndarray) -> np.ndarray:
@@ -903,18 +904,6 @@ def _block_weight(R_rna: np.ndarray, R_prot: np.ndarray) -> float:
     if s_rna <= 1e-12 or s_prot <= 1e-12:
         return 1.0
     return float(s_rna / s_prot)
-
-
-def _decode_protein_log1p(mean_model: PerturbationModel, z: np.ndarray) -> np.ndarray:
-    """Decoded mean proteins (log1p(counts per 1e4 of the protein library)) of a CausalVAE's latent states ``z``."""
-    m = mean_model.module.eval()
-    device = next(m.parameters()).device
-    with torch.no_grad():
-        out = [
-            m.protein_mean_log1p(torch.as_tensor(z[i : i + 2048], device=device)).cpu().numpy()
-            for i in range(0, len(z), 2048)
-        ]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, m.n_proteins))
 
 
 def _vcell_class(cls: type) -> type:
