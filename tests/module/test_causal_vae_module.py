@@ -234,3 +234,31 @@ def test_split_first_layer_equals_the_concatenated_encoder(n_layers):
     torch.testing.assert_close(z2.grad, grad_z)
     mean0, _ = m.encode(x)  # z_known = 0 (a float) still works
     torch.testing.assert_close(mean0, m.encoder(torch.cat([x, torch.zeros(5, 3)], 1))[:, :3])
+
+
+@pytest.mark.parametrize("mode", ["residual", "decoded"])
+@pytest.mark.parametrize("modality", ["rna", "prot"])
+def test_mean_counterfactuals_equal_the_mean_of_counterfactual(mode: str, modality: str):
+    """Encoding the cells once for all targets (validation's shortcut) gives counterfactual()'s means."""
+    m = _module("nb", n_proteins=4, pairs=np.array([[0, 1]])).eval()
+    with torch.no_grad():
+        m.perturbation.operators.weight.mul_(10.0)
+        m.perturbation.interactions.effect.fill_(1.0)
+    batch = _batch()
+    prot = torch.poisson(torch.full((7, 4), 20.0), generator=torch.Generator().manual_seed(2))
+    prot[3] = float("nan")  # a cell without protein measurement: its own protein values are m(z_own)
+    batch["protein"] = prot
+    targets = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.5, 1.0], [0.0, 0.0, 2.0]])
+    expected = []
+    for target in targets:
+        batch[TARGET_ENCODING_KEY] = target.repeat(7, 1)
+        expected.append(m.counterfactual(batch, mode=mode, modality=modality).mean(0))
+    expected = torch.stack(expected).numpy()
+    del batch[TARGET_ENCODING_KEY]
+    for chunk in (7, 14, 512):  # one target per decoder pass, two, all at once
+        got = m.mean_counterfactuals(batch, targets, mode=mode, modality=modality, chunk=chunk)
+        assert got.shape == (5, 4 if modality == "prot" else 20)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert m.mean_counterfactuals(batch, targets[:0], modality=modality).shape == (0, 4 if modality == "prot" else 20)
+    with pytest.raises(ValueError, match="modality"):
+        m.mean_counterfactuals(batch, targets, modality="atac")

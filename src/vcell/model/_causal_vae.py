@@ -117,8 +117,10 @@ class _CounterfactualValidation:
     error averaged over genes, then over groups. This scores what the model is for (counterfactuals of controls) on
     held-out cells, unlike the ELBO, whose minimum comes before the adversaries have cleaned ``z_basal``.
 
-    All groups' control cells are one batch (``group`` gives each row's group), run in chunks of ``chunk`` rows
-    (512: fastest on CPU in a test with 2,000 genes; larger chunks leave the caches).
+    ``contexts``: per context, ``(controls, encodings, groups)``: a batch of its sampled training controls, the
+    target encodings of its groups (one row each) and those groups' rows in ``targets``. The controls of a context
+    are shared by its groups, so they are encoded once per validation
+    (:meth:`~vcell.module.CausalVAEModule.mean_counterfactuals`) and only the targets' states are decoded per group.
 
     With ``protein_targets`` (a model with proteins; the groups' mean proteins in log1p(counts per 1e4 of the
     protein library), NaN rows for groups without measured proteins) the protein counterfactuals' squared error,
@@ -128,25 +130,21 @@ class _CounterfactualValidation:
 
     def __init__(
         self,
-        batch: dict[str, torch.Tensor],
-        group: torch.Tensor,
+        contexts: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]],
         targets: torch.Tensor,
         mode: str,
         *,
-        chunk: int = 512,
         protein_targets: torch.Tensor | None = None,
     ) -> None:
-        self.batch, self.group, self.targets, self.mode, self.chunk = batch, group, targets, mode, int(chunk)
-        self.sizes = torch.bincount(group, minlength=len(targets)).to(targets.dtype)
+        self.contexts, self.targets, self.mode = contexts, targets, mode
         self.protein_targets = protein_targets
 
     def _mse(self, module: Any, device: Any, targets: torch.Tensor, modality: str) -> torch.Tensor:
-        sums = torch.zeros(targets.shape, device=device)
-        for start in range(0, len(self.group), self.chunk):
-            part = {k: v[start : start + self.chunk].to(device) for k, v in self.batch.items()}
-            pred = module.counterfactual(part, mode=self.mode, modality=modality)
-            sums.index_add_(0, self.group[start : start + self.chunk].to(device), pred)
-        means = sums / self.sizes.to(device)[:, None]
+        means = torch.zeros(targets.shape, device=device)
+        for controls, encodings, groups in self.contexts:
+            batch = {k: v.to(device) for k, v in controls.items()}
+            pred = module.mean_counterfactuals(batch, encodings.to(device), mode=self.mode, modality=modality)
+            means[groups.to(device)] = pred
         err = ((means - targets.to(device)) ** 2).mean(1)
         return err[torch.isfinite(err)].mean()
 
@@ -574,18 +572,22 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         keys = pd.Series(cond[val]) + "\t" + pd.Series(ctx[val])
         rng = np.random.default_rng(seed)
         X = get_matrix(adata, self._layer())
-        cells, encodings, targets, protein_targets = [], [], [], []
+        controls: dict[str, np.ndarray] = {}  # context -> its sampled training controls, shared by its groups
+        groups: dict[str, list[int]] = {}  # context -> its groups (rows of targets)
+        encodings, targets, protein_targets = [], [], []
         uniq = keys.unique()
         for key in rng.permutation(uniq)[:max_groups] if len(uniq) > max_groups else uniq:
             members = val[(keys == key).to_numpy()]
             label, context = key.split("\t")
-            ctrl = train_ctrl[ctx[train_ctrl] == context]
-            if not ctrl.size:
+            if context not in controls:
+                ctrl = train_ctrl[ctx[train_ctrl] == context]
+                if ctrl.size > max_controls:
+                    ctrl = np.sort(rng.choice(ctrl, max_controls, replace=False))
+                controls[context] = ctrl
+            if not controls[context].size:
                 continue
-            if ctrl.size > max_controls:
-                ctrl = np.sort(rng.choice(ctrl, max_controls, replace=False))
-            cells.append(ctrl)
-            encodings.append(np.repeat(self._encode([label], float(np.median(dose[members]))), len(ctrl), axis=0))
+            groups.setdefault(context, []).append(len(targets))
+            encodings.append(self._encode([label], float(np.median(dose[members])))[0])
             rows = X[members]
             expr = log1p_cp10k(rows) if self.counts_ else to_dense(rows)
             targets.append(expr.mean(0))
@@ -593,15 +595,20 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
                 P = self._protein_expression(adata, members)
                 P = P[np.isfinite(P).all(1)]
                 protein_targets.append(P.mean(0) if len(P) else np.full(P.shape[1], np.nan, dtype=np.float32))
-        if not cells:
+        if not targets:
             return None
-        idx = np.concatenate(cells)
-        batch = {k: _rows(tensors[k], idx) for k in self._cell_keys()}
-        batch[TARGET_ENCODING_KEY] = torch.as_tensor(np.concatenate(encodings))
-        group = torch.as_tensor(np.repeat(np.arange(len(cells)), [len(c) for c in cells]), dtype=torch.long)
+        encodings = np.stack(encodings)
+        contexts = [
+            (
+                {k: _rows(tensors[k], controls[context]) for k in self._cell_keys()},
+                torch.as_tensor(encodings[rows]),
+                torch.as_tensor(rows, dtype=torch.long),
+            )
+            for context, rows in groups.items()
+        ]
         prot = torch.as_tensor(np.stack(protein_targets)) if protein_targets else None
         return _CounterfactualValidation(
-            batch, group, torch.as_tensor(np.stack(targets)), self.prediction, protein_targets=prot
+            contexts, torch.as_tensor(np.stack(targets)), self.prediction, protein_targets=prot
         )
 
     # ------------------------------------------------------------------ training

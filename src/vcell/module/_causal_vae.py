@@ -8,6 +8,7 @@ encode a cell, swap its perturbation part and decode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -542,17 +543,8 @@ class CausalVAEModule(VCellModule):
         if compose not in ("latent", "shifts"):
             msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
-        if modality not in MODALITIES or (modality == "prot" and not self.n_proteins):
-            msg = f"modality must be 'rna' or, for a module with proteins, 'prot'; got {modality!r}"
-            raise ValueError(msg)
+        mean_of = self._mean_fn(modality)
         x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
-        if modality == "rna":
-
-            def mean_of(z: torch.Tensor) -> torch.Tensor:
-                return self.mean_log1p(self.decode(z))
-
-        else:
-            mean_of = self.protein_mean_log1p
         target, nodes = self._pad(batch[TARGET_ENCODING_KEY]), batch.get(TARGET_EXTRA_NODES_KEY)
         active = torch.nonzero((target > 0).any(0)).flatten()
         if compose == "shifts" and len(active) > 1:
@@ -566,11 +558,58 @@ class CausalVAEModule(VCellModule):
             m_target = mean_of(mu + z_cov + self.perturbation_latent(target, nodes))
         if mode == "decoded":
             return m_target.clamp(min=0.0)
-        m_own = mean_of(mu + z_own)
+        return (self._residual_base(batch, x_log, mean_of(mu + z_own), modality) + m_target).clamp(min=0.0)
+
+    def _mean_fn(self, modality: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Decoded mean of latent states in ``modality``'s log1p space (``rna`` or, with proteins, ``prot``)."""
+        if modality not in MODALITIES or (modality == "prot" and not self.n_proteins):
+            msg = f"modality must be 'rna' or, for a module with proteins, 'prot'; got {modality!r}"
+            raise ValueError(msg)
+        if modality == "prot":
+            return self.protein_mean_log1p
+        return lambda z: self.mean_log1p(self.decode(z))
+
+    def _residual_base(
+        self, batch: dict[str, torch.Tensor], x_log: torch.Tensor, m_own: torch.Tensor, modality: str
+    ) -> torch.Tensor:
+        """``own expression - m(z_own)``: what residual counterfactuals add the decoded target to.
+
+        For proteins the own values are the measured ones, or ``m(z_own)`` (a base of 0) for unmeasured cells.
+        """
         if modality == "prot":
             prot = self.protein_inputs(batch)
             x_log = torch.where(prot["p_observed"][:, None], prot["p_log"], m_own)
-        return (x_log + m_target - m_own).clamp(min=0.0)
+        return x_log - m_own
+
+    @torch.no_grad()
+    def mean_counterfactuals(
+        self,
+        batch: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        *,
+        mode: str = "residual",
+        modality: str = "rna",
+        chunk: int = 512,
+    ) -> torch.Tensor:
+        """Mean counterfactual of all cells of ``batch`` under each row of ``targets``: ``(n_targets, n_features)``.
+
+        Row ``k`` equals the mean over cells of :meth:`counterfactual` (``compose="latent"``) with every cell's
+        target set to ``targets[k]`` (encodings of the module's atoms), but the cells are encoded, and their own
+        state decoded, once for all targets; the targets' states are decoded about ``chunk`` cells at a time.
+        """
+        mean_of = self._mean_fn(modality)
+        x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
+        z_base = mu + z_cov
+        base = self._residual_base(batch, x_log, mean_of(mu + z_own), modality) if mode == "residual" else None
+        per = max(1, chunk // max(1, len(mu)))
+        means = []
+        for start in range(0, len(targets), per):
+            shift = self.perturbation_latent(self._pad(targets[start : start + per]))  # (k, n_latent)
+            z = (z_base[None] + shift[:, None]).reshape(-1, z_base.shape[1])
+            m = mean_of(z).reshape(len(shift), len(mu), -1)
+            means.append((m if base is None else m + base).clamp(min=0.0).mean(1))
+        n_features = self.n_proteins if modality == "prot" else self.n_genes
+        return torch.cat(means) if means else torch.zeros((0, n_features), device=mu.device)
 
     @torch.no_grad()
     def latent(self, batch: dict[str, torch.Tensor], *, full: bool = False) -> torch.Tensor:
