@@ -562,7 +562,9 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
     ) -> _CounterfactualValidation | None:
         """The validation groups: training controls with each group's target encoding, and the groups' mean expression.
 
-        ``None`` when no perturbed validation cell has training controls in its context.
+        At most ``max_groups`` (condition, context) groups, drawn with ``seed``; each context's controls are at most
+        ``max_controls`` training controls drawn once and shared by all its groups. ``None`` when no perturbed
+        validation cell has training controls in its context.
         """
         cond = adata.obs[PERT_COL].astype(str).to_numpy()
         ctx = self._contexts(adata)
@@ -630,7 +632,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         """Train with Lightning (progress bar, validation loss, early stopping on the validation ELBO).
 
         Validation cells are ``obs['vcell_split'] == 'val'`` when present (then only ``'train'`` cells are
-        trained on and ``'test'`` cells are never used), else a seeded ``validation_fraction`` of the cells.
+        trained on), else a seeded ``validation_fraction`` of the cells; ``'test'`` cells are never used.
         The first call re-initialises the weights from ``seed``, so the same seed gives the same model (on CPU).
 
         Parameters
@@ -648,8 +650,9 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             keep the weights of its best epoch. The value is ``val_counterfactual_mse`` (see below) when some
             validation cells are perturbed and their context has control cells in training, else ``val_elbo``.
             ``val_counterfactual_mse``: per (condition, context) group of perturbed validation cells, the squared
-            error between the mean counterfactual of training controls of that context and the group's mean
-            log1p(CP10k) expression, averaged over genes and groups; for a model with proteins plus the same
+            error between the mean counterfactual of training controls of that context (at most 64, sampled once per
+            context and shared by its groups) and the group's mean log1p(CP10k) expression, averaged over genes and
+            groups (at most 50, sampled); for a model with proteins plus the same
             error of the proteins (log1p(counts per 1e4 of the protein library), groups with measured proteins).
         seed
             Random seed of weights, validation split, shuffling and sampling; ``None`` uses ``vcell.settings.seed``.

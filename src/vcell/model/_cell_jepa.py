@@ -371,16 +371,6 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         return out
 
     # ------------------------------------------------------------------ data helpers
-    def _split_cells(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Non-test cells: ``obs['vcell_split']`` train/val when it has ``val`` cells, else a seeded share."""
-        if "vcell_split" in adata.obs and (adata.obs["vcell_split"] == "val").any():
-            split = adata.obs["vcell_split"].astype(str).to_numpy()
-            return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-        idx = self._non_test_cells(adata)
-        order = np.random.default_rng(seed).permutation(idx)
-        n_val = int(round(validation_fraction * len(idx))) if len(idx) >= 20 else 0
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-
     def _device(self) -> torch.device:
         return self.module.jepa.gene_mean.device
 
@@ -469,7 +459,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         if not self.is_pretrained_:
             jepa.reset_parameters()
         adata = self.adata
-        train_idx, val_idx = self._split_cells(adata, validation_fraction, seed)
+        train_idx, val_idx = self._split(adata, validation_fraction, seed)
         if len(train_idx) < 2:
             msg = f"pretraining needs at least 2 training cells, got {len(train_idx)}"
             raise ValueError(msg)
@@ -583,7 +573,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                 if self.protein_names_:
                     trans.protein_decoder[-1].bias.copy_(self.module.jepa.protein_mean)
         adata = self.adata
-        train_idx, val_idx = self._split_cells(adata, validation_fraction, seed)
+        train_idx, val_idx = self._split(adata, validation_fraction, seed)
         labels = adata.obs[PERT_COL].astype(str).to_numpy()
         controls = train_idx[labels[train_idx] == CONTROL]
         if not controls.size:

@@ -200,13 +200,20 @@ class PerturbationInputs:
         return float(np.median(np.log(doses)))
 
     def _split(self, adata: AnnData, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training and validation cells: ``obs['vcell_split']`` when it has ``val`` cells, else a seeded share."""
+        """Training and validation cells, never ``obs['vcell_split'] == 'test'`` ones.
+
+        ``obs['vcell_split']``'s ``train``/``val`` cells when it has ``val`` cells, else a seeded
+        ``validation_fraction`` of the non-test cells for validation (none below 20 cells) and the rest for training.
+        """
         if "vcell_split" in adata.obs and (adata.obs["vcell_split"] == "val").any():
             split = adata.obs["vcell_split"].astype(str).to_numpy()
             return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(adata.n_obs)
-        n_val = int(round(validation_fraction * adata.n_obs)) if adata.n_obs >= 20 else 0
+        idx = self._non_test_cells(adata)
+        if not len(idx):
+            msg = "no cells to train on: every cell has obs['vcell_split'] == 'test'"
+            raise ValueError(msg)
+        order = np.random.default_rng(seed).permutation(idx)
+        n_val = int(round(validation_fraction * len(idx))) if len(idx) >= 20 else 0
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
     def _require_trained(self) -> None:
