@@ -452,9 +452,9 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """Train the vector field with Lightning (progress bar, validation flow-matching loss, early stopping).
 
         Validation cells are ``obs['vcell_split'] == 'val'`` when present (then only ``'train'`` cells are trained
-        on), else a seeded ``validation_fraction`` of the cells; ``'test'`` cells are never used. Their pairs (with training controls) and flow times
-        are drawn once. The first call re-initialises the weights from ``seed``, so the same seed gives the same model
-        (on CPU).
+        on), else a seeded ``validation_fraction`` of the cells; ``'test'`` cells are never used. Their pairs (with
+        training controls) and flow times are drawn once. The first call re-initialises the weights from ``seed``, so
+        the same seed gives the same model (on CPU).
 
         Parameters
         ----------
