@@ -11,6 +11,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from vcell._docs import doc_params, doc_show_save
+
 from ._utils import BASELINE_COLOR, Plotter, check_columns
 
 #: metric names (prefixes) for which a lower value is better
@@ -40,6 +42,7 @@ def _seed_means(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["metric", "model", "seed"], observed=True, sort=False)["value"].mean().reset_index()
 
 
+@doc_params(doc_show_save=doc_show_save)
 def benchmark(
     results: pd.DataFrame,
     *,
@@ -79,12 +82,7 @@ def benchmark(
     ax
         Axes to draw into: one Axes for a single metric, or a sequence of one Axes per metric;
         ``None`` creates a new figure.
-    show
-        Show the figure; ``None`` shows it only in an interactive backend when ``return_fig`` is false.
-    save
-        Path to save the figure to (``dpi=150``, tight bounding box).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {doc_show_save}
 
     Returns
     -------

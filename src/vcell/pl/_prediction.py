@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from vcell._constants import CONTROL, PERT_COL
+from vcell._docs import doc_ax_show_save, doc_params
 from vcell._utils import check_obs_keys, expression_for_eval, to_dense
 
 from ._utils import Plotter
@@ -96,6 +97,7 @@ def _prediction_deltas(
     )
 
 
+@doc_params(doc_ax_show_save=doc_ax_show_save)
 def prediction_scatter(
     adata: AnnData,
     *,
@@ -149,14 +151,7 @@ def prediction_scatter(
         Number of genes with the largest absolute true delta to label.
     figsize
         Size of a new figure in inches.
-    ax
-        Axes to draw into; ``None`` creates a new figure.
-    show
-        Show the figure; ``None`` shows it only in an interactive backend when ``return_fig`` is false.
-    save
-        Path to save the figure to (``dpi=150``, tight bounding box).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {doc_ax_show_save}
 
     Returns
     -------
@@ -220,6 +215,7 @@ def prediction_scatter(
     return plot.finish(show=show, save=save, return_fig=return_fig)
 
 
+@doc_params(doc_ax_show_save=doc_ax_show_save)
 def delta_heatmap(
     deltas: pd.DataFrame,
     *,
@@ -252,14 +248,7 @@ def delta_heatmap(
         Diverging colour map.
     figsize
         Size of a new figure in inches; ``None`` scales with the number of rows and genes.
-    ax
-        Axes to draw into; ``None`` creates a new figure.
-    show
-        Show the figure; ``None`` shows it only in an interactive backend when ``return_fig`` is false.
-    save
-        Path to save the figure to (``dpi=150``, tight bounding box).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {doc_ax_show_save}
 
     Returns
     -------

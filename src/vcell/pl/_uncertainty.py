@@ -12,6 +12,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from vcell._docs import doc_ax_show_save, doc_params
 from vcell._utils import check_obs_keys, expression_for_eval, resolve_seed
 from vcell.metrics._common import as_cells
 from vcell.metrics._uncertainty import interval_coverage
@@ -106,6 +107,7 @@ def _real_values(
     return values[:, idx]
 
 
+@doc_params(doc_ax_show_save=doc_ax_show_save)
 def uncertainty(
     sampled: AnnData,
     real: AnnData | ArrayLike | sparse.spmatrix | None = None,
@@ -159,14 +161,7 @@ def uncertainty(
         Seed of the horizontal jitter of the real cells; defaults to ``vcell.settings.seed``.
     figsize
         Size of a new figure in inches; ``None`` scales the width with the number of genes.
-    ax
-        Axes to draw into; ``None`` creates a new figure.
-    show
-        Show the figure; ``None`` shows it only in an interactive backend when ``return_fig`` is false.
-    save
-        Path to save the figure to (``dpi=150``, tight bounding box).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {doc_ax_show_save}
 
     Returns
     -------
