@@ -142,7 +142,7 @@ def test_predict_perturbation_writes_rna_and_protein_layers(planted):
     assert np.isnan(rna[~ctrl]).all()
 
 
-def test_unmeasured_cells_train_and_save_load(tmp_path):
+def test_unmeasured_cells_train_and_save_load(tmp_path, protein_round_trip):
     """20% NaN protein rows (and one zero row) train; no NaN anywhere; a saved model predicts the same."""
     mdata = _sim(seed=1)
     P = to_dense(mdata["prot"].X).astype(np.float32)
@@ -166,15 +166,8 @@ def test_unmeasured_cells_train_and_save_load(tmp_path):
     decoded = model.predict(mdata, perturbation=pert, modality="prot", residual=False)
     np.testing.assert_allclose(prot[gone], decoded[gone], atol=1e-5)
     assert not np.allclose(prot[~gone], decoded[~gone], atol=1e-3)
-    model.save(tmp_path / "m", overwrite=True, save_anndata=False)
-    loaded = CellJEPA.load(tmp_path / "m", adata=mdata["rna"], accelerator="cpu")
-    assert loaded.protein_names_ == model.protein_names_
-    np.testing.assert_array_equal(loaded.predict(mdata, perturbation=pert), rna)
-    np.testing.assert_array_equal(loaded.predict(mdata, perturbation=pert, modality="prot"), prot)
-    # a new MuData of the same cells without obsm['vcell_protein']: its proteins are attached and read
-    fresh = md.MuData({"rna": mdata["rna"].copy(), "prot": mdata["prot"].copy()})
-    del fresh["rna"].obsm["vcell_protein"]
-    np.testing.assert_array_equal(loaded.predict(fresh, perturbation=pert, modality="prot"), prot)
+    # save/load, and a new MuData of the same cells without obsm['vcell_protein']: its proteins are attached
+    loaded, fresh = protein_round_trip(model, mdata, pert, tmp_path / "m", rna, prot, load_adata=mdata["rna"])
     del fresh["rna"].obsm["vcell_protein"]
     with pytest.raises(KeyError, match="vcell_protein"):
         loaded.predict(fresh["rna"], perturbation=pert)

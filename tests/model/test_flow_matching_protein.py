@@ -202,19 +202,12 @@ def test_missing_protein_rows_train_and_predict():
         FlowMatching(bare, n_components=4)
 
 
-def test_save_load_same_seed_and_predict_perturbation(planted, tmp_path):
+def test_save_load_same_seed_and_predict_perturbation(planted, tmp_path, protein_round_trip):
     mdata, perts, model = planted
     pert = perts[0]
     rna, prot = model.predict(mdata, perturbation=pert), model.predict(mdata, perturbation=pert, modality="prot")
-    model.save(tmp_path / "fm", overwrite=True, save_anndata=False)
-    loaded = FlowMatching.load(tmp_path / "fm", adata=mdata, accelerator="cpu")
-    assert loaded.protein_names_ == model.protein_names_
-    np.testing.assert_array_equal(loaded.predict(mdata, perturbation=pert), rna)
-    np.testing.assert_array_equal(loaded.predict(mdata, perturbation=pert, modality="prot"), prot)
-    # a fresh MuData (proteins not yet copied into obsm) gets its proteins attached
-    fresh = md.MuData({"rna": mdata["rna"].copy(), "prot": mdata["prot"].copy()})
-    del fresh["rna"].obsm["vcell_protein"]
-    np.testing.assert_array_equal(loaded.predict(fresh, perturbation=pert, modality="prot"), prot)
+    # save/load, and a fresh MuData (proteins not yet copied into obsm) gets its proteins attached
+    protein_round_trip(model, mdata, pert, tmp_path / "fm", rna, prot, load_adata=mdata)
     # same seed, same model
     again = _fit(mdata)
     np.testing.assert_array_equal(again.predict(mdata, perturbation=pert, modality="prot"), prot)
