@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -149,3 +150,16 @@ def check_var_names_match(reference: Sequence[str], adata: AnnData, *, what: str
     if not len(missing) and not len(extra):
         msg = f"adata.var_names hold the genes {what} was set up with but in a different order; use adata[:, genes]"
     raise ValueError(msg)
+
+
+def mudata_no_pull() -> AbstractContextManager[None]:
+    """Context in which a new MuData keeps ``mdata.obs`` as given (no columns pulled from its modalities).
+
+    mudata < 0.4 needs ``mudata.set_options(pull_on_update=False)`` (its default warned and pulled); mudata >= 0.4
+    has ``mudata.settings.override`` and no longer pulls by default.
+    """
+    import mudata
+
+    if hasattr(mudata, "set_options"):
+        return mudata.set_options(pull_on_update=False)
+    return mudata.settings.override(pull_on_update=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import vcell
-from vcell._utils import log1p_cp10k, to_dense
+from vcell._utils import log1p_cp10k, mudata_no_pull, to_dense
 from vcell.bench import ModelSpec
 
 METRICS = ["pearson_delta", "mse_top_de", "energy_distance"]
@@ -101,7 +101,7 @@ def test_vcell_model_gets_the_mudata_and_errors(cite):
         vcell.bench.run(cite["rna"], models=["control"], splits=["combo_half"], seeds=[0], protein_modality="prot")
     with pytest.raises(KeyError, match="'adt'"):
         vcell.bench.run(cite, models=["control"], splits=["combo_half"], seeds=[0], protein_modality="adt")
-    with md.set_options(pull_on_update=False):
+    with mudata_no_pull():
         no_rna = md.MuData({"gex": cite["rna"].copy()})
     with pytest.raises(KeyError, match="no 'rna' modality"):
         vcell.bench.run(no_rna, models=["control"], splits=["combo_half"], seeds=[0])

@@ -11,6 +11,7 @@ import pytest
 from scipy import sparse
 
 from vcell import datasets
+from vcell._utils import mudata_no_pull
 
 
 def _tiny_adata(n: int = 6) -> ad.AnnData:
@@ -59,7 +60,7 @@ def test_read_h5mu(tmp_path):
     rna = _tiny_adata()
     prot = ad.AnnData(X=np.ones((6, 2), dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names))
     prot.var_names = ["p0", "p1"]
-    with mudata.set_options(pull_on_update=False):
+    with mudata_no_pull():
         mdata = mudata.MuData({"rna": rna, "prot": prot})
         mdata.obs["guide"] = rna.obs["guide"].to_numpy()
         mdata.write_h5mu(tmp_path / "x.h5mu")

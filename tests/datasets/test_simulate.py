@@ -8,7 +8,7 @@ import pytest
 from scipy import sparse
 
 import vcell
-from vcell._utils import group_means, log1p_cp10k
+from vcell._utils import group_means, log1p_cp10k, mudata_no_pull
 from vcell.datasets import simulate
 
 SMALL = {"n_cells": 600, "n_genes": 40, "n_perturbations": 4, "n_combos": 3}
@@ -174,7 +174,7 @@ def test_protein_mudata(tmp_path):
     # proteins respond to the perturbations through the shared programs
     lm = ptruth["true_log_mean"]
     assert np.abs(lm[1:] - lm[0]).max() > 0.3
-    with mudata.set_options(pull_on_update=False):
+    with mudata_no_pull():
         mdata.write_h5mu(tmp_path / "sim.h5mu")
         back = mudata.read_h5mu(tmp_path / "sim.h5mu")
     assert back["prot"].shape == (600, 20)

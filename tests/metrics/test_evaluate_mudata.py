@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import vcell
+from vcell._utils import mudata_no_pull
 
 METRICS = ["pearson_delta", "mse_top_de", "energy_distance"]
 
@@ -24,7 +25,7 @@ def _mod(rng, n: int, n_vars: int, prefix: str, labels: list[str], shift: float 
 def _mudata(seed: int, labels: list[str], shift: float) -> md.MuData:
     rng = np.random.default_rng(seed)
     n = len(labels)
-    with md.set_options(pull_on_update=False):
+    with mudata_no_pull():
         return md.MuData({"rna": _mod(rng, n, 30, "g", labels, shift), "prot": _mod(rng, n, 8, "p", labels, shift)})
 
 
@@ -51,7 +52,7 @@ def test_evaluate_mudata_errors():
         vcell.metrics.evaluate(pred, true["rna"], ctrl, metrics=METRICS)
     with pytest.raises(ValueError, match="one feature space"):
         vcell.metrics.evaluate(pred, true, ctrl, metrics=METRICS, de_genes={"A": np.arange(3)})
-    with md.set_options(pull_on_update=False):
+    with mudata_no_pull():
         other = md.MuData({"atac": true["rna"].copy()})
     with pytest.raises(KeyError, match="no modality is in pred, true and control"):
         vcell.metrics.evaluate(pred, other, ctrl, metrics=METRICS)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger, settings
-from vcell._utils import check_obs_keys, expression_for_eval
+from vcell._utils import check_obs_keys, expression_for_eval, mudata_no_pull
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -129,10 +129,8 @@ class ModelSpec:
         t0 = time.perf_counter()
         protein = {}
         if hasattr(train, "mod"):
-            import mudata as md
-
             protein = {"protein_modality": next(m for m in train.mod if m != "rna")}
-            with md.set_options(pull_on_update=False):
+            with mudata_no_pull():
                 tr = train.copy()
         else:
             tr = train.copy()
@@ -620,7 +618,7 @@ def _with_protein_modality(train: AnnData, modality: str, names: list[str]) -> M
     counts = rna.obsm.pop(_PROTEIN_BENCH_KEY)
     prot = ad.AnnData(X=np.asarray(counts, dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names.copy()))
     prot.var_names = pd.Index(names)
-    with md.set_options(pull_on_update=False):
+    with mudata_no_pull():
         return md.MuData({"rna": rna, modality: prot})
 
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import anndata as ad
 
+from vcell._utils import mudata_no_pull
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -100,7 +102,7 @@ def rename_modalities(mdata: MuData, modalities: dict[str, str]) -> MuData:
         msg = f"renaming would give two modalities the name(s) {clash}: rename those too (modalities={modalities})"
         raise ValueError(msg)
     mods = {new: mdata.mod[old] for new, old in modalities.items()} | rest
-    with mudata.set_options(pull_on_update=False):
+    with mudata_no_pull():
         out = mudata.MuData(mods)
     if out.obs_names.equals(mdata.obs_names):
         for col in mdata.obs.columns:  # global columns (modality-prefixed ones keep their old prefix)
@@ -118,7 +120,7 @@ def read(
     ----------
     path
         An ``.h5ad`` file (read as AnnData), an ``.h5mu`` file (read as MuData with
-        ``mudata.set_options(pull_on_update=False)``, i.e. ``mdata.obs`` as stored; call ``mdata.pull_obs()``
+        ``mudata.set_options(pull_on_update=False)`` on mudata < 0.4, i.e. ``mdata.obs`` as stored; call ``mdata.pull_obs()``
         to pull modality columns), or a GEARS data folder (one dataset's folder, holding
         ``perturb_processed.h5ad``; that file itself is read the same way). GEARS conventions:
         ``obs['condition']`` like ``'A+ctrl'``, ``'A+B'``, ``'ctrl'`` and gene symbols in ``var['gene_name']``.
@@ -188,7 +190,7 @@ def read(
     if suffix == ".h5mu":
         import mudata
 
-        with mudata.set_options(pull_on_update=False):
+        with mudata_no_pull():
             mdata = mudata.read_h5mu(path)
         if modalities is not None:
             mdata = rename_modalities(mdata, modalities)

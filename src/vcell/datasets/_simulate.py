@@ -12,7 +12,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from vcell._constants import COMBO_SEP, CONTROL
-from vcell._utils import resolve_seed
+from vcell._utils import mudata_no_pull, resolve_seed
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -581,7 +581,7 @@ def simulate(
         "true_log_mean_labels": list(truth["true_log_mean_labels"]),
         "log_mean_units": "log expected count at median library size",
     }
-    with mudata.set_options(pull_on_update=False):
+    with mudata_no_pull():
         mdata = mudata.MuData({"rna": adata, "prot": prot})
     for col in obs.columns:
         mdata.obs[col] = obs[col].values  # keeps categoricals

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
-from vcell._utils import check_obs_keys
+from vcell._utils import check_obs_keys, mudata_no_pull
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -218,7 +218,7 @@ def predict_perturbation(
         if prot is not None:
             mods[model.protein_modality_] = _predicted_cells(adata, idx, perts, prot_preds, prot.var.copy(), key_added)
             mods[model.protein_modality_].uns[key_added] = dict(info)
-        with mudata.set_options(pull_on_update=False):
+        with mudata_no_pull():
             return mudata.MuData(mods)
 
     info["layers"] = _write_layers(adata, idx, perts, preds, key_added)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
-from vcell._utils import resolve_seed
+from vcell._utils import mudata_no_pull, resolve_seed
 
 from ._predict import perturbation_list, starting_cells
 
@@ -177,7 +177,7 @@ def sample_perturbation(
     import mudata as md
 
     prot.uns[key_added] = dict(out.uns[key_added])
-    with md.set_options(pull_on_update=False):
+    with mudata_no_pull():
         return md.MuData({"rna": out, str(model.protein_modality_): prot})
 
 
