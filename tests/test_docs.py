@@ -40,9 +40,9 @@ def test_doc_params_without_the_field_raises():
 def test_public_plots_have_their_shared_parameters_filled(name: str):
     func = getattr(vcell.pl, name)
     assert inspect.isfunction(func)
-    doc = func.__doc__
+    doc = inspect.cleandoc(func.__doc__)  # Python >= 3.13 strips the common indentation at compile time
     assert "{doc_" not in doc
     params = inspect.signature(func).parameters
     for line in (doc_ax_show_save if "ax" in params else doc_show_save).splitlines():
         if line and not line.startswith(" ") and line in params:  # a parameter name of the shared text
-            assert f"\n    {line}\n" in doc, (name, line)
+            assert f"\n{line}\n" in doc, (name, line)

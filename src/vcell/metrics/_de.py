@@ -131,13 +131,9 @@ def de_stats(
 
 def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (as ``scanpy``'s ``corr_method="benjamini-hochberg"``)."""
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adj = p[order] * m / np.arange(1, m + 1)
-    adj = np.minimum.accumulate(adj[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(adj, 1.0)
-    return out
+    from scipy.stats import false_discovery_control
+
+    return false_discovery_control(p, method="bh")
 
 
 def rank_by_abs(scores: np.ndarray) -> np.ndarray:

@@ -129,7 +129,7 @@ class Baseline(PerturbationModel):
             raise ValueError(msg)
         ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl], skipna=True)
         global_ctrl = group_means(E[is_ctrl], np.zeros(int(is_ctrl.sum())), skipna=True).to_numpy()[0]
-        ref = ctrl_means.reindex(ctx).to_numpy()  # context control mean per cell
+        ref = ctrl_means.reindex(ctx).to_numpy(copy=True)  # context control mean per cell (written below)
         ref[~np.isin(ctx, ctrl_means.index)] = global_ctrl  # contexts without controls: all controls
         pert = ~is_ctrl
         D = (E - ref)[pert]

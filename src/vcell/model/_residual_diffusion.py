@@ -12,7 +12,7 @@ import torch
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
-from vcell._utils import resolve_seed
+from vcell._utils import group_means, resolve_seed
 from vcell.module import BASELINE_METHODS
 from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
 
@@ -498,7 +498,7 @@ class ResidualDiffusion(PerturbationModel):
             cells, ctx, is_ctrl = cells[fit_rows], ctx[fit_rows], is_ctrl[fit_rows]
             present, group_of = np.unique(group_of[fit_rows], return_inverse=True)
             Z = None if Z is None else Z[present]
-            R -= _group_means(R, group_of)[group_of]
+            R -= group_means(R, group_of).to_numpy()[group_of]
             n_genes = E.shape[1]
             self.protein_weight_ = self.protein_weight or _block_weight(R[:, :n_genes], R[:, n_genes:])
             R[:, n_genes:] *= self.protein_weight_
@@ -507,7 +507,7 @@ class ResidualDiffusion(PerturbationModel):
         else:
             # centred per condition: the diffusion model learns shapes, not the mean model's in-sample errors
             # (which it would carry over to unseen conditions, and which tails of other conditions would add back)
-            R -= _group_means(R, group_of)[group_of]
+            R -= group_means(R, group_of).to_numpy()[group_of]
         coords, tails = self._fit_space(adata, cells, R, group_of, Z, rng)
         self._fit_conditions(M)
         cond = self._project_condition(M)[present][group_of]
@@ -583,7 +583,7 @@ class ResidualDiffusion(PerturbationModel):
             coords = Y / self.coord_scale_
             return coords.astype(np.float32), R - self._to_genes(coords, None)
         Y = self.mean_model._latents(adata, cells) - Z[group_of]
-        Y -= _group_means(Y, group_of)[group_of]
+        Y -= group_means(Y, group_of).to_numpy()[group_of]
         self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
         coords = Y / self.coord_scale_
         return coords.astype(np.float32), R - self._to_genes(coords, Z[group_of])
@@ -846,13 +846,6 @@ class ResidualDiffusion(PerturbationModel):
         mean_cls = vmodel.Baseline if name in BASELINE_METHODS else getattr(vmodel, name)
         model.mean_model = mean_cls.load(str(Path(dir_path) / _MEAN_DIR), adata=adata, **kwargs)
         return model
-
-
-def _group_means(X: np.ndarray, group_of: np.ndarray) -> np.ndarray:
-    """Mean row of each group (``group_of``: integer codes ``0 .. n_groups - 1``)."""
-    sums = np.zeros((int(group_of.max()) + 1, X.shape[1]))
-    np.add.at(sums, group_of, X)
-    return sums / np.bincount(group_of)[:, None]
 
 
 def _mean_matching_shift(Y: np.ndarray, target: np.ndarray, n_iter: int = 40) -> np.ndarray:
