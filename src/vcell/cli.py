@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from vcell._utils import resolve_seed
+
+#: learned vcell models the commands can run (those present in this version's ``vcell.model``)
+_LEARNED = ("CausalVAE", "ResidualDiffusion", "FlowMatching", "CellJEPA")
 
 
 def _models_available() -> list[str]:
@@ -16,19 +21,121 @@ def _models_available() -> list[str]:
     from . import model as vmodel
     from .bench import BASELINES
 
-    learned = [name for name in ("CausalVAE", "ResidualDiffusion", "FlowMatching", "CellJEPA") if hasattr(vmodel, name)]
+    learned = [name for name in _LEARNED if hasattr(vmodel, name)]
     return [*BASELINES, *learned]
 
 
-def _print_table(summary, *, metrics: Sequence[str] | None = None) -> None:
+def _check_models(models: Sequence[str]) -> list[str]:
+    """``models`` as a list, or a ValueError naming the unknown ones and listing the valid names."""
+    models = list(models)
+    valid = _models_available()
+    unknown = [m for m in models if m not in valid]
+    if unknown:
+        msg = f"unknown model(s) {', '.join(map(repr, unknown))}; valid models: {', '.join(valid)}"
+        raise ValueError(msg)
+    if not models:
+        msg = f"no model given; valid models: {', '.join(valid)}"
+        raise ValueError(msg)
+    return models
+
+
+#: what the ``(ceiling)`` row of the printed table is (how ``bench.run`` computes ``ceiling``, via ``metrics.evaluate``)
+CEILING_LEGEND = (
+    "(ceiling): each metric between two random halves of the true held-out cells (half 1 scored as if it were "
+    "the prediction; mean of 3 random halvings): how well the data agree with themselves. A guide, not a bound: "
+    "with few cells it is noisy."
+)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.3f}"
+
+
+def _text_table(wide, better: dict[str, str]) -> str:
+    """``wide`` (rows x metric columns of floats) as text, with a ``better`` row under the header."""
     import pandas as pd
 
-    s = summary if metrics is None else summary[summary["metric"].isin(metrics)]
-    wide = s.pivot_table(index="model", columns="metric", values="mean", sort=False)
-    ceil = s.groupby("metric", sort=False)["ceiling"].mean()
-    wide.loc["(ceiling)"] = ceil.reindex(wide.columns)
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-        print(wide.to_string())
+    body = wide.map(_fmt)
+    head = pd.DataFrame([[better[c] for c in wide.columns]], index=["better:"], columns=wide.columns)
+    table = pd.concat([head, body])
+    table.columns.name = wide.columns.name
+    table.index.name = wide.index.name
+    with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_colwidth", 40):
+        return table.to_string()
+
+
+def _na_legend(wide) -> str | None:
+    """One paragraph saying why the table has ``n/a`` cells, or None when it has none."""
+    from .pl._benchmark import undefined_note
+
+    reasons: dict[str, list[str]] = {}  # reason -> what it explains
+    for metric in wide.columns:
+        na = wide[metric].isna()
+        which = ", ".join(map(str, wide.index[na]))
+        if na.all():
+            reasons.setdefault(undefined_note(metric), []).append(metric)
+        elif na.any() and metric.startswith("pearson"):
+            reasons.setdefault("a correlation with a predicted change of zero is undefined", []).append(
+                f"{metric} of {which}"
+            )
+        elif na.any():
+            reasons.setdefault("undefined", []).append(f"{metric} of {which}")
+    if not reasons:
+        return None
+    return "n/a: " + "; ".join(f"{', '.join(what)}: {why}" for why, what in reasons.items())
+
+
+def _legend(text: str) -> str:
+    return textwrap.fill(text, width=110, subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _print_table(summary, *, metrics: Sequence[str] | None = None) -> None:
+    """Print the mean per model and metric with a legend; with several splits, also each split's values."""
+    import pandas as pd
+
+    from .pl._benchmark import better, describe_splits, short_split_labels
+
+    s = summary[summary["metric"] != "error"]
+    if metrics is not None:
+        s = s[s["metric"].isin(metrics)]
+    cols = list(pd.unique(s["metric"]))
+    rows = list(pd.unique(s["model"]))
+    splits = list(pd.unique(s["split"].astype(str))) if "split" in s else []
+    direction = {m: better(m) for m in cols}
+    wide = s.groupby(["model", "metric"], sort=False)["mean"].mean().unstack("metric").reindex(index=rows, columns=cols)
+    wide.loc["(ceiling)"] = s.groupby("metric", sort=False)["ceiling"].mean().reindex(cols)
+    wide.columns.name, wide.index.name = "metric", "model"
+    if len(splits) > 1:
+        print(f"Mean over {len(splits)} splits ({describe_splits(splits)}); per split below.")
+    print(_text_table(wide, direction))
+    per = "mean over held-out perturbations, then seeds" + (
+        f", then the {len(splits)} splits" if len(splits) > 1 else ""
+    )
+    print(_legend(f"Values: {per}. better: whether a higher or a lower value is better."))
+    print(_legend(CEILING_LEGEND))
+    na = _na_legend(wide)
+    if na:
+        print(_legend(na))
+    if len(splits) > 1:
+        labels = short_split_labels(splits)
+        print(
+            f"\nPer split ({len(splits)} splits; mean over held-out perturbations, then seeds; sd and range over splits):"
+        )
+        s = s.assign(split=s["split"].astype(str).map(labels))
+        for metric in cols:
+            sm = s[s["metric"] == metric]
+            if sm["mean"].isna().all():
+                print(f"\n{metric}: n/a in every split (see above)")
+                continue
+            t = sm.groupby(["model", "split"], sort=False)["mean"].mean().unstack("split")
+            t = t.reindex(index=rows, columns=[labels[x] for x in splits])
+            t.loc["(ceiling)"] = sm.groupby("split", sort=False)["ceiling"].mean().reindex(t.columns)
+            stats = pd.DataFrame({"sd": t.std(axis=1, ddof=1), "min": t.min(axis=1), "max": t.max(axis=1)})
+            t = pd.concat([t, stats], axis=1).map(_fmt)
+            t.columns.name, t.index.name = None, None
+            print(f"\n{metric} ({direction[metric]} is better)")
+            with pd.option_context("display.width", 250, "display.max_columns", 40):
+                print(t.to_string())
 
 
 def demo(
@@ -39,7 +146,7 @@ def demo(
     models: Sequence[str] | None = None,
     max_epochs: int = 20,
 ) -> Path:
-    """Hold out one cell type's IFN-beta response in Kang 2018, predict it with every model, report.
+    """Hold out one cell type's IFN-beta response in Kang 2018, predict it with the baselines (or ``models``), report.
 
     Parameters
     ----------
@@ -51,7 +158,7 @@ def demo(
         Random seed (default ``vcell.settings.seed``).
     models
         Models to run (default: the four baselines; learned models such as ``"CausalVAE"`` on request, since
-        they train for minutes on a CPU).
+        they train for minutes on a CPU). An unknown name raises a ValueError listing the valid ones.
     max_epochs
         Training budget of the learned models (a demo budget: benchmarks train longer).
 
@@ -66,6 +173,8 @@ def demo(
 
     from . import bench, datasets, model, pl, pp, tl
 
+    if models:
+        models = _check_models(models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed = resolve_seed(seed)
@@ -115,7 +224,12 @@ def demo(
     sub = adata[adata.obs["cell_type"] == cell_type].copy()
     tl.predict_perturbation(sub, m, perturbations="IFNb", key_added="vcell_pred")
     pl.prediction_scatter(
-        sub, perturbation="IFNb", pred_layer="vcell_pred", save=out / "prediction_scatter.png", show=False
+        sub,
+        perturbation="IFNb",
+        pred_layer="vcell_pred",
+        title=f"{best} on held-out {cell_type} (IFNb)",
+        save=out / "prediction_scatter.png",
+        show=False,
     )
     plt.close("all")
     print(
@@ -146,7 +260,7 @@ def benchmark(
     split
         Split kind.
     models
-        Model names.
+        Model names: baselines and learned models (an unknown name raises a ValueError listing the valid ones).
     seeds
         Seeds.
     out
@@ -165,6 +279,7 @@ def benchmark(
 
     from . import bench, datasets, pl
 
+    models = _check_models(models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.load(data)
@@ -187,7 +302,8 @@ def benchmark(
     )
     res.to_csv(out)
     _print_table(res.summary)
-    pl.benchmark(res.results, save=out / "report.png", show=False)
+    by = "split" if res.results["split"].nunique() > 1 else "seed"
+    pl.benchmark(res.results, by=by, save=out / "report.png", show=False)
     plt.close("all")
     print(f"wrote {out}/results.csv, summary.csv, timings.csv, report.png")
     return out
@@ -198,10 +314,24 @@ def _csv(s: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vcell`` command."""
+    """Entry point of the ``vcell`` command; returns the exit status (2 for input errors)."""
+    from . import __version__
+
+    baselines = "control,mean,additive,linear"
+    models_help = (
+        f"comma-separated models: baselines {baselines.replace(',', ', ')} and learned models "
+        f"({', '.join(_LEARNED)}, those in this version)"
+    )
     parser = argparse.ArgumentParser(prog="vcell", description="Virtual-cell perturbation models and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"vcell {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="Kang 2018 cell-type transfer with every model; metrics table and figures")
+    p_demo = sub.add_parser(
+        "demo",
+        help="Kang 2018 cell-type transfer with the four baselines (learned models with --models); "
+        "metrics table and figures",
+        description="Hold out one cell type's IFN-beta response in Kang 2018 and predict it with the four baselines "
+        "(add learned models with --models); print a metrics table, write CSVs and figures.",
+    )
     p_demo.add_argument("--out", default="vcell_demo_out", help="output folder (default: vcell_demo_out)")
     p_demo.add_argument("--cell-type", default="CD4T", help="cell type to hold out (default: CD4T)")
     p_demo.add_argument("--seed", type=int, default=None, help="random seed (default: vcell.settings.seed)")
@@ -209,20 +339,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--models",
         type=_csv,
         default=None,
-        help="comma-separated models (default: the four baselines; add e.g. CausalVAE)",
+        help=f"{models_help} (default: {baselines}; learned models train for minutes on a CPU)",
     )
     p_demo.add_argument("--max-epochs", type=int, default=20, help="training epochs of learned models (default: 20)")
     p_b = sub.add_parser("benchmark", help="benchmark models on a split with the baselines")
     p_b.add_argument("--data", required=True, help="bundled dataset name or path (h5ad, h5mu, GEARS folder)")
     p_b.add_argument("--split", required=True, help="split kind, e.g. unseen_cell_type, combo_seen1")
-    p_b.add_argument("--models", type=_csv, default=["control", "mean", "additive", "linear"])
-    p_b.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=[1, 2, 3])
+    p_b.add_argument("--models", type=_csv, default=_csv(baselines), help=f"{models_help} (default: {baselines})")
+    p_b.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in _csv(s)],
+        default=[1, 2, 3],
+        help="comma-separated split and training seeds (default: 1,2,3)",
+    )
     p_b.add_argument("--out", required=True, help="output folder")
-    p_b.add_argument("--perturbation-key", default="perturbation")
-    p_b.add_argument("--control", default="control")
-    p_b.add_argument("--covariate-keys", type=_csv, default=[])
-    p_b.add_argument("--held-out", type=_csv, default=None, help="unseen_cell_type: types to hold out")
-    args = parser.parse_args(argv)
+    p_b.add_argument(
+        "--perturbation-key",
+        default="perturbation",
+        help="obs column with the perturbation labels (default: perturbation)",
+    )
+    p_b.add_argument("--control", default="control", help="label of the control cells (default: control)")
+    p_b.add_argument(
+        "--covariate-keys",
+        type=_csv,
+        default=[],
+        help="comma-separated obs columns of the cells' context, controls are matched by them "
+        "(default: none; cell_type for --split unseen_cell_type)",
+    )
+    p_b.add_argument(
+        "--held-out",
+        type=_csv,
+        default=None,
+        help="unseen_cell_type: comma-separated cell types to hold out, one split each (default: every type)",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version (0) and usage errors (2): a status, not an exception
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 2
     try:
         if args.command == "demo":
             demo(args.out, cell_type=args.cell_type, seed=args.seed, models=args.models, max_epochs=args.max_epochs)

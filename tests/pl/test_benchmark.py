@@ -131,3 +131,76 @@ def test_benchmark_errors(rng):
     _, ax = plt.subplots()
     with pytest.raises(ValueError, match="one per panel"):
         vcell.pl.benchmark(res, ax=ax)
+
+
+def test_benchmark_by_split_points_are_split_means_with_legend(rng):
+    res = _results(rng)
+    fig = vcell.pl.benchmark(res, metrics=["mmd"], by="split", return_fig=True)
+    ax = fig.axes[0]
+    x = MODELS.index("CausalVAE")
+    sub = res[(res.metric == "mmd") & (res.model == "CausalVAE")]
+    split_means = sub.groupby("split")["value"].mean().to_numpy()  # one perturbation: mean over seeds
+    pts = [c for c in ax.collections if np.allclose(np.round(c.get_offsets()[:, 0]), x)]
+    assert len(pts) == 1
+    np.testing.assert_allclose(np.sort(pts[0].get_offsets()[:, 1]), np.sort(split_means))
+    assert _mean_markers(ax)[x] == pytest.approx(split_means.mean())
+    # points coloured by split: three distinct colours, one legend entry per split (kind stripped)
+    assert len({tuple(c) for c in pts[0].get_facecolor()}) == 3
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["CD4T", "NK", "B"]
+    assert "over 3 splits" in fig.get_suptitle()
+    # the default stays one point per seed
+    fig = vcell.pl.benchmark(res, metrics=["mmd"], return_fig=True)
+    assert "over 3 seeds" in fig.get_suptitle()
+    assert not fig.legends
+
+
+def test_benchmark_by_split_errors(rng):
+    res = _results(rng)
+    with pytest.raises(ValueError, match="'sample'"):
+        vcell.pl.benchmark(res, by="sample")
+    with pytest.raises(KeyError, match="split"):
+        vcell.pl.benchmark(res.drop(columns="split"), by="split")
+
+
+def test_benchmark_empty_panel_and_na_notes(rng):
+    res = _results(rng)
+    pds = res[res.metric == "mmd"].assign(metric="pds", value=np.nan, ceiling=np.nan)
+    res = pd.concat([res, pds], ignore_index=True)
+    res.loc[(res.metric == "pearson_delta") & (res.model == "control"), "value"] = np.nan
+    # rows of failed predictions are not a metric to plot
+    err = pd.DataFrame({"model": ["linear"], "split": ["unseen_cell_type:NK"], "metric": ["error"], "value": [np.nan]})
+    fig = vcell.pl.benchmark(pd.concat([res, err], ignore_index=True), return_fig=True)
+    titles = [a.get_title().splitlines()[0] for a in fig.axes]
+    assert titles == [*METRICS, "pds"]
+    empty = fig.axes[-1]
+    note = " ".join(t.get_text() for t in empty.texts).replace("\n", " ")
+    assert "not defined for these splits" in note
+    assert "needs ≥ 2 held-out perturbations per split" in note
+    assert "here: 1" in note
+    assert not empty.collections  # nothing drawn
+    # a model without a value in a panel with values gets "n/a" at its place
+    ax = fig.axes[0]
+    na = [t for t in ax.texts if t.get_text() == "n/a"]
+    assert len(na) == 1
+    assert na[0].get_position()[0] == MODELS.index("control")
+    assert not [t for t in fig.axes[1].texts if t.get_text() == "n/a"]
+    assert "n/a = undefined" in fig.get_suptitle()
+
+
+def test_undefined_note_and_split_labels():
+    from vcell.pl._benchmark import describe_splits, short_split_labels, undefined_note
+
+    assert "needs >= 2 held-out perturbations" in undefined_note("pds")
+    assert undefined_note("mmd") == "NaN for every model here"
+    assert short_split_labels(["unseen_cell_type:B", "unseen_cell_type:NK"]) == {
+        "unseen_cell_type:B": "B",
+        "unseen_cell_type:NK": "NK",
+    }
+    assert short_split_labels(["combo_seen1", "combo_seen2"]) == {
+        "combo_seen1": "combo_seen1",
+        "combo_seen2": "combo_seen2",
+    }
+    assert describe_splits(["unseen_cell_type:B", "unseen_cell_type:NK", "unseen_cell_type:T"], max_shown=2) == (
+        "unseen_cell_type: B, NK, … (3 splits)"
+    )

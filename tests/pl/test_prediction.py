@@ -198,3 +198,54 @@ def test_delta_heatmap_errors(deltas):
 def test_all_zero_deltas_do_not_fail(deltas):
     fig = vcell.pl.delta_heatmap(deltas * 0, return_fig=True)
     assert fig.axes[0].images[0].get_clim() == (-1.0, 1.0)
+
+
+def test_prediction_scatter_title(adata):
+    fig = vcell.pl.prediction_scatter(adata, perturbation="A", title="additive on held-out T (A)", return_fig=True)
+    first, second = fig.axes[0].get_title().splitlines()
+    assert first == "additive on held-out T (A)"
+    assert second.startswith("Pearson r = ")
+    assert _title_r(fig) == pytest.approx(_expected_r(), abs=6e-4)
+
+
+def _hand_deltas(pred_rows):
+    lx = _log(COUNTS)
+    true = lx[2:4].mean(0) - lx[:2].mean(0)
+    return pd.DataFrame([true, *pred_rows.values()], index=["true: A (T)", *pred_rows], columns=["g0", "g1", "g2"])
+
+
+def test_delta_heatmap_adata_equals_dataframe_route(adata):
+    # a second prediction layer: the first one plus 1 everywhere (delta PRED + 1)
+    adata.layers["other"] = adata.layers["vcell_pred"] + 1.0
+    fig = vcell.pl.delta_heatmap(
+        adata,
+        perturbation="A",
+        pred_layer=["vcell_pred", "other"],
+        groupby="cell_type",
+        group="T",
+        n_genes=2,
+        return_fig=True,
+    )
+    expected = _hand_deltas({"vcell_pred": PRED, "other": PRED + 1.0})
+    ref = vcell.pl.delta_heatmap(expected, n_genes=2, return_fig=True)
+    ax, ax_ref = fig.axes[0], ref.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["true: A (T)", "vcell_pred", "other"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [t.get_text() for t in ax_ref.get_xticklabels()]
+    np.testing.assert_allclose(ax.images[0].get_array(), ax_ref.images[0].get_array(), rtol=1e-5, atol=1e-6)
+    assert ax.images[0].get_clim() == pytest.approx(ax_ref.images[0].get_clim(), rel=1e-5)
+    # one layer name, no group: the truth row is labelled by the perturbation alone
+    fig = vcell.pl.delta_heatmap(adata, perturbation="A", return_fig=True)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["true: A", "vcell_pred"]
+
+
+def test_delta_heatmap_adata_errors(adata, deltas):
+    with pytest.raises(ValueError, match="perturbation is required"):
+        vcell.pl.delta_heatmap(adata)
+    with pytest.raises(KeyError, match="'missing_pred'"):
+        vcell.pl.delta_heatmap(adata, perturbation="A", pred_layer="missing_pred")
+    with pytest.raises(KeyError, match="'Z'"):
+        vcell.pl.delta_heatmap(adata, perturbation="Z")
+    with pytest.raises(ValueError, match="applies to an AnnData"):
+        vcell.pl.delta_heatmap(deltas, perturbation="A")
+    with pytest.raises(TypeError, match="AnnData"):
+        vcell.pl.delta_heatmap([1, 2])

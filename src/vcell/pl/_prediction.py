@@ -110,6 +110,7 @@ def prediction_scatter(
     group: str | None = None,
     genes: Sequence[str] | None = None,
     n_label: int = 10,
+    title: str | None = None,
     figsize: tuple[float, float] = (4.5, 4.5),
     ax: Axes | None = None,
     show: bool | None = None,
@@ -122,8 +123,8 @@ def prediction_scatter(
     (counts are normalised by :func:`vcell._utils.expression_for_eval`; log data pass through).
     y: mean of ``adata.layers[pred_layer]`` over the cells that hold a prediction (rows that are not all NaN;
     the layer already holds log1p(CP10k) values) minus the same control mean. The dashed line is the diagonal
-    (a perfect prediction); the title gives Pearson r over the plotted genes; the ``n_label`` genes with the
-    largest absolute true delta are labelled.
+    (a perfect prediction); the title gives Pearson r over the plotted genes (after ``title``, when given); the
+    ``n_label`` genes with the largest absolute true delta are labelled.
 
     Parameters
     ----------
@@ -149,6 +150,9 @@ def prediction_scatter(
         Genes to plot (and to compute r on); ``None`` uses all genes.
     n_label
         Number of genes with the largest absolute true delta to label.
+    title
+        First title line, e.g. ``"additive on held-out CD4T (IFNb)"``; the second line gives Pearson r.
+        ``None``: one line, ``"<perturbation> (<group>): Pearson r = ..."``.
     figsize
         Size of a new figure in inches.
     {doc_ax_show_save}
@@ -208,17 +212,58 @@ def prediction_scatter(
                 fontsize=7,
                 color="0.15",
             )
-    where = f" ({group})" if group is not None else ""
-    ax.set_title(f"{perturbation}{where}: Pearson r = {r:.3f}")
+    if title is None:
+        where = f" ({group})" if group is not None else ""
+        ax.set_title(f"{perturbation}{where}: Pearson r = {r:.3f}")
+    else:
+        ax.set_title(f"{title}\nPearson r = {r:.3f}")
     ax.set_xlabel("true Δ vs control (log1p CP10k)")
     ax.set_ylabel(f"predicted Δ ({pred_layer})")
     return plot.finish(show=show, save=save, return_fig=return_fig)
 
 
+def _deltas_from_adata(
+    adata: AnnData,
+    *,
+    perturbation: str,
+    pred_layers: Sequence[str],
+    perturbation_key: str,
+    control: str,
+    layer: str | None,
+    groupby: str | None,
+    group: str | None,
+) -> pd.DataFrame:
+    """Rows ``"true: <perturbation>[ (<group>)]"`` and one per prediction layer, columns = genes (deltas vs control)."""
+    rows = {}
+    for i, pred_layer in enumerate(pred_layers):
+        d = _prediction_deltas(
+            adata,
+            perturbation=perturbation,
+            pred_layer=pred_layer,
+            perturbation_key=perturbation_key,
+            control=control,
+            layer=layer,
+            groupby=groupby,
+            group=group,
+        )
+        if i == 0:
+            where = f" ({group})" if group is not None else ""
+            rows[f"true: {perturbation}{where}"] = d["true"]
+        rows[pred_layer] = d["pred"]
+    return pd.DataFrame(rows).T
+
+
 @doc_params(doc_ax_show_save=doc_ax_show_save)
 def delta_heatmap(
-    deltas: pd.DataFrame,
+    deltas: AnnData | pd.DataFrame,
     *,
+    perturbation: str | None = None,
+    pred_layer: str | Sequence[str] = "vcell_pred",
+    perturbation_key: str = PERT_COL,
+    control: str = CONTROL,
+    layer: str | None = None,
+    groupby: str | None = None,
+    group: str | None = None,
     genes: Sequence[str] | None = None,
     n_genes: int = 30,
     rank_by: str | None = None,
@@ -229,7 +274,15 @@ def delta_heatmap(
     save: str | Path | None = None,
     return_fig: bool = False,
 ) -> Figure | None:
-    """Heatmap of delta vectors (rows, e.g. ``"true: IFNb|CD4T"``, ``"additive"``, ``"control"``) over genes.
+    """Heatmap of delta vectors (rows: the truth, then each prediction) over genes.
+
+    Two inputs:
+
+    - an AnnData, as for :func:`prediction_scatter`: the first row is the true change of ``perturbation`` (mean of
+      its cells minus the mean of the ``control`` cells, in log1p(CP10k)); then one row per layer of ``pred_layer``
+      (mean over the cells holding a prediction minus the same control mean), labelled by the layer name;
+    - a DataFrame of delta vectors computed elsewhere: one per row (index = row labels such as
+      ``"true: IFNb|CD4T"``, ``"additive"``, ``"control"``), one column per gene.
 
     The colour scale is symmetric around 0 (``-max|delta|`` to ``+max|delta|``). Without ``genes``, the
     ``n_genes`` genes with the largest absolute delta in row ``rank_by`` are shown, ordered by that delta.
@@ -237,13 +290,30 @@ def delta_heatmap(
     Parameters
     ----------
     deltas
-        One delta vector per row (index = row labels), one column per gene.
+        An AnnData with true perturbed cells, control cells and prediction layer(s); or a DataFrame with one delta
+        vector per row (index = row labels) and one column per gene.
+    perturbation
+        AnnData only (required there): label of the true perturbed cells in ``adata.obs[perturbation_key]``.
+    pred_layer
+        AnnData only: layer, or list of layers (e.g. one per model), with predictions (NaN rows for cells without a
+        prediction), as written by ``vcell.tl.predict_perturbation``.
+    perturbation_key
+        AnnData only: column of ``adata.obs`` with the perturbation labels.
+    control
+        AnnData only: label of the control cells.
+    layer
+        AnnData only: layer with the observed expression (counts or log1p(CP10k)); ``None`` reads ``X``.
+    groupby
+        AnnData only: optional column of ``adata.obs`` (e.g. cell type) to restrict every set of cells to one
+        group; use with ``group``.
+    group
+        AnnData only: value of ``adata.obs[groupby]`` to keep, e.g. the held-out cell type.
     genes
         Genes (columns) to show, in this order; ``None`` selects ``n_genes`` by ``rank_by``.
     n_genes
         Number of genes to show when ``genes`` is ``None``.
     rank_by
-        Row label that selects and orders the genes; ``None`` uses the first row (put the truth first).
+        Row label that selects and orders the genes; ``None`` uses the first row (the truth, for an AnnData).
     cmap
         Diverging colour map.
     figsize
@@ -256,6 +326,8 @@ def delta_heatmap(
 
     Examples
     --------
+    From a DataFrame of deltas:
+
     >>> import pandas as pd
     >>> import vcell
     >>> deltas = pd.DataFrame(
@@ -265,10 +337,52 @@ def delta_heatmap(
     >>> fig = vcell.pl.delta_heatmap(deltas, return_fig=True)
     >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
     ['ISG15', 'IFIT1', 'CD3E']
+
+    From an AnnData with a prediction layer (as :func:`prediction_scatter` reads it):
+
+    >>> import numpy as np, anndata as ad
+    >>> rng = np.random.default_rng(0)
+    >>> adata = ad.AnnData(rng.poisson(30, size=(20, 5)).astype(np.float32))
+    >>> adata.obs["vcell_perturbation"] = ["control"] * 10 + ["A"] * 10
+    >>> pred = np.full(adata.shape, np.nan, dtype=np.float32)
+    >>> pred[:10] = np.log1p(adata.X[10:] / adata.X[10:].sum(1, keepdims=True) * 1e4)
+    >>> adata.layers["vcell_pred"] = pred
+    >>> fig = vcell.pl.delta_heatmap(adata, perturbation="A", return_fig=True)
+    >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ['true: A', 'vcell_pred']
     """
-    if not isinstance(deltas, pd.DataFrame):
-        msg = f"deltas must be a pandas DataFrame (rows = delta vectors, columns = genes), got {type(deltas).__name__}"
+    from anndata import AnnData
+
+    if isinstance(deltas, AnnData):
+        if perturbation is None:
+            msg = "perturbation is required with an AnnData: the label of the true perturbed cells to compare with"
+            raise ValueError(msg)
+        layers = [pred_layer] if isinstance(pred_layer, str) else list(pred_layer)
+        if not layers:
+            msg = "pred_layer is empty; expected a layer name or a list of layer names"
+            raise ValueError(msg)
+        deltas = _deltas_from_adata(
+            deltas,
+            perturbation=perturbation,
+            pred_layers=layers,
+            perturbation_key=perturbation_key,
+            control=control,
+            layer=layer,
+            groupby=groupby,
+            group=group,
+        )
+    elif not isinstance(deltas, pd.DataFrame):
+        msg = (
+            "deltas must be an AnnData (with a prediction layer) or a pandas DataFrame (rows = delta vectors, "
+            f"columns = genes), got {type(deltas).__name__}"
+        )
         raise TypeError(msg)
+    elif perturbation is not None:
+        msg = (
+            f"perturbation={perturbation!r} applies to an AnnData; with a DataFrame of deltas the rows are "
+            "already the delta vectors (leave perturbation out)"
+        )
+        raise ValueError(msg)
     if deltas.shape[0] == 0 or deltas.shape[1] == 0:
         msg = f"deltas is empty (shape {deltas.shape}); expected at least one row and one gene column"
         raise ValueError(msg)
