@@ -37,7 +37,7 @@ def base(sim):
 
 def _new(sim, *, with_new_perturbation: bool = False):
     adata, perts = sim
-    keep = (adata.obs["cell_type"] == "type2").to_numpy()
+    keep = (adata.obs["cell_type"] == "type2").to_numpy(copy=True)
     if not with_new_perturbation:
         keep &= (adata.obs["perturbation"] != perts[2]).to_numpy()
     return adata[keep].copy()

@@ -104,7 +104,7 @@ class TableOperators(AtomOperators):
             msg = f"features must be a finite 2-D (n_atoms, d) array, got shape {feats.shape}"
             raise ValueError(msg)
         super().__init__(feats.shape[0], dim)
-        self.register_buffer("features", torch.as_tensor(feats))
+        self.register_buffer("features", torch.tensor(feats))  # a copy: feats may be a read-only view (pandas 3)
         self.mlp = mlp(feats.shape[1], n_hidden, self.dim, n_layers=1)
 
     def forward(self) -> torch.Tensor:
