@@ -70,3 +70,15 @@ def test_errors(trained):
         vcell.tl.predict_perturbation(adata, model, perturbations=[], return_adata=True)
     with pytest.raises(ValueError, match="genes|var_names"):
         vcell.tl.predict_perturbation(adata[:, :100].copy(), model, perturbations="IFNb", return_adata=True)
+
+
+def test_uns_records_class_name_and_seed_used(trained, monkeypatch):
+    adata, model = trained
+    adata = adata.copy()
+    monkeypatch.setattr(vcell.settings, "seed", 7)
+    vcell.tl.predict_perturbation(adata, model, perturbations="IFNb", cell_type="B", key_added="p")
+    assert adata.uns["p"]["model"] == "Baseline"  # the plain class name, not its repr "'Baseline'"
+    assert adata.uns["p"]["params"]["seed"] == 7  # the seed used (settings.seed), not a -1 placeholder
+    out = vcell.tl.predict_perturbation(adata, model, perturbations="IFNb", cell_type="B", seed=3, return_adata=True)
+    assert out.uns["vcell_pred"]["model"] == "Baseline"
+    assert out.uns["vcell_pred"]["params"]["seed"] == 3

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
-from vcell._utils import check_obs_keys, mudata_no_pull
+from vcell._utils import check_obs_keys, mudata_no_pull, resolve_seed
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -162,7 +162,8 @@ def predict_perturbation(
     ``adata.obs[f"{key_added}_source"]``
         bool, which cells hold a prediction.
     ``adata.uns[key_added]``
-        ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``.
+        ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``: ``model`` is the model's class name
+        (``"Baseline"``), ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``).
 
     For a MuData these fields go into ``mdata['rna']``; with a protein model also:
 
@@ -192,6 +193,7 @@ def predict_perturbation(
         mdata = adata
         adata, prot, prot_rows = _modalities(mdata, model)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
+    seed = resolve_seed(seed)  # recorded as used, never a placeholder
     preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
     prot_preds = {}
     if prot is not None:
@@ -203,9 +205,9 @@ def predict_perturbation(
         "n_cells": int(idx.size),
         "cell_type": cell_type if cell_type is not None else "",
         "dose": float(dose),
-        "seed": -1 if seed is None else int(seed),
+        "seed": seed,
     }
-    info = {"params": params, "model": repr(type(model).__name__), "vcell_version": __version__}
+    info = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
 
     if return_adata:
         out = _predicted_cells(adata, idx, perts, preds, adata.var.copy(), key_added)

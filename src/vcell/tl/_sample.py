@@ -110,7 +110,9 @@ def sample_perturbation(
     ``layers[f"{key_added}_lower"]``, ``layers[f"{key_added}_upper"]``
         Per cell, the interval bounds of its condition (float32), to compare cells with their intervals.
     ``uns[key_added]``
-        ``{"params": {...}, "model": ..., "vcell_version": ...}``.
+        ``{"params": {...}, "model": ..., "vcell_version": ...}``: ``model`` is the model's class name,
+        ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``) and ``params["n_samples"]`` the
+        cells drawn per perturbation.
 
     Examples
     --------
@@ -163,7 +165,7 @@ def sample_perturbation(
         _add_intervals(prot, perts, level, key_added)
     params = {
         "perturbations": perts,
-        "n_samples": -1 if n_samples is None else int(n_samples),
+        "n_samples": int(parts[0].n_obs),  # as drawn: one per starting cell when n_samples is None
         "n_starting_cells": int(idx.size),
         "cell_type": cell_type if cell_type is not None else "",
         "dose": float(dose),
