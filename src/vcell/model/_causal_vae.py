@@ -514,19 +514,19 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32)
 
     def _own_query(self, adata: AnnData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_encode_query` of the cells' own perturbations."""
-        if PERT_COL not in adata.obs:
+        """:meth:`_encode_query` of the cells' own perturbations (none: cells without labels count as controls)."""
+        canon = self._canonical_obs(adata, required=False)
+        if canon is None:
             return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
-        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
-        return self._encode_query(labels, doses)
+        labels = canon[PERT_COL].astype(str).to_numpy()[idx]
+        return self._encode_query(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
     def _own_encoding(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
-        if PERT_COL not in adata.obs:
+        canon = self._canonical_obs(adata, required=False)
+        if canon is None:
             return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
-        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
-        return self._encode(labels, doses)
+        labels = canon[PERT_COL].astype(str).to_numpy()[idx]
+        return self._encode(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
     def _training_tensors(self, adata: AnnData) -> dict[str, Any]:
         X = get_matrix(adata, self._layer())

@@ -805,7 +805,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         """
         self._require_trained()
         adata = self._check_adata(adata)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        labels = self._canonical_obs(adata)[PERT_COL].astype(str).to_numpy()
         present = sorted(set(labels) - {CONTROL})
         perts = present if perturbations is None else [str(p) for p in perturbations]
         missing = [p for p in perts if p not in present]

@@ -122,8 +122,10 @@ def predict_perturbation(
     Parameters
     ----------
     adata
-        Data with the control cells (``obs['vcell_perturbation'] == 'control'``, or ``controls=``) and the
-        genes the model was trained on; or a MuData whose ``rna`` modality is such data. With a model that
+        Data with the control cells and the genes the model was trained on. Control cells are those with
+        ``obs['vcell_perturbation'] == 'control'`` (:func:`vcell.pp.harmonize`) or, on data never harmonised, those
+        with the model's control label(s) in the ``perturbation_key`` column it was set up with (canonical labels
+        are then computed on the fly, not written into ``adata``); or pass ``controls=``; or a MuData whose ``rna`` modality is such data. With a model that
         registered proteins (``CausalVAE.setup_anndata(mdata, protein_modality=...)``) the proteins are predicted
         too, into the protein modality.
     model
