@@ -43,7 +43,8 @@ class Baseline(PerturbationModel):
     Parameters
     ----------
     adata
-        Data registered with :meth:`setup_anndata`; the model is fitted on all its cells.
+        Data registered with :meth:`setup_anndata`; the model is fitted on all its cells but those with
+        ``obs['vcell_split'] == 'test'`` (:func:`vcell.bench.split`), as every vcell model.
     method
         One of ``"control"``, ``"mean"``, ``"additive"``, ``"linear"``.
     n_components
@@ -110,7 +111,7 @@ class Baseline(PerturbationModel):
 
     # ------------------------------------------------------------------ fitting
     def train(self, **kwargs: Any) -> None:
-        """Fit the baseline in closed form on all registered cells.
+        """Fit the baseline in closed form on the registered cells, except ``obs['vcell_split'] == 'test'`` ones.
 
         Parameters
         ----------
@@ -119,10 +120,11 @@ class Baseline(PerturbationModel):
             benchmark code can treat every model alike; a closed-form fit ignores them.
         """
         adata = self.adata
-        E = self._features(adata)
-        ctx = self._contexts(adata)
-        cond = adata.obs[PERT_COL].astype(str).to_numpy()
-        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
+        cells = self._non_test_cells(adata)  # as every vcell model: held-out test cells are never fitted
+        E = self._features(adata, None if len(cells) == adata.n_obs else cells)
+        ctx = self._contexts(adata)[cells]
+        cond = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
         is_ctrl = cond == CONTROL
         if not is_ctrl.any():
             msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
