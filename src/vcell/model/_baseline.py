@@ -66,15 +66,20 @@ class Baseline(PerturbationModel):
 
     Examples
     --------
+    Out of distribution: the IFN-beta-stimulated CD4 T cells are held out (:func:`vcell.bench.split`; the model
+    skips ``obs['vcell_split'] == 'test'`` cells) and predicted from the CD4T control cells.
+
     >>> import vcell
     >>> adata = vcell.datasets.kang2018()
+    >>> vcell.bench.split(adata, kind="unseen_cell_type", held_out="CD4T", perturbation_key="perturbation")
     >>> vcell.model.Baseline.setup_anndata(
     ...     adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
     ... )
     >>> model = vcell.model.Baseline(adata, method="additive")
-    >>> model.train()
-    >>> model.predict(perturbation="IFNb").shape
-    (936, 6998)
+    >>> model.train()  # every cell but the test cells: no stimulated CD4T cell
+    >>> cd4t = ((adata.obs["cell_type"] == "CD4T") & (adata.obs["perturbation"] == "control")).to_numpy()
+    >>> model.predict(perturbation="IFNb", controls=cd4t).shape
+    (278, 6998)
     """
 
     def __init__(

@@ -178,14 +178,23 @@ def predict_perturbation(
 
     Examples
     --------
+    Out of distribution: the model is trained without the IFN-beta-stimulated CD4 T cells, then predicts them from
+    the CD4T control cells of ``adata`` (never harmonised: the model's ``perturbation_key`` finds the controls).
+
     >>> import vcell
     >>> adata = vcell.datasets.kang2018()
-    >>> vcell.model.Baseline.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.Baseline(adata, method="mean")
+    >>> vcell.bench.split(adata, kind="unseen_cell_type", held_out="CD4T", perturbation_key="perturbation")
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()
+    >>> vcell.model.Baseline.setup_anndata(
+    ...     train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+    ... )
+    >>> model = vcell.model.Baseline(train, method="additive")
     >>> model.train()
-    >>> vcell.tl.predict_perturbation(adata, model, perturbations="IFNb")
+    >>> vcell.tl.predict_perturbation(adata, model, perturbations="IFNb", cell_type="CD4T")
     >>> adata.layers["vcell_pred"].shape
     (1975, 6998)
+    >>> int(adata.obs["vcell_pred_source"].sum())  # the CD4T control cells
+    278
     """
     from vcell import __version__
 
