@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import sys
+from typing import Any, Literal
 
 logger = logging.getLogger("vcell")
-if not logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("vcell: %(message)s"))
-    logger.addHandler(_handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """vcell's one console handler: writes to the *current* ``sys.stderr`` (as swapped by Jupyter or pytest)."""
+
+    _vcell_handler = True  # marks it, so that re-importing vcell never adds a second one
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ sets it; the current stderr is always used
+        pass
+
+
+def _configure_logger() -> None:
+    """Give the ``vcell`` logger exactly one handler of its own and no propagation, so each record prints once.
+
+    Not propagating keeps records away from the root logger, whose handlers scanpy, scvi-tools, Lightning or the
+    user may configure.
+    """
+    ours = [h for h in logger.handlers if getattr(h, "_vcell_handler", False)]
+    for extra in ours[1:]:
+        logger.removeHandler(extra)
+    if not ours:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("vcell: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+_configure_logger()
 logger.setLevel(logging.INFO)
-logger.propagate = False
 
 
 class VCellSettings:

@@ -384,3 +384,22 @@ def test_kang_unseen_cell_type(kang_path):
     assert (obs["vcell_split"] == "val").sum() == round(0.1 * (1039 - 356))
     assert adata.uns["vcell_split"]["held_out"] == ["IFNb"]
     check_leakage(adata)
+
+
+def test_one_report_line_per_call(capsys):
+    import logging
+    import sys
+
+    import scanpy  # noqa: F401  (scanpy and scvi-tools configure logging of their own on import)
+    import scvi  # noqa: F401
+
+    root_handler = logging.StreamHandler(sys.stderr)  # as logging.basicConfig in a notebook
+    logging.getLogger().addHandler(root_handler)
+    try:
+        adata = combo_adata()
+        capsys.readouterr()
+        for seed in (1, 1, 2):
+            split(adata, kind="combo_half", seed=seed)
+            assert capsys.readouterr().err.count("split 'combo_half'") == 1
+    finally:
+        logging.getLogger().removeHandler(root_handler)

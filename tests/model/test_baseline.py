@@ -154,3 +154,25 @@ def test_counts_are_normalised_before_fitting():
     np.testing.assert_allclose(model.predict(perturbation="control"), logx[:40], rtol=1e-5)
     shift = logx[40:].mean(0) - logx[:40].mean(0)
     np.testing.assert_allclose(model.predict(perturbation="KO"), np.clip(logx[:40] + shift, 0, None), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["mean", "additive", "linear"])
+def test_test_cells_of_a_split_are_never_fitted(method):
+    """With obs['vcell_split'], a baseline fits the non-test cells only (as every vcell model): same as a subset."""
+    adata, _ = _planted()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str)
+    held = ((adata.obs["cell_type"] == "t2") & (adata.obs["perturbation"] == "A")).to_numpy()
+    adata.X[held] += 3.0  # test cells unlike anything else: a fit that used them would show it
+    vcell.bench.split(adata, kind="unseen_cell_type", held_out="t2", perturbation_key="perturbation", val_frac=0.0)
+    test = (adata.obs["vcell_split"] == "test").to_numpy()
+    assert test.any()
+    full = _fit(adata.copy(), method)
+    sub = _fit(adata[~test].copy(), method)
+    t2_ctrl = ((adata.obs["cell_type"] == "t2") & (adata.obs["perturbation"] == "control")).to_numpy()
+    for pert in ("A", "B"):
+        np.testing.assert_allclose(
+            full.predict(adata, perturbation=pert, controls=t2_ctrl),
+            sub.predict(adata, perturbation=pert, controls=t2_ctrl),
+            rtol=1e-5,
+            atol=1e-5,
+        )

@@ -436,3 +436,48 @@ def test_papalexi(papalexi_path):
     assert (rep["n_control"], rep["n_single"], rep["n_combo"]) == (2386, 20729 - 2386, 0)
     assert (adata.obs[PERT_COL].astype(str) == raw.astype(str)).all()
     pd.testing.assert_series_equal(adata.obs["perturbation"], raw)
+
+
+# ---------------------------------------------------------------- one report line per call
+
+
+@pytest.fixture
+def root_handler():
+    """A handler on the root logger, as ``logging.basicConfig`` in a notebook (or scanpy/scvi-tools' setup) adds."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    yield handler
+    logging.getLogger().removeHandler(handler)
+
+
+def test_one_report_line_per_call(capsys, root_handler):
+    import scanpy  # noqa: F401  (scanpy and scvi-tools configure logging of their own on import)
+    import scvi  # noqa: F401
+
+    import vcell
+    from vcell._settings import _configure_logger
+
+    _configure_logger()  # as a second import of vcell would: still one handler
+    ours = [h for h in logging.getLogger("vcell").handlers if getattr(h, "_vcell_handler", False)]
+    assert len(ours) == 1
+    adata = make_adata(["ctrl", "A+ctrl", "B+A", "A+B"] * 5)
+    capsys.readouterr()
+    for n in (1, 2, 3):
+        pp.harmonize(adata, perturbation_key="perturbation", control="ctrl")
+        assert capsys.readouterr().err.count("harmonize obs['perturbation']") == 1, f"call {n}"
+    # a model's setup_anndata harmonises again; the labels it writes are those already there: no second report
+    vcell.model.Baseline.setup_anndata(adata, perturbation_key="perturbation", control="ctrl")
+    assert "harmonize" not in capsys.readouterr().err
+    # on data not harmonised before, setup_anndata's report is the call's one line
+    fresh = make_adata(["ctrl", "A+ctrl", "B+A", "A+B"] * 5)
+    vcell.model.Baseline.setup_anndata(fresh, perturbation_key="perturbation", control="ctrl")
+    assert capsys.readouterr().err.count("harmonize obs['perturbation']") == 1
+
+
+def test_one_report_record_per_call(vcell_log):
+    adata = make_adata(["ctrl", "A", "B"] * 3)
+    for _ in range(2):
+        pp.harmonize(adata, perturbation_key="perturbation", control="ctrl")
+    assert sum("harmonize obs['perturbation']" in r.getMessage() for r in vcell_log.records) == 2

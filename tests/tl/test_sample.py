@@ -78,3 +78,14 @@ def test_errors(fitted):
         vcell.tl.sample_perturbation(adata, model, perturbations="A", cell_type="nk")
     with pytest.raises(TypeError, match="no sample method"):
         vcell.tl.sample_perturbation(adata, model.mean_model, perturbations="A")
+
+
+def test_uns_records_class_name_seed_and_cells_drawn(fitted, monkeypatch):
+    adata, model = fitted
+    monkeypatch.setattr(vcell.settings, "seed", 5)
+    out = vcell.tl.sample_perturbation(adata, model, perturbations="A", cell_type="t2", n_steps=5)
+    info = out.uns["vcell_sample"]
+    assert info["model"] == "ResidualDiffusion"
+    assert info["params"]["seed"] == 5  # settings.seed, as used
+    n_start = int(((adata.obs["cell_type"] == "t2") & (adata.obs["perturbation"] == "control")).sum())
+    assert info["params"]["n_samples"] == n_start == out.n_obs  # one per starting cell, not -1

@@ -366,7 +366,7 @@ def run(
     from tqdm.auto import tqdm
 
     from vcell import metrics as vmetrics
-    from vcell import pp
+    from vcell.pp._harmonize import _harmonize
 
     from . import check_leakage, split
 
@@ -396,7 +396,8 @@ def run(
     base = adata.copy()
     if proteins is not None:
         base.obsm[_PROTEIN_BENCH_KEY] = proteins[0]
-    pp.harmonize(base, perturbation_key=perturbation_key, control=control)
+    # reported only when it changes the labels (data harmonised by the user is not reported again)
+    _harmonize(base, perturbation_key=perturbation_key, control=control, log_report="changed")
     context_keys = list(covariate_keys)
     from vcell.data import context_labels
 

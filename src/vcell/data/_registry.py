@@ -72,7 +72,7 @@ def setup_perturbation_anndata(
     from scvi.data import AnnDataManager
     from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField, NumericalObsField
 
-    from vcell import pp
+    from vcell.pp._harmonize import _harmonize
 
     covariate_keys = list(covariate_keys or ())
     check_obs_keys(adata, [perturbation_key], what="perturbation_key")
@@ -83,7 +83,12 @@ def setup_perturbation_anndata(
     check_finite_nonnegative(X, name=f"adata.layers[{layer!r}]" if layer else "adata.X")
     counts = is_count_matrix(X)
 
-    pp.harmonize(adata, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key)
+    if adata.is_view:
+        adata._init_as_actual(adata.copy())
+    # reported (INFO) only when it changes the canonical columns: data harmonised before is not reported twice
+    _harmonize(
+        adata, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key, log_report="changed"
+    )
 
     fields = [
         LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),

@@ -336,19 +336,16 @@ class AdaptMixin:
         Examples
         --------
         >>> import vcell
-        >>> from vcell.model import CausalVAE
-        >>> from vcell.model._adapt import AdaptMixin
-        >>> class Adaptable(AdaptMixin, CausalVAE): ...
         >>> adata = vcell.datasets.simulate(
         ...     n_cells=300, n_genes=30, n_perturbations=2, n_combos=0, cell_types=3, seed=0
         ... )
         >>> old = adata[adata.obs["cell_type"] != "type2"].copy()
-        >>> Adaptable.setup_anndata(
+        >>> vcell.model.CausalVAE.setup_anndata(
         ...     old, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
         ... )
-        >>> model = Adaptable(old, n_latent=4, n_hidden=16)
+        >>> model = vcell.model.CausalVAE(old, n_latent=4, n_hidden=16)
         >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-        >>> new = adata[adata.obs["cell_type"] == "type2"].copy()
+        >>> new = adata[adata.obs["cell_type"] == "type2"].copy()  # few-shot: adapting fits type2's own cells
         >>> adapted = model.adapt(new, rank=2, max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
         >>> adapted.adapt_summary_["new_categories"]
         {'cell_type': ['type2']}

@@ -231,14 +231,59 @@ class PerturbationModel(ProteinData, BaseModelClass):
         check_obs_keys(adata, self.context_keys_, what="context (covariate/batch) key")
         return context_labels(adata.obs, self.context_keys_)
 
+    def _canonical_obs(self, adata: AnnData, *, required: bool = True) -> pd.DataFrame | None:
+        """Canonical label (``vcell_perturbation``) and dose (``vcell_dose``) of each cell, read-only.
+
+        ``adata.obs``'s own columns when :func:`vcell.pp.harmonize` (or ``setup_anndata``) wrote them. Otherwise they
+        are computed on the fly, as harmonize would, from the column the model was set up with (its registered
+        ``perturbation_key``, control label(s), ``sep`` and, when ``adata`` has it, ``dose_key``), on a copy of
+        that column: nothing is written into ``adata``. Without either column: a KeyError naming both, or ``None``
+        when not ``required``.
+        """
+        if PERT_COL in adata.obs:
+            if DOSE_COL in adata.obs:
+                return adata.obs[[PERT_COL, DOSE_COL]]
+            return pd.DataFrame({PERT_COL: adata.obs[PERT_COL], DOSE_COL: 1.0}, index=adata.obs_names)
+        args = self.registry_["setup_args"]
+        key, control = args.get("perturbation_key"), args.get("control")
+        if key is None or key not in adata.obs:
+            if not required:
+                return None
+            msg = (
+                f"adata.obs has neither {PERT_COL!r} (written by vcell.pp.harmonize) nor {key!r}, the "
+                f"perturbation_key {type(self).__name__} was set up with (control label(s) {control!r}). Add the "
+                f"labels as adata.obs[{key!r}], or run vcell.pp.harmonize(adata, perturbation_key=..., "
+                "control=...) on the column that holds them, or pass controls= (a mask, indices or obs names of the "
+                "cells to start from)"
+            )
+            raise KeyError(msg)
+        import anndata as ad
+
+        from vcell.pp._harmonize import _harmonize
+
+        dose_key = args.get("dose_key")
+        dose_key = dose_key if dose_key is not None and dose_key in adata.obs else None
+        labels = ad.AnnData(obs=adata.obs[[key, *([dose_key] if dose_key else [])]].copy())
+        _harmonize(
+            labels,
+            perturbation_key=key,
+            control=control,
+            sep=args.get("sep", "+"),
+            dose_key=dose_key,
+            log_report="never",
+        )
+        return labels.obs[[PERT_COL, DOSE_COL]]
+
     def _control_indices(self, adata: AnnData, controls: Any = None) -> np.ndarray:
         """Integer indices of the control cells a prediction starts from.
 
-        ``controls`` is ``None`` (all cells labelled control), a boolean mask, integer indices or obs names.
+        ``controls`` is ``None`` (all cells labelled control: ``obs['vcell_perturbation'] == 'control'``, or, on data
+        never harmonised, the registered control label(s) in the registered ``perturbation_key``), a boolean mask,
+        integer indices or obs names.
         """
         if controls is None:
-            check_obs_keys(adata, [PERT_COL], what="canonical perturbation column (run vcell.pp.harmonize)")
-            idx = np.flatnonzero((adata.obs[PERT_COL].astype(str) == CONTROL).to_numpy())
+            labels = self._canonical_obs(adata)[PERT_COL]
+            idx = np.flatnonzero((labels.astype(str) == CONTROL).to_numpy())
             if idx.size == 0:
                 msg = f"adata has no control cells (obs[{PERT_COL!r}] == {CONTROL!r}); pass controls="
                 raise ValueError(msg)

@@ -43,7 +43,8 @@ class Baseline(PerturbationModel):
     Parameters
     ----------
     adata
-        Data registered with :meth:`setup_anndata`; the model is fitted on all its cells.
+        Data registered with :meth:`setup_anndata`; the model is fitted on all its cells but those with
+        ``obs['vcell_split'] == 'test'`` (:func:`vcell.bench.split`), as every vcell model.
     method
         One of ``"control"``, ``"mean"``, ``"additive"``, ``"linear"``.
     n_components
@@ -65,15 +66,20 @@ class Baseline(PerturbationModel):
 
     Examples
     --------
+    Out of distribution: the IFN-beta-stimulated CD4 T cells are held out (:func:`vcell.bench.split`; the model
+    skips ``obs['vcell_split'] == 'test'`` cells) and predicted from the CD4T control cells.
+
     >>> import vcell
     >>> adata = vcell.datasets.kang2018()
+    >>> vcell.bench.split(adata, kind="unseen_cell_type", held_out="CD4T", perturbation_key="perturbation")
     >>> vcell.model.Baseline.setup_anndata(
     ...     adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
     ... )
     >>> model = vcell.model.Baseline(adata, method="additive")
-    >>> model.train()
-    >>> model.predict(perturbation="IFNb").shape
-    (936, 6998)
+    >>> model.train()  # every cell but the test cells: no stimulated CD4T cell
+    >>> cd4t = ((adata.obs["cell_type"] == "CD4T") & (adata.obs["perturbation"] == "control")).to_numpy()
+    >>> model.predict(perturbation="IFNb", controls=cd4t).shape
+    (278, 6998)
     """
 
     def __init__(
@@ -110,7 +116,7 @@ class Baseline(PerturbationModel):
 
     # ------------------------------------------------------------------ fitting
     def train(self, **kwargs: Any) -> None:
-        """Fit the baseline in closed form on all registered cells.
+        """Fit the baseline in closed form on the registered cells, except ``obs['vcell_split'] == 'test'`` ones.
 
         Parameters
         ----------
@@ -119,10 +125,11 @@ class Baseline(PerturbationModel):
             benchmark code can treat every model alike; a closed-form fit ignores them.
         """
         adata = self.adata
-        E = self._features(adata)
-        ctx = self._contexts(adata)
-        cond = adata.obs[PERT_COL].astype(str).to_numpy()
-        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
+        cells = self._non_test_cells(adata)  # as every vcell model: held-out test cells are never fitted
+        E = self._features(adata, None if len(cells) == adata.n_obs else cells)
+        ctx = self._contexts(adata)[cells]
+        cond = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
         is_ctrl = cond == CONTROL
         if not is_ctrl.any():
             msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"

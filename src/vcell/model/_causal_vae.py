@@ -274,22 +274,27 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
 
     Examples
     --------
+    Out of distribution: a double perturbation held out by :func:`vcell.bench.split`, predicted from its singles.
+
     >>> import vcell
-    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=1, seed=0)
-    >>> vcell.model.CausalVAE.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.CausalVAE(adata, n_latent=8, n_hidden=32)
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=2, seed=0)
+    >>> vcell.bench.split(adata, kind="combo_half", perturbation_key="perturbation", seed=0)
+    >>> held = adata.uns["vcell_split"]["held_out"][0]  # a double whose cells are all test cells
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()  # (models also skip test cells themselves)
+    >>> vcell.model.CausalVAE.setup_anndata(train, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.CausalVAE(train, n_latent=8, n_hidden=32)
     >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> model.predict(perturbation="G0005").shape
+    >>> model.predict(perturbation=held).shape  # counterfactuals of the 60 control cells
     (60, 50)
 
     A pathway-structured decoder (two programs of 10 genes each here; PROGENy or Hallmark on real data) and a
     TF->target penalty:
 
     >>> import pandas as pd
-    >>> genes = list(adata.var_names)
+    >>> genes = list(train.var_names)
     >>> programs = pd.DataFrame({"source": ["P1"] * 10 + ["P2"] * 10, "target": genes[:20]})
     >>> tf_net = pd.DataFrame({"source": genes[0], "target": genes[1:6], "weight": [1, 1, -1, 1, -1]})
-    >>> model = vcell.model.CausalVAE(adata, n_latent=8, n_hidden=32, pathways=programs, regulatory_network=tf_net)
+    >>> model = vcell.model.CausalVAE(train, n_latent=8, n_hidden=32, pathways=programs, regulatory_network=tf_net)
     >>> model.pathway_names_
     ['P1', 'P2']
     >>> model.get_pathway_loadings().shape
@@ -514,19 +519,19 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32)
 
     def _own_query(self, adata: AnnData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_encode_query` of the cells' own perturbations."""
-        if PERT_COL not in adata.obs:
+        """:meth:`_encode_query` of the cells' own perturbations (none: cells without labels count as controls)."""
+        canon = self._canonical_obs(adata, required=False)
+        if canon is None:
             return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
-        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
-        return self._encode_query(labels, doses)
+        labels = canon[PERT_COL].astype(str).to_numpy()[idx]
+        return self._encode_query(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
     def _own_encoding(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
-        if PERT_COL not in adata.obs:
+        canon = self._canonical_obs(adata, required=False)
+        if canon is None:
             return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()[idx]
-        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[idx] if DOSE_COL in adata.obs else 1.0
-        return self._encode(labels, doses)
+        labels = canon[PERT_COL].astype(str).to_numpy()[idx]
+        return self._encode(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
     def _training_tensors(self, adata: AnnData) -> dict[str, Any]:
         X = get_matrix(adata, self._layer())

@@ -180,14 +180,19 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
 
     Examples
     --------
+    Out of distribution: a double perturbation held out by :func:`vcell.bench.split`, predicted from its singles.
+
     >>> import vcell
-    >>> adata = vcell.datasets.simulate(n_cells=200, n_genes=40, n_perturbations=3, n_combos=0, seed=0)
-    >>> vcell.model.CellJEPA.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.CellJEPA(adata, n_latent=16, n_modules=4, modules="random")
+    >>> adata = vcell.datasets.simulate(n_cells=200, n_genes=40, n_perturbations=3, n_combos=2, seed=0)
+    >>> vcell.bench.split(adata, kind="combo_half", perturbation_key="perturbation", seed=0)
+    >>> held = adata.uns["vcell_split"]["held_out"][0]  # a double whose cells are all test cells
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()  # (models also skip test cells themselves)
+    >>> vcell.model.CellJEPA.setup_anndata(train, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.CellJEPA(train, n_latent=16, n_modules=4, modules="random")
     >>> model.train(max_epochs=2, pretrain_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> model.predict(perturbation="G0023").shape
+    >>> model.predict(perturbation=held).shape  # counterfactuals of the 40 control cells
     (40, 40)
-    >>> model.get_latent_representation().shape
+    >>> model.get_latent_representation(adata).shape  # every cell, held-out ones too
     (200, 16)
     """
 
@@ -805,7 +810,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         """
         self._require_trained()
         adata = self._check_adata(adata)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()
+        labels = self._canonical_obs(adata)[PERT_COL].astype(str).to_numpy()
         present = sorted(set(labels) - {CONTROL})
         perts = present if perturbations is None else [str(p) for p in perturbations]
         missing = [p for p in perts if p not in present]

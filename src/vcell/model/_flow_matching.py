@@ -195,12 +195,17 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
 
     Examples
     --------
+    Out of distribution: a double perturbation held out by :func:`vcell.bench.split`, predicted from its singles.
+
     >>> import vcell
-    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=1, seed=0)
-    >>> vcell.model.FlowMatching.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.FlowMatching(adata, n_components=10, n_hidden=32)
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=2, seed=0)
+    >>> vcell.bench.split(adata, kind="combo_half", perturbation_key="perturbation", seed=0)
+    >>> held = adata.uns["vcell_split"]["held_out"][0]  # a double whose cells are all test cells
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()  # (models also skip test cells themselves)
+    >>> vcell.model.FlowMatching.setup_anndata(train, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.FlowMatching(train, n_components=10, n_hidden=32)
     >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> model.predict(perturbation="G0005").shape
+    >>> model.predict(perturbation=held).shape  # counterfactuals of the 60 control cells
     (60, 50)
     """
 

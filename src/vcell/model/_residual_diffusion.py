@@ -121,12 +121,17 @@ class ResidualDiffusion(PerturbationModel):
 
     Examples
     --------
+    Out of distribution: a double perturbation held out by :func:`vcell.bench.split`, sampled from its singles.
+
     >>> import vcell
-    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=0, seed=0)
-    >>> vcell.model.ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.ResidualDiffusion(adata, mean_model="additive", n_components=5, n_hidden=32)
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=2, seed=0)
+    >>> vcell.bench.split(adata, kind="combo_half", perturbation_key="perturbation", seed=0)
+    >>> held = adata.uns["vcell_split"]["held_out"][0]  # a double whose cells are all test cells
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()  # (models also skip test cells themselves)
+    >>> vcell.model.ResidualDiffusion.setup_anndata(train, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.ResidualDiffusion(train, mean_model="additive", n_components=5, n_hidden=32)
     >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> model.sample(perturbation="G0005", n_cells=10, seed=0).shape
+    >>> model.sample(perturbation=held, n_cells=10, seed=0).shape
     (10, 50)
     """
 

@@ -169,7 +169,8 @@ def harmonize(
     -------
     The harmonised copy if ``copy=True``, else ``None``.
 
-    Sets the following fields (and logs the report at INFO level on the ``vcell`` logger):
+    Sets the following fields (and logs the report, one line per call, at INFO level on the ``vcell`` logger; at
+    DEBUG when the labels are canonical already):
 
     ``adata.obs['vcell_perturbation']`` : categorical of str
         Canonical label: ``"control"``, ``"A"`` or ``"A+B"`` (categories: ``"control"`` first, then sorted).
@@ -207,17 +208,54 @@ def harmonize(
     >>> adata.obs["vcell_n_perturbations"].tolist()
     [0, 1, 2, 2]
     """
+    check_obs_keys(adata, [perturbation_key], what="perturbation_key")
+    check_obs_keys(adata, [dose_key], what="dose_key")
+    if copy:
+        adata = adata.copy()
+    elif adata.is_view:
+        adata._init_as_actual(adata.copy())
+    _harmonize(adata, perturbation_key=perturbation_key, control=control, sep=sep, dose_key=dose_key)
+    return adata if copy else None
+
+
+def _canonical_columns(adata: AnnData) -> tuple[np.ndarray, ...] | None:
+    """The canonical ``obs`` columns harmonize writes (labels as str), or ``None`` when one is missing."""
+    if not all(c in adata.obs for c in (PERT_COL, N_PERT_COL, DOSE_COL)):
+        return None
+    obs = adata.obs
+    return (
+        obs[PERT_COL].astype(str).to_numpy(),
+        obs[N_PERT_COL].to_numpy(),
+        obs[DOSE_COL].to_numpy(dtype=np.float64),
+    )
+
+
+def _harmonize(
+    adata: AnnData,
+    *,
+    perturbation_key: str,
+    control: str | Sequence[str],
+    sep: str | Sequence[str] = COMBO_SEP,
+    dose_key: str | None = None,
+    log_report: str = "always",
+) -> dict:
+    """:func:`harmonize` in place on an actual (not view) AnnData; returns the report.
+
+    ``log_report`` says when the one-line report is logged at INFO (else at DEBUG): ``"always"`` (a user's call; DEBUG
+    only for input that is canonical already), ``"changed"`` (a call nested in another vcell function, e.g.
+    ``setup_anndata``: INFO only when the canonical columns change, so data harmonised before is not reported
+    twice) or ``"never"``.
+    """
     from vcell import __version__
 
     check_obs_keys(adata, [perturbation_key], what="perturbation_key")
     check_obs_keys(adata, [dose_key], what="dose_key")
     controls = _as_list(control, name="control")
     seps = _as_list(sep, name="sep")
-
-    if copy:
-        adata = adata.copy()
-    elif adata.is_view:
-        adata._init_as_actual(adata.copy())
+    if log_report not in ("always", "changed", "never"):
+        msg = f"log_report must be 'always', 'changed' or 'never', got {log_report!r}"
+        raise ValueError(msg)
+    before = _canonical_columns(adata) if log_report == "changed" else None
 
     col = adata.obs[perturbation_key]
     codes, uniques = _codes_and_uniques(col)
@@ -294,10 +332,15 @@ def harmonize(
         "vcell_version": __version__,
     }
     adata.uns[UNS_KEY] = report
-    # canonical input (as in every model's setup_anndata after harmonize) is logged at DEBUG only
-    changed = bool(report["relabelled"]["raw"]) or perturbation_key != PERT_COL
+    if log_report == "always":  # canonical input is logged at DEBUG only
+        changed = bool(report["relabelled"]["raw"]) or perturbation_key != PERT_COL
+    elif log_report == "changed":
+        after = _canonical_columns(adata)
+        changed = before is None or not all(np.array_equal(b, a) for b, a in zip(before, after, strict=True))
+    else:
+        changed = False
     logger.log(logging.INFO if changed else logging.DEBUG, _summary(report))
-    return adata if copy else None
+    return report
 
 
 def _summary(report: dict) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
-from vcell._utils import check_obs_keys, mudata_no_pull
+from vcell._utils import check_obs_keys, mudata_no_pull, resolve_seed
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -122,8 +122,10 @@ def predict_perturbation(
     Parameters
     ----------
     adata
-        Data with the control cells (``obs['vcell_perturbation'] == 'control'``, or ``controls=``) and the
-        genes the model was trained on; or a MuData whose ``rna`` modality is such data. With a model that
+        Data with the control cells and the genes the model was trained on. Control cells are those with
+        ``obs['vcell_perturbation'] == 'control'`` (:func:`vcell.pp.harmonize`) or, on data never harmonised, those
+        with the model's control label(s) in the ``perturbation_key`` column it was set up with (canonical labels
+        are then computed on the fly, not written into ``adata``); or pass ``controls=``; or a MuData whose ``rna`` modality is such data. With a model that
         registered proteins (``CausalVAE.setup_anndata(mdata, protein_modality=...)``) the proteins are predicted
         too, into the protein modality.
     model
@@ -162,7 +164,8 @@ def predict_perturbation(
     ``adata.obs[f"{key_added}_source"]``
         bool, which cells hold a prediction.
     ``adata.uns[key_added]``
-        ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``.
+        ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``: ``model`` is the model's class name
+        (``"Baseline"``), ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``).
 
     For a MuData these fields go into ``mdata['rna']``; with a protein model also:
 
@@ -175,14 +178,23 @@ def predict_perturbation(
 
     Examples
     --------
+    Out of distribution: the model is trained without the IFN-beta-stimulated CD4 T cells, then predicts them from
+    the CD4T control cells of ``adata`` (never harmonised: the model's ``perturbation_key`` finds the controls).
+
     >>> import vcell
     >>> adata = vcell.datasets.kang2018()
-    >>> vcell.model.Baseline.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.Baseline(adata, method="mean")
+    >>> vcell.bench.split(adata, kind="unseen_cell_type", held_out="CD4T", perturbation_key="perturbation")
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()
+    >>> vcell.model.Baseline.setup_anndata(
+    ...     train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+    ... )
+    >>> model = vcell.model.Baseline(train, method="additive")
     >>> model.train()
-    >>> vcell.tl.predict_perturbation(adata, model, perturbations="IFNb")
+    >>> vcell.tl.predict_perturbation(adata, model, perturbations="IFNb", cell_type="CD4T")
     >>> adata.layers["vcell_pred"].shape
     (1975, 6998)
+    >>> int(adata.obs["vcell_pred_source"].sum())  # the CD4T control cells
+    278
     """
     from vcell import __version__
 
@@ -192,6 +204,7 @@ def predict_perturbation(
         mdata = adata
         adata, prot, prot_rows = _modalities(mdata, model)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
+    seed = resolve_seed(seed)  # recorded as used, never a placeholder
     preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
     prot_preds = {}
     if prot is not None:
@@ -203,9 +216,9 @@ def predict_perturbation(
         "n_cells": int(idx.size),
         "cell_type": cell_type if cell_type is not None else "",
         "dose": float(dose),
-        "seed": -1 if seed is None else int(seed),
+        "seed": seed,
     }
-    info = {"params": params, "model": repr(type(model).__name__), "vcell_version": __version__}
+    info = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
 
     if return_adata:
         out = _predicted_cells(adata, idx, perts, preds, adata.var.copy(), key_added)

@@ -110,17 +110,23 @@ def sample_perturbation(
     ``layers[f"{key_added}_lower"]``, ``layers[f"{key_added}_upper"]``
         Per cell, the interval bounds of its condition (float32), to compare cells with their intervals.
     ``uns[key_added]``
-        ``{"params": {...}, "model": ..., "vcell_version": ...}``.
+        ``{"params": {...}, "model": ..., "vcell_version": ...}``: ``model`` is the model's class name,
+        ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``) and ``params["n_samples"]`` the
+        cells drawn per perturbation.
 
     Examples
     --------
+    Out of distribution: a double perturbation held out by :func:`vcell.bench.split`, sampled from its singles.
+
     >>> import vcell
-    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=0, seed=0)
-    >>> vcell.model.ResidualDiffusion.setup_anndata(adata, perturbation_key="perturbation", control="control")
-    >>> model = vcell.model.ResidualDiffusion(adata, mean_model="additive", n_components=5, n_hidden=32)
+    >>> adata = vcell.datasets.simulate(n_cells=300, n_genes=50, n_perturbations=3, n_combos=2, seed=0)
+    >>> vcell.bench.split(adata, kind="combo_half", perturbation_key="perturbation", seed=0)
+    >>> held = adata.uns["vcell_split"]["held_out"][0]  # a double whose cells are all test cells
+    >>> train = adata[adata.obs["vcell_split"] != "test"].copy()
+    >>> vcell.model.ResidualDiffusion.setup_anndata(train, perturbation_key="perturbation", control="control")
+    >>> model = vcell.model.ResidualDiffusion(train, mean_model="additive", n_components=5, n_hidden=32)
     >>> model.train(max_epochs=2, seed=0, trainer_kwargs={"enable_progress_bar": False})
-    >>> pert = model.mean_model.vocab.atoms[0]
-    >>> sampled = vcell.tl.sample_perturbation(adata, model, perturbations=pert, n_samples=100, seed=0)
+    >>> sampled = vcell.tl.sample_perturbation(train, model, perturbations=held, n_samples=100, seed=0)
     >>> sampled.varm["vcell_sample_upper"].shape
     (50, 1)
     """
@@ -163,7 +169,7 @@ def sample_perturbation(
         _add_intervals(prot, perts, level, key_added)
     params = {
         "perturbations": perts,
-        "n_samples": -1 if n_samples is None else int(n_samples),
+        "n_samples": int(parts[0].n_obs),  # as drawn: one per starting cell when n_samples is None
         "n_starting_cells": int(idx.size),
         "cell_type": cell_type if cell_type is not None else "",
         "dose": float(dose),
