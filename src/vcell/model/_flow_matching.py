@@ -325,7 +325,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
     def _times(self, adata: AnnData) -> np.ndarray:
         check_obs_keys(adata, [self.time_key], what="time_key")
         try:
-            values = adata.obs[self.time_key].to_numpy(dtype=np.float64)
+            values = adata.obs[self.time_key].to_numpy(dtype=np.float64, copy=True)
         except (TypeError, ValueError) as err:
             msg = f"time_key {self.time_key!r} must name a numeric obs column: {err}"
             raise ValueError(msg) from err
