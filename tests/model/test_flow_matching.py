@@ -31,16 +31,6 @@ def _gaussian(n: int = 300, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: more intra-op threads only add synchronisation, and on shared cores their spinning
-    made training ~15x slower (CPU seconds too). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _planted_models(adata, accelerator: str, n_hidden: int = 64, **train) -> dict:
     out = {"adata": adata}
     for coupling in ("ot", "random"):

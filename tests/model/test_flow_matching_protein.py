@@ -17,17 +17,6 @@ QUIET = {"enable_progress_bar": False}
 SMALL = {"n_components": 10, "n_hidden": 64, "n_layers": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These models are tiny: more intra-op threads only add synchronisation, and on shared cores their spinning
-    made training ~15x slower (CPU seconds too; the planted fixture took 40-50 s instead of ~1 s). Restored after
-    the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sim(seed: int = 0, **kw) -> md.MuData:
     args = {"n_cells": 500, "n_genes": 60, "n_perturbations": 3, "n_combos": 0, "n_proteins": 8, "seed": seed}
     return vcell.datasets.simulate(protein=True, **{**args, **kw})

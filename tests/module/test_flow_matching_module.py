@@ -11,16 +11,6 @@ from vcell.module import FlowMatchingModule, ot_pairs, sinkhorn_plan
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY, time_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: more intra-op threads only add synchronisation, and on shared cores their spinning made the
-    training loop below ~15x slower (CPU seconds too). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cost(x0: np.ndarray, x1: np.ndarray, src: np.ndarray) -> float:
     return float(((x0[src] - x1) ** 2).sum())
 
