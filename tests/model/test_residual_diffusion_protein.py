@@ -56,9 +56,11 @@ def trained():
         n_hidden=32,
         n_layers=1,
     )
-    mean_kw = {"max_epochs": 40, "lr": 5e-3, "batch_size": 64, "early_stopping": False, "trainer_kwargs": QUIET}
+    # short training (was 40 + 40 epochs at lr 5e-3, batch 64): with training seeds 0-4 the planted protein
+    # shift is still 1.56-1.68 (thresholds: > 1.0, others < 0.35 of it, r > 0.9), the same margins as before
+    mean_kw = {"max_epochs": 30, "lr": 2e-2, "batch_size": 128, "early_stopping": False, "trainer_kwargs": QUIET}
     model.train(
-        max_epochs=40,
+        max_epochs=10,
         lr=3e-3,
         batch_size=128,
         early_stopping=False,
@@ -241,16 +243,16 @@ def test_mean_model_that_cannot_predict_proteins(monkeypatch):
 
 def test_baseline_mean_model_with_proteins():
     """The additive baseline predicts proteins, so it can be the mean model of a protein ResidualDiffusion."""
-    mdata = _sim(n_cells=300)
+    mdata = _sim(n_cells=120)
     _setup(mdata)
-    rd = ResidualDiffusion(mdata, mean_model="additive", n_components=5, n_hidden=32)
+    rd = ResidualDiffusion(mdata, mean_model="additive", n_components=5, n_hidden=16, n_layers=1)
     rd.train(max_epochs=2, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
     pert = rd.mean_model.vocab.atoms[0]
     np.testing.assert_allclose(
         rd.predict(mdata, perturbation=pert, modality="prot"),
         rd.mean_model.predict(mdata, perturbation=pert, modality="prot"),
     )
-    cells = rd.sample(mdata, perturbation=pert, n_cells=20, seed=0)
+    cells = rd.sample(mdata, perturbation=pert, n_cells=20, seed=0, n_steps=5)
     assert cells.obsm["protein"].shape == (20, 8)
     assert np.isfinite(cells.obsm["protein"].to_numpy()).all()
 
