@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from vcell.bench import PredictionRequest
 
 
+def _scvi_backend(scgen_cls: type) -> bool:
+    """Whether ``pertpy.tl.Scgen`` is the scvi-tools model of pertpy < 1.4 (``train(plan_kwargs=...)``)."""
+    import inspect
+
+    return "plan_kwargs" in inspect.signature(scgen_cls.train).parameters
+
+
 def _balanced_mean(Z: np.ndarray, ctx: np.ndarray) -> np.ndarray:
     """Mean of ``Z`` with every context weighted equally (mean over contexts of the per-context means)."""
     return np.mean([Z[ctx == c].mean(0) for c in np.unique(ctx)], axis=0)
@@ -81,8 +88,12 @@ class ScGen:
         """Train scGen on the training cells and predict every request it can (see the module docstring)."""
         import anndata as ad
         import pandas as pd
-        import scvi
-        from pertpy.tools import Scgen
+
+        try:
+            from pertpy.tools import Scgen
+        except ImportError as err:  # pertpy >= 1.4 without its JAX backend
+            msg = f"scGen needs pertpy's Scgen: {err} (pertpy >= 1.4: pip install 'pertpy[jax]')"
+            raise ImportError(msg) from err
 
         from vcell._utils import expression_for_eval
 
@@ -113,7 +124,11 @@ class ScGen:
             )
             a.var_names = train.var_names.astype(str)
             Scgen.setup_anndata(a, batch_key="condition", labels_key="context")
-            scvi.settings.seed = int(seed)
+            old_api = _scvi_backend(Scgen)
+            if old_api:
+                import scvi
+
+                scvi.settings.seed = int(seed)
             model = Scgen(
                 a,
                 n_hidden=self.n_hidden,
@@ -121,27 +136,36 @@ class ScGen:
                 n_layers=self.n_layers,
                 dropout_rate=self.dropout_rate,
             )
-            model.train(
-                max_epochs=self.max_epochs,
-                batch_size=self.batch_size,
-                early_stopping=True,
-                early_stopping_patience=self.early_stopping_patience,
-                plan_kwargs={"lr": self.lr},
-                accelerator="cpu",
-                enable_progress_bar=False,
-            )
-            history = model.history.get("elbo_train") if hasattr(model, "history") else None
+            train_kw = {
+                "max_epochs": self.max_epochs,
+                "batch_size": self.batch_size,
+                "early_stopping": True,
+                "early_stopping_patience": self.early_stopping_patience,
+            }
+            if old_api:  # pertpy < 1.4: an scvi-tools model (JAX module, Lightning-style train), seeded above
+                model.train(**train_kw, plan_kwargs={"lr": self.lr}, accelerator="cpu", enable_progress_bar=False)
+                history = model.history.get("elbo_train") if hasattr(model, "history") else None
+                decode_fn = model.module.as_bound().generative
+
+                def decode(z: np.ndarray) -> np.ndarray:
+                    return np.asarray(decode_fn(z)["px"], dtype=np.float32)
+            else:  # pertpy >= 1.4: its own JAX training loop (needs ``pertpy[jax]``), seeded through train()
+                model.train(**train_kw, lr=self.lr, seed=int(seed))
+                history = model.history.get("train_loss")
+
+                def decode(z: np.ndarray) -> np.ndarray:
+                    return np.asarray(model._decode(z), dtype=np.float32)
+
             self.last_epochs = len(history) if history is not None else 0
             fit_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             Z = np.asarray(model.get_latent_representation(a, give_mean=True))
-            decode = model.module.as_bound().generative
             z_ctrl = _balanced_mean(Z[cond == CONTROL], ctx[cond == CONTROL])
             for r in todo:
                 parts = [r.perturbation] if r.perturbation in trained else r.perturbation.split("+")
                 delta = sum(_balanced_mean(Z[cond == p], ctx[cond == p]) - z_ctrl for p in parts)
                 z = Z[np.asarray(r.controls, dtype=int)] + delta
-                out[r.condition] = np.asarray(decode(z)["px"], dtype=np.float32)
+                out[r.condition] = decode(z)
             predict_s = time.perf_counter() - t0
         self.last_resources = {
             "fit_s": fit_s,
