@@ -4,7 +4,8 @@
 # Usage: bash benchmarks/peers/setup_envs.sh [gears] [state] [cellflow]   (default: all three)
 #
 # Peers are never dependencies of vcell. scGen runs in vcell's own environment through pertpy
-# (pip install "pertpy==1.0.3" "statsmodels<0.15"), so it has no venv here.
+# (Python 3.11: pip install "pertpy==1.0.3" "statsmodels<0.15"; Python >= 3.12: pip install "pertpy[jax]>=1.4",
+# whose Scgen is its own JAX model), so it has no venv here.
 # CPA (cpa-tools) is not built: it requires torch < 2 and scvi-tools < 1, which cannot be installed
 # next to a current torch/Python 3.11 stack.
 #
