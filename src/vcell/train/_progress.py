@@ -81,6 +81,8 @@ class ShortNamesTQDMProgressBar(TQDMProgressBar):
 
 def progress_bar() -> RichProgressBar | TQDMProgressBar:
     """The progress bar Lightning would pick (rich when installed, else tqdm), with short metric names."""
-    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
-
+    try:
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+    except ImportError:  # lightning < 2.5 has no rich default: its bar is tqdm
+        _RICH_AVAILABLE = False
     return ShortNamesRichProgressBar() if _RICH_AVAILABLE else ShortNamesTQDMProgressBar()
