@@ -174,7 +174,8 @@ def test_evaluate_perturbation_with_one_true_cell(data):
 
 
 def test_pathway_nets_add_pathway_agreement(shared_data):
-    pytest.importorskip("decoupler")
+    # no importorskip("decoupler"): pathway_agreement is vcell's own (test_pathway checks it against decoupler), and
+    # importing decoupler here only cost this test its import time
     net = pd.read_csv(shared_data / "prior_knowledge" / "progeny_human_top500.csv")
     genes = net["target"].drop_duplicates().to_numpy()[:600]
     rng = np.random.default_rng(0)

@@ -37,11 +37,13 @@ def _n_controls(adata) -> int:
 
 def test_planted_additive_effects_are_recovered(accelerator):
     """Singles and additive doubles of a simulation: predicted mean shifts of control cells match the true shifts."""
-    adata = vcell.datasets.simulate(n_cells=1000, n_genes=40, n_perturbations=4, n_combos=2, frac_epistatic=0.0, seed=3)
+    # 600 cells, 30 epochs at lr 1e-2 (a fifth of the former 1000 cells x 100 epochs at 1e-3): min r 0.95-0.97 over
+    # simulation seeds 3-6, where the former setting reached 0.93-0.95
+    adata = vcell.datasets.simulate(n_cells=600, n_genes=40, n_perturbations=4, n_combos=2, frac_epistatic=0.0, seed=3)
     sim = adata.uns["vcell_simulation"]
     _setup(adata)
     model = vcell.model.CausalVAE(adata, n_latent=10, n_hidden=64, dropout=0.0)
-    model.train(max_epochs=100, batch_size=64, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
+    model.train(max_epochs=30, lr=1e-2, batch_size=64, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
     E = log1p_cp10k(adata.X)
     labels = adata.obs["perturbation"].astype(str).to_numpy()
     ctrl_mean = E[labels == "control"].mean(0)

@@ -29,10 +29,12 @@ def _setup(mdata, **kw) -> None:
 
 @pytest.fixture(scope="module")
 def trained():
-    mdata = _sim()
+    # 300 cells, 30 epochs at lr 1e-2 (a third of the former 600 cells x 60 epochs at 1e-3): with simulation seeds
+    # 0-3 the planted-shift test passes with margin (r 0.95-0.99 > 0.8) and samples are within 0.19 of the mean
+    mdata = _sim(n_cells=300)
     _setup(mdata)
     model = vcell.model.CausalVAE(mdata, n_latent=8, n_hidden=64, dropout=0.0)
-    model.train(max_epochs=60, batch_size=64, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
+    model.train(max_epochs=30, lr=1e-2, batch_size=64, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
     return mdata, model
 
 

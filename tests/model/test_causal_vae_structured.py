@@ -129,8 +129,10 @@ def test_regulatory_penalty_pulls_predictions_towards_the_edge_signs(tmp_path):
         d = torch.as_tensor(model.predict(perturbation="G0005").mean(0) - ctrl)
         return float(regulatory_penalty(d, tf, target, sign))
 
-    free = _fit(adata, epochs=40, lr=1e-2, seed=1)
-    held = _fit(adata, epochs=40, lr=1e-2, seed=1, regulatory_network=net, regulatory_weight=3.0)
+    # 20 epochs at lr 3e-2 (formerly 40 at 1e-2, where the free model's 0.059 sat just above 0.05): over training
+    # seeds 1-4 the free model reaches 0.11-0.17 and the held one 0.5-1.6% of it
+    free = _fit(adata, epochs=20, lr=3e-2, seed=1)
+    held = _fit(adata, epochs=20, lr=3e-2, seed=1, regulatory_network=net, regulatory_weight=3.0)
     assert len(held.module.regulatory_tf) == 21
     assert contradiction(free) > 0.05  # the unconstrained model predicts the data's co-changes (true value 0.40)
     assert contradiction(held) < 0.05 * contradiction(free)

@@ -12,6 +12,10 @@ from vcell.module import effective_rank
 
 QUIET = {"enable_progress_bar": False}
 FAST = {"n_latent": 32, "n_modules": 8, "n_hidden": 64}
+#: pretraining of the shared model (and of its no-anti-collapse twin): 10 epochs at lr 3e-3, formerly 30 at 1e-3.
+#: Over simulation seeds 0-2 it ends as spread (embedding std min 0.79-0.82, mean 0.90-0.92, effective rank
+#: 17-18) and the twin as collapsed (std ratio 0.22-0.37; the 30 epochs gave 0.23 and 0.41 for seeds 0-1)
+PRETRAIN = {"max_epochs": 10, "lr": 3e-3, "batch_size": 128}
 
 
 def _sim(seed: int = 0, **kw) -> ad.AnnData:
@@ -25,8 +29,9 @@ def _sim(seed: int = 0, **kw) -> ad.AnnData:
 def trained(accelerator) -> dict:
     adata = _sim()
     model = CellJEPA(adata, **FAST)  # co-expression modules, transformer, JEPA, EMA, anti-collapse
-    model.pretrain(max_epochs=30, batch_size=128, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
-    model.train(max_epochs=60, batch_size=128, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
+    model.pretrain(**PRETRAIN, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
+    # 20 transition epochs at lr 1e-2 (formerly 60 at 1e-3): pearson delta >= 0.90 over seeds 0-2, retrieval top-1
+    model.train(max_epochs=20, lr=1e-2, batch_size=128, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
     return {"adata": adata, "model": model}
 
 
@@ -43,7 +48,7 @@ def test_no_collapse_with_anti_collapse(trained, accelerator):
     # the diagnostics are logged per epoch
     h = model.pretrain_history_
     assert {"train_jepa", "train_variance", "train_covariance", "train_embedding_std", "train_effective_rank"} <= set(h)
-    assert len(h["train_embedding_std"]) == 30
+    assert len(h["train_embedding_std"]) == PRETRAIN["max_epochs"]
     assert h["train_effective_rank"].iloc[-1, 0] > 8
     assert h["train_embedding_std"].iloc[-1, 0] > 0.6
     assert {"transition_train_loss", "train_transition_mse", "train_decoder_mse", "train_effective_rank"} <= set(
@@ -51,7 +56,7 @@ def test_no_collapse_with_anti_collapse(trained, accelerator):
     )
     # with EMA and anti-collapse off the embedding shrinks toward a constant
     off = CellJEPA(trained["adata"], **FAST, ema=False, anti_collapse=False)
-    off.pretrain(max_epochs=30, batch_size=128, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
+    off.pretrain(**PRETRAIN, seed=0, accelerator=accelerator, trainer_kwargs=QUIET)
     std_off = off.get_latent_representation().std(0)
     print("embedding std without anti-collapse", std_off.mean())
     assert std_off.mean() < 0.5 * std.mean()
@@ -176,12 +181,12 @@ def test_options_train(kw, accelerator):
 
 
 def test_same_seed_same_model_and_save_load(tmp_path):
-    adata = _sim(n_cells=200)
+    adata = _sim(n_cells=100)
     p = str(adata.uns["vcell_simulation"]["perturbations"][0])
 
-    def fit(seed: int) -> CellJEPA:
-        m = CellJEPA(adata, n_latent=16, n_modules=4)
-        m.train(max_epochs=3, pretrain_epochs=3, seed=seed, accelerator="cpu", trainer_kwargs=QUIET)
+    def fit(seed: int) -> CellJEPA:  # tiny, 2 epochs each (the per-epoch reshuffle included): seeding, not learning
+        m = CellJEPA(adata, n_latent=16, n_modules=4, n_hidden=16, n_layers=1)
+        m.train(max_epochs=2, pretrain_epochs=2, seed=seed, accelerator="cpu", trainer_kwargs=QUIET)
         return m
 
     m1, m2, m3 = fit(7), fit(7), fit(8)

@@ -49,8 +49,13 @@ def planted() -> dict:
     P[labels == pert, protein] *= 6.0
     mdata["prot"].X = P
     _setup(mdata)
+    # 5 pretraining + 20 transition epochs at lr 1e-2 (formerly 20 + 40 at 1e-3): over simulation seeds 0-3 every
+    # check below passes (r 0.986-0.998; the other perturbation moves the protein 0.13-0.26), the former setting
+    # failed seed 1 (0.32)
     model = CellJEPA(mdata, n_latent=16, n_modules=4, n_hidden=64)
-    model.train(max_epochs=40, pretrain_epochs=20, batch_size=128, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
+    model.train(
+        max_epochs=20, pretrain_epochs=5, lr=1e-2, batch_size=128, seed=0, accelerator="cpu", trainer_kwargs=QUIET
+    )
     return {"mdata": mdata, "model": model, "pert": pert, "protein": protein, "labels": labels, "L": log1p_cp10k(P)}
 
 
@@ -174,9 +179,9 @@ def test_unmeasured_cells_train_and_save_load(tmp_path, protein_round_trip):
 
 
 def test_same_seed_same_numbers():
-    mdata = _sim(seed=2)
+    mdata = _sim(seed=2, n_cells=100)
     _setup(mdata)
-    m1, m2, m3 = _fit(mdata, seed=7), _fit(mdata, seed=7), _fit(mdata, seed=8)
+    m1, m2, m3 = (_fit(mdata, seed=s, epochs=2) for s in (7, 7, 8))  # 2 epochs: the per-epoch reshuffle too
     pert = m1.atoms_[0]
     for modality in ("rna", "prot"):
         p1 = m1.predict(mdata, perturbation=pert, modality=modality)

@@ -20,17 +20,23 @@ def _sim(with_val: bool):
     return adata, np.flatnonzero(split == "test")
 
 
-def _fit(cls, adata, **init):
+def _fit(cls, adata, train=None, **init):
     cls.setup_anndata(adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
     model = cls(adata, **init)
-    model.train(max_epochs=1, seed=0, accelerator="cpu", trainer_kwargs=QUIET)
+    model.train(max_epochs=1, seed=0, accelerator="cpu", trainer_kwargs=QUIET, **(train or {}))
     return model
 
 
+#: (class, init kwargs, extra train kwargs): tiny models, one epoch; the split wiring does not depend on their size
 MODELS = {
-    "CausalVAE": (vcell.model.CausalVAE, {"n_latent": 4, "n_hidden": 16}),
-    "FlowMatching": (vcell.model.FlowMatching, {"n_components": 5, "n_hidden": 16}),
-    "CellJEPA": (vcell.model.CellJEPA, {"n_latent": 8, "n_modules": 3}),
+    "CausalVAE": (vcell.model.CausalVAE, {"n_latent": 4, "n_hidden": 16}, {}),
+    "FlowMatching": (vcell.model.FlowMatching, {"n_components": 5, "n_hidden": 16}, {}),
+    # CellJEPA.train pretrains first, 100 epochs by default: one is enough here
+    "CellJEPA": (
+        vcell.model.CellJEPA,
+        {"n_latent": 8, "n_modules": 3, "n_hidden": 16, "n_layers": 1, "n_heads": 2},
+        {"pretrain_epochs": 1},
+    ),
 }
 
 
@@ -38,10 +44,12 @@ MODELS = {
 @pytest.mark.parametrize("name", list(MODELS))
 def test_test_cells_are_neither_trained_nor_validated_on(name: str, with_val: bool):
     adata, test = _sim(with_val)
-    cls, init = MODELS[name]
-    model = _fit(cls, adata, **init)
+    cls, init, train = MODELS[name]
+    model = _fit(cls, adata, train, **init)
     used = np.concatenate([model.train_indices_, model.validation_indices_])
     assert not np.isin(test, used).any()
+    if hasattr(model, "pretrain_indices_"):  # CellJEPA's encoder pretraining
+        assert not np.isin(test, model.pretrain_indices_).any()
     # every non-test cell is used (a seeded share of them for validation when there are no 'val' cells)
     assert len(np.unique(used)) == adata.n_obs - len(test) == len(used)
     if with_val:
@@ -53,7 +61,7 @@ def test_test_cells_are_neither_trained_nor_validated_on(name: str, with_val: bo
 def test_all_test_cells_is_a_clear_error():
     adata, _ = _sim(False)
     adata.obs["vcell_split"] = "test"
-    cls, init = MODELS["CausalVAE"]
+    cls, init, _ = MODELS["CausalVAE"]
     cls.setup_anndata(adata, perturbation_key="perturbation", control="control")
     model = cls(adata, **init)
     with pytest.raises(ValueError, match="no cells to train on"):

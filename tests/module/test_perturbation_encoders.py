@@ -330,9 +330,9 @@ def test_gene_graph_fits_seen_atoms():
     torch.manual_seed(0)
     graph = GeneGraphOperators(edges, atom_nodes, dim=8, n_nodes=n, n_embed=16, n_hidden=32)
     target = torch.randn(30, 8, generator=torch.Generator().manual_seed(2))
-    opt = torch.optim.Adam(graph.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(graph.parameters(), lr=3e-2)
     first = None
-    for _ in range(300):
+    for _ in range(60):  # the loss falls below 0.001 of its first value (formerly 300 steps at lr 1e-2)
         loss = ((graph() - target) ** 2).mean()
         first = loss.item() if first is None else first
         opt.zero_grad()
@@ -350,8 +350,8 @@ def test_gene_graph_predicts_unseen_atoms_of_a_smooth_signal():
     seen = torch.as_tensor(np.random.default_rng(0).random(n) > 0.2)
     torch.manual_seed(0)
     graph = GeneGraphOperators((src, (src + np.tile([1, 2, 3], n)) % n), np.arange(n), dim=3, seen_atoms=seen.numpy())
-    opt = torch.optim.Adam(graph.parameters(), lr=1e-2)
-    for _ in range(300):
+    opt = torch.optim.Adam(graph.parameters(), lr=3e-2)
+    for _ in range(60):  # fits closer than 300 steps at lr=1e-2 did (unseen mse/zero 0.09 vs 0.29, r 0.96 vs 0.88)
         loss = ((graph()[seen] - target[seen]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
