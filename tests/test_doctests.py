@@ -3,7 +3,8 @@
 ``--doctest-modules`` over the whole package would import the model stack (torch, scvi-tools, JAX) and train models,
 so only modules whose examples run in well under a second are collected here: every module of ``vcell.pp``,
 ``vcell.metrics``, ``vcell.datasets`` and ``vcell.pl`` (new files there are picked up automatically), plus
-``vcell.bench._split``, ``vcell.bench._leakage``, ``vcell.data._vocab`` and ``vcell.data._datamodule``.
+``vcell.bench._split``, ``vcell.bench._leakage``, ``vcell.data._vocab``, ``vcell.data._datamodule`` and
+``vcell.data._chunked``.
 
 Not run here (their examples train models or import scvi-tools; run them with
 ``python -m doctest -o ELLIPSIS -o NORMALIZE_WHITESPACE <file>`` or ``pytest --doctest-modules <file>``):
@@ -21,7 +22,13 @@ import pkgutil
 import pytest
 
 WHOLE_PACKAGES = ("vcell.pp", "vcell.metrics", "vcell.datasets", "vcell.pl")
-EXTRA_MODULES = ("vcell.bench._split", "vcell.bench._leakage", "vcell.data._vocab", "vcell.data._datamodule")
+EXTRA_MODULES = (
+    "vcell.bench._split",
+    "vcell.bench._leakage",
+    "vcell.data._vocab",
+    "vcell.data._datamodule",
+    "vcell.data._chunked",
+)
 # modules without examples (private helpers); every other collected module must have at least one
 NO_EXAMPLES = {"vcell.metrics._common", "vcell.pl._utils"}
 

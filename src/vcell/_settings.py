@@ -58,6 +58,9 @@ class VCellSettings:
         Show progress bars on long work.
     verbosity
         Logging level of the ``vcell`` logger (``"warning"``, ``"info"``, ``"debug"``).
+    chunk_elements
+        Most values (cells x genes) read at once by statistics over all cells (:func:`vcell.data.iter_row_blocks`):
+        the default, 2**22, bounds a dense float64 block to 32 MiB, whatever the number of cells.
     """
 
     def __init__(self) -> None:
@@ -65,6 +68,7 @@ class VCellSettings:
         self.device: Literal["auto", "cpu", "cuda"] = "auto"
         self.n_jobs: int = 1
         self.progress_bar: bool = True
+        self.chunk_elements: int = 1 << 22
         self._verbosity = "info"
 
     @property
@@ -84,7 +88,7 @@ class VCellSettings:
     def __repr__(self) -> str:
         return (
             f"VCellSettings(seed={self.seed}, device={self.device!r}, n_jobs={self.n_jobs}, "
-            f"progress_bar={self.progress_bar}, verbosity={self.verbosity!r})"
+            f"progress_bar={self.progress_bar}, verbosity={self.verbosity!r}, chunk_elements={self.chunk_elements})"
         )
 
 

@@ -50,27 +50,24 @@ def to_dense(X: np.ndarray | sparse.spmatrix, dtype: type = np.float32) -> np.nd
     return np.asarray(X, dtype=dtype)
 
 
-def _values(X: np.ndarray | sparse.spmatrix) -> np.ndarray:
-    return X.data if sparse.issparse(X) else np.asarray(X).ravel()
-
-
 def check_finite_nonnegative(X: np.ndarray | sparse.spmatrix, *, name: str = "X") -> None:
-    """Raise a :class:`ValueError` if ``X`` holds NaN/inf or negative values (counts were expected)."""
-    vals = _values(X)
-    if vals.size and not np.all(np.isfinite(vals)):
-        msg = f"{name} contains NaN or infinite values; expected finite non-negative counts"
-        raise ValueError(msg)
-    if vals.size and vals.min() < 0:
-        msg = f"{name} contains negative values (min {vals.min():.3g}); expected non-negative counts"
-        raise ValueError(msg)
+    """Raise a :class:`ValueError` if ``X`` holds NaN/inf or negative values (counts were expected).
+
+    Every value is checked, in row blocks (:func:`vcell.data.check_finite_nonnegative`); ``X`` may be backed.
+    """
+    from vcell.data._chunked import check_finite_nonnegative as _check
+
+    _check(X, name=name)
 
 
-def is_count_matrix(X: np.ndarray | sparse.spmatrix, n_check: int = 10_000) -> bool:
-    """Whether ``X`` looks like raw counts: non-negative integers (checked on up to ``n_check`` values)."""
-    vals = _values(X)[:n_check]
-    if vals.size == 0:
-        return True
-    return bool(np.all(vals >= 0) and np.all(np.abs(vals - np.round(vals)) < 1e-6) and vals.max() > 20)
+def is_count_matrix(X: np.ndarray | sparse.spmatrix) -> bool:
+    """Whether ``X`` looks like raw counts: non-negative integers, the largest above 20 (every value is read).
+
+    See :func:`vcell.data.is_count_matrix`; ``X`` may be backed.
+    """
+    from vcell.data._chunked import is_count_matrix as _is_counts
+
+    return _is_counts(X)
 
 
 def log1p_cp10k(X: np.ndarray | sparse.spmatrix, *, target_sum: float = 1e4) -> np.ndarray:

@@ -1,7 +1,17 @@
-"""Data layer: registry on scvi-tools' AnnDataManager, perturbation vocabulary, control pairing."""
+"""Data layer: registry on scvi-tools' AnnDataManager, perturbation vocabulary, control pairing, chunked statistics."""
 
 from vcell._constants import CONTROL, DOSE_COL, N_PERT_COL, PERT_COL, REGISTRY_KEYS
 
+from ._chunked import (
+    check_finite_nonnegative,
+    gene_mean_var,
+    group_means,
+    group_sums,
+    is_count_matrix,
+    iter_row_blocks,
+    library_sizes,
+    log1p_cp10k_block,
+)
 from ._datamodule import PairedDataModule, pair_controls
 from ._registry import (
     context_labels,
@@ -13,6 +23,14 @@ from ._registry import (
 from ._vocab import PerturbationVocab
 
 __all__ = [
+    "iter_row_blocks",
+    "library_sizes",
+    "check_finite_nonnegative",
+    "is_count_matrix",
+    "log1p_cp10k_block",
+    "group_sums",
+    "group_means",
+    "gene_mean_var",
     "PerturbationVocab",
     "PairedDataModule",
     "pair_controls",

@@ -1,0 +1,468 @@
+"""Statistics over all cells, read in row blocks: no matrix is ever densified whole.
+
+Every statistic vcell needs over all cells (library sizes, input checks, group means of log1p(CP10k), per-gene
+mean and variance) is computed here from :func:`iter_row_blocks`, which reads ``adata.X`` (or a layer) block by
+block whatever holds it: a dense array, a SciPy CSR/CSC matrix, or a backed h5ad (``anndata.read_h5ad(path,
+backed="r")``: anndata's ``CSRDataset``/``CSCDataset`` or an h5py dataset), read through anndata's own slicing.
+A block has at most ``chunk_elements`` values (rows x genes; default ``vcell.settings.chunk_elements``), so the
+memory a statistic needs is bounded by that budget plus its output, not by the number of cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from vcell._settings import logger, settings
+
+Block = np.ndarray | sparse.csr_matrix
+Transform = Literal["log1p_cp10k"] | None
+
+#: values above which an integer matrix is taken for counts (:func:`is_count_matrix`)
+COUNT_MAX_THRESHOLD = 20
+
+
+def _chunk_rows(n_vars: int, chunk_elements: int | None) -> int:
+    budget = int(settings.chunk_elements if chunk_elements is None else chunk_elements)
+    if budget < 1:
+        msg = f"chunk_elements must be a positive number of values, got {budget}"
+        raise ValueError(msg)
+    return max(1, budget // max(int(n_vars), 1))
+
+
+def _source_kind(X: Any) -> str:
+    if isinstance(X, np.ndarray):
+        return "dense"
+    if sparse.issparse(X):
+        return "sparse"
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if isinstance(X, CSRDataset):
+        return "backed_csr"
+    if isinstance(X, CSCDataset):
+        return "backed_csc"
+    if hasattr(X, "shape") and hasattr(X, "__getitem__"):
+        return "array_like"  # h5py/zarr datasets (a backed dense X), dask arrays, ...
+    msg = f"cannot read rows of a {type(X).__name__}: expected a numpy array, a SciPy sparse matrix or a backed matrix"
+    raise TypeError(msg)
+
+
+def _as_block(part: Any) -> Block:
+    """A dense ndarray or a ``csr_matrix`` of what slicing a matrix returned."""
+    if hasattr(part, "compute"):  # dask
+        part = part.compute()
+    if sparse.issparse(part):
+        return part if isinstance(part, sparse.csr_matrix) else sparse.csr_matrix(part)
+    return np.asarray(part)
+
+
+def _read_rows(X: Any, kind: str, rows: np.ndarray | slice, n_obs: int, chunk_elements: int | None) -> Block:
+    """Rows ``rows`` (a slice, or integer indices in any order) of ``X`` as one block."""
+    if kind == "backed_csc":  # rows are the minor axis: read column blocks (CSC's major axis), keep these rows
+        n_cols = X.shape[1]
+        step = max(1, _chunk_rows(n_obs, chunk_elements))
+        parts = [sparse.csc_matrix(X[:, c : min(c + step, n_cols)])[rows] for c in range(0, max(n_cols, 1), step)]
+        return sparse.csr_matrix(sparse.hstack(parts, format="csr"))
+    if isinstance(rows, slice) or kind in ("dense", "sparse"):
+        return _as_block(X[rows])
+    uniq, inverse = np.unique(rows, return_inverse=True)  # backed stores read increasing indices
+    block = _as_block(X[uniq])
+    return block if len(uniq) == len(rows) and np.array_equal(uniq, rows) else block[inverse]
+
+
+def iter_row_blocks(
+    X: Any, *, rows: Sequence[int] | np.ndarray | None = None, chunk_elements: int | None = None
+) -> Iterator[tuple[int, int, Block]]:
+    """Blocks of rows of a matrix, each at most ``chunk_elements`` values (rows x columns).
+
+    Parameters
+    ----------
+    X
+        Cells x genes: a dense array, a SciPy sparse matrix (any format), or a backed matrix (``adata.X`` of
+        ``anndata.read_h5ad(path, backed="r")``: anndata's ``CSRDataset``/``CSCDataset`` or an h5py dataset; zarr
+        and dask arrays are read the same way).
+    rows
+        Integer indices of the rows to read, in that order; ``None`` reads all rows.
+    chunk_elements
+        Most values in a block (rows x genes); ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Yields
+    ------
+    ``(start, stop, block)``: the block holds rows ``start:stop`` of ``X`` (of ``rows`` when given), as a dense
+    array of ``X``'s dtype for dense input and a ``csr_matrix`` for sparse input. A backed CSC matrix is read by
+    column blocks for every row block (correct and bounded in memory, but it reads the file once per block:
+    store large matrices as CSR).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import sparse
+    >>> X = sparse.csr_matrix(np.arange(12.0).reshape(4, 3))
+    >>> [(start, stop, block.shape) for start, stop, block in iter_row_blocks(X, chunk_elements=6)]
+    [(0, 2, (2, 3)), (2, 4, (2, 3))]
+    """
+    kind = _source_kind(X)
+    if kind == "sparse" and X.format not in ("csr", "csc"):
+        X = sparse.csr_matrix(X)
+    elif kind == "dense" and isinstance(X, np.matrix):
+        X = np.asarray(X)
+    n_obs, n_vars = X.shape
+    idx = None if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    if idx is not None and idx.size and (idx.min() < -n_obs or idx.max() >= n_obs):
+        msg = f"rows out of range for a matrix of {n_obs} rows"
+        raise IndexError(msg)
+    if idx is not None:
+        idx = np.where(idx < 0, idx + n_obs, idx)
+    n = n_obs if idx is None else idx.size
+    step = _chunk_rows(n_vars, chunk_elements)
+    if kind == "backed_csc" and n > step:
+        logger.debug("backed CSC matrix: read once per block of %d rows (CSR is read once in all)", step)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        sel = slice(start, stop) if idx is None else idx[start:stop]
+        block = _read_rows(X, kind, sel, n_obs, chunk_elements)
+        if sparse.issparse(block) and block.format != "csr":
+            block = sparse.csr_matrix(block)
+        yield start, stop, block
+
+
+def _values(block: Block) -> np.ndarray:
+    return block.data if sparse.issparse(block) else block.ravel()
+
+
+def log1p_cp10k_block(block: Block, *, target_sum: float = 1e4) -> Block:
+    """``log1p`` of the rows of a block normalised to ``target_sum`` each: float32, sparse for sparse input.
+
+    Row for row the values of :func:`vcell._utils.log1p_cp10k` (same operations in float64, then float32).
+
+    Parameters
+    ----------
+    block
+        Rows of counts (dense or CSR), whole rows: the library size is the row's sum.
+    target_sum
+        Total each row is scaled to.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> log1p_cp10k_block(np.array([[1.0, 3.0], [0.0, 0.0]]), target_sum=4.0).tolist()
+    [[0.6931471824645996, 1.3862943649291992], [0.0, 0.0]]
+    """
+    if sparse.issparse(block):
+        B = sparse.csr_matrix(block, dtype=np.float64)
+        totals = np.asarray(B.sum(axis=1)).ravel()
+        totals[totals == 0] = 1.0
+        B = sparse.csr_matrix(sparse.diags(target_sum / totals) @ B)
+        B.data = np.log1p(B.data)
+        return B.astype(np.float32)
+    B = np.asarray(block, dtype=np.float64)
+    totals = B.sum(axis=1, keepdims=True)
+    totals[totals == 0] = 1.0
+    return np.log1p(B / totals * target_sum).astype(np.float32)
+
+
+def _transform(block: Block, transform: Transform, target_sum: float) -> Block:
+    if transform is None:
+        return block
+    if transform == "log1p_cp10k":
+        return log1p_cp10k_block(block, target_sum=target_sum)
+    msg = f"transform must be None or 'log1p_cp10k', got {transform!r}"
+    raise ValueError(msg)
+
+
+def library_sizes(
+    X: Any, *, rows: Sequence[int] | np.ndarray | None = None, chunk_elements: int | None = None
+) -> np.ndarray:
+    """Sum of each row (a cell's library size), float64, read in row blocks.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    rows
+        Rows to read (in that order); ``None``: all.
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> library_sizes(np.array([[1, 2], [3, 4], [0, 0]]), chunk_elements=2).tolist()
+    [3.0, 7.0, 0.0]
+    """
+    n = X.shape[0] if rows is None else len(rows)
+    out = np.zeros(n, dtype=np.float64)
+    for start, stop, block in iter_row_blocks(X, rows=rows, chunk_elements=chunk_elements):
+        out[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+    return out
+
+
+def check_finite_nonnegative(X: Any, *, name: str = "X", chunk_elements: int | None = None) -> None:
+    """Raise a :class:`ValueError` if ``X`` holds NaN/inf or negative values (counts were expected).
+
+    Every value is checked, block by block; NaN/inf is reported before negative values.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    name
+        How the error message names ``X``.
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_finite_nonnegative(np.array([[0.0, 2.0]]))
+    >>> check_finite_nonnegative(np.array([[0.0, -2.0]]), name="adata.X")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X contains negative values (min -2); expected non-negative counts
+    """
+    lowest = np.inf
+    for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
+        vals = _values(block)
+        if not vals.size:
+            continue
+        if not np.all(np.isfinite(vals)):
+            msg = f"{name} contains NaN or infinite values; expected finite non-negative counts"
+            raise ValueError(msg)
+        lowest = min(lowest, float(vals.min()))
+    if lowest < 0:
+        msg = f"{name} contains negative values (min {lowest:.3g}); expected non-negative counts"
+        raise ValueError(msg)
+
+
+def is_count_matrix(X: Any, *, chunk_elements: int | None = None) -> bool:
+    """Whether ``X`` looks like raw counts: every value a non-negative integer, and the largest above 20.
+
+    Every value is read, block by block (it stops at the first value that is not a non-negative integer); the
+    largest value is that of the whole matrix, so a low-depth screen whose first cells hold only small counts is
+    still recognised. A matrix without stored values (sparse, all zero) counts as counts.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_count_matrix(np.array([[0, 3], [25, 1]])), is_count_matrix(np.array([[0.0, 0.7], [2.3, 1.0]]))
+    (True, False)
+    """
+    largest, seen = -np.inf, False
+    for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
+        vals = _values(block)
+        if not vals.size:
+            continue
+        seen = True
+        if not np.all(vals >= 0):  # NaN fails too
+            return False
+        if not np.issubdtype(vals.dtype, np.integer) and not np.all(np.abs(vals - np.round(vals)) < 1e-6):
+            return False
+        largest = max(largest, float(vals.max()))
+    return (not seen) or largest > COUNT_MAX_THRESHOLD
+
+
+def _design(labels: Any) -> tuple[sparse.csc_matrix, pd.Index]:
+    """Indicator matrix (groups x cells, CSC) of the labels, and the groups (sorted); missing labels: no group."""
+    cat = pd.Series(np.asarray(labels)).astype("category")
+    codes = cat.cat.codes.to_numpy()
+    keep = np.flatnonzero(codes >= 0)
+    ind = sparse.csc_matrix(
+        (np.ones(keep.size), (codes[keep], keep)), shape=(len(cat.cat.categories), len(codes)), dtype=np.float64
+    )
+    return ind, pd.Index(cat.cat.categories, name="label")
+
+
+def group_sums(
+    X: Any,
+    weights: sparse.spmatrix | np.ndarray,
+    *,
+    transform: Transform = None,
+    target_sum: float = 1e4,
+    skipna: bool = False,
+    chunk_elements: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``weights @ T(X)``, float64, read in row blocks; ``T`` is ``transform`` applied to each row.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    weights
+        Groups x cells: each row a group's weight per cell (0: the cell is not in the group).
+    transform
+        ``None`` (the values of ``X``) or ``"log1p_cp10k"`` (log1p of each row scaled to ``target_sum``).
+    target_sum
+        Row total of ``"log1p_cp10k"``.
+    skipna
+        Leave NaN values out of the sums (and of the counts).
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Returns
+    -------
+    ``(sums, counts)``, both groups x genes: the weighted sums, and the number of cells with a non-zero weight in
+    each group whose value was used (all of the group's cells unless ``skipna`` left NaN out).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])
+    >>> sums, counts = group_sums(X, np.array([[1.0, 1.0, 0.0], [0.0, 0.5, 2.0]]), skipna=True)
+    >>> sums.tolist(), counts.tolist()
+    ([[4.0, 2.0], [11.5, 12.0]], [[2.0, 1.0], [2.0, 1.0]])
+    """
+    W = sparse.csc_matrix(weights, dtype=np.float64)
+    if W.shape[1] != X.shape[0]:
+        msg = f"weights have {W.shape[1]} columns, X has {X.shape[0]} rows"
+        raise ValueError(msg)
+    member = W.copy()
+    member.data = (member.data != 0).astype(np.float64)
+    n_groups, n_vars = W.shape[0], X.shape[1]
+    sums = np.zeros((n_groups, n_vars), dtype=np.float64)
+    counts = np.repeat(np.asarray(member.sum(axis=1), dtype=np.float64).reshape(-1, 1), n_vars, axis=1)
+    used = np.flatnonzero(np.diff(W.indptr) > 0)  # cells in some group
+    if used.size == 0:
+        return sums, counts
+    if used.size > X.shape[0] // 2:  # read contiguous blocks (cheapest for backed data), skipping no cell
+        used = None
+    for start, stop, block in iter_row_blocks(X, rows=used, chunk_elements=chunk_elements):
+        cells = slice(start, stop) if used is None else used[start:stop]
+        E = _transform(block, transform, target_sum)
+        Wb = W[:, cells]
+        if skipna:
+            if sparse.issparse(E):
+                bad = E.copy()
+                bad.data = (~np.isfinite(E.data)).astype(np.float64)
+                E = E.copy()
+                E.data = np.where(np.isfinite(E.data), E.data, 0.0)
+                counts -= np.asarray((member[:, cells] @ bad).toarray())
+            else:
+                finite = np.isfinite(E)
+                counts -= member[:, cells] @ (~finite).astype(np.float64)
+                E = np.where(finite, E, 0.0)
+        part = Wb @ E
+        sums += part.toarray() if sparse.issparse(part) else np.asarray(part)
+    return sums, counts
+
+
+def group_means(
+    X: Any,
+    labels: Sequence | pd.Series | np.ndarray,
+    *,
+    transform: Transform = None,
+    target_sum: float = 1e4,
+    skipna: bool = False,
+    chunk_elements: int | None = None,
+) -> pd.DataFrame:
+    """Mean of the (transformed) rows of ``X`` per label, read in row blocks.
+
+    Equal to :func:`vcell._utils.group_means` of the whole matrix (of ``vcell._utils.log1p_cp10k(X)`` with
+    ``transform="log1p_cp10k"``) up to the order of float64 summation.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    labels
+        Label per cell; a missing label (``None``/NaN) leaves the cell out.
+    transform
+        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+    target_sum
+        Row total of ``"log1p_cp10k"``.
+    skipna
+        Leave NaN values out of their column's mean (NaN where a label has none).
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Returns
+    -------
+    DataFrame indexed by label (sorted), one column per gene.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> group_means(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), ["b", "a", "b"], chunk_elements=2)
+           0    1
+    label
+    a      3.0  4.0
+    b      3.0  4.0
+    """
+    ind, index = _design(labels)
+    if ind.shape[1] != X.shape[0]:
+        msg = f"labels have {ind.shape[1]} entries, X has {X.shape[0]} rows"
+        raise ValueError(msg)
+    sums, counts = group_sums(
+        X, ind, transform=transform, target_sum=target_sum, skipna=skipna, chunk_elements=chunk_elements
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan) if skipna else sums / counts
+    return pd.DataFrame(means, index=index)
+
+
+def gene_mean_var(
+    X: Any,
+    *,
+    transform: Transform = None,
+    target_sum: float = 1e4,
+    ddof: int = 0,
+    rows: Sequence[int] | np.ndarray | None = None,
+    chunk_elements: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of every gene (column) over cells, float64, merged block by block (Chan et al.).
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    transform
+        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+    target_sum
+        Row total of ``"log1p_cp10k"``.
+    ddof
+        Delta degrees of freedom of the variance (``numpy.var``'s).
+    rows
+        Cells to use; ``None``: all.
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean, var = gene_mean_var(np.array([[1.0, 0.0], [3.0, 0.0], [5.0, 6.0]]), chunk_elements=2)
+    >>> mean.tolist(), var.tolist()
+    ([3.0, 2.0], [2.6666666666666665, 8.0])
+    """
+    n_vars = X.shape[1]
+    n, mean, m2 = 0, np.zeros(n_vars), np.zeros(n_vars)
+    for _, _, block in iter_row_blocks(X, rows=rows, chunk_elements=chunk_elements):
+        E = _transform(block, transform, target_sum)
+        nb = E.shape[0]
+        if sparse.issparse(E):
+            E = sparse.csr_matrix(E, dtype=np.float64)
+            mb = np.asarray(E.sum(axis=0)).ravel() / nb
+            nnz = np.bincount(E.indices, minlength=n_vars)  # stored values; the others are zeros
+            m2b = np.bincount(E.indices, weights=(E.data - mb[E.indices]) ** 2, minlength=n_vars)
+            m2b += (nb - nnz) * mb**2
+        else:
+            E = np.asarray(E, dtype=np.float64)
+            mb = E.mean(axis=0)
+            m2b = ((E - mb) ** 2).sum(axis=0)
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta**2 * (n * nb / total)
+        n = total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.maximum(m2, 0.0) / (n - ddof) if n - ddof > 0 else np.full(n_vars, np.nan)
+    return mean, var
