@@ -11,6 +11,7 @@ import vcell
 from vcell._utils import group_means as dense_group_means
 from vcell._utils import log1p_cp10k
 from vcell.data import (
+    check_expression,
     check_finite_nonnegative,
     gene_mean_var,
     group_means,
@@ -73,6 +74,7 @@ def test_library_sizes_and_checks(held):
     np.testing.assert_allclose(library_sizes(M, chunk_elements=CHUNK), X.sum(1, dtype=np.float64), rtol=1e-12)
     check_finite_nonnegative(M, chunk_elements=CHUNK)
     assert is_count_matrix(M, chunk_elements=CHUNK)
+    assert check_expression(M, chunk_elements=CHUNK)
 
 
 def test_chunked_group_means_equal_in_memory(held):
@@ -128,16 +130,21 @@ def test_checks_read_every_value_not_only_the_first():
     X[-1, -1] = 31  # ... but the screen has larger counts further on
     for M in (X, sparse.csr_matrix(X)):
         assert is_count_matrix(M, chunk_elements=500)
+        assert check_expression(M, chunk_elements=500)
     Y = X.copy()
     Y[-2, 3] = 0.5  # one non-integer value at the end: not counts
     assert not is_count_matrix(sparse.csr_matrix(Y), chunk_elements=500)
+    assert not check_expression(sparse.csr_matrix(Y), chunk_elements=500)
     Y[-2, 3] = -1.0
-    with pytest.raises(ValueError, match="negative values"):
-        check_finite_nonnegative(Y, name="adata.X", chunk_elements=500)
+    for check in (check_finite_nonnegative, check_expression):
+        with pytest.raises(ValueError, match=r"adata\.X contains negative values \(min -1\)"):
+            check(Y, name="adata.X", chunk_elements=500)
     Y[-3, 3] = np.nan  # NaN is reported first, wherever it is
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        check_finite_nonnegative(sparse.csr_matrix(Y), chunk_elements=500)
+    for check in (check_finite_nonnegative, check_expression):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            check(sparse.csr_matrix(Y), chunk_elements=500)
     assert not is_count_matrix(np.log1p(X))
+    assert not check_expression(np.log1p(X))
     assert is_count_matrix(sparse.csr_matrix((3, 4)))  # no stored value
 
 

@@ -3,6 +3,7 @@
 from vcell._constants import CONTROL, DOSE_COL, N_PERT_COL, PERT_COL, REGISTRY_KEYS
 
 from ._chunked import (
+    check_expression,
     check_finite_nonnegative,
     gene_mean_var,
     group_means,
@@ -27,6 +28,7 @@ __all__ = [
     "library_sizes",
     "check_finite_nonnegative",
     "is_count_matrix",
+    "check_expression",
     "log1p_cp10k_block",
     "group_sums",
     "group_means",

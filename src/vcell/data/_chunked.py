@@ -272,6 +272,46 @@ def is_count_matrix(X: Any, *, chunk_elements: int | None = None) -> bool:
     return (not seen) or largest > COUNT_MAX_THRESHOLD
 
 
+def check_expression(X: Any, *, name: str = "X", chunk_elements: int | None = None) -> bool:
+    """:func:`check_finite_nonnegative` and :func:`is_count_matrix` in one pass over ``X`` (what setup reads).
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`).
+    name
+        How the error message names ``X``.
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Returns
+    -------
+    Whether ``X`` holds counts (:func:`is_count_matrix`); a :class:`ValueError` for NaN/inf or negative values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_expression(np.array([[0, 3], [25, 1]])), check_expression(np.array([[0.0, 0.7], [2.3, 1.0]]))
+    (True, False)
+    """
+    lowest, largest, integer, seen = np.inf, -np.inf, True, False
+    for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
+        vals = _values(block)
+        if not vals.size:
+            continue
+        seen = True
+        if not np.all(np.isfinite(vals)):
+            msg = f"{name} contains NaN or infinite values; expected finite non-negative counts"
+            raise ValueError(msg)
+        lowest, largest = min(lowest, float(vals.min())), max(largest, float(vals.max()))
+        if integer and not np.issubdtype(vals.dtype, np.integer):
+            integer = bool(np.all(np.abs(vals - np.round(vals)) < 1e-6))
+    if lowest < 0:
+        msg = f"{name} contains negative values (min {lowest:.3g}); expected non-negative counts"
+        raise ValueError(msg)
+    return (not seen) or (integer and largest > COUNT_MAX_THRESHOLD)
+
+
 def _design(labels: Any) -> tuple[sparse.csc_matrix, pd.Index]:
     """Indicator matrix (groups x cells, CSC) of the labels, and the groups (sorted); missing labels: no group."""
     cat = pd.Series(np.asarray(labels)).astype("category")

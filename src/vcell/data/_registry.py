@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from vcell._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix
+from vcell._utils import check_obs_keys, get_matrix
+
+from ._chunked import check_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -79,9 +81,8 @@ def setup_perturbation_anndata(
     check_obs_keys(adata, [dose_key], what="dose_key")
     check_obs_keys(adata, covariate_keys, what="covariate key")
     check_obs_keys(adata, [batch_key], what="batch_key")
-    X = get_matrix(adata, layer)
-    check_finite_nonnegative(X, name=f"adata.layers[{layer!r}]" if layer else "adata.X")
-    counts = is_count_matrix(X)
+    # one pass over the matrix in row blocks, wherever it is held (memory, backed h5ad): nothing is densified
+    counts = check_expression(get_matrix(adata, layer), name=f"adata.layers[{layer!r}]" if layer else "adata.X")
 
     if adata.is_view:
         adata._init_as_actual(adata.copy())

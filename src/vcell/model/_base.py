@@ -101,7 +101,8 @@ class PerturbationModel(ProteinData, BaseModelClass):
         ----------
         adata
             Cells x genes; ``X`` (or ``layer``) holds raw counts or log-normalised expression. Or a MuData with
-            such an ``rna`` modality.
+            such an ``rna`` modality. The matrix may be dense, sparse or backed (``anndata.read_h5ad(path,
+            backed="r")``): it is checked in row blocks (:func:`vcell.data.check_expression`), never densified.
         perturbation_key
             ``obs`` column with perturbation labels (singles, ``"A+B"`` combinations, GEARS or scPerturb style).
         control
