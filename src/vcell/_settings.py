@@ -60,7 +60,7 @@ class VCellSettings:
         Logging level of the ``vcell`` logger (``"warning"``, ``"info"``, ``"debug"``).
     chunk_elements
         Most values (cells x genes) read at once by statistics over all cells (:func:`vcell.data.iter_row_blocks`):
-        the default, 2**22, bounds a dense float64 block to 32 MiB, whatever the number of cells.
+        the default, 2**20, bounds a dense float64 block to 8 MiB, whatever the number of cells.
     """
 
     def __init__(self) -> None:
@@ -68,7 +68,7 @@ class VCellSettings:
         self.device: Literal["auto", "cpu", "cuda"] = "auto"
         self.n_jobs: int = 1
         self.progress_bar: bool = True
-        self.chunk_elements: int = 1 << 22
+        self.chunk_elements: int = 1 << 20
         self._verbosity = "info"
 
     @property

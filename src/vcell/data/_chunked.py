@@ -67,6 +67,10 @@ def _read_rows(X: Any, kind: str, rows: np.ndarray | slice, n_obs: int, chunk_el
         step = max(1, _chunk_rows(n_obs, chunk_elements))
         parts = [sparse.csc_matrix(X[:, c : min(c + step, n_cols)])[rows] for c in range(0, max(n_cols, 1), step)]
         return sparse.csr_matrix(sparse.hstack(parts, format="csr"))
+    if isinstance(rows, slice) and kind == "sparse" and X.format == "csr":  # views of X's arrays: no copy
+        lo, hi = X.indptr[rows.start], X.indptr[rows.stop]
+        indptr = X.indptr[rows.start : rows.stop + 1] - lo
+        return sparse.csr_matrix((X.data[lo:hi], X.indices[lo:hi], indptr), shape=(len(indptr) - 1, X.shape[1]))
     if isinstance(rows, slice) or kind in ("dense", "sparse"):
         return _as_block(X[rows])
     uniq, inverse = np.unique(rows, return_inverse=True)  # backed stores read increasing indices
@@ -153,12 +157,12 @@ def log1p_cp10k_block(block: Block, *, target_sum: float = 1e4) -> Block:
     [[0.6931471824645996, 1.3862943649291992], [0.0, 0.0]]
     """
     if sparse.issparse(block):
-        B = sparse.csr_matrix(block, dtype=np.float64)
-        totals = np.asarray(B.sum(axis=1)).ravel()
+        B = sparse.csr_matrix(block)
+        totals = np.asarray(B.sum(axis=1, dtype=np.float64)).ravel()
         totals[totals == 0] = 1.0
-        B = sparse.csr_matrix(sparse.diags(target_sum / totals) @ B)
-        B.data = np.log1p(B.data)
-        return B.astype(np.float32)
+        data = B.data.astype(np.float64) * np.repeat(target_sum / totals, np.diff(B.indptr))
+        np.log1p(data, out=data)
+        return sparse.csr_matrix((data.astype(np.float32), B.indices, B.indptr), shape=B.shape)
     B = np.asarray(block, dtype=np.float64)
     totals = B.sum(axis=1, keepdims=True)
     totals[totals == 0] = 1.0
@@ -352,7 +356,8 @@ def group_sums(
     Returns
     -------
     ``(sums, counts)``, both groups x genes: the weighted sums, and the number of cells with a non-zero weight in
-    each group whose value was used (all of the group's cells unless ``skipna`` left NaN out).
+    each group whose value was used (all of the group's cells unless ``skipna`` left NaN out; without ``skipna`` a
+    read-only broadcast of the group sizes).
 
     Examples
     --------
@@ -370,7 +375,9 @@ def group_sums(
     member.data = (member.data != 0).astype(np.float64)
     n_groups, n_vars = W.shape[0], X.shape[1]
     sums = np.zeros((n_groups, n_vars), dtype=np.float64)
-    counts = np.repeat(np.asarray(member.sum(axis=1), dtype=np.float64).reshape(-1, 1), n_vars, axis=1)
+    counts = np.broadcast_to(np.asarray(member.sum(axis=1), dtype=np.float64).reshape(-1, 1), (n_groups, n_vars))
+    if skipna:  # per gene: NaN values are taken off below
+        counts = counts.copy()
     used = np.flatnonzero(np.diff(W.indptr) > 0)  # cells in some group
     if used.size == 0:
         return sums, counts

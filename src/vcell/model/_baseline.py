@@ -118,6 +118,10 @@ class Baseline(PerturbationModel):
     def train(self, **kwargs: Any) -> None:
         """Fit the baseline in closed form on the registered cells, except ``obs['vcell_split'] == 'test'`` ones.
 
+        Every fitted quantity is a mean over groups of cells of their shift from the control mean of their context;
+        the means are read from the registered matrix in row blocks (:func:`vcell.data.group_sums`), so a sparse or
+        backed matrix is never densified.
+
         Parameters
         ----------
         **kwargs
@@ -125,48 +129,101 @@ class Baseline(PerturbationModel):
             benchmark code can treat every model alike; a closed-form fit ignores them.
         """
         adata = self.adata
-        cells = self._non_test_cells(adata)  # as every vcell model: held-out test cells are never fitted
-        E = self._features(adata, None if len(cells) == adata.n_obs else cells)
-        ctx = self._contexts(adata)[cells]
-        cond = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
-        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
-        is_ctrl = cond == CONTROL
+        fit = np.zeros(adata.n_obs, dtype=bool)
+        fit[self._non_test_cells(adata)] = True  # as every vcell model: held-out test cells are never fitted
+        ctx = self._contexts(adata)
+        cond = adata.obs[PERT_COL].astype(str).to_numpy()
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
+        is_ctrl = fit & (cond == CONTROL)
         if not is_ctrl.any():
             msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
             raise ValueError(msg)
-        ctrl_means = group_means(E[is_ctrl], ctx[is_ctrl], skipna=True)
-        global_ctrl = group_means(E[is_ctrl], np.zeros(int(is_ctrl.sum())), skipna=True).to_numpy()[0]
-        ref = ctrl_means.reindex(ctx).to_numpy(copy=True)  # context control mean per cell (written below)
-        ref[~np.isin(ctx, ctrl_means.index)] = global_ctrl  # contexts without controls: all controls
-        pert = ~is_ctrl
-        D = (E - ref)[pert]
-        buf = self.module
+        pert = fit & ~is_ctrl
         if pert.any():
-            mean_shift = group_means(D, np.zeros(len(D)), skipna=True).to_numpy()[0]
-            buf.mean_shift.copy_(torch.as_tensor(np.nan_to_num(mean_shift)))
-            self._fit_additive(D, cond[pert], ctx[pert], dose[pert])
+            single = {c: len(_components(c)) == 1 for c in np.unique(cond[pert])}
+            is_single = pert & np.array([single.get(c, False) for c in cond])
+            per_dose = 1.0 / np.maximum(dose, 1e-12)  # effects are linear in dose
+            groups = {
+                "mean": (np.where(pert, "all", None), None),
+                "additive": (np.where(is_single, cond.astype(object) + "\t" + ctx.astype(object), None), per_dose),
+            }
             if self.method == "linear":
-                self._fit_linear(D, cond[pert], dose[pert])
+                groups["linear"] = (np.where(pert, cond, None), per_dose)
+            means = self._shift_means(adata, ctx, is_ctrl, groups)
+            self.module.mean_shift.copy_(torch.as_tensor(np.nan_to_num(means["mean"].to_numpy()[0])))
+            self._fit_additive(means["additive"].fillna(0.0))  # proteins no cell measured: no change
+            if self.method == "linear":
+                self._fit_linear(means["linear"].fillna(0.0))
         else:
             logger.info("no perturbed cells in the training data: every baseline predicts no change")
         self.module.eval()
         self.is_trained_ = True
 
-    def _fit_additive(self, D: np.ndarray, cond: np.ndarray, ctx: np.ndarray, dose: np.ndarray) -> None:
-        n_atoms = self.vocab.n_atoms
+    def _shift_means(
+        self, adata: AnnData, ctx: np.ndarray, is_ctrl: np.ndarray, groups: dict[str, tuple[np.ndarray, Any]]
+    ) -> dict[str, pd.DataFrame]:
+        """Per group, the mean over its cells of ``w * (x - ref)``: features (genes, then proteins) x groups.
+
+        ``groups`` maps a name to (label per cell, ``None`` outside every group; weight ``w`` per cell or ``None``
+        for 1). ``x`` is a cell's log1p(CP10k) expression (the registered values for log data) and ``ref`` the mean
+        of the control cells ``is_ctrl`` of its context (of all of them for a context without controls). Genes are
+        read once, in row blocks: the mean of ``w * (x - ref)`` is that of ``w * x`` minus that of ``w * ref``, and
+        ``ref`` takes one value per context. Proteins (dense in ``obsm``, NaN for cells without measurement) skip NaN.
+        """
+        from scipy import sparse
+
+        from vcell._utils import get_matrix
+        from vcell.data._chunked import _design, group_sums
+
+        ref_ctx = pd.Index(sorted(set(ctx[is_ctrl])))
+        ref_row = ref_ctx.get_indexer(ctx)
+        ref_row[ref_row < 0] = len(ref_ctx)  # contexts without controls: the mean of all controls
+        n = len(ctx)
+        ref_of = sparse.csr_matrix((np.ones(n), (np.arange(n), ref_row)), shape=(n, len(ref_ctx) + 1))
+        designs, blocks = {}, []
+        for name, (labels, weights) in groups.items():
+            ind, index = _design(labels)
+            W = ind if weights is None else ind @ sparse.diags(np.asarray(weights, dtype=np.float64))
+            designs[name] = (index, W, np.asarray(ind.sum(axis=1)).ravel())
+            blocks.append(W)
+        ctrl_ind, _ = _design(np.where(is_ctrl, ctx, None))  # rows in the order of ref_ctx (sorted)
+        all_ctrl = sparse.csr_matrix(is_ctrl.astype(np.float64)[None])
+        n_ref = ctrl_ind.shape[0] + 1
+        sums, _ = group_sums(
+            get_matrix(adata, self._layer()),
+            sparse.vstack([ctrl_ind, all_ctrl, *blocks]),
+            transform="log1p_cp10k" if self.counts_ else None,
+        )
+        ref = sums[:n_ref] / np.asarray(sparse.vstack([ctrl_ind, all_ctrl]).sum(axis=1))  # context control means
+        P = self._cell_proteins(adata)
+        if P is not None:  # proteins: in memory already, NaN rows skipped
+            ctrl_means = group_means(P[is_ctrl], ctx[is_ctrl], skipna=True).reindex(ref_ctx).to_numpy()
+            glob = group_means(P[is_ctrl], np.zeros(int(is_ctrl.sum())), skipna=True).to_numpy()
+            D = P - np.vstack([ctrl_means, glob])[ref_row]
+        out, row = {}, n_ref
+        for name, (index, W, n_cells) in designs.items():
+            k = len(index)
+            means = (sums[row : row + k] - (W @ ref_of) @ ref) / np.maximum(n_cells, 1)[:, None]
+            row += k
+            if P is not None:
+                labels, weights = groups[name]
+                inside = np.flatnonzero(pd.notna(labels))
+                w = np.ones(len(inside)) if weights is None else np.asarray(weights)[inside]
+                prot = group_means(D[inside] * w[:, None], labels[inside], skipna=True).reindex(index).to_numpy()
+                means = np.hstack([means, prot.reshape(k, P.shape[1])])
+            out[name] = pd.DataFrame(means, index=index)
+        return out
+
+    def _fit_additive(self, means: pd.DataFrame) -> None:
+        """Per-dose shift of each single perturbation in each context (``means`` indexed by single, tab, context)."""
         shifts = np.zeros(self.module.atom_shift.shape, dtype=np.float64)
         seen = np.zeros(self.module.atom_seen.shape, dtype=bool)
-        is_single = np.array([len(_components(c)) == 1 for c in cond])
-        if is_single.any():
-            keys = pd.Series(cond[is_single]) + "\t" + pd.Series(ctx[is_single])
-            means = group_means(D[is_single] / np.maximum(dose[is_single], 1e-12)[:, None], keys, skipna=True)
-            means = means.fillna(0.0)  # proteins no cell of that single measured: no change
-            atom_index = {a: i for i, a in enumerate(self.vocab.atoms)}
-            ctx_index = {c: i for i, c in enumerate(self.contexts_)}
-            for key, row in zip(means.index, means.to_numpy(), strict=True):
-                a, c = key.split("\t")
-                shifts[ctx_index[c], atom_index[a]] = row
-                seen[ctx_index[c], atom_index[a]] = True
+        atom_index = {a: i for i, a in enumerate(self.vocab.atoms)}
+        ctx_index = {c: i for i, c in enumerate(self.contexts_)}
+        for key, row in zip(means.index, means.to_numpy(), strict=True):
+            a, c = key.split("\t")
+            shifts[ctx_index[c], atom_index[a]] = row
+            seen[ctx_index[c], atom_index[a]] = True
         n_ctx = len(self.contexts_)
         counts = seen[:n_ctx].sum(0)  # contexts in which each single was seen
         fallback = shifts[:n_ctx].sum(0) / np.maximum(counts, 1)[:, None]
@@ -177,7 +234,6 @@ class Baseline(PerturbationModel):
         self.atoms_seen_as_single_ = [a for a, s in zip(self.vocab.atoms, counts > 0, strict=True) if s]
         self.module.atom_shift.copy_(torch.as_tensor(shifts))
         self.module.atom_seen.copy_(torch.as_tensor(seen))
-        del n_atoms
 
     def _embedding_mode(self) -> str | pd.DataFrame:
         spec = self.perturbation_embedding
@@ -186,8 +242,8 @@ class Baseline(PerturbationModel):
         genes = set(self.var_names_)
         return "gene" if self.vocab.n_atoms and all(a in genes for a in self.vocab.atoms) else "training"
 
-    def _fit_linear(self, D: np.ndarray, cond: np.ndarray, dose: np.ndarray) -> None:
-        means = group_means(D / np.maximum(dose, 1e-12)[:, None], cond, skipna=True).fillna(0.0)
+    def _fit_linear(self, means: pd.DataFrame) -> None:
+        """Ridge fit of ``Y ~ G W P^T + b`` on the per-dose mean shifts of the training conditions (``means``)."""
         Y = means.to_numpy().T.astype(np.float64)  # features (genes, proteins) x conditions
         conditions = list(means.index.astype(str))
         b = Y.mean(1)
