@@ -400,6 +400,6 @@ def test_many_perturbations_stay_within_a_memory_bound(name):
 
     for fn in (layers, rows):
         peak = _traced_peak(fn)
-        for key in [k for k in controls.layers if k.startswith("m_")]:
+        for key in [k for k in controls.layers if str(k).startswith("m_")]:
             del controls.layers[key]
         assert peak <= 1.25 * n_out + 2**20, f"{fn.__name__}: peak {peak / 2**20:.1f} MB for {n_out / 2**20:.1f} MB"
