@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -351,3 +352,130 @@ class PerturbationModel(ProteinData, BaseModelClass):
         Array of shape ``(n_selected_cells, n_genes)``.
         """
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- many perturbations of the same cells
+    #: arguments of ``predict`` that ``predict_many`` and ``tl.predict_perturbation`` set themselves
+    _SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality")
+
+    def predict_many(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbations: str | Sequence[str],
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        modality: str = "rna",
+        **kwargs: Any,
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Counterfactuals of the same control cells under each of several perturbations, one array at a time.
+
+        Gives, in the order of ``perturbations``, ``(p, model.predict(adata, perturbation=p, controls=controls,
+        dose=dose, seed=seed, modality=modality, **kwargs))``: the same numbers, but the work the perturbations share
+        (reading the control cells, encoding them, decoding their own state) is done once for all of them where the
+        model allows it (Baseline, CausalVAE, FlowMatching, CellJEPA, ResidualDiffusion's mean model). Arguments and
+        perturbations are checked before this returns; each array is computed when the iterator reaches it, so
+        memory holds one perturbation's prediction at a time unless the caller keeps them
+        (``dict(model.predict_many(...))`` keeps all).
+
+        Parameters
+        ----------
+        adata, controls, dose, seed, modality
+            As in :meth:`predict`.
+        perturbations
+            Canonical conditions, e.g. ``["IFNb", "A+B"]``.
+        **kwargs
+            Further options of this model's :meth:`predict` (e.g. FlowMatching's ``n_steps``); a ValueError names
+            an unknown one and those accepted.
+
+        Returns
+        -------
+        Iterator of ``(perturbation, array)``: arrays of shape ``(n_selected_cells, n_genes)`` (``"prot"``:
+        ``(n_selected_cells, n_proteins)``), float32.
+
+        Examples
+        --------
+        >>> import vcell
+        >>> adata = vcell.datasets.kang2018()
+        >>> vcell.model.Baseline.setup_anndata(
+        ...     adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+        ... )
+        >>> model = vcell.model.Baseline(adata, method="additive")
+        >>> model.train()
+        >>> {p: x.shape for p, x in model.predict_many(perturbations=["IFNb", "control"])}
+        {'IFNb': (936, 6998), 'control': (936, 6998)}
+        """
+        perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+        kwargs = self._check_predict_kwargs(kwargs, what="predict_many")
+        stream = self._predict_many(
+            adata, perts, controls=controls, dose=dose, seed=seed, modalities=(modality,), **kwargs
+        )
+        return ((p, out[modality]) for p, out in stream)
+
+    @classmethod
+    def _predict_options(cls) -> list[str] | None:
+        """Options of ``cls.predict`` beyond the shared arguments (``None``: it takes any keyword)."""
+        params = inspect.signature(cls.predict).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        shared = set(cls._SHARED_PREDICT_ARGS)
+        return sorted(n for n, p in params.items() if p.kind in kinds and n != "self" and n not in shared)
+
+    def _check_predict_kwargs(self, kwargs: dict[str, Any] | None, *, what: str = "predict_kwargs") -> dict[str, Any]:
+        """``kwargs`` as a dict; ValueError naming any key ``predict`` does not accept, and the accepted ones."""
+        kwargs = dict(kwargs or {})
+        shared = sorted(set(kwargs) & set(self._SHARED_PREDICT_ARGS))
+        if shared:
+            msg = f"{what}: {shared} are arguments of their own, not predict options; pass them directly"
+            raise ValueError(msg)
+        accepted = self._predict_options()
+        unknown = [] if accepted is None else sorted(set(kwargs) - set(accepted))
+        if unknown:
+            msg = (
+                f"{what}: unknown option(s) {unknown} for {type(self).__name__}.predict; "
+                f"accepted: {accepted if accepted else 'none'}"
+            )
+            raise ValueError(msg)
+        return kwargs
+
+    def _own_predict(self, cls: type) -> bool:
+        """Whether this model predicts with ``cls.predict`` (not a subclass's own ``predict``).
+
+        ``cls``'s batched ``_predict_many`` computes what ``cls.predict`` does; a subclass that changed ``predict`` is
+        honoured by falling back to the default, which calls it.
+        """
+        return type(self).predict is cls.predict
+
+    def _predict_many(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        **kwargs: Any,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Batched :meth:`predict`: ``(perturbation, {modality: array})`` per perturbation, in order.
+
+        This default calls :meth:`predict` per perturbation and modality (``modality=`` only for ``"prot"``, so that
+        a subclass whose ``predict`` has no ``modality`` works). Models override it to share work; an override
+        checks its inputs before returning its iterator (nothing is computed until then), and falls back to this
+        one when a subclass changed ``predict`` (:meth:`_own_predict`).
+        """
+        for modality in modalities:
+            self._check_modality(modality)
+
+        def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+            for p in perturbations:
+                out = {}
+                for modality in modalities:
+                    extra = {"modality": modality} if modality != "rna" else {}
+                    out[modality] = self.predict(
+                        adata, perturbation=p, controls=controls, dose=dose, seed=seed, **extra, **kwargs
+                    )
+                yield p, out
+
+        return run()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
 from vcell._utils import group_means
 from vcell.data._vocab import _components
@@ -376,35 +377,89 @@ class Baseline(PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        self._check_modality(modality)
+        adata, idx = self._predict_inputs(adata, [str(perturbation)], controls, (modality,))
+        X, ctx = self._features(adata, idx), self._context_codes(adata, idx)
+        return self._modality_part(self._shifted(X, ctx, str(perturbation), dose), modality)
+
+    def _predict_inputs(
+        self, adata: AnnData | None, perturbations: list[str], controls: Any, modalities: Sequence[str]
+    ) -> tuple[AnnData, np.ndarray]:
+        """:meth:`predict`'s checks of every perturbation; the AnnData read and the starting cells' indices."""
+        for modality in modalities:
+            self._check_modality(modality)
         self._check_if_trained(warn=False)
         if not self.is_trained_:
             msg = "the model is not trained: call model.train() first"
             raise RuntimeError(msg)
         adata = self._check_adata(adata)
-        perturbation = str(perturbation)
-        if perturbation != CONTROL:
-            self._check_predictable(perturbation)
-        idx = self._control_indices(adata, controls)
-        X = self._features(adata, idx)
+        for perturbation in perturbations:
+            if perturbation != CONTROL:
+                self._check_predictable(perturbation)
+        return adata, self._control_indices(adata, controls)
+
+    def _context_codes(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        """Context index of cells ``idx`` (``-1``: a context unseen in training)."""
+        ctx_index = {c: i for i, c in enumerate(self.contexts_)}
+        return np.array([ctx_index.get(c, -1) for c in self._contexts(adata)[idx]], dtype=np.int64)
+
+    def _modality_part(self, out: np.ndarray, modality: str) -> np.ndarray:
+        """The genes (``"rna"``) or proteins (``"prot"``) of joint features ``out``, float32, C-contiguous."""
         n_genes = self.summary_stats["n_vars"]
         part = slice(0, n_genes) if modality == "rna" else slice(n_genes, None)
-        ctx_index = {c: i for i, c in enumerate(self.contexts_)}
-        ctx = np.array([ctx_index.get(c, -1) for c in self._contexts(adata)[idx]], dtype=np.int64)
+        return np.ascontiguousarray(out[:, part], dtype=np.float32)
+
+    def _shifted(self, X: np.ndarray, ctx: np.ndarray, perturbation: str, dose: float) -> np.ndarray:
+        """Counterfactual features of cells ``X`` (contexts ``ctx``) under ``perturbation``: ``clamp(x + shift, 0)``.
+
+        The shift depends on the cell only through its context, so it is computed once per context present (the
+        module's :meth:`~vcell.module.BaselineModule.shift` on one row per context: matrix products of the
+        perturbation's code with that context's shifts) and added to each cell; nothing of size cells x
+        perturbations x genes is built. ``control`` returns a copy of ``X``.
+        """
         if perturbation == CONTROL:
-            return X[:, part]
+            return X.copy()
         if self.method == "additive":
             enc = self.vocab.encode([perturbation], dose)
         else:  # the other baselines do not read the code: any non-zero code means "perturbed"
             enc = np.full((1, self.vocab.n_atoms), dose / max(self.vocab.n_atoms, 1), dtype=np.float32)
-        batch = {
-            REGISTRY_KEYS.CONTROL_X_KEY: torch.as_tensor(X),
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(enc, len(idx), axis=0)),
-            "context": torch.as_tensor(ctx),
-        }
+        contexts, rows = np.unique(ctx, return_inverse=True)
+        emb = None
         if self.method == "linear":
-            emb = self._linear_embedding(perturbation) * np.float32(dose)
-            batch["perturbation_embedding"] = torch.as_tensor(np.repeat(emb[None], len(idx), axis=0))
+            emb = torch.as_tensor(
+                np.repeat((self._linear_embedding(perturbation) * np.float32(dose))[None], len(contexts), 0)
+            )
         with torch.no_grad():
-            out = self.module.to("cpu")(batch)
-        return out.numpy()[:, part].astype(np.float32)
+            module = self.module.to("cpu")
+            shift = module.shift(torch.as_tensor(np.repeat(enc, len(contexts), 0)), torch.as_tensor(contexts), emb)
+            x = torch.as_tensor(X)
+            out = torch.clamp(
+                x + (shift[0] if len(contexts) == 1 else shift[torch.as_tensor(rows.reshape(-1))]), min=0.0
+            )
+        return out.numpy()
+
+    def _predict_many(
+        self,
+        adata: AnnData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        **kwargs: Any,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`predict` of every perturbation: the cells' features and contexts read once, shifts per context."""
+        if not self._own_predict(Baseline):
+            return super()._predict_many(
+                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kwargs
+            )
+        self._check_predict_kwargs(kwargs, what="predict options")
+        adata, idx = self._predict_inputs(adata, perturbations, controls, modalities)
+
+        def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+            X, ctx = self._features(adata, idx), self._context_codes(adata, idx)
+            for p in perturbations:
+                out = self._shifted(X, ctx, p, dose)
+                yield p, {m: self._modality_part(out, m) for m in modalities}
+
+        return run()

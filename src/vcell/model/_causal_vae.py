@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -819,7 +819,24 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        self._check_modality(modality)
+        adata, idx, mode, targets = self._predict_inputs(
+            adata, [str(perturbation)], controls, dose, (modality,), mode, compose
+        )
+        return next(self._counterfactuals(adata, idx, targets, mode, (modality,), batch_size))[1][modality]
+
+    def _predict_inputs(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        controls: Any,
+        dose: float,
+        modalities: Sequence[str],
+        mode: str | None,
+        compose: str,
+    ) -> tuple[AnnData, np.ndarray, str, list[tuple[str, np.ndarray, np.ndarray, str]]]:
+        """:meth:`predict`'s checks: the AnnData read, starting cells, mode and ``(p, target, nodes, compose)``."""
+        for modality in modalities:
+            self._check_modality(modality)
         self._require_trained()
         mode = self.prediction if mode is None else mode
         if mode not in PREDICTION_MODES:
@@ -828,18 +845,72 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         if compose not in ("auto", "latent", "shifts"):
             msg = f"compose must be 'auto', 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
-        if compose == "auto":
-            compose = "latent" if str(perturbation) in set(self._conditions()) else "shifts"
         adata = self._check_adata(adata)
-        target, nodes = self._encode_query([str(perturbation)], float(dose))
-        idx = self._control_indices(adata, controls)
+        seen = set(self._conditions())
+        targets = []
+        for p in perturbations:
+            target, nodes = self._encode_query([p], float(dose))
+            how = ("latent" if p in seen else "shifts") if compose == "auto" else compose
+            targets.append((p, target, nodes, how))
+        return adata, self._control_indices(adata, controls), mode, targets
+
+    def _counterfactuals(
+        self,
+        adata: AnnData,
+        idx: np.ndarray,
+        targets: list[tuple[str, np.ndarray, np.ndarray, str]],
+        mode: str,
+        modalities: Sequence[str],
+        batch_size: int,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Counterfactuals of cells ``idx`` under each target, one target at a time.
+
+        The cells are read and encoded, and their own state decoded, once for all targets
+        (:meth:`~vcell.module.CausalVAEModule.counterfactual_state`, ``batch_size`` cells at a time); each target then
+        only decodes its own states.
+        """
         m = self.module.eval()
         device = next(m.parameters()).device
-        out = []
-        for chunk in self._chunks(idx, batch_size):
-            batch = self._batch(adata, chunk, target, device, target_nodes=nodes)
-            out.append(m.counterfactual(batch, mode=mode, compose=compose, modality=modality).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+        chunks = list(self._chunks(idx, batch_size))
+        with torch.no_grad():
+            states = [
+                m.counterfactual_state(self._batch(adata, c, None, device), mode=mode, modalities=tuple(modalities))
+                for c in chunks
+            ]
+        for p, target, nodes, how in targets:
+            out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
+            with torch.no_grad():
+                for chunk, state in zip(chunks, states, strict=True):
+                    rows = torch.as_tensor(np.repeat(target, len(chunk), axis=0)).to(device)
+                    extra = torch.as_tensor(np.tile(nodes, (len(chunk), 1))).to(device) if nodes.size else None
+                    for mod in modalities:
+                        pred = m.counterfactual_from_state(state, rows, extra, mode=mode, compose=how, modality=mod)
+                        out[mod].append(pred.cpu().numpy())
+            yield p, {mod: v[0] if len(v) == 1 else np.concatenate(v) for mod, v in out.items()}
+
+    def _predict_many(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        mode: str | None = None,
+        compose: str = "auto",
+        batch_size: int = 2048,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`predict` of every perturbation, the cells encoded once (:meth:`_counterfactuals`)."""
+        if not self._own_predict(CausalVAE):
+            kw = {"mode": mode, "compose": compose, "batch_size": batch_size}
+            return super()._predict_many(
+                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
+            )
+        adata, idx, mode, targets = self._predict_inputs(
+            adata, perturbations, controls, dose, modalities, mode, compose
+        )
+        return self._counterfactuals(adata, idx, targets, mode, modalities, batch_size)
 
     def _latents(
         self, adata: AnnData, idx: np.ndarray, *, perturbation: str | None = None, dose: float = 1.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -668,23 +668,35 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
         return self._embed(X, batch_size, proteins=P).astype(np.float32)
 
+    def _jepa_sources(self, adata: AnnData, idx: np.ndarray, batch_size: int) -> dict[str, Any]:
+        """What shifting cells ``idx`` needs, whatever the perturbation.
+
+        Expression ``X``, proteins ``P`` (``None`` without), embeddings ``z`` (on the model's device) and covariate
+        codes ``cov``.
+        """
+        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
+        z = torch.as_tensor(self._embed(X, batch_size, proteins=P), device=self._device())
+        return {"X": X, "P": P, "z": z, "cov": self._covariate_codes(adata, idx)}
+
+    def _shift(self, src: dict[str, Any], target: np.ndarray, nodes: np.ndarray) -> torch.Tensor:
+        """Shifted embeddings ``z + delta`` of the cells of ``src`` (:meth:`_jepa_sources`) under ``target``."""
+        n, dev = len(src["z"]), self._device()
+        batch = {
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, n, axis=0)),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(src["cov"]),
+        }
+        if nodes.size:
+            batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (n, 1)))
+        with torch.no_grad():
+            return src["z"] + self.module.transition.eval().delta({k: v.to(dev) for k, v in batch.items()})
+
     def _shifted(
         self, adata: AnnData, idx: np.ndarray, perturbation: str, dose: float, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor]:
         """log1p expression, proteins (``None`` without), embeddings and shifted embeddings of cells ``idx``."""
         target, nodes = self._encode_query([str(perturbation)], float(dose))
-        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
-        dev = self._device()
-        z = torch.as_tensor(self._embed(X, batch_size, proteins=P), device=dev)
-        batch = {
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, len(idx), axis=0)),
-            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
-        }
-        if nodes.size:
-            batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (len(idx), 1)))
-        with torch.no_grad():
-            shifted = z + self.module.transition.eval().delta({k: v.to(dev) for k, v in batch.items()})
-        return X, P, z, shifted
+        src = self._jepa_sources(adata, idx, batch_size)
+        return src["X"], src["P"], src["z"], self._shift(src, target, nodes)
 
     def predict_embedding(
         self,
@@ -753,27 +765,85 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         Array ``(n_selected_cells, n_genes)``, log1p(CP10k), float32 (``"prot"``: ``(n_selected_cells,
         n_proteins)``).
         """
-        self._check_modality(modality)
+        adata, idx, targets = self._predict_inputs(adata, [str(perturbation)], controls, dose, (modality,))
+        return next(self._predictions(adata, idx, targets, (modality,), residual, batch_size))[1][modality]
+
+    def _predict_inputs(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        controls: Any,
+        dose: float,
+        modalities: Sequence[str],
+    ) -> tuple[AnnData, np.ndarray, list[tuple[str, np.ndarray, np.ndarray]]]:
+        """:meth:`predict`'s checks: the AnnData read, starting cells and ``(perturbation, encoding, nodes)``."""
+        for modality in modalities:
+            self._check_modality(modality)
         self._require_trained()
         adata = self._check_adata(adata)
-        idx = self._control_indices(adata, controls)
+        targets = [(p, *self._encode_query([p], float(dose))) for p in perturbations]
+        return adata, self._control_indices(adata, controls), targets
+
+    def _predictions(
+        self,
+        adata: AnnData,
+        idx: np.ndarray,
+        targets: list[tuple[str, np.ndarray, np.ndarray]],
+        modalities: Sequence[str],
+        residual: bool | None,
+        batch_size: int,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """``(perturbation, {modality: prediction})`` per target, in order.
+
+        Per chunk of ``batch_size`` cells, the cells are read and embedded, and (residual) their own embedding
+        decoded, once for all targets; each target then shifts the embeddings and decodes them.
+        """
         residual = self.residual if residual is None else bool(residual)
         trans = self.module.transition
-        out = []
+        sources, own = [], []
         for chunk in self._chunks(idx, batch_size):
-            X, P, z, zs = self._shifted(adata, chunk, perturbation, dose, batch_size)
+            src = self._jepa_sources(adata, chunk, batch_size)
+            base = {}
             with torch.no_grad():
-                if modality == "rna":
-                    dec = trans.decode
-                    pred = torch.as_tensor(X, device=zs.device) + dec(zs) - dec(z) if residual else dec(zs)
-                elif residual:  # own proteins where measured, the decoded ones elsewhere
-                    own, p = trans.decode_protein(z), torch.as_tensor(P, device=zs.device)
-                    base = torch.where(torch.isfinite(p).all(dim=1, keepdim=True), torch.nan_to_num(p, nan=0.0), own)
-                    pred = base + trans.decode_protein(zs) - own
-                else:
-                    pred = trans.decode_protein(zs)
-            out.append(pred.clamp(min=0).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+                if residual and "rna" in modalities:  # x + decode(z + delta) - decode(z)
+                    base["rna"] = (torch.as_tensor(src["X"], device=src["z"].device), trans.decode(src["z"]))
+                if residual and "prot" in modalities:  # own proteins where measured, the decoded ones elsewhere
+                    dec, p = trans.decode_protein(src["z"]), torch.as_tensor(src["P"], device=src["z"].device)
+                    measured = torch.isfinite(p).all(dim=1, keepdim=True)
+                    base["prot"] = (torch.where(measured, torch.nan_to_num(p, nan=0.0), dec), dec)
+            sources.append(src)
+            own.append(base)
+        for name, target, nodes in targets:
+            out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
+            for src, base in zip(sources, own, strict=True):
+                zs = self._shift(src, target, nodes)
+                with torch.no_grad():
+                    for mod in modalities:
+                        dec = trans.decode(zs) if mod == "rna" else trans.decode_protein(zs)
+                        pred = base[mod][0] + dec - base[mod][1] if residual else dec
+                        out[mod].append(pred.clamp(min=0).cpu().numpy())
+            yield name, {mod: _joined(v) for mod, v in out.items()}
+
+    def _predict_many(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        residual: bool | None = None,
+        batch_size: int = 4096,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`predict` of every perturbation, the cells read and embedded once (:meth:`_predictions`)."""
+        if not self._own_predict(CellJEPA):
+            kw = {"residual": residual, "batch_size": batch_size}
+            return super()._predict_many(
+                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
+            )
+        adata, idx, targets = self._predict_inputs(adata, perturbations, controls, dose, modalities)
+        return self._predictions(adata, idx, targets, modalities, residual, batch_size)
 
     def embedding_retrieval(
         self,
@@ -839,6 +909,11 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             },
             index=pd.Index(perts, name="perturbation"),
         )
+
+
+def _joined(blocks: list[np.ndarray]) -> np.ndarray:
+    """Row blocks as one float32 array (the block itself when there is one)."""
+    return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)).astype(np.float32, copy=False)
 
 
 def _coexpression_labels(X: np.ndarray, n_modules: int, seed: int) -> np.ndarray:

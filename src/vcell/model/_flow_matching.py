@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -562,6 +562,53 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             raise ValueError(msg)
         return time
 
+    def _flow_sources(self, adata: AnnData, idx: np.ndarray, batch_size: int) -> list[dict[str, Any]]:
+        """What the flow of cells ``idx`` needs whatever the perturbation, per chunk of ``batch_size`` cells.
+
+        ``x`` (log1p expression), ``p`` (proteins; NaN rows: unmeasured; ``None`` for an RNA-only model), ``z0``
+        (their coordinates) and ``cov`` (covariate codes), all on the module's device.
+        """
+        m = self.module.eval()
+        device = m.pca_components.device
+        out = []
+        for chunk in self._chunks(idx, batch_size):
+            X = self._expression(adata, chunk)
+            P = self._cell_proteins(adata, chunk)
+            x = torch.as_tensor(X, device=device)
+            p = None if P is None else torch.as_tensor(P, device=device)
+            with torch.no_grad():
+                z0 = m.encode(x, p)
+            cov = torch.as_tensor(self._covariate_codes(adata, chunk)).to(device)
+            out.append({"x": x, "p": p, "z0": z0, "cov": cov})
+        return out
+
+    def _transport(
+        self,
+        source: dict[str, Any],
+        target: np.ndarray,
+        nodes: np.ndarray,
+        time: float | None,
+        *,
+        n_steps: int,
+        solver: str,
+        path: bool = False,
+    ) -> torch.Tensor:
+        """Endpoints (all states with ``path``) of the flow of one chunk of :meth:`_flow_sources` under ``target``."""
+        m = self.module
+        n = len(source["z0"])
+        device = source["z0"].device
+        batch = {
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, n, axis=0)),
+            REGISTRY_KEYS.COVARIATES_KEY: source["cov"],
+        }
+        if nodes.size:
+            batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (n, 1)))
+        if time is not None:
+            batch[TIME_COVARIATE_KEY] = torch.full((n,), float(time))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            return m.transport(source["z0"], m.condition(batch), n_steps=int(n_steps), solver=solver, path=path)
+
     def _flow(
         self,
         adata: AnnData,
@@ -581,26 +628,9 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         all states with ``path``.
         """
         target, nodes = self._encode_query([str(perturbation)], float(dose))
-        m = self.module.eval()
-        device = m.pca_components.device
-        for chunk in self._chunks(idx, batch_size):
-            X = self._expression(adata, chunk)
-            P = self._cell_proteins(adata, chunk)
-            batch = {
-                REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(np.repeat(target, len(chunk), axis=0)),
-                REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, chunk)),
-            }
-            if nodes.size:
-                batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (len(chunk), 1)))
-            if time is not None:
-                batch[TIME_COVARIATE_KEY] = torch.full((len(chunk),), float(time))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            x = torch.as_tensor(X, device=device)
-            p = None if P is None else torch.as_tensor(P, device=device)
-            with torch.no_grad():
-                z0 = m.encode(x, p)
-                z_end = m.transport(z0, m.condition(batch), n_steps=int(n_steps), solver=solver, path=path)
-            yield x, p, z0, z_end
+        for src in self._flow_sources(adata, idx, batch_size):
+            z_end = self._transport(src, target, nodes, time, n_steps=n_steps, solver=solver, path=path)
+            yield src["x"], src["p"], src["z0"], z_end
 
     def predict(
         self,
@@ -676,23 +706,84 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         modalities: Sequence[str] = ("rna",),
     ) -> dict[str, np.ndarray]:
         """Predictions of cells ``idx`` per modality in ``modalities`` (one flow for all), float32, clipped at 0."""
+        targets = [(str(perturbation), *self._encode_query([str(perturbation)], float(dose)))]
+        sources = self._flow_sources(adata, idx, batch_size)
+        return next(self._flows(sources, targets, time, n_steps, solver, residual, modalities))[1]
+
+    def _flows(
+        self,
+        sources: list[dict[str, Any]],
+        targets: list[tuple[str, np.ndarray, np.ndarray]],
+        time: float | None,
+        n_steps: int,
+        solver: str,
+        residual: bool | None,
+        modalities: Sequence[str],
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """``(perturbation, {modality: prediction})`` per target ``(perturbation, encoding, nodes)``, in order.
+
+        The cells (``sources``, :meth:`_flow_sources`) are read and projected once for all targets.
+        """
         residual = self.residual if residual is None else bool(residual)
         m = self.module
-        out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
-        kw = {"n_steps": n_steps, "solver": solver, "batch_size": batch_size}
-        for x, p, z0, z1 in self._flow(adata, idx, perturbation, dose, time, **kw):
-            with torch.no_grad():
-                if "rna" in out:
-                    pred = x + m.decode_delta(z1 - z0) if residual else m.decode(z1)
-                    out["rna"].append(pred.clamp(min=0).cpu().numpy())
-                if "prot" in out:
-                    pred = m.decode_protein(z1)
-                    if residual:  # measured cells keep their own proteins; the others start from the reconstruction
-                        measured = torch.isfinite(p).all(dim=1, keepdim=True)
-                        own = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) + m.decode_protein_delta(z1 - z0)
-                        pred = torch.where(measured, own, pred)
-                    out["prot"].append(pred.clamp(min=0).cpu().numpy())
-        return {mod: np.concatenate(v).astype(np.float32) for mod, v in out.items()}
+        for name, target, nodes in targets:
+            out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
+            for src in sources:
+                x, p, z0 = src["x"], src["p"], src["z0"]
+                z1 = self._transport(src, target, nodes, time, n_steps=n_steps, solver=solver)
+                with torch.no_grad():
+                    if "rna" in out:
+                        pred = x + m.decode_delta(z1 - z0) if residual else m.decode(z1)
+                        out["rna"].append(pred.clamp(min=0).cpu().numpy())
+                    if "prot" in out:
+                        pred = m.decode_protein(z1)
+                        if residual:  # measured cells keep their own proteins; the others start from the reconstruction
+                            measured = torch.isfinite(p).all(dim=1, keepdim=True)
+                            own = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) + m.decode_protein_delta(z1 - z0)
+                            pred = torch.where(measured, own, pred)
+                        out["prot"].append(pred.clamp(min=0).cpu().numpy())
+            yield (
+                name,
+                {
+                    mod: (v[0] if len(v) == 1 else np.concatenate(v)).astype(np.float32, copy=False)
+                    for mod, v in out.items()
+                },
+            )
+
+    def _predict_many(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        n_steps: int = 20,
+        solver: str = "midpoint",
+        time: float | None = None,
+        residual: bool | None = None,
+        batch_size: int = 2048,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`predict` of every perturbation, the cells read and projected once (:meth:`_flows`)."""
+        if not self._own_predict(FlowMatching):
+            kw = {"n_steps": n_steps, "solver": solver, "time": time, "residual": residual, "batch_size": batch_size}
+            return super()._predict_many(
+                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
+            )
+        for modality in modalities:
+            self._check_modality(modality)
+        self._require_trained()
+        time = self._check_options(n_steps, solver, time)
+        adata = self._check_adata(adata)
+        targets = [(p, *self._encode_query([p], float(dose))) for p in perturbations]
+        idx = self._control_indices(adata, controls)
+
+        def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+            sources = self._flow_sources(adata, idx, batch_size)
+            yield from self._flows(sources, targets, time, n_steps, solver, residual, modalities)
+
+        return run()
 
     def get_trajectory(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -644,6 +645,31 @@ class ResidualDiffusion(PerturbationModel):
         adata = self._check_adata(adata)
         kw = {"modality": "prot"} if modality == "prot" else {}  # RNA: the call of RNA-only mean models too
         return self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, **kw)
+
+    def _predict_many(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        *,
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str] = ("rna",),
+        **kwargs: Any,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`predict` of every perturbation: the mean model's batched predictions."""
+        if not self._own_predict(ResidualDiffusion):
+            return super()._predict_many(
+                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kwargs
+            )
+        self._check_predict_kwargs(kwargs, what="predict options")
+        for modality in modalities:
+            self._check_modality(modality)
+        self._require_trained()
+        adata = self._check_adata(adata)
+        return self.mean_model._predict_many(
+            adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities
+        )
 
     def sample(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -543,22 +544,62 @@ class CausalVAEModule(VCellModule):
         if compose not in ("latent", "shifts"):
             msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
-        mean_of = self._mean_fn(modality)
+        state = self.counterfactual_state(batch, mode=mode, modalities=(modality,))
+        target, nodes = batch[TARGET_ENCODING_KEY], batch.get(TARGET_EXTRA_NODES_KEY)
+        return self.counterfactual_from_state(state, target, nodes, mode=mode, compose=compose, modality=modality)
+
+    def counterfactual_state(
+        self, batch: dict[str, torch.Tensor], *, mode: str = "residual", modalities: tuple[str, ...] = ("rna",)
+    ) -> dict[str, Any]:
+        """What :meth:`counterfactual` computes of the cells alone, whatever the target: reused across targets.
+
+        ``z_base``: the cells' basal state plus covariates (``mu + z_cov``); with ``mode="residual"``, ``base``:
+        per modality, the cells' own expression minus their decoded own state (:meth:`_residual_base`); ``m_base``:
+        per modality, the decoded ``z_base`` (filled on demand by ``compose="shifts"``).
+        """
+        means = {modality: self._mean_fn(modality) for modality in modalities}
         x_log, _, z_cov, z_own, mu, _ = self._encode_batch(batch)
-        target, nodes = self._pad(batch[TARGET_ENCODING_KEY]), batch.get(TARGET_EXTRA_NODES_KEY)
+        state: dict[str, Any] = {"z_base": mu + z_cov, "m_base": {}, "base": {}}
+        if mode != "decoded":
+            for modality, mean_of in means.items():
+                state["base"][modality] = self._residual_base(batch, x_log, mean_of(mu + z_own), modality)
+        return state
+
+    def counterfactual_from_state(
+        self,
+        state: dict[str, Any],
+        target: torch.Tensor,
+        nodes: torch.Tensor | None = None,
+        *,
+        mode: str = "residual",
+        compose: str = "latent",
+        modality: str = "rna",
+    ) -> torch.Tensor:
+        """:meth:`counterfactual` of the cells of ``state`` (:meth:`counterfactual_state`) under ``target``.
+
+        ``target``: one encoding row per cell; ``nodes``: the graph nodes of its extra columns (or ``None``).
+        """
+        if compose not in ("latent", "shifts"):
+            msg = f"compose must be 'latent' or 'shifts', got {compose!r}"
+            raise ValueError(msg)
+        mean_of = self._mean_fn(modality)
+        z_base = state["z_base"]
+        target = self._pad(target)
         active = torch.nonzero((target > 0).any(0)).flatten()
         if compose == "shifts" and len(active) > 1:
-            m_base = mean_of(mu + z_cov)
+            if modality not in state["m_base"]:
+                state["m_base"][modality] = mean_of(z_base)
+            m_base = state["m_base"][modality]
             m_target = m_base.clone()
             for j in active.tolist():
                 single = torch.zeros_like(target)
                 single[:, j] = target[:, j]
-                m_target += mean_of(mu + z_cov + self.perturbation_latent(single, nodes)) - m_base
+                m_target += mean_of(z_base + self.perturbation_latent(single, nodes)) - m_base
         else:
-            m_target = mean_of(mu + z_cov + self.perturbation_latent(target, nodes))
+            m_target = mean_of(z_base + self.perturbation_latent(target, nodes))
         if mode == "decoded":
             return m_target.clamp(min=0.0)
-        return (self._residual_base(batch, x_log, mean_of(mu + z_own), modality) + m_target).clamp(min=0.0)
+        return (state["base"][modality] + m_target).clamp(min=0.0)
 
     def _mean_fn(self, modality: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """Decoded mean of latent states in ``modality``'s log1p space (``rna`` or, with proteins, ``prot``)."""

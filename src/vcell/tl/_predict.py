@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
+from vcell._settings import logger
 from vcell._utils import check_obs_keys, mudata_no_pull, resolve_seed
 
 if TYPE_CHECKING:
@@ -74,12 +75,8 @@ def _modalities(mdata: MuData, model: PerturbationModel) -> tuple[AnnData, AnnDa
     return rna, prot, rows
 
 
-def _predicted_cells(
-    adata: AnnData, idx: np.ndarray, perts: list[str], preds: dict[str, np.ndarray], var: pd.DataFrame, key_added: str
-) -> AnnData:
-    """AnnData of predicted cells (``return_adata=True``), one block of rows per perturbation."""
-    import anndata as ad
-
+def _obs_of_predictions(adata: AnnData, idx: np.ndarray, perts: list[str], key_added: str) -> pd.DataFrame:
+    """``obs`` of the predicted cells (``return_adata=True``): one block of rows per perturbation."""
     obs_src = adata.obs.iloc[idx]
     obs = pd.concat([obs_src.assign(perturbation=p) for p in perts], axis=0)
     obs["vcell_source_cell"] = np.tile(adata.obs_names[idx].to_numpy(), len(perts))
@@ -87,21 +84,38 @@ def _predicted_cells(
     obs.index = [f"{key_added}-{p}-{c}" for p in perts for c in adata.obs_names[idx]]
     for col in ("perturbation", PERT_COL):
         obs[col] = pd.Categorical(obs[col], categories=perts)
-    return ad.AnnData(X=np.concatenate([preds[p] for p in perts], axis=0).astype(np.float32), obs=obs, var=var)
+    return obs
 
 
-def _write_layers(
-    adata: AnnData, rows: np.ndarray, perts: list[str], preds: dict[str, np.ndarray], key_added: str
-) -> list[str]:
-    """Write each prediction into ``adata.layers`` (rows ``rows``, NaN elsewhere); the layer keys."""
-    layers = []
-    for p in perts:
-        full = np.full(adata.shape, np.nan, dtype=np.float32)
-        full[rows] = preds[p]
-        key = _layer_key(key_added, p, len(perts))
-        adata.layers[key] = full
-        layers.append(key)
-    return layers
+class _Rows:
+    """Predictions of ``return_adata=True``: one float32 matrix per modality, allocated once, filled block by block."""
+
+    def __init__(self, n_cells: int, n_perts: int, widths: dict[str, int]) -> None:
+        self.n = n_cells
+        self.X = {mod: np.empty((n_cells * n_perts, width), dtype=np.float32) for mod, width in widths.items()}
+
+    def add(self, k: int, p: str, preds: dict[str, np.ndarray]) -> None:
+        for mod, X in self.X.items():
+            X[k * self.n : (k + 1) * self.n] = preds[mod]
+
+
+class _Layers:
+    """Predictions of ``return_adata=False``: one layer per perturbation (and modality), adata-shaped, NaN rows.
+
+    Each block goes straight into its layer; the layers are kept here and written into the AnnData(s) only by
+    :meth:`write`, after every perturbation was predicted (an error leaves the data unchanged).
+    """
+
+    def __init__(self, targets: dict[str, tuple[tuple[int, int], np.ndarray, np.ndarray | None]], n_perts: int):
+        self.targets = targets  # modality -> (layer shape, rows, order of the predictions' rows or None)
+        self.n_perts = n_perts
+        self.layers: dict[str, dict[str, np.ndarray]] = {mod: {} for mod in targets}
+
+    def add(self, k: int, p: str, preds: dict[str, np.ndarray], key_added: str) -> None:
+        for mod, (shape, rows, order) in self.targets.items():
+            full = np.full(shape, np.nan, dtype=np.float32)
+            full[rows] = preds[mod] if order is None else preds[mod][order]
+            self.layers[mod][_layer_key(key_added, p, self.n_perts)] = full
 
 
 def predict_perturbation(
@@ -116,6 +130,7 @@ def predict_perturbation(
     key_added: str = "vcell_pred",
     return_adata: bool = False,
     seed: int | None = None,
+    predict_kwargs: dict[str, Any] | None = None,
 ) -> AnnData | None:
     """Predict how control cells respond to perturbations (their counterfactuals).
 
@@ -146,6 +161,10 @@ def predict_perturbation(
         Return a new AnnData of predicted cells instead of writing layers into ``adata``.
     seed
         Random seed for stochastic models (defaults to ``vcell.settings.seed``).
+    predict_kwargs
+        Further options of the model's ``predict``, e.g. ``{"n_steps": 10, "solver": "euler"}`` for
+        :class:`~vcell.model.FlowMatching` or ``{"mode": "decoded"}`` for :class:`~vcell.model.CausalVAE`; a
+        ValueError names an unknown key and the accepted ones.
 
     Returns
     -------
@@ -176,6 +195,21 @@ def predict_perturbation(
         The same parameters, with that modality's ``layers``; ``mdata['rna'].uns[key_added]['protein_layers']``
         names them too.
 
+    Notes
+    -----
+    Layout and memory. All perturbations are predicted in one pass of the model (``model.predict_many``): the
+    starting cells are read and encoded once, then each perturbation's prediction (``n_selected_cells x n_genes``)
+    is computed and copied straight into the output before the next one, so the extra memory at any time is one
+    perturbation's prediction plus the model's working memory for its batch of cells, not the whole output again.
+
+    * ``return_adata=False``: one layer per perturbation, the user-visible contract above (adata's shape, NaN outside
+      the starting cells): ``n_perturbations x n_obs x n_genes x 4`` bytes in all. Each layer is allocated once and
+      filled from the prediction; the layers are put into ``adata`` when every perturbation is predicted (an error
+      leaves ``adata`` unchanged).
+    * ``return_adata=True``: only the predicted rows, ``n_perturbations x n_selected_cells x n_genes x 4`` bytes:
+      ``X`` is allocated once and filled block by block (no concatenation, no copy). Prefer it for many
+      perturbations, or for a few starting cells in a large AnnData, where the layers are mostly NaN.
+
     Examples
     --------
     Out of distribution: the model is trained without the IFN-beta-stimulated CD4 T cells, then predicts them from
@@ -196,6 +230,8 @@ def predict_perturbation(
     >>> int(adata.obs["vcell_pred_source"].sum())  # the CD4T control cells
     278
     """
+    import anndata as ad
+
     from vcell import __version__
 
     perts = perturbation_list(perturbations, "predict")
@@ -205,12 +241,10 @@ def predict_perturbation(
         adata, prot, prot_rows = _modalities(mdata, model)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     seed = resolve_seed(seed)  # recorded as used, never a placeholder
-    preds = {p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed) for p in perts}
-    prot_preds = {}
-    if prot is not None:
-        prot_preds = {
-            p: model.predict(adata, perturbation=p, controls=idx, dose=dose, seed=seed, modality="prot") for p in perts
-        }
+    kwargs = model._check_predict_kwargs(predict_kwargs)
+    modalities = ("rna",) if prot is None else ("rna", "prot")
+    # checks every perturbation and option now; predictions come one perturbation at a time, as they are consumed
+    stream = model._predict_many(adata, perts, controls=idx, dose=dose, seed=seed, modalities=modalities, **kwargs)
     params = {
         "perturbations": perts,
         "n_cells": int(idx.size),
@@ -218,10 +252,18 @@ def predict_perturbation(
         "dose": float(dose),
         "seed": seed,
     }
+    if kwargs:  # None values (a model's own default) are left out: h5ad cannot store them
+        params["predict_kwargs"] = {k: v for k, v in kwargs.items() if v is not None}
     info = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
 
     if return_adata:
-        out = _predicted_cells(adata, idx, perts, preds, adata.var.copy(), key_added)
+        widths = {"rna": adata.n_vars, **({"prot": prot.n_vars} if prot is not None else {})}
+        rows = _Rows(idx.size, len(perts), widths)
+        for k, (p, preds) in enumerate(stream):
+            rows.add(k, p, preds)
+            del preds
+        obs = _obs_of_predictions(adata, idx, perts, key_added)
+        out = ad.AnnData(X=rows.X["rna"], obs=obs, var=adata.var.copy())
         out.uns[key_added] = info
         if mdata is None:
             return out
@@ -229,24 +271,49 @@ def predict_perturbation(
 
         mods = {"rna": out}
         if prot is not None:
-            mods[model.protein_modality_] = _predicted_cells(adata, idx, perts, prot_preds, prot.var.copy(), key_added)
+            mods[model.protein_modality_] = ad.AnnData(X=rows.X["prot"], obs=obs.copy(), var=prot.var.copy())
             mods[model.protein_modality_].uns[key_added] = dict(info)
         with mudata_no_pull():
             return mudata.MuData(mods)
 
-    info["layers"] = _write_layers(adata, idx, perts, preds, key_added)
     mask = np.zeros(adata.n_obs, dtype=bool)
     mask[idx] = True
-    adata.obs[f"{key_added}_source"] = mask
+    targets = {"rna": (adata.shape, idx, None)}
     if prot is not None:  # rows of the protein modality holding the starting cells, in its own order
-        rows = np.flatnonzero(mask[prot_rows])
+        prot_sel = np.flatnonzero(mask[prot_rows])
         order = np.argsort(idx)  # predictions are in idx order; rows ascend in the protein modality's order
-        pos = np.searchsorted(idx[order], prot_rows[rows])
-        prot_layers = _write_layers(prot, rows, perts, {p: v[order][pos] for p, v in prot_preds.items()}, key_added)
-        info["protein_layers"] = prot_layers
-        prot.uns[key_added] = {**info, "layers": prot_layers}
+        pos = np.searchsorted(idx[order], prot_rows[prot_sel])
+        targets["prot"] = (prot.shape, prot_sel, order[pos])
+    _note_layer_size(adata, idx.size, len(perts))
+    layers = _Layers(targets, len(perts))
+    for k, (p, preds) in enumerate(stream):
+        layers.add(k, p, preds, key_added)
+        del preds
+    adata.layers.update(layers.layers["rna"])
+    info["layers"] = list(layers.layers["rna"])
+    adata.obs[f"{key_added}_source"] = mask
+    if prot is not None:
+        prot.layers.update(layers.layers["prot"])
+        info["protein_layers"] = list(layers.layers["prot"])
+        prot.uns[key_added] = {**info, "layers": info["protein_layers"]}
     adata.uns[key_added] = info
     return None
+
+
+def _note_layer_size(adata: AnnData, n_cells: int, n_perts: int) -> None:
+    """Log when the layers (adata-shaped, one per perturbation) are much larger than ``return_adata=True``'s rows."""
+    layers = 4 * adata.n_obs * adata.n_vars * n_perts
+    if n_perts > 1 and layers >= 2**30 and adata.n_obs >= 4 * n_cells:
+        logger.info(
+            "predict_perturbation writes %d layers of %d x %d float32 (%.1f GiB, NaN outside the %d starting cells); "
+            "return_adata=True holds only the predicted rows (%.1f GiB)",
+            n_perts,
+            adata.n_obs,
+            adata.n_vars,
+            layers / 2**30,
+            n_cells,
+            4 * n_cells * adata.n_vars * n_perts / 2**30,
+        )
 
 
 __all__ = ["predict_perturbation"]
