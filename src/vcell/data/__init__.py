@@ -14,6 +14,7 @@ from ._chunked import (
     log1p_cp10k_block,
 )
 from ._datamodule import PairedDataModule, pair_controls
+from ._loader import CellBatches, Pairs, RowReader, take_rows
 from ._registry import (
     context_labels,
     control_mask,
@@ -24,6 +25,10 @@ from ._registry import (
 from ._vocab import PerturbationVocab
 
 __all__ = [
+    "CellBatches",
+    "Pairs",
+    "RowReader",
+    "take_rows",
     "iter_row_blocks",
     "library_sizes",
     "check_finite_nonnegative",

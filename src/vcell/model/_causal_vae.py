@@ -12,7 +12,8 @@ from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
-from vcell._utils import get_matrix, log1p_cp10k, resolve_seed, to_dense
+from vcell._utils import get_matrix, log1p_cp10k, resolve_seed
+from vcell.data import CellBatches, RowReader, iter_row_blocks, take_rows
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
 from vcell.module._causal_vae import (
@@ -34,43 +35,8 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PREDICTION_MODES = ("residual", "decoded")
-#: dense copies of the training matrix up to this many bytes (else CSR rows are densified per batch)
-_DENSE_LIMIT = 2 * 1024**3
 #: batch keys of the cells themselves (what encoding a cell needs)
 _CELL_KEYS = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.PERT_ENCODING_KEY, REGISTRY_KEYS.COVARIATES_KEY)
-
-
-class _CellBatches:
-    """Sized iterable of batches (dicts of tensors) over ``indices``; each pass over a shuffled one is a new epoch.
-
-    Shuffling is seeded by ``(seed, epoch)``; under ``torch.distributed`` every process takes its own share.
-    """
-
-    def __init__(
-        self, tensors: dict[str, Any], indices: np.ndarray, *, batch_size: int, shuffle: bool, seed: int
-    ) -> None:
-        self.tensors, self.indices = tensors, np.asarray(indices, dtype=np.int64)
-        self.batch_size, self.shuffle, self.seed, self.epoch = int(batch_size), shuffle, seed, 0
-
-    def _shard(self, order: np.ndarray) -> np.ndarray:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            return order[rank::world]
-        return order
-
-    def __len__(self) -> int:
-        n = len(self._shard(self.indices))
-        return -(-n // self.batch_size)
-
-    def __iter__(self):
-        order = self.indices
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-            self.epoch += 1
-        order = self._shard(order)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield {k: _rows(v, idx) for k, v in self.tensors.items()}
 
 
 def _log_factorials(values: np.ndarray) -> np.ndarray:
@@ -85,28 +51,18 @@ def _log_factorials(values: np.ndarray) -> np.ndarray:
     return gammaln(values.astype(np.float64) + 1.0)
 
 
-def _log_factorial_sums(X: Any, *, chunk: int = 512) -> np.ndarray:
-    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64, ``chunk`` rows at a time."""
-    if sparse.issparse(X):
-        X = sparse.csr_matrix(X)
-        out = np.zeros(X.shape[0])
-        for start in range(0, X.shape[0], chunk):
-            ptr = X.indptr[start : start + chunk + 1]
+def _log_factorial_sums(X: Any) -> np.ndarray:
+    """Per-cell sum of ``log(x!)`` of a count matrix (zeros add nothing), in float64, in row blocks (any storage)."""
+    out = np.zeros(X.shape[0])
+    for start, stop, block in iter_row_blocks(X):
+        if sparse.issparse(block):
+            ptr = block.indptr
             if ptr[-1] > ptr[0]:
-                values = _log_factorials(X.data[ptr[0] : ptr[-1]])
-                sums = np.add.reduceat(np.r_[values, 0.0], ptr[:-1] - ptr[0])
-                out[start : start + len(ptr) - 1] = sums * (np.diff(ptr) > 0)
-        return out
-    X = np.asarray(X)
-    return np.concatenate(
-        [_log_factorials(X[i : i + chunk]).sum(1) for i in range(0, X.shape[0], chunk)] or [np.zeros(0)]
-    )
-
-
-def _rows(value: Any, idx: np.ndarray) -> torch.Tensor:
-    if sparse.issparse(value):
-        return torch.as_tensor(value[idx].toarray(), dtype=torch.float32)
-    return value.index_select(0, torch.as_tensor(idx, device=value.device))  # several times faster than value[idx]
+                sums = np.add.reduceat(np.r_[_log_factorials(block.data[ptr[0] : ptr[-1]]), 0.0], ptr[:-1] - ptr[0])
+                out[start:stop] = sums * (np.diff(ptr) > 0)
+        else:
+            out[start:stop] = _log_factorials(np.asarray(block)).sum(1)
+    return out
 
 
 class _CounterfactualValidation:
@@ -162,7 +118,8 @@ class _CounterfactualValidation:
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not len(self.targets):
             return
-        pl_module.log("val_counterfactual_mse", self.score(pl_module.module, pl_module.device), prog_bar=True)
+        value = self.score(pl_module.module, pl_module.device)  # the same on every process (same weights, groups)
+        pl_module.log("val_counterfactual_mse", value, prog_bar=True, sync_dist=trainer.world_size > 1)
 
 
 class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
@@ -515,8 +472,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
     # ------------------------------------------------------------------ tensors from AnnData
     def _raw(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
         """Registered matrix rows (counts, or log1p(CP10k) for log data), dense float32."""
-        X = get_matrix(adata, self._layer())[idx]
-        return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32)
+        return RowReader(get_matrix(adata, self._layer()))(idx)
 
     def _own_query(self, adata: AnnData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_encode_query` of the cells' own perturbations (none: cells without labels count as controls)."""
@@ -534,16 +490,11 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         return self._encode(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
     def _training_tensors(self, adata: AnnData) -> dict[str, Any]:
-        X = get_matrix(adata, self._layer())
-        n = adata.n_obs
-        if sparse.issparse(X) and n * adata.n_vars * 4 > _DENSE_LIMIT:
-            x = sparse.csr_matrix(X, dtype=np.float32)
-        else:
-            x = torch.as_tensor(np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float32))
-        all_idx = np.arange(n)
+        X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # rows read per batch: never densified whole
+        all_idx = np.arange(adata.n_obs)
         codes = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy())
         tensors = {
-            REGISTRY_KEYS.X_KEY: x,
+            REGISTRY_KEYS.X_KEY: RowReader(X),
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, all_idx)),
             REGISTRY_KEYS.PERT_KEY: torch.as_tensor(codes, dtype=torch.long),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
@@ -578,7 +529,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         train_ctrl = train_idx[cond[train_idx] == CONTROL]
         keys = pd.Series(cond[val]) + "\t" + pd.Series(ctx[val])
         rng = np.random.default_rng(seed)
-        X = get_matrix(adata, self._layer())
+        X = RowReader(get_matrix(adata, self._layer()))
         controls: dict[str, np.ndarray] = {}  # context -> its sampled training controls, shared by its groups
         groups: dict[str, list[int]] = {}  # context -> its groups (rows of targets)
         encodings, targets, protein_targets = [], [], []
@@ -595,8 +546,8 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
                 continue
             groups.setdefault(context, []).append(len(targets))
             encodings.append(self._encode([label], float(np.median(dose[members])))[0])
-            rows = X[members]
-            expr = log1p_cp10k(rows) if self.counts_ else to_dense(rows)
+            rows = X(members)
+            expr = log1p_cp10k(rows) if self.counts_ else rows
             targets.append(expr.mean(0))
             if self.protein_names_:
                 P = self._protein_expression(adata, members)
@@ -607,7 +558,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         encodings = np.stack(encodings)
         contexts = [
             (
-                {k: _rows(tensors[k], controls[context]) for k in self._cell_keys()},
+                {k: take_rows(tensors[k], controls[context]) for k in self._cell_keys()},
                 torch.as_tensor(encodings[rows]),
                 torch.as_tensor(rows, dtype=torch.long),
             )
@@ -633,6 +584,9 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         weight_decay: float = 1e-6,
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 20,
+        strategy: str | Any = "auto",
+        num_nodes: int = 1,
+        shuffle: str = "auto",
     ) -> None:
         """Train with Lightning (progress bar, validation loss, early stopping on the validation ELBO).
 
@@ -669,6 +623,13 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             Share of cells held out for validation when ``obs['vcell_split']`` has no ``val`` cells.
         early_stopping_patience
             Epochs without improvement before stopping.
+        strategy, num_nodes
+            Passed to :class:`lightning.Trainer`: ``strategy="ddp", devices=N, num_nodes=M`` trains in ``N * M``
+            processes, each reading its own share of every epoch (:class:`vcell.data.CellBatches`).
+        shuffle
+            Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
+            consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
+            a backed AnnData, else ``"full"``).
 
         Sets the following fields
         -------------------------
@@ -689,8 +650,8 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         adata = self.adata
         train_idx, val_idx = self._split(adata, validation_fraction, seed)
         tensors = self._training_tensors(adata)
-        train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
-        val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 1024), shuffle=False, seed=seed)
+        train_dl = CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        val_dl = CellBatches(tensors, val_idx, batch_size=max(batch_size, 1024), shuffle=False, seed=seed)
         groups = self._counterfactual_groups(adata, tensors, train_idx, val_idx, seed) if len(val_idx) else None
         monitor = "val_counterfactual_mse" if groups else ("val_elbo" if len(val_idx) else "train_elbo")
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor=monitor)
@@ -701,6 +662,8 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             callbacks=[as_callback(groups)] if groups else [],
@@ -723,13 +686,13 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         m = self.module.eval()
         device = next(m.parameters()).device
         zs = [
-            m.latent({k: _rows(tensors[k], chunk).to(device) for k in self._cell_keys()})
+            m.latent({k: take_rows(tensors[k], chunk).to(device) for k in self._cell_keys()})
             for chunk in self._chunks(idx, batch_size)
         ]
         z = torch.cat(zs) if zs else torch.zeros((0, m.n_latent), device=device)
-        targets = [_rows(tensors[REGISTRY_KEYS.PERT_KEY], idx).numpy()]
+        targets = [take_rows(tensors[REGISTRY_KEYS.PERT_KEY], idx).numpy()]
         targets = targets if m.adversary_names and m.adversary_names[0] == "perturbation" else []
-        cov = _rows(tensors[REGISTRY_KEYS.COVARIATES_KEY], idx).numpy()
+        cov = take_rows(tensors[REGISTRY_KEYS.COVARIATES_KEY], idx).numpy()
         targets += [cov[:, k] for k in range(cov.shape[1])]
         names = (["perturbation"] if targets and len(targets) > len(self.covariate_names_) else []) + list(
             self.covariate_names_

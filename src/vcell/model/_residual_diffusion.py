@@ -18,7 +18,6 @@ from vcell.module import BASELINE_METHODS
 from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
 
 from ._base import PerturbationModel, sample_obs
-from ._causal_vae import _CellBatches
 from ._protein import record_protein, registered_protein, with_sampled_proteins
 
 if TYPE_CHECKING:
@@ -458,6 +457,7 @@ class ResidualDiffusion(PerturbationModel):
         """
         import lightning
 
+        from vcell.data import CellBatches
         from vcell.train import TrainingPlan, fit
 
         seed = resolve_seed(seed)
@@ -533,8 +533,8 @@ class ResidualDiffusion(PerturbationModel):
         order = rng.permutation(len(cells))
         n_val = int(round(validation_fraction * len(cells))) if len(cells) >= 20 else 0
         train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
-        train_dl = _CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
-        val_dl = _CellBatches(tensors, val_idx, batch_size=max(batch_size, 2048), shuffle=False, seed=seed)
+        train_dl = CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
+        val_dl = CellBatches(tensors, val_idx, batch_size=max(batch_size, 2048), shuffle=False, seed=seed)
         plan = TrainingPlan(
             self.module, lr=lr, weight_decay=weight_decay, monitor="val_loss" if n_val else "train_loss"
         )

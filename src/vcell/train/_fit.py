@@ -56,6 +56,8 @@ def fit(
     max_epochs: int,
     accelerator: str = "auto",
     devices: int | str = "auto",
+    strategy: str | Any = "auto",
+    num_nodes: int = 1,
     early_stopping: bool = True,
     early_stopping_patience: int = 20,
     callbacks: Sequence[Any] = (),
@@ -78,8 +80,12 @@ def fit(
         Iterables of batches; ``val_dataloader=None`` trains without validation.
     max_epochs
         Maximum passes over the training batches.
-    accelerator, devices
-        Passed to :class:`lightning.Trainer`.
+    accelerator, devices, strategy, num_nodes
+        Passed to :class:`lightning.Trainer`. ``strategy="ddp"`` with ``devices=N`` (and ``num_nodes=M``) trains in
+        ``N * M`` processes (on CPU: gloo); batches come from :class:`vcell.data.CellBatches`, which gives every
+        process its own share of each epoch, and the logged epoch means are over all processes. The names ``"ddp"``,
+        ``"ddp_spawn"`` and ``"ddp_notebook"`` become a :class:`~lightning.pytorch.strategies.DDPStrategy` that finds
+        unused parameters (a step may not use all of a vcell module's); pass a strategy object to choose otherwise.
     early_stopping
         Stop when ``plan.monitor`` has not improved for ``early_stopping_patience`` validations and keep the weights
         of its best epoch.
@@ -97,6 +103,14 @@ def fit(
     """
     import lightning
 
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_notebook"):
+        # vcell's modules hold parameters that a step may leave unused (adversaries, protein heads, unseen
+        # perturbations' rows): DDP must look for them, or it stops with an error on the first step
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(
+            find_unused_parameters=True, start_method={"ddp": "popen", "ddp_spawn": "spawn"}.get(strategy, "fork")
+        )
     best = BestWeights(plan.monitor)
     cbs = list(callbacks)
     if early_stopping:
@@ -106,6 +120,8 @@ def fit(
         "max_epochs": int(max_epochs),
         "accelerator": accelerator,
         "devices": devices,
+        "strategy": strategy,
+        "num_nodes": int(num_nodes),
         "logger": False,
         "enable_checkpointing": False,
         "enable_model_summary": False,

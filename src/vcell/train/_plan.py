@@ -91,13 +91,25 @@ class TrainingPlan(lightning.LightningModule):
         n = self._counts[stage]
         if not n:
             return
+        sums = self._sums[stage]
+        if self._distributed():  # every process's sums and counts: the logged means are over all processes' items
+            flat = torch.cat([*sums.values(), torch.as_tensor([float(n)], device=next(iter(sums.values())).device)])
+            flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+            n, at = float(flat[-1]), 0
+            for names in sums:
+                sums[names], at = flat[at : at + len(names)], at + len(names)
+        synced = self._distributed()  # equal on every process already: no warning, the mean of equal values
         means: dict[str, float] = {}
-        for names, total in self._sums[stage].items():  # one host sync per stage and epoch
+        for names, total in sums.items():  # one host sync per stage and epoch
             means.update(zip(names, (total / n).tolist(), strict=True))
         for key, value in means.items():
-            self.log(f"{stage}_{key}", value, prog_bar=key == "loss", on_step=False, on_epoch=True)
+            self.log(f"{stage}_{key}", value, prog_bar=key == "loss", on_step=False, on_epoch=True, sync_dist=synced)
         self._sums[stage] = {}
         self._counts[stage] = 0
+
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and int(getattr(trainer, "world_size", 1)) > 1
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
