@@ -1,0 +1,174 @@
+"""The shared minibatch loader: row readers over every storage, passes, shuffling, process shards."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+from vcell.data import CellBatches, Pairs, RowReader, take_rows
+from vcell.data import _loader as loader
+
+
+@pytest.fixture
+def matrix() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.7, size=(300, 12)).astype(np.float32)
+    return X
+
+
+@pytest.fixture
+def backed(matrix: np.ndarray, tmp_path) -> ad.AnnData:
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(sparse.csr_matrix(matrix)).write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "csc", "coo", "tensor", "backed"])
+def test_row_reader_every_storage(matrix: np.ndarray, backed: ad.AnnData, kind: str) -> None:
+    X = {
+        "dense": matrix,
+        "csr": sparse.csr_matrix(matrix),
+        "csc": sparse.csc_matrix(matrix),
+        "coo": sparse.coo_matrix(matrix),
+        "tensor": torch.as_tensor(matrix),
+        "backed": backed.X,
+    }[kind]
+    reader = RowReader(X)
+    assert reader.backed == (kind == "backed")
+    for idx in (np.array([5, 3, 3, 299, 0]), np.arange(40, 80), np.array([250, 7])):  # unsorted, repeats, slices
+        out = reader(idx)
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, matrix[idx])
+    assert reader(np.zeros(0, dtype=np.int64)).shape == (0, 12)
+
+
+def test_row_reader_transform(matrix: np.ndarray) -> None:
+    reader = RowReader(sparse.csr_matrix(matrix), transform=np.log1p)
+    np.testing.assert_allclose(reader(np.array([1, 2])), np.log1p(matrix[[1, 2]]), rtol=1e-6)
+
+
+def test_batches_cover_every_cell_once(matrix: np.ndarray) -> None:
+    cells = np.arange(3, 290)
+    dl = CellBatches({"X": RowReader(matrix), "i": np.arange(300)}, cells, batch_size=32, seed=0)
+    assert len(dl) == -(-len(cells) // 32)
+    seen = [b["i"].numpy() for b in dl]
+    assert len(seen) == len(dl)
+    got = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(got), cells)
+    first = np.concatenate([b["i"].numpy() for b in dl])  # the next pass: a new order
+    assert not np.array_equal(first, got)
+    batch = next(iter(dl))
+    np.testing.assert_array_equal(batch["X"].numpy(), matrix[batch["i"].numpy()])
+
+
+def test_same_seed_same_batches(matrix: np.ndarray) -> None:
+    def passes(seed: int) -> list[np.ndarray]:
+        dl = CellBatches({"i": np.arange(300)}, np.arange(300), batch_size=50, seed=seed)
+        return [np.concatenate([b["i"].numpy() for b in dl]) for _ in range(2)]
+
+    a, b, c = passes(1), passes(1), passes(2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_fixed_and_unshuffled_orders() -> None:
+    cells = np.arange(10, 60)
+    dl = CellBatches({"i": np.arange(100)}, cells, batch_size=16, seed=0, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate([b["i"].numpy() for b in dl]), cells)
+
+    def draw(rng: np.random.Generator) -> Pairs:
+        return Pairs(cells, rng.choice(5, size=len(cells)), {"t": rng.random(len(cells)).astype(np.float32)})
+
+    fixed = CellBatches({"i": np.arange(100)}, draw, batch_size=16, seed=0, fixed=True, source_fields={"s": "i"})
+    one = [torch.cat([b["s"] for b in fixed]), torch.cat([b["t"] for b in fixed])]
+    two = [torch.cat([b["s"] for b in fixed]), torch.cat([b["t"] for b in fixed])]
+    assert all(torch.equal(x, y) for x, y in zip(one, two, strict=True))
+    assert one[0].max() < 5  # sources read at the drawn source cells
+
+
+def test_pairs_sources_and_extras() -> None:
+    targets = np.arange(20, 40)
+
+    def draw(rng: np.random.Generator) -> Pairs:
+        return Pairs(targets, targets - 20, {"w": np.arange(20, dtype=np.float32)})
+
+    dl = CellBatches({"i": torch.arange(50)}, draw, batch_size=7, seed=0, source_fields={"src": "i"}, n_items=20)
+    assert len(dl) == 3
+    for b in dl:
+        np.testing.assert_array_equal(b["src"].numpy(), b["i"].numpy() - 20)
+        np.testing.assert_array_equal(b["w"].numpy(), b["i"].numpy() - 20)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        CellBatches({"i": np.arange(3)}, np.arange(3), batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="shuffle"):
+        CellBatches({"i": np.arange(3)}, np.arange(3), batch_size=2, seed=0, shuffle="sometimes")
+    with pytest.raises(KeyError, match="nope"):
+        CellBatches({"i": np.arange(3)}, np.arange(3), batch_size=2, seed=0, source_fields={"s": "nope"})
+
+
+def test_backed_reads_blocks(matrix: np.ndarray, backed: ad.AnnData) -> None:
+    cells = np.arange(300)
+    dl = CellBatches({"X": RowReader(backed.X), "i": np.arange(300)}, cells, batch_size=16, seed=0, block_size=20)
+    assert dl.shuffle == "block"  # auto: contiguous reads from disk
+    got = []
+    for b in dl:
+        np.testing.assert_array_equal(b["X"].numpy(), matrix[b["i"].numpy()])
+        got.append(b["i"].numpy())
+    assert len(got) == len(dl)
+    np.testing.assert_array_equal(np.sort(np.concatenate(got)), cells)
+    full = CellBatches({"X": RowReader(backed.X)}, cells, batch_size=16, seed=0, shuffle="full")
+    assert full.shuffle == "full"
+
+
+def _per_process(dl: CellBatches, world: int, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]]:
+    out = []
+    for rank in range(world):
+        monkeypatch.setattr(loader, "_world", lambda rank=rank: (rank, world))
+        dl.epoch = 0
+        n = len(dl)
+        batches = [b["i"].numpy() for b in dl]
+        assert len(batches) == n
+        out.append(batches)
+    return out
+
+
+@pytest.mark.parametrize("n_cells", [256, 250, 3])
+def test_process_shards_rebuild_the_global_batches(n_cells: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """N processes with batch b see, step by step, the items of one process with batch N * b."""
+    cells = np.arange(n_cells)
+    single = CellBatches({"i": np.arange(n_cells)}, cells, batch_size=64, seed=4)
+    reference = [b["i"].numpy() for b in single]
+    dl = CellBatches({"i": np.arange(n_cells)}, cells, batch_size=32, seed=4)
+    shards = _per_process(dl, 2, monkeypatch)
+    assert len(shards[0]) == len(shards[1]) == len(reference)  # equal step counts: no process waits forever
+    for step, ref in enumerate(reference):
+        union = np.concatenate([shards[0][step], shards[1][step]])
+        if len(ref) >= 2:
+            np.testing.assert_array_equal(union, ref)
+        else:  # fewer items than processes: padded by wrapping around
+            assert set(ref) <= set(union)
+
+
+def test_block_shards_are_disjoint_and_cover(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    n = 1000
+    path = tmp_path / "b.h5ad"
+    ad.AnnData(sparse.random(n, 4, density=0.5, format="csr", dtype=np.float32, random_state=0)).write_h5ad(path)
+    reader = RowReader(ad.read_h5ad(path, backed="r").X)
+    dl = CellBatches({"X": reader, "i": np.arange(n)}, np.arange(n), batch_size=16, seed=0, window_blocks=4)
+    shards = _per_process(dl, 3, monkeypatch)
+    assert len({len(s) for s in shards}) == 1
+    cells = [np.concatenate(s) for s in shards]
+    assert set(np.concatenate(cells)) == set(range(n))  # every cell in some process
+    windows = [set(c) for c in cells]  # whole windows per process: overlaps only from the wrap-around padding
+    assert len(windows[0] & windows[1]) + len(windows[1] & windows[2]) < 3 * 64
+
+
+def test_take_rows() -> None:
+    t = torch.arange(10.0)
+    np.testing.assert_array_equal(take_rows(t, np.array([3, 1])).numpy(), [3.0, 1.0])
+    np.testing.assert_array_equal(take_rows(np.arange(5), np.array([4])).numpy(), [4])
