@@ -8,7 +8,15 @@ from scipy import sparse
 
 import vcell
 from vcell._constants import REGISTRY_KEYS
-from vcell.data import PairedDataModule, PerturbationVocab, context_labels, pair_controls
+from vcell.data import (
+    CellBatches,
+    Pairs,
+    PerturbationVocab,
+    RowReader,
+    context_labels,
+    control_mask,
+    pair_controls,
+)
 
 
 def _toy(n_per=20, seed=0) -> ad.AnnData:
@@ -101,29 +109,39 @@ def test_setup_anndata_rejects_nan_and_negative(bad):
         vcell.model.Baseline.setup_anndata(adata, perturbation_key="condition", control="ctrl")
 
 
-def test_paired_datamodule_batches_pair_same_context():
+def test_registry_batches_pair_same_context():
+    """CellBatches over registry fields, each cell paired with a control of its context drawn every pass."""
     adata = _toy()
     vcell.model.Baseline.setup_anndata(
         adata, perturbation_key="condition", control="ctrl", covariate_keys=["cell_type"]
     )
     model = vcell.model.Baseline(adata)
+    manager = model.adata_manager
     ctx = context_labels(adata.obs, ["cell_type"])
-    dm = PairedDataModule(
-        model.adata_manager, model.vocab, ctx, train_indices=np.arange(adata.n_obs), batch_size=16, seed=3
+    is_ctrl = control_mask(adata)
+
+    def draw(rng):
+        cells = np.arange(adata.n_obs)
+        return Pairs(cells, pair_controls(ctx, is_ctrl, seed=int(rng.integers(2**31)))[:, 0])
+
+    fields = {
+        REGISTRY_KEYS.X_KEY: RowReader(manager.get_from_registry(REGISTRY_KEYS.X_KEY)),
+        REGISTRY_KEYS.COVARIATES_KEY: np.asarray(manager.get_from_registry(REGISTRY_KEYS.COVARIATES_KEY)),
+    }
+    dl = CellBatches(
+        fields, draw, batch_size=16, seed=3, source_fields={REGISTRY_KEYS.CONTROL_X_KEY: REGISTRY_KEYS.X_KEY}
     )
-    batches = list(dm.train_dataloader())
-    assert len(batches) == len(dm.train_dataloader()) == int(np.ceil(adata.n_obs / 16))
+    batches = list(dl)
+    assert len(batches) == len(dl) == int(np.ceil(adata.n_obs / 16))
     b = batches[0]
     assert b[REGISTRY_KEYS.X_KEY].shape == b[REGISTRY_KEYS.CONTROL_X_KEY].shape == (16, 30)
-    assert b[REGISTRY_KEYS.PERT_ENCODING_KEY].shape == (16, 2)
     # every paired control row equals some control cell of the same cell type
     X = adata.X.toarray()
-    ctrl = adata.obs["vcell_perturbation"].to_numpy() == "control"
-    types = adata.obs["cell_type"].astype("category").cat.codes.to_numpy()
+    types = np.asarray(manager.get_from_registry(REGISTRY_KEYS.COVARIATES_KEY))[:, 0]
     for batch in batches:
         cov = batch[REGISTRY_KEYS.COVARIATES_KEY].numpy().ravel()
         for row, code in zip(batch[REGISTRY_KEYS.CONTROL_X_KEY].numpy(), cov, strict=True):
-            matches = np.flatnonzero(ctrl & np.all(X == row, axis=1))
+            matches = np.flatnonzero(is_ctrl & np.all(X == row, axis=1))
             assert matches.size >= 1
             assert code in types[matches]
     n_seen = sum(len(b[REGISTRY_KEYS.X_KEY]) for b in batches)

@@ -13,7 +13,7 @@ from ._chunked import (
     library_sizes,
     log1p_cp10k_block,
 )
-from ._datamodule import PairedDataModule, pair_controls
+from ._datamodule import pair_controls
 from ._loader import CellBatches, Pairs, RowReader, take_rows
 from ._registry import (
     context_labels,
@@ -39,7 +39,6 @@ __all__ = [
     "group_means",
     "gene_mean_var",
     "PerturbationVocab",
-    "PairedDataModule",
     "pair_controls",
     "context_labels",
     "control_mask",
