@@ -12,16 +12,13 @@ from pathlib import Path
 
 from vcell._utils import resolve_seed
 
-#: learned vcell models the commands can run (those present in this version's ``vcell.model``)
-_LEARNED = ("CausalVAE", "ResidualDiffusion", "FlowMatching", "CellJEPA")
-
 
 def _models_available() -> list[str]:
-    """The baselines plus every learned vcell model that exists in this version."""
-    from . import model as vmodel
+    """The baselines plus every learned model class of :mod:`vcell.model` (``capabilities.learned``)."""
     from .bench import BASELINES
+    from .model._base import model_classes
 
-    learned = [name for name in _LEARNED if hasattr(vmodel, name)]
+    learned = [name for name, cls in model_classes().items() if cls.capabilities.learned]
     return [*BASELINES, *learned]
 
 
@@ -320,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     baselines = "control,mean,additive,linear"
     models_help = (
         f"comma-separated models: baselines {baselines.replace(',', ', ')} and learned models "
-        f"({', '.join(_LEARNED)}, those in this version)"
+        "(vcell.model classes that train weights, e.g. CausalVAE, FlowMatching)"
     )
     parser = argparse.ArgumentParser(prog="vcell", description="Virtual-cell perturbation models and benchmarks.")
     parser.add_argument("--version", action="version", version=f"vcell {__version__}")

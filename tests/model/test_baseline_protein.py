@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mudata as md
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_protein_errors():
         vcell.model.Baseline.setup_anndata(no_rna, **SETUP)
 
     class RnaOnly(vcell.model.Baseline):
-        _models_proteins = False
+        capabilities = dataclasses.replace(vcell.model.Baseline.capabilities, models_proteins=False)
 
     RnaOnly.setup_anndata(mdata, protein_modality="prot", **SETUP)
     with pytest.raises(ValueError, match="RnaOnly does not model proteins"):

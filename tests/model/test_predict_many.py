@@ -9,6 +9,7 @@ within 1e-6, its shift being computed from one row per context instead of one pe
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import mudata as md
@@ -334,6 +335,8 @@ def test_a_subclass_predict_is_honoured():
     calls = []
 
     class Shifted(vcell.model.Baseline):
+        capabilities = dataclasses.replace(vcell.model.Baseline.capabilities, predict_options=("scale",))
+
         def predict(self, adata=None, *, perturbation, controls=None, dose=1.0, seed=None, modality="rna", scale=1.0):
             calls.append(perturbation)
             base = super().predict(adata, perturbation=perturbation, controls=controls, dose=dose, modality=modality)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mudata as md
 import numpy as np
 import pytest
@@ -236,7 +238,8 @@ def test_errors():
 def test_mean_model_that_cannot_predict_proteins(monkeypatch):
     mdata = _sim(n_cells=120)
     _setup(mdata)
-    monkeypatch.setattr(vcell.model.Baseline, "_models_proteins", False)
+    rna_only = dataclasses.replace(vcell.model.Baseline.capabilities, models_proteins=False)
+    monkeypatch.setattr(vcell.model.Baseline, "capabilities", rna_only)
     with pytest.raises(ValueError, match="mean_model 'additive' cannot predict proteins"):
         ResidualDiffusion(mdata, mean_model="additive")
 

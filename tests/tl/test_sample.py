@@ -78,7 +78,9 @@ def test_errors(fitted):
         vcell.tl.sample_perturbation(adata, model, perturbations="A", n_samples=1)
     with pytest.raises(KeyError, match="cell_type 'nk'"):
         vcell.tl.sample_perturbation(adata, model, perturbations="A", cell_type="nk")
-    with pytest.raises(TypeError, match="no sample method"):
+    with pytest.raises(
+        ValueError, match=r"Baseline cannot sample cells.*models that can: CausalVAE, ResidualDiffusion"
+    ):
         vcell.tl.sample_perturbation(adata, model.mean_model, perturbations="A")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,8 +143,7 @@ class ModelSpec:
         )
         model = self.model_cls(tr, **self.init_kwargs)
         train_kwargs = dict(self.train_kwargs)
-        if "seed" in inspect.signature(model.train).parameters:
-            train_kwargs.setdefault("seed", seed)
+        train_kwargs.setdefault("seed", seed)  # every vcell model's train takes a seed (PerturbationModel.train)
         model.train(**train_kwargs)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -204,8 +202,15 @@ class BenchmarkResult:
         return paths
 
 
+def _class_models_proteins(spec: Predictor) -> bool:
+    """Whether the vcell model class of a :class:`ModelSpec` models proteins (``True`` for other predictors)."""
+    cls = getattr(spec, "model_cls", None)
+    return cls is None or cls.capabilities.models_proteins
+
+
 def _resolve_models(models: Sequence[str | Predictor] | Mapping[str, Any]) -> list[Predictor]:
     from vcell import model as vmodel
+    from vcell.model._base import model_classes
 
     if isinstance(models, Mapping):
         items = [ModelSpec(name, *(spec if isinstance(spec, tuple) else (spec,))) for name, spec in models.items()]
@@ -216,8 +221,8 @@ def _resolve_models(models: Sequence[str | Predictor] | Mapping[str, Any]) -> li
             specs.append(m)
         elif m in BASELINES:
             specs.append(ModelSpec(m, vmodel.Baseline, {"method": m}))
-        elif isinstance(m, str) and hasattr(vmodel, m):
-            specs.append(ModelSpec(m, getattr(vmodel, m)))
+        elif isinstance(m, str) and m in model_classes():
+            specs.append(ModelSpec(m, model_classes()[m]))
         else:
             msg = (
                 f"unknown model {m!r}: use one of the baselines {BASELINES}, a vcell.model class name, "
@@ -465,9 +470,7 @@ def run(
             bar.set_postfix_str(f"{split_name} seed={seed} {spec.name}")
             t0 = time.perf_counter()
             with_proteins = (
-                prot is not None
-                and getattr(spec, "models_proteins", False)
-                and getattr(getattr(spec, "model_cls", None), "_models_proteins", True)
+                prot is not None and getattr(spec, "models_proteins", False) and _class_models_proteins(spec)
             )
             fit_data = _with_protein_modality(train, protein_modality, proteins[1]) if with_proteins else train
             fit_data = fit_data if with_proteins else fit_data.copy()  # a fresh MuData needs no copy

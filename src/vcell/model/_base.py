@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -40,18 +41,88 @@ def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFr
     )
 
 
-class PerturbationModel(ProteinData, BaseModelClass):
-    """Shared machinery of vcell models, on scvi-tools' :class:`~scvi.model.base.BaseModelClass`.
+#: arguments of ``predict`` every model shares; ``Capabilities.predict_options`` names the others
+SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality")
 
-    Subclasses build ``self.module`` (a pure-torch module) in ``__init__`` from summary numbers, and
-    implement :meth:`train` and :meth:`predict`. Every model predicts in the evaluation space of
-    BENCHMARK.md, log1p(CP10k), whatever its likelihood. A model registered with proteins
-    (``setup_anndata(mdata, protein_modality=...)``) has ``protein_names_`` and predicts them with
-    ``predict(..., modality="prot")``; a subclass that cannot model proteins sets ``_models_proteins = False``.
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model class can do: declared once per class (``capabilities``), inherited by its subclasses.
+
+    Code that treats models alike (``tl``, ``bench``, the command line, :class:`~vcell.model.ResidualDiffusion`'s mean
+    model) reads these flags instead of probing methods or signatures; a model lacking a capability that is asked
+    for it raises a ValueError naming the models that have it. ``tests/model/test_contract.py`` checks every
+    exported model's declaration against what it does.
+
+    Attributes
+    ----------
+    learned
+        ``train`` fits weights by gradient descent (:func:`vcell.train.fit`); ``False``: a closed-form fit
+        (:class:`~vcell.model.Baseline`).
+    can_sample
+        ``sample`` draws cells from the predicted distribution (:func:`vcell.tl.sample_perturbation`); without it
+        ``sample`` raises a ValueError.
+    models_proteins
+        The model accepts data registered with ``setup_anndata(mdata, protein_modality=...)`` and predicts proteins
+        with ``predict(..., modality="prot")``; without it such a registration is a ValueError at construction.
+    predict_options
+        Names of the keyword options of ``predict`` beyond the shared arguments (``adata``, ``perturbation``,
+        ``controls``, ``dose``, ``seed``, ``modality``), e.g. FlowMatching's ``n_steps`` and ``solver``: what
+        ``predict_many`` and :func:`vcell.tl.predict_perturbation`'s ``predict_kwargs`` accept (a ValueError names
+        any other key). A subclass adding an option declares it: ``capabilities = dataclasses.replace(
+        Base.capabilities, predict_options=(*Base.capabilities.predict_options, "scale"))``.
     """
 
-    #: whether the model can be trained on a MuData registered with ``protein_modality``
-    _models_proteins: bool = True
+    learned: bool = True
+    can_sample: bool = False
+    models_proteins: bool = False
+    predict_options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        options = tuple(str(o) for o in self.predict_options)
+        shared = sorted(set(options) & set(SHARED_PREDICT_ARGS))
+        if shared:
+            msg = f"predict_options {shared} are shared arguments of predict, not model options"
+            raise ValueError(msg)
+        object.__setattr__(self, "predict_options", options)
+
+
+def model_classes() -> dict[str, type[PerturbationModel]]:
+    """The model classes :mod:`vcell.model` exports, by name, in ``__all__`` order (not the base class)."""
+    from vcell import model as vmodel
+
+    classes = {name: getattr(vmodel, name) for name in vmodel.__all__}
+    return {
+        name: cls
+        for name, cls in classes.items()
+        if isinstance(cls, type) and issubclass(cls, PerturbationModel) and cls is not PerturbationModel
+    }
+
+
+class PerturbationModel(ProteinData, BaseModelClass):
+    """Shared machinery of vcell models, on scvi-tools' :class:`~scvi.model.base.BaseModelClass`: the model contract.
+
+    A model class
+
+    * declares what it can do in ``capabilities`` (:class:`Capabilities`);
+    * registers data with :meth:`setup_anndata` (scvi-tools' registry, shared by every model);
+    * builds ``self.module`` (a pure-torch module) in ``__init__`` from summary numbers;
+    * implements :meth:`train` (learned models: :func:`vcell.train.fit` on batches from :mod:`vcell.data`'s loader);
+    * implements the batched :meth:`_predict` hook: :meth:`predict`, :meth:`predict_many` and
+      :func:`vcell.tl.predict_perturbation` run the shared checks (modality, trained, genes, starting control cells)
+      and then call it;
+    * implements :meth:`sample` when ``capabilities.can_sample``;
+    * saves and loads with :meth:`save` / :meth:`load` (scvi-tools'): what it needs to predict lives in
+      ``self.module``'s tensors and in plain attributes (numbers, strings, lists, dicts, arrays), never in arbitrary
+      Python objects, so that persistence can avoid unpickling (DESIGN.md).
+
+    Every model predicts in the evaluation space of BENCHMARK.md, log1p(CP10k), whatever its likelihood. A model
+    registered with proteins (``setup_anndata(mdata, protein_modality=...)``, ``capabilities.models_proteins``) has
+    ``protein_names_`` and predicts them with ``predict(..., modality="prot")``. See docs/adding_a_model.md.
+    """
+
+    #: what this class can do (every model class declares its own; a subclass inherits it)
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, adata: AnnData | MuData | None = None, registry: dict | None = None) -> None:
         if adata is not None and hasattr(adata, "mod"):
@@ -63,10 +134,10 @@ class PerturbationModel(ProteinData, BaseModelClass):
         protein = registered_protein(self.registry_)
         self.protein_names_: list[str] = [str(n) for n in protein.get("names", [])]
         self.protein_modality_: str | None = protein.get("modality")
-        if self.protein_names_ and not self._models_proteins:
+        if self.protein_names_ and not self.capabilities.models_proteins:
             msg = (
                 f"{type(self).__name__} does not model proteins: register the data without protein_modality= "
-                "(or pass mdata['rna'])"
+                f"(or pass mdata['rna']); models that do: {self._models_that('models_proteins')}"
             )
             raise ValueError(msg)
         mapping = self.registry_["field_registries"][REGISTRY_KEYS.PERT_KEY]["state_registry"]["categorical_mapping"]
@@ -204,6 +275,107 @@ class PerturbationModel(ProteinData, BaseModelClass):
         model._attach_protein(mdata)
         return model
 
+    # ---------------------------------------------------------------- capabilities
+    @staticmethod
+    def _models_that(capability: str) -> str:
+        """Names of the exported model classes whose ``capabilities.<capability>`` is true (``"none"``: none)."""
+        names = [n for n, c in model_classes().items() if getattr(c.capabilities, capability)]
+        return ", ".join(names) if names else "none"
+
+    @classmethod
+    def _require_capability(cls, capability: str, what: str) -> None:
+        """ValueError naming the class, ``what`` it cannot do and the models that can, unless it has ``capability``."""
+        if getattr(cls.capabilities, capability):
+            return
+        msg = (
+            f"{cls.__name__} cannot {what} (capabilities.{capability} is False); "
+            f"models that can: {cls._models_that(capability)}"
+        )
+        raise ValueError(msg)
+
+    # ---------------------------------------------------------------- training
+    @abstractmethod
+    def train(
+        self,
+        max_epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        early_stopping: bool = True,
+        seed: int | None = None,
+        trainer_kwargs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Fit the model on the registered cells, except those with ``obs['vcell_split'] == 'test'``.
+
+        Every model accepts these arguments (a closed-form model, ``capabilities.learned = False``, ignores them).
+        A learned model trains through :func:`vcell.train.fit` (Lightning) with a :class:`vcell.train.TrainingPlan`
+        on batches from :mod:`vcell.data`'s loader, and sets ``is_trained_`` and ``history_``.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells (``None``: the model's default).
+        lr
+            Learning rate (``None``: the model's default).
+        batch_size
+            Cells (or pairs) per batch (``None``: the model's default).
+        accelerator, devices
+            Lightning's ``Trainer`` arguments.
+        early_stopping
+            Stop when the validation loss stops improving.
+        seed
+            Random seed (initialisation, batches, validation cells); ``None`` uses ``vcell.settings.seed``.
+        trainer_kwargs
+            Further arguments of Lightning's ``Trainer``.
+        **kwargs
+            Model-specific training arguments.
+        """
+        msg = f"{type(self).__name__} does not implement train(): every vcell model must (see PerturbationModel)"
+        raise NotImplementedError(msg)
+
+    # ---------------------------------------------------------------- sampling
+    def sample(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        perturbation: str,
+        n_cells: int | None = None,
+        controls: Any = None,
+        dose: float = 1.0,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> AnnData:
+        """Cells drawn from the model's counterfactual distribution (models with ``capabilities.can_sample``).
+
+        A model that cannot sample raises a ValueError naming the models that can.
+
+        Parameters
+        ----------
+        adata
+            Data holding the starting cells; ``None`` uses the training data.
+        perturbation
+            Canonical condition to sample.
+        n_cells
+            Number of cells; ``None`` draws one per starting cell.
+        controls
+            Cells to start from: ``None`` (all control cells), a boolean mask, indices or obs names.
+        dose
+            Dose of the perturbation.
+        seed
+            Random seed; ``None`` uses ``vcell.settings.seed``.
+        **kwargs
+            Model-specific sampling options.
+
+        Returns
+        -------
+        A new AnnData (``n_cells`` x genes) of log1p(CP10k) values, with ``obs`` from :func:`sample_obs`.
+        """
+        self._require_capability("can_sample", "sample cells")
+        msg = f"{type(self).__name__} declares capabilities.can_sample but does not implement sample()"
+        raise NotImplementedError(msg)
+
     # ---------------------------------------------------------------- helpers for subclasses
     def _layer(self) -> str | None:
         """Layer the model reads (``None`` = ``X``)."""
@@ -323,21 +495,34 @@ class PerturbationModel(ProteinData, BaseModelClass):
     def _doses(self, adata: AnnData, indices: np.ndarray) -> np.ndarray:
         return adata.obs[DOSE_COL].to_numpy(dtype=np.float32)[indices]
 
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            msg = "the model is not trained: call model.train() first"
+            raise RuntimeError(msg)
+
+    # ---------------------------------------------------------------- prediction
     def predict(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | MuData | None = None,
         *,
         perturbation: str,
         controls: Any = None,
         dose: float = 1.0,
         seed: int | None = None,
+        modality: str = "rna",
+        **options: Any,
     ) -> np.ndarray:
         """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+
+        The shared checks (modality, trained model, genes of ``adata``, starting control cells), then the model's
+        batched :meth:`_predict` for this one perturbation. Models override ``predict`` only to document their
+        options (calling this one), never to compute differently from :meth:`_predict`.
 
         Parameters
         ----------
         adata
-            Data holding the control cells (same genes as in training); ``None`` uses the training data.
+            Data holding the control cells (same genes as in training), or a MuData whose ``rna`` modality is such
+            data; ``None`` uses the training data.
         perturbation
             Canonical condition, e.g. ``"IFNb"`` or ``"A+B"``.
         controls
@@ -346,17 +531,61 @@ class PerturbationModel(ProteinData, BaseModelClass):
             Dose of the perturbation.
         seed
             Random seed (for stochastic models).
+        modality
+            ``"rna"`` or, for a model registered with proteins, ``"prot"``.
+        **options
+            The model's own options (``capabilities.predict_options``); a ValueError names an unknown one.
 
         Returns
         -------
-        Array of shape ``(n_selected_cells, n_genes)``.
+        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        raise NotImplementedError
+        options = self._check_predict_kwargs(options, what="predict")
+        stream = self._predict_checked(adata, [str(perturbation)], controls, dose, seed, (modality,), options)
+        return next(stream)[1][modality]
+
+    def _predict_checked(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str],
+        options: dict[str, Any],
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """The shared preamble of every prediction, then the model's :meth:`_predict`."""
+        for modality in modalities:
+            self._check_modality(modality)
+        self._require_trained()
+        adata = self._check_adata(adata)
+        idx = self._control_indices(adata, controls)
+        return self._predict(adata, idx, perturbations, dose=dose, seed=seed, modalities=tuple(modalities), **options)
+
+    def _predict(
+        self,
+        adata: AnnData,
+        idx: np.ndarray,
+        perturbations: list[str],
+        *,
+        dose: float,
+        seed: int | None,
+        modalities: tuple[str, ...],
+        **options: Any,
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """The model's batched prediction: ``(perturbation, {modality: array})`` per perturbation, in order.
+
+        Called after the shared checks: ``adata`` is an AnnData with the model's genes (a MuData's ``rna``, proteins
+        attached), ``idx`` the integer indices of the starting cells, ``modalities`` valid for the model, which is
+        trained; ``options`` are the model's ``capabilities.predict_options``. An implementation checks the
+        perturbations and options now (KeyError/ValueError before anything is computed) and returns an iterator that
+        computes each perturbation's arrays (float32, ``(len(idx), n_features)``) when it is reached, sharing what
+        the perturbations have in common (reading and encoding the cells).
+        """
+        msg = f"{type(self).__name__} implements neither _predict (batched prediction) nor predict"
+        raise NotImplementedError(msg)
 
     # ---------------------------------------------------------------- many perturbations of the same cells
-    #: arguments of ``predict`` that ``predict_many`` and ``tl.predict_perturbation`` set themselves
-    _SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality")
-
     def predict_many(
         self,
         adata: AnnData | MuData | None = None,
@@ -372,11 +601,11 @@ class PerturbationModel(ProteinData, BaseModelClass):
 
         Gives, in the order of ``perturbations``, ``(p, model.predict(adata, perturbation=p, controls=controls,
         dose=dose, seed=seed, modality=modality, **kwargs))``: the same numbers, but the work the perturbations share
-        (reading the control cells, encoding them, decoding their own state) is done once for all of them where the
-        model allows it (Baseline, CausalVAE, FlowMatching, CellJEPA, ResidualDiffusion's mean model). Arguments and
-        perturbations are checked before this returns; each array is computed when the iterator reaches it, so
-        memory holds one perturbation's prediction at a time unless the caller keeps them
-        (``dict(model.predict_many(...))`` keeps all).
+        (reading the control cells, encoding them, decoding their own state) is done once for all of them, in the
+        model's batched :meth:`_predict` (a subclass that changed ``predict`` without its own ``_predict`` is
+        honoured: ``predict`` is then called per perturbation). Arguments and perturbations are checked before this
+        returns; each array is computed when the iterator reaches it, so memory holds one perturbation's prediction
+        at a time unless the caller keeps them (``dict(model.predict_many(...))`` keeps all).
 
         Parameters
         ----------
@@ -385,8 +614,8 @@ class PerturbationModel(ProteinData, BaseModelClass):
         perturbations
             Canonical conditions, e.g. ``["IFNb", "A+B"]``.
         **kwargs
-            Further options of this model's :meth:`predict` (e.g. FlowMatching's ``n_steps``); a ValueError names
-            an unknown one and those accepted.
+            Further options of this model's :meth:`predict` (``capabilities.predict_options``, e.g. FlowMatching's
+            ``n_steps``); a ValueError names an unknown one and those accepted.
 
         Returns
         -------
@@ -412,25 +641,15 @@ class PerturbationModel(ProteinData, BaseModelClass):
         )
         return ((p, out[modality]) for p, out in stream)
 
-    @classmethod
-    def _predict_options(cls) -> list[str] | None:
-        """Options of ``cls.predict`` beyond the shared arguments (``None``: it takes any keyword)."""
-        params = inspect.signature(cls.predict).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return None
-        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        shared = set(cls._SHARED_PREDICT_ARGS)
-        return sorted(n for n, p in params.items() if p.kind in kinds and n != "self" and n not in shared)
-
     def _check_predict_kwargs(self, kwargs: dict[str, Any] | None, *, what: str = "predict_kwargs") -> dict[str, Any]:
-        """``kwargs`` as a dict; ValueError naming any key ``predict`` does not accept, and the accepted ones."""
+        """``kwargs`` as a dict; ValueError naming any key not in ``capabilities.predict_options``, and those."""
         kwargs = dict(kwargs or {})
-        shared = sorted(set(kwargs) & set(self._SHARED_PREDICT_ARGS))
+        shared = sorted(set(kwargs) & set(SHARED_PREDICT_ARGS))
         if shared:
             msg = f"{what}: {shared} are arguments of their own, not predict options; pass them directly"
             raise ValueError(msg)
-        accepted = self._predict_options()
-        unknown = [] if accepted is None else sorted(set(kwargs) - set(accepted))
+        accepted = sorted(self.capabilities.predict_options)
+        unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             msg = (
                 f"{what}: unknown option(s) {unknown} for {type(self).__name__}.predict; "
@@ -439,13 +658,15 @@ class PerturbationModel(ProteinData, BaseModelClass):
             raise ValueError(msg)
         return kwargs
 
-    def _own_predict(self, cls: type) -> bool:
-        """Whether this model predicts with ``cls.predict`` (not a subclass's own ``predict``).
+    def _batched_predict(self) -> bool:
+        """Whether :meth:`_predict` computes what this model's ``predict`` does.
 
-        ``cls``'s batched ``_predict_many`` computes what ``cls.predict`` does; a subclass that changed ``predict`` is
-        honoured by falling back to the default, which calls it.
+        True unless a subclass overrode ``predict`` below the class that implements ``_predict`` (a user's model that
+        changed ``predict``): then batched prediction calls that ``predict`` per perturbation.
         """
-        return type(self).predict is cls.predict
+        mro = type(self).__mro__
+        owner = {name: next(i for i, c in enumerate(mro) if name in vars(c)) for name in ("predict", "_predict")}
+        return owner["predict"] >= owner["_predict"]
 
     def _predict_many(
         self,
@@ -460,11 +681,14 @@ class PerturbationModel(ProteinData, BaseModelClass):
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """Batched :meth:`predict`: ``(perturbation, {modality: array})`` per perturbation, in order.
 
-        This default calls :meth:`predict` per perturbation and modality (``modality=`` only for ``"prot"``, so that
-        a subclass whose ``predict`` has no ``modality`` works). Models override it to share work; an override
-        checks its inputs before returning its iterator (nothing is computed until then), and falls back to this
-        one when a subclass changed ``predict`` (:meth:`_own_predict`).
+        What :meth:`predict_many` and :func:`vcell.tl.predict_perturbation` call: the options checked, then the shared
+        checks and the model's :meth:`_predict` (inputs checked before this returns, nothing computed until then).
+        When a subclass changed ``predict`` (:meth:`_batched_predict`), that ``predict`` is called per perturbation
+        and modality instead (``modality=`` only for ``"prot"``, so that a ``predict`` without it works).
         """
+        kwargs = self._check_predict_kwargs(kwargs, what="predict options")
+        if self._batched_predict():
+            return self._predict_checked(adata, perturbations, controls, dose, seed, modalities, kwargs)
         for modality in modalities:
             self._check_modality(modality)
 

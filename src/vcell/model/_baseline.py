@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -15,7 +15,7 @@ from vcell._utils import group_means
 from vcell.data._vocab import _components
 from vcell.module import BASELINE_METHODS, BaselineModule
 
-from ._base import PerturbationModel
+from ._base import Capabilities, PerturbationModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -82,6 +82,8 @@ class Baseline(PerturbationModel):
     >>> model.predict(perturbation="IFNb", controls=cd4t).shape
     (278, 6998)
     """
+
+    capabilities = Capabilities(learned=False, can_sample=False, models_proteins=True)
 
     def __init__(
         self,
@@ -377,25 +379,9 @@ class Baseline(PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        adata, idx = self._predict_inputs(adata, [str(perturbation)], controls, (modality,))
-        X, ctx = self._features(adata, idx), self._context_codes(adata, idx)
-        return self._modality_part(self._shifted(X, ctx, str(perturbation), dose), modality)
-
-    def _predict_inputs(
-        self, adata: AnnData | None, perturbations: list[str], controls: Any, modalities: Sequence[str]
-    ) -> tuple[AnnData, np.ndarray]:
-        """:meth:`predict`'s checks of every perturbation; the AnnData read and the starting cells' indices."""
-        for modality in modalities:
-            self._check_modality(modality)
-        self._check_if_trained(warn=False)
-        if not self.is_trained_:
-            msg = "the model is not trained: call model.train() first"
-            raise RuntimeError(msg)
-        adata = self._check_adata(adata)
-        for perturbation in perturbations:
-            if perturbation != CONTROL:
-                self._check_predictable(perturbation)
-        return adata, self._control_indices(adata, controls)
+        return super().predict(
+            adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, modality=modality
+        )
 
     def _context_codes(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
         """Context index of cells ``idx`` (``-1``: a context unseen in training)."""
@@ -437,24 +423,20 @@ class Baseline(PerturbationModel):
             )
         return out.numpy()
 
-    def _predict_many(
+    def _predict(
         self,
-        adata: AnnData | None,
+        adata: AnnData,
+        idx: np.ndarray,
         perturbations: list[str],
         *,
-        controls: Any,
         dose: float,
         seed: int | None,
-        modalities: Sequence[str] = ("rna",),
-        **kwargs: Any,
+        modalities: tuple[str, ...],
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        """:meth:`predict` of every perturbation: the cells' features and contexts read once, shifts per context."""
-        if not self._own_predict(Baseline):
-            return super()._predict_many(
-                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kwargs
-            )
-        self._check_predict_kwargs(kwargs, what="predict options")
-        adata, idx = self._predict_inputs(adata, perturbations, controls, modalities)
+        """Every perturbation checked now; then the cells' features and contexts read once, shifts per context."""
+        for perturbation in perturbations:
+            if perturbation != CONTROL:
+                self._check_predictable(perturbation)
 
         def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
             X, ctx = self._features(adata, idx), self._context_codes(adata, idx)

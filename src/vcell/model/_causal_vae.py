@@ -27,7 +27,7 @@ from vcell.module._causal_vae import (
 from vcell.train._callbacks import CounterfactualValidation
 
 from ._adapt import AdaptMixin
-from ._base import PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata, _edge_frame
 from ._protein import with_sampled_proteins
 
@@ -201,6 +201,10 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
     >>> model.get_pathway_loadings().shape
     (50, 2)
     """
+
+    capabilities = Capabilities(
+        learned=True, can_sample=True, models_proteins=True, predict_options=("mode", "compose", "batch_size")
+    )
 
     def __init__(
         self,
@@ -726,25 +730,15 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        adata, idx, mode, targets = self._predict_inputs(
-            adata, [str(perturbation)], controls, dose, (modality,), mode, compose
+        options = {"mode": mode, "compose": compose, "batch_size": batch_size}
+        return super().predict(
+            adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, modality=modality, **options
         )
-        return next(self._counterfactuals(adata, idx, targets, mode, (modality,), batch_size))[1][modality]
 
-    def _predict_inputs(
-        self,
-        adata: AnnData | MuData | None,
-        perturbations: list[str],
-        controls: Any,
-        dose: float,
-        modalities: Sequence[str],
-        mode: str | None,
-        compose: str,
-    ) -> tuple[AnnData, np.ndarray, str, list[tuple[str, np.ndarray, np.ndarray, str]]]:
-        """:meth:`predict`'s checks: the AnnData read, starting cells, mode and ``(p, target, nodes, compose)``."""
-        for modality in modalities:
-            self._check_modality(modality)
-        self._require_trained()
+    def _predict_targets(
+        self, perturbations: list[str], dose: float, mode: str | None, compose: str
+    ) -> tuple[str, list[tuple[str, np.ndarray, np.ndarray, str]]]:
+        """:meth:`predict`'s checks of its options and perturbations: the mode and ``(p, target, nodes, compose)``."""
         mode = self.prediction if mode is None else mode
         if mode not in PREDICTION_MODES:
             msg = f"mode must be one of {PREDICTION_MODES}, got {mode!r}"
@@ -752,14 +746,13 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         if compose not in ("auto", "latent", "shifts"):
             msg = f"compose must be 'auto', 'latent' or 'shifts', got {compose!r}"
             raise ValueError(msg)
-        adata = self._check_adata(adata)
         seen = set(self._conditions())
         targets = []
         for p in perturbations:
             target, nodes = self._encode_query([p], float(dose))
             how = ("latent" if p in seen else "shifts") if compose == "auto" else compose
             targets.append((p, target, nodes, how))
-        return adata, self._control_indices(adata, controls), mode, targets
+        return mode, targets
 
     def _counterfactuals(
         self,
@@ -795,28 +788,21 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
                         out[mod].append(pred.cpu().numpy())
             yield p, {mod: v[0] if len(v) == 1 else np.concatenate(v) for mod, v in out.items()}
 
-    def _predict_many(
+    def _predict(
         self,
-        adata: AnnData | MuData | None,
+        adata: AnnData,
+        idx: np.ndarray,
         perturbations: list[str],
         *,
-        controls: Any,
         dose: float,
         seed: int | None,
-        modalities: Sequence[str] = ("rna",),
+        modalities: tuple[str, ...],
         mode: str | None = None,
         compose: str = "auto",
         batch_size: int = 2048,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """:meth:`predict` of every perturbation, the cells encoded once (:meth:`_counterfactuals`)."""
-        if not self._own_predict(CausalVAE):
-            kw = {"mode": mode, "compose": compose, "batch_size": batch_size}
-            return super()._predict_many(
-                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
-            )
-        adata, idx, mode, targets = self._predict_inputs(
-            adata, perturbations, controls, dose, modalities, mode, compose
-        )
+        mode, targets = self._predict_targets(perturbations, dose, mode, compose)
         return self._counterfactuals(adata, idx, targets, mode, modalities, batch_size)
 
     def _latents(

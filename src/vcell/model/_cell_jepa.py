@@ -18,7 +18,7 @@ from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cos
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, SOURCE_Z_KEY, TARGET_Z_KEY
 
-from ._base import PerturbationModel
+from ._base import Capabilities, PerturbationModel
 from ._encoding import PerturbationInputs, _as_anndata
 
 if TYPE_CHECKING:
@@ -195,6 +195,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
     >>> model.get_latent_representation(adata).shape  # every cell, held-out ones too
     (200, 16)
     """
+
+    capabilities = Capabilities(
+        learned=True, can_sample=False, models_proteins=True, predict_options=("residual", "batch_size")
+    )
 
     def __init__(
         self,
@@ -765,24 +769,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         Array ``(n_selected_cells, n_genes)``, log1p(CP10k), float32 (``"prot"``: ``(n_selected_cells,
         n_proteins)``).
         """
-        adata, idx, targets = self._predict_inputs(adata, [str(perturbation)], controls, dose, (modality,))
-        return next(self._predictions(adata, idx, targets, (modality,), residual, batch_size))[1][modality]
-
-    def _predict_inputs(
-        self,
-        adata: AnnData | MuData | None,
-        perturbations: list[str],
-        controls: Any,
-        dose: float,
-        modalities: Sequence[str],
-    ) -> tuple[AnnData, np.ndarray, list[tuple[str, np.ndarray, np.ndarray]]]:
-        """:meth:`predict`'s checks: the AnnData read, starting cells and ``(perturbation, encoding, nodes)``."""
-        for modality in modalities:
-            self._check_modality(modality)
-        self._require_trained()
-        adata = self._check_adata(adata)
-        targets = [(p, *self._encode_query([p], float(dose))) for p in perturbations]
-        return adata, self._control_indices(adata, controls), targets
+        options = {"residual": residual, "batch_size": batch_size}
+        return super().predict(
+            adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, modality=modality, **options
+        )
 
     def _predictions(
         self,
@@ -824,25 +814,20 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                         out[mod].append(pred.clamp(min=0).cpu().numpy())
             yield name, {mod: _joined(v) for mod, v in out.items()}
 
-    def _predict_many(
+    def _predict(
         self,
-        adata: AnnData | MuData | None,
+        adata: AnnData,
+        idx: np.ndarray,
         perturbations: list[str],
         *,
-        controls: Any,
         dose: float,
         seed: int | None,
-        modalities: Sequence[str] = ("rna",),
+        modalities: tuple[str, ...],
         residual: bool | None = None,
         batch_size: int = 4096,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """:meth:`predict` of every perturbation, the cells read and embedded once (:meth:`_predictions`)."""
-        if not self._own_predict(CellJEPA):
-            kw = {"residual": residual, "batch_size": batch_size}
-            return super()._predict_many(
-                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
-            )
-        adata, idx, targets = self._predict_inputs(adata, perturbations, controls, dose, modalities)
+        targets = [(p, *self._encode_query([p], float(dose))) for p in perturbations]
         return self._predictions(adata, idx, targets, modalities, residual, batch_size)
 
     def embedding_retrieval(

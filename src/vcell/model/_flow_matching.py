@@ -16,7 +16,7 @@ from vcell.module import FlowMatchingModule, ot_pairs
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
 
-from ._base import PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata
 from ._protein import with_sampled_proteins
 
@@ -208,6 +208,13 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
     >>> model.predict(perturbation=held).shape  # counterfactuals of the 60 control cells
     (60, 50)
     """
+
+    capabilities = Capabilities(
+        learned=True,
+        can_sample=True,
+        models_proteins=True,
+        predict_options=("n_steps", "solver", "time", "residual", "batch_size"),
+    )
 
     def __init__(
         self,
@@ -681,15 +688,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``), float32,
         clipped at 0.
         """
-        self._check_modality(modality)
-        self._require_trained()
-        time = self._check_options(n_steps, solver, time)
-        adata = self._check_adata(adata)
-        idx = self._control_indices(adata, controls)
-        out = self._predict_cells(
-            adata, idx, perturbation, dose, time, n_steps, solver, residual, batch_size, modalities=(modality,)
+        options = {"n_steps": n_steps, "solver": solver, "time": time, "residual": residual, "batch_size": batch_size}
+        return super().predict(
+            adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, modality=modality, **options
         )
-        return out[modality]
 
     def _predict_cells(
         self,
@@ -750,15 +752,15 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
                 },
             )
 
-    def _predict_many(
+    def _predict(
         self,
-        adata: AnnData | MuData | None,
+        adata: AnnData,
+        idx: np.ndarray,
         perturbations: list[str],
         *,
-        controls: Any,
         dose: float,
         seed: int | None,
-        modalities: Sequence[str] = ("rna",),
+        modalities: tuple[str, ...],
         n_steps: int = 20,
         solver: str = "midpoint",
         time: float | None = None,
@@ -766,18 +768,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         batch_size: int = 2048,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """:meth:`predict` of every perturbation, the cells read and projected once (:meth:`_flows`)."""
-        if not self._own_predict(FlowMatching):
-            kw = {"n_steps": n_steps, "solver": solver, "time": time, "residual": residual, "batch_size": batch_size}
-            return super()._predict_many(
-                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kw
-            )
-        for modality in modalities:
-            self._check_modality(modality)
-        self._require_trained()
         time = self._check_options(n_steps, solver, time)
-        adata = self._check_adata(adata)
         targets = [(p, *self._encode_query([p], float(dose))) for p in perturbations]
-        idx = self._control_indices(adata, controls)
 
         def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
             sources = self._flow_sources(adata, idx, batch_size)

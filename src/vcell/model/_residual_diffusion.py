@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from vcell._utils import group_means, resolve_seed
 from vcell.module import BASELINE_METHODS
 from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
 
-from ._base import PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, sample_obs
 from ._protein import record_protein, registered_protein, with_sampled_proteins
 
 if TYPE_CHECKING:
@@ -135,6 +134,8 @@ class ResidualDiffusion(PerturbationModel):
     (10, 50)
     """
 
+    capabilities = Capabilities(learned=True, can_sample=True, models_proteins=True)
+
     def __init__(
         self,
         adata: AnnData | MuData | None = None,
@@ -195,11 +196,14 @@ class ResidualDiffusion(PerturbationModel):
             msg = f"space='vae' needs a CausalVAE mean model (its latent space), got {name!r}"
             raise ValueError(msg)
         self.mean_model_name_ = name
-        can_sample = hasattr(mean_cls, "sample")
+        can_sample = mean_cls.capabilities.can_sample
         if mean_from == "auto" and not can_sample:
             mean_from = "predict"
         if mean_from == "sample" and not can_sample:
-            msg = f"mean_from='sample' needs a mean model with a sample method, got {name!r}"
+            msg = (
+                f"mean_from='sample' needs a mean model with a sample method (capabilities.can_sample), got {name!r}; "
+                f"models that can sample: {self._models_that('can_sample')}"
+            )
             raise ValueError(msg)
         self.mean_from_ = mean_from
         n_dims = int(n_components)
@@ -263,7 +267,7 @@ class ResidualDiffusion(PerturbationModel):
         """ValueError when the model has proteins and the mean model (class ``mean_cls``) cannot predict them."""
         if not self.protein_names_:
             return
-        if not _predicts_proteins(mean_cls):
+        if not mean_cls.capabilities.models_proteins:
             msg = (
                 f"mean_model {name!r} cannot predict proteins (no predict(modality='prot')), but the data were "
                 f"registered with protein_modality={self.protein_modality_!r}: use a mean model that models proteins "
@@ -640,35 +644,23 @@ class ResidualDiffusion(PerturbationModel):
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
-        self._check_modality(modality)
-        self._require_trained()
-        adata = self._check_adata(adata)
-        kw = {"modality": "prot"} if modality == "prot" else {}  # RNA: the call of RNA-only mean models too
-        return self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, **kw)
+        return super().predict(
+            adata, perturbation=perturbation, controls=controls, dose=dose, seed=seed, modality=modality
+        )
 
-    def _predict_many(
+    def _predict(
         self,
-        adata: AnnData | MuData | None,
+        adata: AnnData,
+        idx: np.ndarray,
         perturbations: list[str],
         *,
-        controls: Any,
         dose: float,
         seed: int | None,
-        modalities: Sequence[str] = ("rna",),
-        **kwargs: Any,
+        modalities: tuple[str, ...],
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """:meth:`predict` of every perturbation: the mean model's batched predictions."""
-        if not self._own_predict(ResidualDiffusion):
-            return super()._predict_many(
-                adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities, **kwargs
-            )
-        self._check_predict_kwargs(kwargs, what="predict options")
-        for modality in modalities:
-            self._check_modality(modality)
-        self._require_trained()
-        adata = self._check_adata(adata)
         return self.mean_model._predict_many(
-            adata, perturbations, controls=controls, dose=dose, seed=seed, modalities=modalities
+            adata, perturbations, controls=idx, dose=dose, seed=seed, modalities=modalities
         )
 
     def sample(
@@ -892,11 +884,6 @@ def _mean_matching_shift(Y: np.ndarray, target: np.ndarray, n_iter: int = 40) ->
         above = np.clip(Y + mid, 0.0, None).mean(0) > target
         hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
     return 0.5 * (lo + hi)
-
-
-def _predicts_proteins(cls: type) -> bool:
-    """Whether models of class ``cls`` can predict proteins (accept protein registrations and ``modality=``)."""
-    return bool(getattr(cls, "_models_proteins", False)) and "modality" in inspect.signature(cls.predict).parameters
 
 
 def _top_singular_value(X: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> float:

@@ -70,7 +70,8 @@ def sample_perturbation(
         protein modality holds their proteins). It is not modified (a MuData of a protein model gets
         ``mdata['rna'].obsm['vcell_protein']``, the protein copy the model reads, when absent).
     model
-        A trained vcell model with a ``sample`` method.
+        A trained vcell model that can sample (``model.capabilities.can_sample``; else a ValueError names those that
+        can).
     perturbations
         Condition(s) to sample, canonical labels such as ``"IFNb"`` or ``"A+B"``.
     n_samples
@@ -135,9 +136,7 @@ def sample_perturbation(
     from vcell import __version__
 
     perts = perturbation_list(perturbations, "sample")
-    if not hasattr(model, "sample"):
-        msg = f"{type(model).__name__} has no sample method: use a generative model such as ResidualDiffusion"
-        raise TypeError(msg)
+    model._require_capability("can_sample", "sample cells")
     if not 0.0 < float(level) < 1.0:
         msg = f"level must be in (0, 1), got {level!r}"
         raise ValueError(msg)
