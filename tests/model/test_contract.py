@@ -43,10 +43,7 @@ SAMPLE_OPTIONS = {"ResidualDiffusion": {"n_steps": 2}, "FlowMatching": {"n_steps
 
 #: models that cannot train on a backed h5ad yet (the shared loader of vcell.data is being rolled out): strict xfails,
 #: so that each turns into a failure once the model reads backed data, and its entry must then be removed
-BACKED_FAILS = {
-    "CellJEPA": "CellJEPA.pretrain (from train) reads cells with PerturbationModel._expression -> expression_for_eval "
-    "-> log1p_cp10k: np.asarray of a backed _CSRDataset -> ValueError 'setting an array element with a sequence.'",
-}
+BACKED_FAILS: dict[str, str] = {}
 
 NAMES = list(model_classes())
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +14,14 @@ import torch
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
 from vcell._utils import resolve_seed
+from vcell.data import CellBatches, Pairs, RowReader
 from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cosine_error, retrieval_ranks
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, SOURCE_Z_KEY, TARGET_Z_KEY
 
 from ._base import Capabilities, PerturbationModel
 from ._encoding import PerturbationInputs, _as_anndata
+from ._rows import model_reader, read_rows, row_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -30,47 +32,47 @@ POLICIES = ("random", "coexpression")
 _COEXPRESSION_MAX_CELLS = 20_000
 
 
-class _Batches:
-    """Sized iterable of batches over cells ``idx`` of ``tensors`` (``fixed=True``: same order every pass).
+class _PooledPairs:
+    """One pass of :func:`_cell_batches` with pairs: ``rng -> Pairs`` (a class, not a closure: picklable for DDP)."""
 
-    With ``pairs`` (``(targets, pool)`` per context), each pass draws for every target cell one source cell of its
-    pool (with replacement, seeded by ``(seed, epoch)``) and yields source/target embeddings (``tensors['z']``)
-    with the target's other tensors; ``idx`` are then identity pairs (controls paired with themselves).
-    """
+    def __init__(self, identity: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.identity, self.pairs = identity, pairs
 
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
-        idx: np.ndarray,
-        *,
-        batch_size: int,
-        seed: int,
-        fixed: bool = False,
-        pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
-    ) -> None:
-        self.tensors, self.idx, self.pairs = tensors, np.asarray(idx, dtype=np.int64), pairs
-        self.batch_size, self.seed, self.fixed, self.epoch = int(batch_size), int(seed), bool(fixed), 0
-        self.n = len(self.idx) + sum(len(t) for t, _ in pairs or [])
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch + 1])
-        self.epoch += 0 if self.fixed else 1
-        src, tgt = [self.idx], [self.idx]
-        for targets, pool in self.pairs or []:
+    def __call__(self, rng: np.random.Generator) -> Pairs:
+        src, tgt = [self.identity], [self.identity]
+        for targets, pool in self.pairs:
             src.append(rng.choice(pool, size=len(targets), replace=True))
             tgt.append(targets)
-        src, tgt = np.concatenate(src), np.concatenate(tgt)
-        order = np.arange(len(tgt)) if self.fixed else rng.permutation(len(tgt))
-        for start in range(0, len(order), self.batch_size):
-            pos = order[start : start + self.batch_size]
-            s, t = torch.as_tensor(src[pos]), torch.as_tensor(tgt[pos])
-            batch = {k: v[t] for k, v in self.tensors.items() if k != "z"}
-            if self.pairs is not None:
-                batch[SOURCE_Z_KEY], batch[TARGET_Z_KEY] = self.tensors["z"][s], self.tensors["z"][t]
-            yield batch
+        return Pairs(np.concatenate(tgt), np.concatenate(src))
+
+
+def _cell_batches(
+    fields: dict[str, Any],
+    idx: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    fixed: bool = False,
+    pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    shuffle: str | bool = "auto",
+) -> CellBatches:
+    """Batches over cells ``idx`` of ``fields`` (``fixed=True``: the same order every pass): a :class:`CellBatches`.
+
+    With ``pairs`` (``(targets, pool)`` per context), each pass draws for every target cell one source cell of its
+    pool (with replacement, seeded by ``(seed, epoch + 1)``) and yields the source's embedding (``SOURCE_Z_KEY``, read
+    from the field ``TARGET_Z_KEY``) with the target's fields; ``idx`` are then identity pairs (controls paired with
+    themselves).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    shuffle = False if fixed else shuffle
+    opts = {"batch_size": batch_size, "seed": seed, "shuffle": shuffle, "fixed": fixed, "epoch_start": 1}
+    if pairs is None:
+        return CellBatches(fields, idx, **opts)
+
+    n_items = len(idx) + sum(len(t) for t, _ in pairs)
+    return CellBatches(
+        fields, _PooledPairs(idx, pairs), source_fields={SOURCE_Z_KEY: TARGET_Z_KEY}, n_items=n_items, **opts
+    )
 
 
 def _ema_callback() -> Any:
@@ -249,9 +251,13 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         scale, protein_scale, n_proteins = None, None, len(self.protein_names_)
         if adata is not None and registry is None:  # a new model; load() restores modules and scales
             fit_cells = self._non_test_cells(adata)
-            X = self._expression(adata, fit_cells)
-            modules = self._resolve_modules(X, genes, modules, int(n_modules), int(min_genes), resolve_seed(seed))
-            scale = (X.mean(0), X.std(0))
+            reader, module_seed = model_reader(self), resolve_seed(seed)
+
+            def coexpressed() -> np.ndarray:
+                return read_rows(reader, _coexpression_cells(fit_cells, module_seed))
+
+            modules = self._resolve_modules(coexpressed, genes, modules, int(n_modules), int(min_genes), module_seed)
+            scale = _mean_std(reader, fit_cells)
             if n_proteins:
                 P = self._protein_expression(adata, fit_cells)
                 P = P[np.isfinite(P).all(axis=1)]
@@ -318,9 +324,18 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
 
     # ------------------------------------------------------------------ gene modules
     def _resolve_modules(
-        self, X: np.ndarray, genes: list[str], spec: Any, n_modules: int, min_genes: int, seed: int
+        self,
+        expression: Callable[[], np.ndarray],
+        genes: list[str],
+        spec: Any,
+        n_modules: int,
+        min_genes: int,
+        seed: int,
     ) -> dict[str, list[str]]:
-        """``{module: genes}`` of the masking policy ``spec`` (see the class docstring), genes in model order."""
+        """``{module: genes}`` of the masking policy ``spec`` (see the class docstring), genes in model order.
+
+        ``expression()``: the cells (x genes, log1p) that ``"coexpression"`` clusters genes on (read only for it).
+        """
         n_genes = len(genes)
         if isinstance(spec, str) and spec in POLICIES:
             if n_modules < 2 or n_modules > n_genes:
@@ -331,7 +346,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                 for k, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n_genes), n_modules)):
                     labels[part] = k
             else:
-                labels = _coexpression_labels(X, n_modules, seed)
+                labels = _coexpression_labels(expression(), n_modules, seed)
             out = {f"{spec}_{k:03d}": [genes[i] for i in np.flatnonzero(labels == k)] for k in range(n_modules)}
             return {k: v for k, v in out.items() if v}
         if isinstance(spec, Mapping):
@@ -383,6 +398,20 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
     def _device(self) -> torch.device:
         return self.module.jepa.gene_mean.device
 
+    def _embed_cells(
+        self, adata: AnnData, idx: np.ndarray, batch_size: int = 4096, *, reader: RowReader | None = None
+    ) -> np.ndarray:
+        """Embeddings (float32) of cells ``idx``, read and embedded ``batch_size`` cells at a time.
+
+        Rows are read by ``reader`` (by default from ``adata``'s matrix); only the embeddings are kept.
+        """
+        reader = model_reader(self, adata) if reader is None else reader
+        parts = [
+            self._embed(reader(chunk), batch_size, proteins=self._cell_proteins(adata, chunk))
+            for chunk in row_blocks(idx, batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.module.jepa.n_latent), dtype=np.float32)
+
     def _embed(self, X: np.ndarray, batch_size: int = 4096, *, proteins: np.ndarray | None = None) -> np.ndarray:
         jepa = self.module.jepa.eval()
         dev = self._device()
@@ -420,6 +449,9 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         weight_decay: float = 1e-6,
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 20,
+        strategy: str | Any = "auto",
+        num_nodes: int = 1,
+        shuffle: str = "auto",
     ) -> None:
         """Pretrain the encoder on all non-test cells (perturbed or not) by masked module-embedding prediction.
 
@@ -448,6 +480,13 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Share of cells held out for validation without ``val`` cells in ``obs['vcell_split']``.
         early_stopping_patience
             Epochs without improvement before stopping.
+        strategy, num_nodes
+            Passed to :class:`lightning.Trainer`: ``strategy="ddp", devices=N, num_nodes=M`` trains in ``N * M``
+            processes, each reading its own share of every epoch (:class:`vcell.data.CellBatches`).
+        shuffle
+            Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
+            consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
+            a backed AnnData, else ``"full"``).
 
         Sets the following fields
         -------------------------
@@ -472,11 +511,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         if len(train_idx) < 2:
             msg = f"pretraining needs at least 2 training cells, got {len(train_idx)}"
             raise ValueError(msg)
-        X = torch.as_tensor(self._expression(adata))
-        cells = {REGISTRY_KEYS.X_KEY: X}
+        cells = {REGISTRY_KEYS.X_KEY: model_reader(self)}  # rows read per batch: never densified whole
         if self.protein_names_:
             cells[PROTEIN_LOG_KEY] = torch.as_tensor(self._cell_proteins(adata))
-        train_dl = _Batches(cells, train_idx, batch_size=batch_size, seed=seed)
+        train_dl = _cell_batches(cells, train_idx, batch_size=batch_size, seed=seed, shuffle=shuffle)
         val_dl = None
         if len(val_idx) >= 2:
             gen = torch.Generator().manual_seed(seed)
@@ -485,7 +523,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             if self.protein_names_:
                 masks = torch.cat([masks, torch.rand(adata.n_obs, 1, generator=gen) < jepa.mask_ratio], dim=1)
             tensors = {**cells, MASK_KEY: masks}
-            val_dl = _Batches(tensors, val_idx, batch_size=max(batch_size, 1024), seed=seed, fixed=True)
+            val_dl = _cell_batches(tensors, val_idx, batch_size=max(batch_size, 1024), seed=seed, fixed=True)
         plan = TrainingPlan(jepa, lr=lr, weight_decay=weight_decay, monitor="val_loss")
         fit(
             plan,
@@ -494,6 +532,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             callbacks=[_ema_callback()],
@@ -521,6 +561,9 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         weight_decay: float = 1e-6,
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 20,
+        strategy: str | Any = "auto",
+        num_nodes: int = 1,
+        shuffle: str = "auto",
     ) -> None:
         """Fit the transition and the decoder on the frozen embeddings (pretraining first if it has not run).
 
@@ -547,6 +590,14 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Share of cells held out without ``val`` cells in ``obs['vcell_split']``.
         early_stopping_patience
             Epochs without improvement before stopping.
+        strategy, num_nodes
+            Passed to :class:`lightning.Trainer` (also by the pretraining it runs): ``strategy="ddp", devices=N,
+            num_nodes=M`` trains in ``N * M`` processes, each reading its own share of every epoch
+            (:class:`vcell.data.CellBatches`).
+        shuffle
+            Order of the training pairs (and of the pretraining's cells): ``"full"`` (a new permutation per epoch),
+            ``"block"`` (permuted blocks of pairs with consecutive target cells, then pairs within windows:
+            contiguous reads from disk) or ``"auto"`` (``"block"`` for a backed AnnData, else ``"full"``).
 
         Sets the following fields
         -------------------------
@@ -572,6 +623,9 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                 trainer_kwargs=trainer_kwargs,
                 weight_decay=weight_decay,
                 validation_fraction=validation_fraction,
+                strategy=strategy,
+                num_nodes=num_nodes,
+                shuffle=shuffle,
             )
         lightning.seed_everything(seed, verbose=False)
         trans = self.module.transition
@@ -589,17 +643,18 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             msg = f"CellJEPA needs control cells (obs[{PERT_COL!r}] == {CONTROL!r}) among the training cells"
             raise ValueError(msg)
         device = self._device()
+        reader = model_reader(self)  # rows read per batch (the decoder's targets) and per block (embeddings)
+        all_idx = np.arange(adata.n_obs)
         self.module.to("cpu")
         try:
-            X, P = self._expression(adata), self._cell_proteins(adata)
-            z = torch.as_tensor(self._embed(X, proteins=P))
+            z = torch.as_tensor(self._embed_cells(adata, all_idx, reader=reader))
         finally:
             self.module.to(device)
+        P = self._cell_proteins(adata)
         doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
-        all_idx = np.arange(adata.n_obs)
         tensors = {
-            "z": z,
-            REGISTRY_KEYS.X_KEY: torch.as_tensor(X),
+            TARGET_Z_KEY: z,
+            REGISTRY_KEYS.X_KEY: reader,
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
         }
@@ -621,11 +676,12 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             return idx[labels[idx] == CONTROL], out
 
         t_ident, t_pairs = pairs(train_idx)
-        train_dl = _Batches(tensors, t_ident, batch_size=batch_size, seed=seed, pairs=t_pairs)
+        train_dl = _cell_batches(tensors, t_ident, batch_size=batch_size, seed=seed, pairs=t_pairs, shuffle=shuffle)
         val_dl = None
         if len(val_idx):
             v_ident, v_pairs = pairs(val_idx)
-            val_dl = _Batches(tensors, v_ident, batch_size=max(batch_size, 1024), seed=seed, fixed=True, pairs=v_pairs)
+            bs = max(batch_size, 1024)
+            val_dl = _cell_batches(tensors, v_ident, batch_size=bs, seed=seed, fixed=True, pairs=v_pairs)
         plan = TrainingPlan(trans, lr=lr, weight_decay=weight_decay, monitor="val_loss")
         self.best_epoch_ = fit(
             plan,
@@ -634,6 +690,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,
@@ -669,16 +727,18 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         self._require_pretrained()
         adata = self._check_adata(adata)
         idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
-        return self._embed(X, batch_size, proteins=P).astype(np.float32)
+        return self._embed_cells(adata, idx, batch_size).astype(np.float32)
 
-    def _jepa_sources(self, adata: AnnData, idx: np.ndarray, batch_size: int) -> dict[str, Any]:
+    def _jepa_sources(
+        self, adata: AnnData, idx: np.ndarray, batch_size: int, reader: RowReader | None = None
+    ) -> dict[str, Any]:
         """What shifting cells ``idx`` needs, whatever the perturbation.
 
-        Expression ``X``, proteins ``P`` (``None`` without), embeddings ``z`` (on the model's device) and covariate
-        codes ``cov``.
+        Expression ``X`` (read by ``reader``, by default from ``adata``'s matrix), proteins ``P`` (``None``
+        without), embeddings ``z`` (on the model's device) and covariate codes ``cov``.
         """
-        X, P = self._expression(adata, idx), self._cell_proteins(adata, idx)
+        reader = model_reader(self, adata) if reader is None else reader
+        X, P = reader(idx), self._cell_proteins(adata, idx)
         z = torch.as_tensor(self._embed(X, batch_size, proteins=P), device=self._device())
         return {"X": X, "P": P, "z": z, "cov": self._covariate_codes(adata, idx)}
 
@@ -693,14 +753,6 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             batch[EXTRA_NODES_KEY] = torch.as_tensor(np.tile(nodes, (n, 1)))
         with torch.no_grad():
             return src["z"] + self.module.transition.eval().delta({k: v.to(dev) for k, v in batch.items()})
-
-    def _shifted(
-        self, adata: AnnData, idx: np.ndarray, perturbation: str, dose: float, batch_size: int
-    ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor]:
-        """log1p expression, proteins (``None`` without), embeddings and shifted embeddings of cells ``idx``."""
-        target, nodes = self._encode_query([str(perturbation)], float(dose))
-        src = self._jepa_sources(adata, idx, batch_size)
-        return src["X"], src["P"], src["z"], self._shift(src, target, nodes)
 
     def predict_embedding(
         self,
@@ -725,7 +777,13 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         self._require_trained()
         adata = self._check_adata(adata)
         idx = self._control_indices(adata, controls)
-        return self._shifted(adata, idx, perturbation, dose, batch_size)[3].cpu().numpy().astype(np.float32)
+        target, nodes = self._encode_query([str(perturbation)], float(dose))
+        reader = model_reader(self, adata)  # rows read and embedded per chunk: only embeddings are kept
+        parts = [
+            self._shift(self._jepa_sources(adata, chunk, batch_size, reader), target, nodes).cpu().numpy()
+            for chunk in self._chunks(idx, batch_size)
+        ]
+        return _joined(parts) if parts else np.zeros((0, self.module.jepa.n_latent), dtype=np.float32)
 
     def predict(
         self,
@@ -791,8 +849,9 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         residual = self.residual if residual is None else bool(residual)
         trans = self.module.transition
         sources, own = [], []
+        reader = model_reader(self, adata)
         for chunk in self._chunks(idx, batch_size):
-            src = self._jepa_sources(adata, chunk, batch_size)
+            src = self._jepa_sources(adata, chunk, batch_size, reader)
             base = {}
             with torch.no_grad():
                 if residual and "rna" in modalities:  # x + decode(z + delta) - decode(z)
@@ -901,13 +960,42 @@ def _joined(blocks: list[np.ndarray]) -> np.ndarray:
     return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)).astype(np.float32, copy=False)
 
 
+def _coexpression_cells(cells: np.ndarray, seed: int) -> np.ndarray:
+    """The cells :func:`_coexpression_labels` uses: all of ``cells``, or a seeded subsample of at most its maximum."""
+    if len(cells) > _COEXPRESSION_MAX_CELLS:
+        return cells[np.random.default_rng(seed).choice(len(cells), _COEXPRESSION_MAX_CELLS, replace=False)]
+    return cells
+
+
+def _mean_std(reader: RowReader, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and std (float32) of rows ``idx`` of ``reader``, read ``ROW_BLOCK`` cells at a time (two passes).
+
+    The same bits as ``X.mean(0), X.std(0)`` of the whole float32 matrix ``X = reader(idx)``: numpy adds the rows of
+    a float32 array in order into a float32 sum along axis 0 and divides by the count in float64, as done here.
+    """
+    n_vars, n = reader.shape[1], np.intp(len(idx))
+
+    def total(values: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        acc = None
+        for chunk in row_blocks(idx):
+            block = values(reader(chunk))
+            acc = np.add.reduce(block if acc is None else np.concatenate([acc[None], block]), axis=0)
+        acc = np.zeros(n_vars, dtype=np.float32) if acc is None else acc
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.true_divide(acc, n, out=acc, casting="unsafe")
+
+    mean = total(lambda block: block)
+    var = total(lambda block: np.square(block - mean))
+    return mean, np.sqrt(var)
+
+
 def _coexpression_labels(X: np.ndarray, n_modules: int, seed: int) -> np.ndarray:
     """k-means cluster of each gene on the rows of the gene-gene correlation matrix of ``X`` (cells x genes)."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    if len(X) > _COEXPRESSION_MAX_CELLS:
-        X = X[np.random.default_rng(seed).choice(len(X), _COEXPRESSION_MAX_CELLS, replace=False)]
+    if len(X) > _COEXPRESSION_MAX_CELLS:  # (CellJEPA reads only these cells: _coexpression_cells)
+        X = X[_coexpression_cells(np.arange(len(X)), seed)]
     Xc = np.asarray(X, dtype=np.float64) - X.mean(0)
     sd = Xc.std(0)
     Zs = Xc / np.where(sd > 0, sd, 1.0)

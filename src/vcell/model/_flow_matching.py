@@ -12,6 +12,7 @@ import torch
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
+from vcell.data import CellBatches, Pairs, RowReader
 from vcell.module import FlowMatchingModule, ot_pairs
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
@@ -19,6 +20,7 @@ from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARG
 from ._base import Capabilities, PerturbationModel, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata
 from ._protein import with_sampled_proteins
+from ._rows import model_reader, read_rows, row_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,38 +31,24 @@ COUPLINGS = ("ot", "random")
 _PCA_MAX_CELLS = 50_000
 
 
-class _PairBatches:
-    """Sized iterable of batches of (control, perturbed) pairs in the PCA space.
-
-    ``groups``: ``(targets, controls)`` index arrays per (condition, dose, context[, time]) group; every pass draws one
-    control per target (with replacement, from the same context) and couples them (``coupling="ot"``: within chunks
-    of at most ``coupling_size`` cells, exactly up to ``exact_max`` cells, by Sinkhorn above), seeded by
-    ``(seed, epoch)``; ``identity``: control cells paired with themselves (the zero displacement). ``fixed=True``
-    (validation) draws the same pairs and flow times every pass.
-    """
+class _CoupledPairs:
+    """One pass of :func:`_pair_batches`: ``rng -> Pairs`` (a class, not a closure: picklable for DDP spawn)."""
 
     def __init__(
         self,
-        tensors: dict[str, torch.Tensor],
+        z: np.ndarray,
         groups: list[tuple[np.ndarray, np.ndarray]],
         identity: np.ndarray,
-        *,
-        batch_size: int,
-        seed: int,
         coupling: str,
         coupling_size: int,
         exact_max: int,
         epsilon: float,
-        fixed: bool = False,
+        fixed: bool,
     ) -> None:
-        self.tensors, self.groups, self.identity = tensors, groups, np.asarray(identity, dtype=np.int64)
-        self.z = tensors["z"].numpy()
-        self.batch_size, self.seed, self.fixed, self.epoch = int(batch_size), int(seed), bool(fixed), 0
+        self.z, self.groups, self.identity, self.fixed = z, groups, identity, fixed
         self.coupling, self.coupling_size, self.exact_max, self.epsilon = coupling, coupling_size, exact_max, epsilon
-        self.n_pairs = sum(len(t) for t, _ in groups) + len(self.identity)
 
-    def pairs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``(source, target)`` cell indices of one pass."""
+    def __call__(self, rng: np.random.Generator) -> Pairs:
         src, tgt = [self.identity], [self.identity]
         for targets, controls in self.groups:
             targets = rng.permutation(targets)
@@ -73,31 +61,49 @@ class _PairBatches:
                     sources = sources[perm]
                 src.append(sources)
                 tgt.append(chunk)
-        return np.concatenate(src), np.concatenate(tgt)
+        src, tgt = np.concatenate(src), np.concatenate(tgt)
+        extras = {FLOW_TIME_KEY: rng.random(len(tgt)).astype(np.float32)} if self.fixed else {}
+        return Pairs(tgt, src, extras)
 
-    def _shard(self, order: np.ndarray) -> np.ndarray:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return order[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
-        return order
 
-    def __len__(self) -> int:
-        return -(-len(self._shard(np.arange(self.n_pairs))) // self.batch_size)
+def _pair_batches(
+    tensors: dict[str, torch.Tensor],
+    groups: list[tuple[np.ndarray, np.ndarray]],
+    identity: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    coupling: str,
+    coupling_size: int,
+    exact_max: int,
+    epsilon: float,
+    fixed: bool = False,
+    shuffle: str | bool = "auto",
+) -> CellBatches:
+    """Batches of (control, perturbed) pairs in the PCA space: a :class:`vcell.data.CellBatches`.
 
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch + 1])
-        self.epoch += 0 if self.fixed else 1
-        src, tgt = self.pairs(rng)
-        order = self._shard(np.arange(len(src)) if self.fixed else rng.permutation(len(src)))
-        flow_t = torch.as_tensor(rng.random(len(src)), dtype=torch.float32) if self.fixed else None
-        z = self.tensors["z"]
-        for start in range(0, len(order), self.batch_size):
-            pos = order[start : start + self.batch_size]
-            s, t = torch.as_tensor(src[pos]), torch.as_tensor(tgt[pos])
-            batch = {SOURCE_KEY: z[s], TARGET_KEY: z[t]}
-            batch.update({k: v[t] for k, v in self.tensors.items() if k != "z"})
-            if flow_t is not None:
-                batch[FLOW_TIME_KEY] = flow_t[torch.as_tensor(pos)]
-            yield batch
+    ``tensors``: per-cell fields, the coordinates under ``TARGET_KEY`` (read at the sources as ``SOURCE_KEY``);
+    ``groups``: ``(targets, controls)`` index arrays per (condition, dose, context[, time]) group; every pass draws
+    one control per target (with replacement, from the same context) and couples them (``coupling="ot"``: within
+    chunks of at most ``coupling_size`` cells, exactly up to ``exact_max`` cells, by Sinkhorn above), seeded by
+    ``(seed, epoch + 1)``; ``identity``: control cells paired with themselves (the zero displacement).
+    ``fixed=True`` (validation) draws the same pairs and flow times (``FLOW_TIME_KEY``) every pass.
+    """
+    identity = np.asarray(identity, dtype=np.int64)
+    cells = _CoupledPairs(
+        tensors[TARGET_KEY].numpy(), groups, identity, coupling, coupling_size, exact_max, epsilon, fixed
+    )
+    return CellBatches(
+        tensors,
+        cells,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=False if fixed else shuffle,
+        fixed=fixed,
+        epoch_start=1,
+        source_fields={SOURCE_KEY: TARGET_KEY},
+        n_items=sum(len(t) for t, _ in groups) + len(identity),
+    )
 
 
 class FlowMatching(PerturbationInputs, PerturbationModel):
@@ -360,7 +366,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
                 raise ValueError(msg)
         if len(idx) > _PCA_MAX_CELLS:
             idx = np.sort(np.random.default_rng(resolve_seed(None)).choice(idx, _PCA_MAX_CELLS, replace=False))
-        X = self._expression(adata, idx)
+        # TODO(stream-pca): fit on all non-test cells with vcell.data.fit_pca_streamed (here: a subsample in memory)
+        X = read_rows(model_reader(self), idx)
         if self.protein_names_:
             return _joint_space(X, self._protein_expression(adata, idx), n_components, self.protein_weight)
         comps, mean = fit_pca(X, n_components)
@@ -377,36 +384,34 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             )
         return super()._encode_query(labels, doses)
 
-    def _space(self, adata: AnnData, idx: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, torch.Tensor]:
-        """log1p(CP10k) expression and standardised PCA coordinates of cells ``idx`` (joint with proteins)."""
-        X = self._expression(adata, idx)
-        P = self._cell_proteins(adata, idx)
+    def _coordinates(self, adata: AnnData, idx: np.ndarray, reader: RowReader) -> torch.Tensor:
+        """Standardised PCA coordinates (joint with proteins) of cells ``idx``, on the module's device.
+
+        Rows are read (``reader``) and projected ``ROW_BLOCK`` cells at a time: only the coordinates are kept.
+        """
         m = self.module
-        with torch.no_grad():
-            z = torch.cat(
-                [
-                    m.encode(
-                        torch.as_tensor(X[i : i + batch_size]),
-                        None if P is None else torch.as_tensor(P[i : i + batch_size]),
-                    )
-                    for i in range(0, len(X), batch_size)
-                ]
-                or [torch.zeros(0, m.n_components)]
-            )
-        return X, z
+        device = m.pca_components.device
+        zs = []
+        for chunk in row_blocks(idx):
+            x = torch.as_tensor(reader(chunk), device=device)
+            P = self._cell_proteins(adata, chunk)
+            with torch.no_grad():
+                zs.append(m.encode(x, None if P is None else torch.as_tensor(P, device=device)))
+        return torch.cat(zs) if zs else torch.zeros((0, m.n_components), device=device)
 
     def _training_tensors(self, adata: AnnData) -> dict[str, torch.Tensor]:
+        """Per-cell fields of the training batches (in memory): PCA coordinates, encodings, covariate codes, times."""
         idx = np.arange(adata.n_obs)
         device = self.module.pca_components.device
         self.module.to("cpu")  # after training on a GPU the module may still be there
         try:
-            _, z = self._space(adata, idx)
+            z = self._coordinates(adata, idx, model_reader(self))
         finally:
             self.module.to(device)
         labels = adata.obs[PERT_COL].astype(str).to_numpy()
         doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
         tensors = {
-            "z": z,
+            TARGET_KEY: z,
             REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
         }
@@ -460,6 +465,9 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         weight_decay: float = 1e-6,
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 20,
+        strategy: str | Any = "auto",
+        num_nodes: int = 1,
+        shuffle: str = "auto",
     ) -> None:
         """Train the vector field with Lightning (progress bar, validation flow-matching loss, early stopping).
 
@@ -493,6 +501,13 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             Share of cells held out for validation when ``obs['vcell_split']`` has no ``val`` cells.
         early_stopping_patience
             Epochs without improvement before stopping.
+        strategy, num_nodes
+            Passed to :class:`lightning.Trainer`: ``strategy="ddp", devices=N, num_nodes=M`` trains in ``N * M``
+            processes, each taking its own share of every epoch's pairs (:class:`vcell.data.CellBatches`).
+        shuffle
+            Order of the pairs: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of pairs with
+            consecutive target cells, then pairs within windows) or ``"auto"`` (``"full"``: the pairs are read from
+            the cells' PCA coordinates, held in memory even for a backed AnnData).
 
         Sets the following fields
         -------------------------
@@ -524,13 +539,13 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             "exact_max": self.exact_max,
             "epsilon": self.sinkhorn_epsilon,
         }
-        train_dl = _PairBatches(tensors, *self._groups(adata, train_idx, controls), batch_size=batch_size, **opts)
+        groups = self._groups(adata, train_idx, controls)
+        train_dl = _pair_batches(tensors, *groups, batch_size=batch_size, shuffle=shuffle, **opts)
         val_dl = None
         if len(val_idx):
-            val_dl = _PairBatches(
-                tensors, *self._groups(adata, val_idx, controls), batch_size=max(batch_size, 1024), fixed=True, **opts
-            )
-            val_dl = val_dl if val_dl.n_pairs else None
+            groups = self._groups(adata, val_idx, controls)
+            val_dl = _pair_batches(tensors, *groups, batch_size=max(batch_size, 1024), fixed=True, **opts)
+            val_dl = val_dl if len(val_dl) else None
         plan = TrainingPlan(self.module, lr=lr, weight_decay=weight_decay, monitor="val_loss")
         self.best_epoch_ = fit(
             plan,
@@ -539,6 +554,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,
@@ -577,9 +594,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """
         m = self.module.eval()
         device = m.pca_components.device
+        reader = model_reader(self, adata)
         out = []
         for chunk in self._chunks(idx, batch_size):
-            X = self._expression(adata, chunk)
+            X = reader(chunk)
             P = self._cell_proteins(adata, chunk)
             x = torch.as_tensor(X, device=device)
             p = None if P is None else torch.as_tensor(P, device=device)
