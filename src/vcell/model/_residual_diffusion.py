@@ -50,7 +50,8 @@ class ResidualDiffusion(PerturbationModel):
     (:class:`vcell.module.ResidualDiffusionModule`: cosine schedule, v-prediction, DDIM sampler, optional
     classifier-free guidance) in a low-dimensional space:
 
-    * ``space="pca"``: the top ``n_components`` principal components of the training residuals (standardised);
+    * ``space="pca"``: the top ``n_components`` principal components of the training residuals (standardised;
+      from their second moments, read in row blocks: the expression matrix may be sparse or backed);
     * ``space="vae"`` (mean model a CausalVAE): its latent space; a cell's residual is its latent state minus the
       condition's mean counterfactual latent ``z(c)``, mapped back to genes as ``decode(z(c) + r) - decode(z(c))``.
 
@@ -732,8 +733,9 @@ class ResidualDiffusion(PerturbationModel):
         """Principal components of the (joint) residuals from their streamed second moments.
 
         The solver of scikit-learn's ``PCA(svd_solver="covariance_eigh")``: eigenvectors of the covariance matrix,
-        each signed so that its largest entry (in absolute value) is positive (``svd_flip``); components beyond
-        the rank of the data (fewer cells or features than ``n_components``) are zero.
+        each signed so that its largest entry (in absolute value) is positive (``svd_flip``); rows beyond
+        ``min(cells, features)`` (fewer than ``n_components``) are zero. Exact where scikit-learn's ``"auto"`` solver
+        picked a randomized SVD (more than 1,000 features, or fewer than 10 cells per feature).
         """
         G, sums, n = gram["gram"], gram["sums"], gram["n"]
         if n < 2:
@@ -750,8 +752,8 @@ class ResidualDiffusion(PerturbationModel):
         n_features = G.shape[0]
         mean = sums / n
         C = G  # the moments are not needed after this: centred and scaled in place
-        for i in range(0, n_features, 1024):  # C = (G - n mean mean^T) / (n - 1), in place by row blocks
-            C[i : i + 1024] -= n * mean[i : i + 1024, None] * mean[None, :]
+        for i in range(0, n_features, 256):  # C = (G - n mean mean^T) / (n - 1), in place by row blocks
+            C[i : i + 256] -= n * mean[i : i + 256, None] * mean[None, :]
         C /= n - 1
         k = int(min(self.n_dims_, n, n_features))
         comps = np.zeros((self.n_dims_, n_features))
@@ -1188,8 +1190,8 @@ def _residual_gram(
         if cross_m is not None:
             cross_m += R.T @ R_prot[start:stop]
         n += stop - start
-    for i in range(0, n_genes, 1024):  # the upper triangle from the lower one, by row blocks
-        j = min(i + 1024, n_genes)
+    for i in range(0, n_genes, 256):  # the upper triangle from the lower one, by row blocks
+        j = min(i + 256, n_genes)
         D = G[i:j, i:j]
         D[...] = np.tril(D) + np.tril(D, -1).T
         G[i:j, j:] = G[j:, i:j].T
@@ -1207,7 +1209,8 @@ def _top_eigenvectors(C: np.ndarray, k: int) -> np.ndarray:
     n = C.shape[0]
     if k < 1:
         return np.zeros((0, n))
-    _, vecs = eigh(C, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
+    # C.T: the Fortran-ordered view LAPACK works on in place (no copy), its upper triangle C's lower one
+    _, vecs = eigh(C.T, lower=False, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
     vecs = np.ascontiguousarray(vecs[:, ::-1].T)
     signs = np.sign(vecs[np.arange(k), np.argmax(np.abs(vecs), axis=1)])
     return vecs * signs[:, None]
