@@ -57,6 +57,7 @@ MODELS = {
     "CausalVAE": ({"n_latent": 8, "n_hidden": 32}, {}),
     "FlowMatching": ({"n_components": 5, "n_hidden": 32, "n_layers": 2, "coupling_size": 64}, {}),
     "CellJEPA": ({"n_latent": 8, "n_modules": 4, "n_hidden": 16}, {"pretrain_epochs": 2}),
+    "ResidualDiffusion": ({"mean_model": "additive", "n_components": 4, "n_hidden": 32, "n_layers": 1}, {}),
 }
 
 

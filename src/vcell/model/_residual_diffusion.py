@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 
-from vcell._constants import CONTROL, DOSE_COL, PERT_COL
-from vcell._settings import logger
-from vcell._utils import group_means, resolve_seed
+from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._settings import logger, settings
+from vcell._utils import get_matrix, group_means, resolve_seed
+from vcell.data import iter_row_blocks, log1p_cp10k_block
 from vcell.module import BASELINE_METHODS
 from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
 
@@ -30,6 +32,10 @@ _N_TAIL = 4000
 _MEAN_DIR = "mean_model"
 #: fewest cells per context from which ``sample(match_mean=True)`` estimates its per-gene shift
 _N_CALIBRATION = 256
+#: fewest rows of a block of the streamed residual passes (a Gram update with fewer rows is memory-bound)
+_MIN_BLOCK_ROWS = 256
+#: fewest control cells per call of the mean model's ``predict`` when a condition's mean is taken in chunks
+_MIN_PREDICT_ROWS = 2048
 
 
 class ResidualDiffusion(PerturbationModel):
@@ -43,7 +49,8 @@ class ResidualDiffusion(PerturbationModel):
     (:class:`vcell.module.ResidualDiffusionModule`: cosine schedule, v-prediction, DDIM sampler, optional
     classifier-free guidance) in a low-dimensional space:
 
-    * ``space="pca"``: the top ``n_components`` principal components of the training residuals (standardised);
+    * ``space="pca"``: the top ``n_components`` principal components of the training residuals (standardised;
+      from their second moments, read in row blocks: the expression matrix may be sparse or backed);
     * ``space="vae"`` (mean model a CausalVAE): its latent space; a cell's residual is its latent state minus the
       condition's mean counterfactual latent ``z(c)``, mapped back to genes as ``decode(z(c) + r) - decode(z(c))``.
 
@@ -291,15 +298,38 @@ class ResidualDiffusion(PerturbationModel):
     ) -> np.ndarray:
         """``mu(c)`` from ``controls`` (see ``mean_from``; the controls' mean for ``control``), log1p(CP10k)."""
         if perturbation == CONTROL:
-            return self._expression(adata, controls).mean(0)
+            return self._cells_mean(adata, controls)
         if (source or self.mean_from_) == "sample":
             n = max(1000, 2 * len(controls))
             cells = self.mean_model.sample(
                 adata, perturbation=perturbation, n_cells=n, controls=controls, dose=dose, seed=0
             )
             return np.asarray(cells.X, dtype=np.float64).mean(0)
-        pred = self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose)
-        return np.asarray(pred, dtype=np.float64).mean(0)
+        return self._predicted_mean(adata, perturbation, dose, controls)
+
+    def _predicted_mean(
+        self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray, modality: str = "rna"
+    ) -> np.ndarray | None:
+        """Mean of the mean model's counterfactuals of ``controls`` (float64; ``None`` when no row is finite).
+
+        ``"prot"``: rows with NaN (cells the mean model predicts no proteins for) are left out. The controls are
+        predicted in chunks of ``max(2048, chunk_elements / genes)`` cells, so memory holds one chunk's predictions.
+        """
+        kw = {"modality": "prot"} if modality == "prot" else {}  # RNA: the call of RNA-only mean models too
+        controls = np.asarray(controls)
+        step = max(_MIN_PREDICT_ROWS, settings.chunk_elements // max(len(self.var_names_), 1))
+        total, n = None, 0
+        for start in range(0, len(controls), step):
+            part = controls[start : start + step]
+            pred = self.mean_model.predict(adata, perturbation=perturbation, controls=part, dose=dose, **kw)
+            pred = np.asarray(pred, dtype=np.float64)
+            if modality == "prot":
+                pred = pred[np.isfinite(pred).all(1)]
+            if len(controls) <= step:  # one call: numpy's mean of it
+                return pred.mean(0) if len(pred) else None
+            total = pred.sum(0) if total is None else total + pred.sum(0)
+            n += len(pred)
+        return total / n if n else None
 
     def _condition_protein_mean(
         self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray
@@ -314,39 +344,36 @@ class ResidualDiffusion(PerturbationModel):
             seen = np.isfinite(P).all(1)
             if seen.any():
                 return P[seen].mean(0)
-        pred = self.mean_model.predict(adata, perturbation=perturbation, controls=controls, dose=dose, modality="prot")
-        pred = np.asarray(pred, dtype=np.float64)
-        seen = np.isfinite(pred).all(1)
-        if not seen.any():
+        mean = self._predicted_mean(adata, perturbation, dose, controls, "prot")
+        if mean is None:
             msg = f"the mean model predicts no finite protein values for {perturbation!r} from these controls"
             raise ValueError(msg)
-        return pred[seen].mean(0)
+        return mean
 
     def _choose_mean_source(
         self,
         adata: AnnData,
-        E: np.ndarray,
+        targets: np.ndarray,
         groups: dict,
         ctrl_of: dict,
         all_controls: np.ndarray,
         means: list[np.ndarray],
     ) -> str:
-        """``mean_from="auto"``: the source whose ``mu(c)`` is closer to the training conditions' means.
+        """``mean_from="auto"``: the source whose ``mu(c)`` is closer to the training conditions' means (``targets``).
 
         ``means`` (computed with ``"predict"``) is replaced in place when ``"sample"`` wins; both errors go to
         ``mean_source_mse_``.
         """
         errors = {"predict": [], "sample": []}
         sampled = []
-        for g, ((p, d, k), rows) in enumerate(groups.items()):
+        for g, (p, d, k) in enumerate(groups):
             controls = ctrl_of[k] if len(ctrl_of[k]) else all_controls
             if p == CONTROL:  # the controls' mean whatever the source
                 sampled.append(means[g])
                 continue
             sampled.append(self._condition_mean(adata, p, d, controls, "sample"))
-            target = E[rows].mean(0)
-            errors["predict"].append(np.mean((means[g] - target) ** 2))
-            errors["sample"].append(np.mean((sampled[g] - target) ** 2))
+            errors["predict"].append(np.mean((means[g] - targets[g]) ** 2))
+            errors["sample"].append(np.mean((sampled[g] - targets[g]) ** 2))
         self.mean_source_mse_ = {k: float(np.mean(v)) if v else float("nan") for k, v in errors.items()}
         if errors["sample"] and self.mean_source_mse_["sample"] < self.mean_source_mse_["predict"]:
             means[:] = sampled
@@ -404,6 +431,60 @@ class ResidualDiffusion(PerturbationModel):
                 rows[cells] = own[rng.integers(len(own), size=len(cells))]
         return self.tail_[rows].astype(np.float64)
 
+    # ------------------------------------------------------------------ streamed reads
+    def _matrix(self, adata: AnnData) -> Any:
+        """The registered expression matrix of ``adata`` (the registry's field for the training data), as stored."""
+        if adata is self.adata:
+            return self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        return get_matrix(adata, self._layer())
+
+    def _dense_log1p(self, block: np.ndarray | sparse.csr_matrix) -> np.ndarray:
+        """Rows read from the registered matrix as dense float64 log1p(CP10k): :meth:`_expression`'s values."""
+        if self.counts_:
+            block = log1p_cp10k_block(block)  # float32, as _expression's
+        if sparse.issparse(block):
+            return block.astype(np.float32).astype(np.float64).toarray()
+        return np.asarray(block, dtype=np.float32).astype(np.float64)
+
+    def _expression_blocks(self, adata: AnnData, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """log1p(CP10k) expression of cells ``rows`` in row blocks: ``(start, stop, E)``, ``E`` of ``rows[start:stop]``.
+
+        ``E`` is dense float64 with the values of :meth:`_expression`. A block has a quarter of
+        ``vcell.settings.chunk_elements`` values (at least 256 rows: the Gram updates stay compute-bound), so the
+        float64 arrays computed from it stay small. Increasing ``rows`` that cover over half of the matrix are read
+        in contiguous blocks of all rows (the fast path of a backed matrix), the others dropped.
+        """
+        X = self._matrix(adata)
+        n_obs, n_vars = X.shape
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = max(_MIN_BLOCK_ROWS, settings.chunk_elements // 4 // max(n_vars, 1)) * max(n_vars, 1)
+        if rows.size > n_obs // 2 and np.all(np.diff(rows) > 0):
+            pos = np.full(n_obs, -1, dtype=np.int64)
+            pos[rows] = np.arange(rows.size)
+            for lo, hi, block in iter_row_blocks(X, chunk_elements=chunk):
+                keep = np.flatnonzero(pos[lo:hi] >= 0)
+                if keep.size:
+                    block = block if keep.size == hi - lo else block[keep]
+                    yield int(pos[lo + keep[0]]), int(pos[lo + keep[-1]]) + 1, self._dense_log1p(block)
+            return
+        for start, stop, block in iter_row_blocks(X, rows=rows, chunk_elements=chunk):
+            yield start, stop, self._dense_log1p(block)
+
+    def _cells_mean(self, adata: AnnData, cells: np.ndarray) -> np.ndarray:
+        """Mean log1p(CP10k) expression of ``cells`` (float64), read in row blocks."""
+        total = np.zeros(adata.n_vars)
+        for _, _, E in self._expression_blocks(adata, cells):
+            total += E.sum(0)
+        return total / max(len(cells), 1)
+
+    def _residual_blocks(
+        self, adata: AnnData, cells: np.ndarray, centre: np.ndarray, group_of: np.ndarray
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Gene residuals ``E - centre[group]`` of ``cells`` in row blocks (float64): ``(start, stop, R)``."""
+        for start, stop, E in self._expression_blocks(adata, cells):
+            E -= centre[group_of[start:stop]]
+            yield start, stop, E
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -420,11 +501,17 @@ class ResidualDiffusion(PerturbationModel):
         validation_fraction: float = 0.1,
         early_stopping_patience: int = 30,
         mean_train_kwargs: dict | None = None,
+        strategy: str | Any = "auto",
+        num_nodes: int = 1,
+        shuffle: str = "auto",
     ) -> None:
         """Train the mean model (unless it is trained already), then the residual diffusion model.
 
         Cells with ``obs['vcell_split'] == 'test'`` are never used. The diffusion model holds out a seeded
         ``validation_fraction`` of the cells for its validation loss (computed with fixed noise, so epochs compare).
+        Every statistic over the training cells (condition means, the residual space and its coordinates, tails) is
+        computed from the registered matrix in row blocks (dense, sparse or backed: never densified whole); memory
+        holds a block, a genes x genes matrix (``space="pca"``) and the cells' low-dimensional coordinates.
 
         Parameters
         ----------
@@ -446,7 +533,15 @@ class ResidualDiffusion(PerturbationModel):
         early_stopping_patience
             Epochs without improvement before stopping.
         mean_train_kwargs
-            Arguments of the mean model's ``train`` (when it is not trained yet).
+            Arguments of the mean model's ``train`` (when it is not trained yet), e.g. its own ``strategy``.
+        strategy, num_nodes
+            Passed to :class:`lightning.Trainer` (diffusion model): ``strategy="ddp", devices=N, num_nodes=M``
+            trains in ``N * M`` processes, each reading its own share of every epoch (:class:`vcell.data.CellBatches`).
+        shuffle
+            Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
+            consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
+            a backed AnnData, else ``"full"``). The diffusion model trains on the cells' coordinates, which are in
+            memory: ``"auto"`` is ``"full"``.
 
         Sets the following fields
         -------------------------
@@ -473,7 +568,6 @@ class ResidualDiffusion(PerturbationModel):
             self.module.reset_parameters()
         rng = np.random.default_rng(seed)
         cells = self._non_test_cells(adata)
-        E = self._expression(adata, cells).astype(np.float64)
         pert = adata.obs[PERT_COL].astype(str).to_numpy()[cells]
         dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)[cells]
         ctx = self._contexts(adata)[cells]
@@ -482,62 +576,84 @@ class ResidualDiffusion(PerturbationModel):
             msg = f"no control cells in the training data (obs[{PERT_COL!r}] == {CONTROL!r})"
             raise ValueError(msg)
         groups = pd.DataFrame({"p": pert, "d": dose, "k": ctx}).groupby(["p", "d", "k"], sort=True).indices
+        group_of = np.zeros(len(cells), dtype=np.int64)
+        for g, rows in enumerate(groups.values()):
+            group_of[rows] = g
         ctrl_of = {k: cells[is_ctrl & (ctx == k)] for k in np.unique(ctx)}
-        means, pmeans, latents, group_of = [], [], [], np.zeros(len(cells), dtype=np.int64)
+        fit_rows, P = np.arange(len(cells)), None
+        if self.protein_names_:  # the residual model fits the cells with measured proteins
+            P = self._protein_expression(adata, cells).astype(np.float64)
+            fit_rows = np.flatnonzero(np.isfinite(P).all(1))
+            self._check_protein_cells(fit_rows, is_ctrl)
+        targets, fit_means, ctrl_means = self._group_expression(
+            adata, cells, group_of, len(groups), fit_rows, ctx, is_ctrl
+        )
+        means, pmeans, latents = [], [], []
         source = "predict" if self.mean_from_ == "auto" else self.mean_from_
-        for g, ((p, d, k), rows) in enumerate(groups.items()):
+        for p, d, k in groups:
             controls = ctrl_of[k] if len(ctrl_of[k]) else cells[is_ctrl]
-            means.append(self._condition_mean(adata, p, d, controls, source))
+            means.append(ctrl_means[k] if p == CONTROL else self._condition_mean(adata, p, d, controls, source))
             if self.protein_names_:
                 pmeans.append(self._condition_protein_mean(adata, p, d, controls))
             if self.space == "vae":
                 latents.append(self._condition_latent(adata, p, d, controls))
-            group_of[rows] = g
         if self.mean_from_ == "auto":
-            self.mean_from_ = self._choose_mean_source(adata, E, groups, ctrl_of, cells[is_ctrl], means)
+            self.mean_from_ = self._choose_mean_source(adata, targets, groups, ctrl_of, cells[is_ctrl], means)
         M = np.stack(means)
-        R = E - M[group_of]
         Z = np.stack(latents) if latents else None
-        present = np.arange(len(M))  # the conditions of the cells the residual model fits
+        # residuals centred per condition: E - M[c] - mean over c's cells of (E - M[c]), i.e. E - (c's mean of E).
+        # The diffusion model learns shapes, not the mean model's in-sample errors (which it would carry over to
+        # unseen conditions, and which tails of other conditions would add back).
+        present, centre, Rp = np.arange(len(M)), targets, None  # conditions of the cells the residual model fits
         if self.protein_names_:  # joint residuals [genes, w * proteins] of the cells with measured proteins
-            P = self._protein_expression(adata, cells).astype(np.float64)
-            fit_rows = np.flatnonzero(np.isfinite(P).all(1))
-            self._check_protein_cells(fit_rows, is_ctrl)
+            present, group_fit = np.unique(group_of[fit_rows], return_inverse=True)
             Mp = np.stack(pmeans)
-            R = np.concatenate([R, P - Mp[group_of]], axis=1)[fit_rows]
-            cells, ctx, is_ctrl = cells[fit_rows], ctx[fit_rows], is_ctrl[fit_rows]
-            present, group_of = np.unique(group_of[fit_rows], return_inverse=True)
-            Z = None if Z is None else Z[present]
-            R -= group_means(R, group_of).to_numpy()[group_of]
-            n_genes = E.shape[1]
-            self.protein_weight_ = self.protein_weight or _block_weight(R[:, :n_genes], R[:, n_genes:])
-            R[:, n_genes:] *= self.protein_weight_
-            M = np.concatenate([M, self.protein_weight_ * Mp], axis=1)
+            Rp = P[fit_rows] - Mp[group_of[fit_rows]]
+            Rp -= group_means(Rp, group_fit).to_numpy()[group_fit]
+            cells, ctx, is_ctrl, group_of = cells[fit_rows], ctx[fit_rows], is_ctrl[fit_rows], group_fit
+            centre, Z = fit_means[present], None if Z is None else Z[present]
             self.n_protein_cells_ = len(fit_rows)
-        else:
-            # centred per condition: the diffusion model learns shapes, not the mean model's in-sample errors
-            # (which it would carry over to unseen conditions, and which tails of other conditions would add back)
-            R -= group_means(R, group_of).to_numpy()[group_of]
-        coords, tails = self._fit_space(adata, cells, R, group_of, Z, rng)
-        self._fit_conditions(M)
-        cond = self._project_condition(M)[present][group_of]
+
+        def blocks() -> Iterator[tuple[int, int, np.ndarray]]:  # one pass over the residuals per call
+            return self._residual_blocks(adata, cells, centre, group_of)
+
+        gram = None
+        if self.space == "pca" or (Rp is not None and self.protein_weight is None):
+            gram = _residual_gram(blocks(), len(self.var_names_), Rp, cross=self.space == "pca")
+        if Rp is not None:
+            self.protein_weight_ = self.protein_weight or _block_weight_gram(gram, Rp)
+            M = np.concatenate([M, self.protein_weight_ * Mp], axis=1)
+        if self.space == "pca":
+            # the PCA solver once drew a seed here: the draw is kept so a seed gives the same pairs, tails and split
+            rng.integers(2**31)
+            self._fit_pca(gram, Rp)
+        del gram
+        Y = None
+        if self.space == "vae":  # latent states around the condition's mean counterfactual latent, centred
+            Y = self.mean_model._latents(adata, cells) - Z[group_of]
+            Y -= group_means(Y, group_of).to_numpy()[group_of]
+            self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
+            Y = Y / self.coord_scale_
+        partner = None
         if self.condition_on_control:
             partner = np.zeros(len(cells), dtype=np.int64)
             for k in np.unique(ctx):  # a random control of the same context (any control if it has none)
                 rows, pool = np.flatnonzero(ctx == k), np.flatnonzero(is_ctrl & (ctx == k))
                 pool = pool if len(pool) else np.flatnonzero(is_ctrl)
                 partner[rows] = rng.choice(pool, size=len(rows))
-            cond = np.concatenate([cond, coords[partner]], axis=1)
         keep = np.sort(rng.choice(len(cells), size=min(_N_TAIL, len(cells)), replace=False))
-        self.tail_, self.tail_context_ = tails[keep].astype(np.float32), ctx[keep].astype(str)
-        self.tail_std_ = tails.std(0).astype(np.float32)
-        self.residual_variance_explained_ = float(1.0 - tails.var(0).sum() / max(R.var(0).sum(), 1e-12))
+        coords = self._fit_residuals(blocks(), Rp, group_of, Z, Y, keep)
+        self.tail_context_ = ctx[keep].astype(str)
+        self._fit_conditions(M)
+        cond = self._project_condition(M)[present][group_of]
+        if partner is not None:
+            cond = np.concatenate([cond, coords[partner]], axis=1)
 
         tensors = {RESIDUAL_KEY: torch.as_tensor(coords, dtype=torch.float32), CONDITION_KEY: torch.as_tensor(cond)}
         order = rng.permutation(len(cells))
         n_val = int(round(validation_fraction * len(cells))) if len(cells) >= 20 else 0
         train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
-        train_dl = CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=True, seed=seed)
+        train_dl = CellBatches(tensors, train_idx, batch_size=batch_size, shuffle=shuffle, seed=seed)
         val_dl = CellBatches(tensors, val_idx, batch_size=max(batch_size, 2048), shuffle=False, seed=seed)
         plan = TrainingPlan(
             self.module, lr=lr, weight_decay=weight_decay, monitor="val_loss" if n_val else "train_loss"
@@ -549,6 +665,8 @@ class ResidualDiffusion(PerturbationModel):
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
             early_stopping=early_stopping and n_val > 0,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,
@@ -571,32 +689,121 @@ class ResidualDiffusion(PerturbationModel):
             msg = "condition_on_control=True needs control cells with measured proteins among the training cells"
             raise ValueError(msg)
 
-    def _fit_space(
+    def _group_expression(
         self,
         adata: AnnData,
         cells: np.ndarray,
-        R: np.ndarray,
+        group_of: np.ndarray,
+        n_groups: int,
+        fit_rows: np.ndarray,
+        ctx: np.ndarray,
+        is_ctrl: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Mean expression of the training cells, in one pass over their rows.
+
+        Returns ``(targets, fit_means, ctrl_means)``: per condition group the mean of its cells and of its cells
+        ``fit_rows`` (0 where it has none), and per context the mean of its control cells (of all controls for a
+        context without any).
+        """
+        n = len(cells)
+        contexts = np.unique(ctx)
+        fit_all = len(fit_rows) == n
+        ctrl = np.flatnonzero(is_ctrl)
+        ctrl_ctx = pd.Index(contexts).get_indexer(ctx[ctrl])
+        rows = [group_of]
+        cols = [np.arange(n)]
+        offset = n_groups
+        if not fit_all:
+            rows.append(offset + group_of[fit_rows])
+            cols.append(fit_rows)
+            offset += n_groups
+        rows += [offset + ctrl_ctx, np.full(len(ctrl), offset + len(contexts))]
+        cols += [ctrl, ctrl]
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        W = sparse.csc_matrix((np.ones(len(r)), (r, c)), shape=(offset + len(contexts) + 1, n))
+        sums = np.zeros((W.shape[0], adata.n_vars))
+        for start, stop, E in self._expression_blocks(adata, cells):
+            sums += W[:, start:stop] @ E
+        means = sums / np.maximum(np.asarray(W.sum(axis=1)), 1.0)
+        targets = means[:n_groups]
+        fit_means = targets if fit_all else means[n_groups : 2 * n_groups]
+        ctrl_counts = np.bincount(ctrl_ctx, minlength=len(contexts))
+        ctrl_means = {
+            k: means[offset + i] if ctrl_counts[i] else means[offset + len(contexts)] for i, k in enumerate(contexts)
+        }
+        return targets, fit_means, ctrl_means
+
+    def _fit_pca(self, gram: dict[str, np.ndarray], Rp: np.ndarray | None) -> None:
+        """Principal components of the (joint) residuals from their streamed second moments.
+
+        The solver of scikit-learn's ``PCA(svd_solver="covariance_eigh")``: eigenvectors of the covariance matrix,
+        each signed so that its largest entry (in absolute value) is positive (``svd_flip``); rows beyond
+        ``min(cells, features)`` (fewer than ``n_components``) are zero. Exact where scikit-learn's ``"auto"`` solver
+        picked a randomized SVD (more than 1,000 features, or fewer than 10 cells per feature).
+        """
+        G, sums, n = gram["gram"], gram["sums"], gram["n"]
+        if n < 2:
+            msg = f"the residual space needs at least 2 training cells, got {n}"
+            raise ValueError(msg)
+        if Rp is not None:  # joint [genes, w * proteins]: scale the protein rows and columns of the moments
+            w, g = self.protein_weight_, G.shape[0]
+            joint = np.empty((g + Rp.shape[1],) * 2)
+            joint[:g, :g] = G
+            joint[:g, g:] = w * gram["cross"]
+            joint[g:, :g] = joint[:g, g:].T
+            joint[g:, g:] = w * w * (Rp.T @ Rp)
+            G, sums = joint, np.concatenate([sums, w * Rp.sum(0)])
+        n_features = G.shape[0]
+        mean = sums / n
+        C = G  # the moments are not needed after this: centred and scaled in place
+        for i in range(0, n_features, 256):  # C = (G - n mean mean^T) / (n - 1), in place by row blocks
+            C[i : i + 256] -= n * mean[i : i + 256, None] * mean[None, :]
+        C /= n - 1
+        k = int(min(self.n_dims_, n, n_features))
+        comps = np.zeros((self.n_dims_, n_features))
+        comps[:k] = _top_eigenvectors(C, k)
+        self.pca_components_, self.pca_mean_ = comps, mean
+
+    def _fit_residuals(
+        self,
+        blocks: Iterator[tuple[int, int, np.ndarray]],
+        Rp: np.ndarray | None,
         group_of: np.ndarray,
         Z: np.ndarray | None,
-        rng: np.random.Generator,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised residual coordinates of the training cells and their residuals outside the space."""
-        from vcell.metrics import fit_pca
+        coords: np.ndarray | None,
+        keep: np.ndarray,
+    ) -> np.ndarray:
+        """Standardised coordinates of the training cells (float32), from one pass over their residuals.
 
-        if self.space == "pca":
-            comps, mean = fit_pca(R, self.n_dims_, seed=int(rng.integers(2**31)))
-            if comps.shape[0] < self.n_dims_:  # fewer cells/genes than components: pad with null directions
-                comps = np.vstack([comps, np.zeros((self.n_dims_ - comps.shape[0], comps.shape[1]))])
-            self.pca_components_, self.pca_mean_ = comps, mean
-            Y = (R - mean) @ comps.T
+        ``coords`` are given for ``space="vae"`` (float64); with ``space="pca"`` they are the projections on
+        ``pca_components_`` (``coord_scale_`` is set here). Also sets the tails (residuals outside the space):
+        ``tail_`` (those of the cells ``keep``), ``tail_std_`` and ``residual_variance_explained_``.
+        """
+        pca = self.space == "pca"
+        n_features = len(self.var_names_) + (0 if Rp is None else Rp.shape[1])
+        Y = np.zeros((len(group_of), self.n_dims_)) if pca else None
+        tail = np.zeros((len(keep), n_features), dtype=np.float32)
+        r_moments, t_moments = _Moments(n_features), _Moments(n_features)
+        for start, stop, R in blocks:
+            if Rp is not None:
+                R = np.concatenate([R, self.protein_weight_ * Rp[start:stop]], axis=1)
+            r_moments.add(R)
+            if pca:
+                R -= self.pca_mean_
+                Y[start:stop] = R @ self.pca_components_.T
+                R -= Y[start:stop] @ self.pca_components_  # R - (mean + projection): the tail
+            else:
+                R -= self._to_genes(coords[start:stop], Z[group_of[start:stop]])
+            t_moments.add(R)
+            lo, hi = np.searchsorted(keep, [start, stop])
+            tail[lo:hi] = R[keep[lo:hi] - start]
+        if pca:
             self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
             coords = Y / self.coord_scale_
-            return coords.astype(np.float32), R - self._to_genes(coords, None)
-        Y = self.mean_model._latents(adata, cells) - Z[group_of]
-        Y -= group_means(Y, group_of).to_numpy()[group_of]
-        self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
-        coords = Y / self.coord_scale_
-        return coords.astype(np.float32), R - self._to_genes(coords, Z[group_of])
+        self.tail_ = tail
+        self.tail_std_ = np.sqrt(t_moments.var()).astype(np.float32)
+        self.residual_variance_explained_ = float(1.0 - t_moments.var().sum() / max(r_moments.var().sum(), 1e-12))
+        return coords.astype(np.float32)
 
     def _fit_conditions(self, M: np.ndarray) -> None:
         """Principal components of the training conditions' means: the condition vector's axes."""
@@ -804,25 +1011,35 @@ class ResidualDiffusion(PerturbationModel):
         """Standardised residual coordinates of control cells around their context's control mean.
 
         With proteins (``space="pca"``) the joint residual ``[genes, w * proteins]``, whose protein part is 0 (the
-        context's mean) for a control cell without measured proteins.
+        context's mean) for a control cell without measured proteins. Expression is read in row blocks.
         """
         ctx_all = self._contexts(adata)
-        E = self._expression(adata, idx).astype(np.float64)
         ctrl = self._control_indices(adata, None)
-        out = np.zeros((len(idx), self.n_dims_), dtype=np.float32)
-        for k in sorted(set(ctx_all[idx])):
-            rows = np.flatnonzero(ctx_all[idx] == k)
+        ctx = ctx_all[idx]
+        contexts = sorted(set(ctx))
+        pools = {}
+        for k in contexts:
             pool = ctrl[ctx_all[ctrl] == k]
-            pool = pool if len(pool) else ctrl
-            mean = self._expression(adata, pool).mean(0)
-            if self.space == "pca":
-                diff = E[rows] - mean
-                if self.protein_names_:
-                    diff = np.concatenate([diff, self._control_protein_residual(adata, idx[rows], pool, ctrl)], 1)
-                out[rows] = ((diff - self.pca_mean_) @ self.pca_components_.T) / self.coord_scale_
-            else:
-                z = self.mean_model._latents(adata, idx[rows]) - self._condition_latent(adata, CONTROL, 1.0, pool)
+            pools[k] = pool if len(pool) else ctrl
+        out = np.zeros((len(idx), self.n_dims_), dtype=np.float32)
+        if self.space == "vae":
+            for k in contexts:
+                rows = np.flatnonzero(ctx == k)
+                z = self.mean_model._latents(adata, idx[rows]) - self._condition_latent(adata, CONTROL, 1.0, pools[k])
                 out[rows] = z / self.coord_scale_
+            return out
+        code = pd.Index(contexts).get_indexer(ctx)
+        means = np.stack([self._cells_mean(adata, pools[k]) for k in contexts])
+        prot = None
+        if self.protein_names_:
+            prot = np.zeros((len(idx), len(self.protein_names_)))
+            for i, k in enumerate(contexts):
+                rows = np.flatnonzero(code == i)
+                prot[rows] = self._control_protein_residual(adata, idx[rows], pools[k], ctrl)
+        for start, stop, E in self._expression_blocks(adata, idx):
+            E -= means[code[start:stop]]
+            diff = E if prot is None else np.concatenate([E, prot[start:stop]], axis=1)
+            out[start:stop] = ((diff - self.pca_mean_) @ self.pca_components_.T) / self.coord_scale_
         return out
 
     def _control_protein_residual(
@@ -886,15 +1103,16 @@ def _mean_matching_shift(Y: np.ndarray, target: np.ndarray, n_iter: int = 40) ->
     return 0.5 * (lo + hi)
 
 
-def _top_singular_value(X: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> float:
-    """Largest singular value of ``X`` (power iteration on ``X^T X`` from a deterministic start)."""
-    if X.size == 0:
-        return 0.0
-    v = np.abs(X).sum(0) + 1.0
+def _power_top(apply: Any, start: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> float:
+    """Square root of the largest eigenvalue of a positive semi-definite ``A`` (``apply(v) = A v``).
+
+    Power iteration from ``start + 1`` (deterministic), stopped when the value changes by at most ``tol``.
+    """
+    v = start + 1.0
     v /= np.linalg.norm(v)
     s = 0.0
     for _ in range(n_iter):
-        w = X.T @ (X @ v)
+        w = apply(v)
         norm = float(np.linalg.norm(w))
         if norm == 0.0:
             return 0.0
@@ -906,15 +1124,106 @@ def _top_singular_value(X: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> 
     return s
 
 
+def _top_singular_value(X: np.ndarray, n_iter: int = 200, tol: float = 1e-7) -> float:
+    """Largest singular value of ``X`` (power iteration on ``X^T X`` from a deterministic start)."""
+    if X.size == 0:
+        return 0.0
+    return _power_top(lambda v: X.T @ (X @ v), np.abs(X).sum(0), n_iter, tol)
+
+
+def _weight(s_rna: float, s_prot: float) -> float:
+    if s_rna <= 1e-12 or s_prot <= 1e-12:
+        return 1.0
+    return float(s_rna / s_prot)
+
+
 def _block_weight(R_rna: np.ndarray, R_prot: np.ndarray) -> float:
     """Weight of the protein block: ratio of the blocks' leading singular values (multiple factor analysis).
 
     ``[R_rna, w R_prot]`` then has the same leading singular value in both blocks (1 when a block is constant).
     """
-    s_rna, s_prot = _top_singular_value(R_rna), _top_singular_value(R_prot)
-    if s_rna <= 1e-12 or s_prot <= 1e-12:
-        return 1.0
-    return float(s_rna / s_prot)
+    return _weight(_top_singular_value(R_rna), _top_singular_value(R_prot))
+
+
+def _block_weight_gram(gram: dict[str, np.ndarray], R_prot: np.ndarray) -> float:
+    """:func:`_block_weight` with the RNA block given by its streamed moments (:func:`_residual_gram`)."""
+    G = gram["gram"]
+    s_rna = _power_top(lambda v: G @ v, gram["abs_sums"]) if gram["n"] else 0.0
+    return _weight(s_rna, _top_singular_value(R_prot))
+
+
+def _residual_gram(
+    blocks: Iterator[tuple[int, int, np.ndarray]], n_genes: int, R_prot: np.ndarray | None, *, cross: bool
+) -> dict[str, Any]:
+    """Second moments of gene residuals read in row blocks ``(start, stop, R)``, float64.
+
+    ``gram``: ``R^T R`` (genes x genes, symmetric; updated in place by BLAS ``dsyrk``); ``sums`` and ``abs_sums``:
+    column sums of ``R`` and ``|R|``; ``n``: rows; with ``R_prot`` (rows of the same cells, in memory) and
+    ``cross``: ``cross = R^T R_prot``.
+    """
+    from scipy.linalg.blas import dsyrk
+
+    G = np.zeros((n_genes, n_genes))
+    sums, abs_sums, n = np.zeros(n_genes), np.zeros(n_genes), 0
+    cross_m = np.zeros((n_genes, R_prot.shape[1])) if R_prot is not None and cross else None
+    for start, stop, R in blocks:
+        R = np.ascontiguousarray(R, dtype=np.float64)
+        out = dsyrk(1.0, R.T, beta=1.0, c=G.T, trans=0, lower=0, overwrite_c=1)  # lower triangle of G += R^T R
+        if not np.shares_memory(out, G):  # (BLAS worked on a copy)
+            G[...] = out.T
+        sums += R.sum(0)
+        if R_prot is not None:
+            abs_sums += np.abs(R).sum(0)
+        if cross_m is not None:
+            cross_m += R.T @ R_prot[start:stop]
+        n += stop - start
+    for i in range(0, n_genes, 256):  # the upper triangle from the lower one, by row blocks
+        j = min(i + 256, n_genes)
+        D = G[i:j, i:j]
+        D[...] = np.tril(D) + np.tril(D, -1).T
+        G[i:j, j:] = G[j:, i:j].T
+    return {"gram": G, "sums": sums, "abs_sums": abs_sums, "n": n, "cross": cross_m}
+
+
+def _top_eigenvectors(C: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` leading eigenvectors (rows, by decreasing eigenvalue) of symmetric ``C``, overwritten.
+
+    Each is signed so that its largest entry in absolute value is positive (scikit-learn's ``svd_flip`` of PCA
+    components): the same components as ``PCA(svd_solver="covariance_eigh")`` up to rounding.
+    """
+    from scipy.linalg import eigh
+
+    n = C.shape[0]
+    if k < 1:
+        return np.zeros((0, n))
+    # C.T: the Fortran-ordered view LAPACK works on in place (no copy), its upper triangle C's lower one
+    _, vecs = eigh(C.T, lower=False, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
+    vecs = np.ascontiguousarray(vecs[:, ::-1].T)
+    signs = np.sign(vecs[np.arange(k), np.argmax(np.abs(vecs), axis=1)])
+    return vecs * signs[:, None]
+
+
+class _Moments:
+    """Per-column mean and variance (``ddof=0``) of rows added in blocks, float64 (Chan et al.'s merge)."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n, self.mean, self.m2 = 0, np.zeros(n_features), np.zeros(n_features)
+
+    def add(self, X: np.ndarray) -> None:
+        nb = X.shape[0]
+        if not nb:
+            return
+        mb = X.mean(0)
+        d = X - mb
+        m2b = np.einsum("ij,ij->j", d, d)
+        total = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * (nb / total)
+        self.m2 += m2b + delta**2 * (self.n * nb / total)
+        self.n = total
+
+    def var(self) -> np.ndarray:
+        return self.m2 / max(self.n, 1)
 
 
 def _vcell_class(cls: type) -> type:
