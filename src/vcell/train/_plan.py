@@ -107,6 +107,13 @@ class TrainingPlan(lightning.LightningModule):
         self._sums[stage] = {}
         self._counts[stage] = 0
 
+    def on_train_start(self) -> None:
+        # Every process starts from the same seed (the same weights); without this, every process would also draw
+        # the same noise (reparametrisation, flow times, diffusion noise) for its different cells. Process 0 keeps the
+        # stream of a single-process run.
+        if self._distributed() and self.global_rank > 0:
+            torch.manual_seed(torch.initial_seed() + int(self.global_rank))
+
     def _distributed(self) -> bool:
         trainer = self._trainer
         return trainer is not None and int(getattr(trainer, "world_size", 1)) > 1
