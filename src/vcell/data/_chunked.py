@@ -20,7 +20,8 @@ from scipy import sparse
 from vcell._settings import logger, settings
 
 Block = np.ndarray | sparse.csr_matrix
-Transform = Literal["log1p_cp10k"] | None
+#: what is applied to each block of rows: nothing, log1p(CP10k) of counts, or a function of a block
+Transform = Literal["log1p_cp10k"] | Callable[[Block], Block] | None
 
 #: values above which an integer matrix is taken for counts (:func:`is_count_matrix`)
 COUNT_MAX_THRESHOLD = 20
@@ -169,7 +170,7 @@ def log1p_cp10k_block(block: Block, *, target_sum: float = 1e4) -> Block:
     return np.log1p(B / totals * target_sum).astype(np.float32)
 
 
-def _transform(block: Block, transform: Transform | Callable[[Block], Block], target_sum: float) -> Block:
+def _transform(block: Block, transform: Transform, target_sum: float) -> Block:
     if transform is None:
         return block
     if isinstance(transform, str) and transform == "log1p_cp10k":
@@ -347,7 +348,8 @@ def group_sums(
     weights
         Groups x cells: each row a group's weight per cell (0: the cell is not in the group).
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"`` (log1p of each row scaled to ``target_sum``).
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` (log1p of each row scaled to ``target_sum``) or a function
+        of a block (dense or CSR rows) returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     skipna
@@ -426,7 +428,7 @@ def group_means(
     labels
         Label per cell; a missing label (``None``/NaN) leaves the cell out.
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` or a function of a block returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     skipna
@@ -475,7 +477,7 @@ def gene_mean_var(
     X
         Cells x genes (see :func:`iter_row_blocks`).
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` or a function of a block returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     ddof
@@ -585,7 +587,7 @@ def fit_pca_streamed(
     n_comps: int,
     *,
     rows: Sequence[int] | np.ndarray | None = None,
-    transform: Transform | Callable[[Block], Block] = None,
+    transform: Transform = None,
     target_sum: float = 1e4,
     method: Literal["auto", "covariance", "randomized"] = "auto",
     n_iter: int = 6,
