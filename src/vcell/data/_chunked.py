@@ -590,7 +590,7 @@ def fit_pca_streamed(
     transform: Transform = None,
     target_sum: float = 1e4,
     method: Literal["auto", "covariance", "randomized"] = "auto",
-    n_iter: int = 6,
+    n_iter: int = 8,
     seed: int | None = None,
     chunk_elements: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
