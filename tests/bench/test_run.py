@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 import vcell
 from vcell.bench import ModelSpec, summarize
@@ -128,3 +129,43 @@ def test_model_spec_sample_output_scores_generated_cells(sim):
     assert not np.allclose(per["rd"], per["rd_mean"])  # samples, not the mean model's counterfactuals
     with pytest.raises(ValueError, match="output must be"):
         ModelSpec("x", vcell.model.Baseline, output="mean")
+
+
+def _assert_same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    keys = ["model", "split", "seed", "perturbation", "metric"]
+    pd.testing.assert_frame_equal(a[keys], b[keys])
+    for col in ("value", "ceiling"):
+        np.testing.assert_allclose(
+            a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True
+        )
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 600])
+def test_run_same_results_on_dense_and_sparse_copies(sim, monkeypatch, chunk_elements):
+    """Statistics are streamed from the stored matrix (PCA, additive means), whatever holds it; with a small block
+    budget (600 values: 10 cells) the truth and control cells stay sparse through evaluate too."""
+    if chunk_elements is not None:
+        monkeypatch.setattr(vcell.settings, "chunk_elements", chunk_elements)
+    assert sparse.issparse(sim.X)
+    dense = sim.copy()
+    dense.X = sim.X.toarray()
+    kw = {"models": ["control", "additive"], "splits": ["combo_half"], "seeds": [1], "progress": False}
+    _assert_same_results(vcell.bench.run(sim, **kw).results, vcell.bench.run(dense, **kw).results)
+
+
+def test_run_on_a_backed_h5ad(sim, tmp_path):
+    """A backed screen is read in row blocks (only the training cells the models need are loaded)."""
+    import anndata as ad
+
+    path = tmp_path / "sim.h5ad"
+    sim.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    kw = {
+        "models": ["mean"],
+        "splits": ["combo_half"],
+        "seeds": [2],
+        "metrics": ["mse_top_de", "mmd"],
+        "progress": False,
+    }
+    _assert_same_results(vcell.bench.run(backed, **kw).results, vcell.bench.run(sim, **kw).results)
+    assert backed.isbacked

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger, settings
-from vcell._utils import check_obs_keys, expression_for_eval, mudata_no_pull
+from vcell._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix, mudata_no_pull
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -124,6 +126,10 @@ class ModelSpec:
 
         ``train`` may be a MuData (``rna`` and one protein modality): the model is registered with
         ``protein_modality`` and each condition's prediction is ``{"rna": ..., "prot": ...}``.
+
+        The model is set up on a shallow copy of ``train`` (its own ``obs``, ``var`` and ``uns``, where
+        ``setup_anndata`` writes its registry; the expression matrices shared, as vcell models never write them), so
+        ``train`` is left as it was and no expression matrix is copied.
         """
         t0 = time.perf_counter()
         protein = {}
@@ -132,7 +138,7 @@ class ModelSpec:
             with mudata_no_pull():
                 tr = train.copy()
         else:
-            tr = train.copy()
+            tr = _shallow_copy(train)
         self.model_cls.setup_anndata(
             tr,
             perturbation_key=PERT_COL,
@@ -263,13 +269,71 @@ def _parse_condition(cond: str) -> tuple[str, float | None]:
     return cond, None
 
 
-def _sub_adata(X: np.ndarray, label: str, var_names: pd.Index) -> AnnData:
+def _sub_adata(X: np.ndarray | sparse.spmatrix, label: str, var_names: pd.Index) -> AnnData:
     import anndata as ad
 
     obs = pd.DataFrame(
         {"perturbation": pd.Categorical([label] * X.shape[0])}, index=[f"c{i}" for i in range(X.shape[0])]
     )
-    return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=pd.DataFrame(index=var_names))
+    X = sparse.csr_matrix(X, dtype=np.float32) if sparse.issparse(X) else np.asarray(X, dtype=np.float32)
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=var_names))
+
+
+def _shallow_copy(adata: AnnData) -> AnnData:
+    """A new AnnData with its own ``obs``, ``var``, ``uns`` and mappings, sharing ``adata``'s matrices.
+
+    What :func:`run` and the models it trains write (split and harmonised ``obs`` columns, ``uns`` entries, the
+    scvi-tools registry, new ``obsm`` keys) goes to the copy; ``X``, the layers and the ``obsm``/``varm``/``obsp``
+    arrays are shared, never copied (a backed ``X`` stays backed). Nothing in vcell writes into them in place.
+    A view is copied whole (its matrices are subsets).
+    """
+    import anndata as ad
+
+    if adata.is_view:
+        return adata.copy()
+    raw = None
+    if adata.raw is not None:
+        raw = {"X": adata.raw.X, "var": adata.raw.var.copy(), "varm": dict(adata.raw.varm)}
+    return ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        uns=deepcopy(dict(adata.uns)),
+        obsm=dict(adata.obsm),
+        varm=dict(adata.varm),
+        layers=dict(adata.layers),
+        obsp=dict(adata.obsp),
+        varp=dict(adata.varp),
+        raw=raw,
+    )
+
+
+def _expression_rows(X: Any, rows: np.ndarray, transform: str | None) -> np.ndarray | sparse.csr_matrix:
+    """log1p(CP10k) expression (``transform``, or the values when ``None``) of rows ``rows`` of ``X``, float32.
+
+    Read in row blocks. Dense for a dense ``X`` (the values of :func:`vcell._utils.expression_for_eval`); for a sparse
+    or backed ``X``, CSR, densified only when the cells fit in one block (``vcell.settings.chunk_elements`` values),
+    where dense DE and distances are faster than sparse ones.
+    """
+    from vcell.data import iter_row_blocks, log1p_cp10k_block
+
+    parts = []
+    for _, _, block in iter_row_blocks(X, rows=rows):
+        E = log1p_cp10k_block(block) if transform == "log1p_cp10k" else block
+        parts.append(sparse.csr_matrix(E, dtype=np.float32) if sparse.issparse(E) else np.asarray(E, np.float32))
+    if not parts:
+        return np.zeros((0, X.shape[1]), dtype=np.float32)
+    if not any(sparse.issparse(b) for b in parts):
+        return np.vstack(parts)
+    out = sparse.vstack([sparse.csr_matrix(b) for b in parts], format="csr")
+    return out.toarray() if out.shape[0] * out.shape[1] <= settings.chunk_elements else out
+
+
+def _mean_rows(X: np.ndarray | sparse.spmatrix) -> np.ndarray:
+    """Mean of the rows of a dense (numpy's float32 mean, as before) or sparse matrix (float64, then float32)."""
+    if sparse.issparse(X):
+        return np.asarray(X.mean(axis=0, dtype=np.float64)).ravel().astype(np.float32)
+    return X.mean(0)
 
 
 def run(
@@ -301,6 +365,13 @@ def run(
     :func:`vcell.metrics.evaluate` scores it against the true held-out cells. Distribution metrics use one
     PCA (``n_pcs``) fitted on the training cells of that split, shared by all models; DE genes are computed
     once per condition and shared too.
+
+    The screen is never densified whole, and may be backed (``anndata.read_h5ad(path, backed="r")``): the training
+    PCA (:func:`vcell.metrics.fit_pca`, streamed for sparse and backed matrices) and the additive expectations'
+    group means are read from the stored matrix in row blocks, log1p(CP10k) applied block by block (counts are
+    recognised once, on the whole matrix); truth and control cells are read by row index and stay sparse unless
+    they fit in one block (``vcell.settings.chunk_elements`` values). The models get an AnnData of the training
+    cells (their rows of the stored matrix, as stored).
 
     With proteins (a MuData and ``protein_modality``), every vcell model is trained on RNA + protein and every
     metric is also computed on the proteins (log1p(counts per 1e4 of the protein library) of the cells with
@@ -398,7 +469,8 @@ def run(
         msg = "protein_modality needs a MuData (with an 'rna' and a protein modality), got an AnnData"
         raise ValueError(msg)
     check_obs_keys(adata, [perturbation_key, *covariate_keys], what="obs key")
-    base = adata.copy()
+    # obs, var and uns of our own (harmonize and split write there); the expression matrix is shared, not copied
+    base = _shallow_copy(adata)
     if proteins is not None:
         base.obsm[_PROTEIN_BENCH_KEY] = proteins[0]
     # reported only when it changes the labels (data harmonised by the user is not reported again)
@@ -406,23 +478,41 @@ def run(
     context_keys = list(covariate_keys)
     from vcell.data import context_labels
 
+    # expression of the metrics: log1p(CP10k) of counts, else the values; decided once on the whole matrix, then
+    # every statistic and cell set is read from it in row blocks (sparse and backed matrices are never densified)
+    X_src = get_matrix(base, layer)
+    transform = None
+    if is_count_matrix(X_src):
+        check_finite_nonnegative(X_src, name=f"adata.layers[{layer!r}]" if layer else "adata.X")
+        transform = "log1p_cp10k"
+
     rows: list[pd.DataFrame] = []
     timings: list[dict] = []
     show = settings.progress_bar if progress is None else progress
     grid = [(s, seed) for s in split_list for seed in seeds]
     bar = tqdm(total=len(grid) * len(specs), disable=not show, desc="vcell benchmark")
     for (split_name, kind, opts), seed in grid:
-        a = base.copy()
+        a = _shallow_copy(base)  # split writes obs/uns only
         split(a, kind=kind, seed=seed, **opts)
         check_leakage(a)
         info = a.uns["vcell_split"]
         # conditions to predict: the held-out ones, or (random_cells: every condition trains) those with test cells
         held_out = [str(h) for h in (list(info["held_out"]) or list(info.get("test_conditions", [])))]
         is_train = a.obs["vcell_split"].isin(["train", "val"]).to_numpy()
+        train_positions = np.flatnonzero(is_train)
+        # the models' own AnnData of the training cells: the Predictor contract gives them only these cells, and
+        # setup_anndata writes its registry into obs/uns, which a view cannot take. Its X is the training rows of
+        # the screen as stored (sparse stays sparse); nothing below reads it
         train = a[is_train].copy()
         train.uns.pop("vcell_simulation", None)  # ground truth (held-out outcomes included) never reaches a model
-        E_train = expression_for_eval(train, layer)
-        pca = vmetrics.fit_pca(E_train, n_comps=min(n_pcs, *E_train.shape), seed=seed)
+        # one PCA of the training cells, streamed from the stored matrix (log1p(CP10k) applied block by block)
+        pca = vmetrics.fit_pca(
+            X_src,
+            n_comps=min(n_pcs, train_positions.size, a.n_vars),
+            rows=train_positions,
+            transform=transform,
+            seed=seed,
+        )
         ctx_all = context_labels(a.obs, context_keys)
         cond = a.obs[PERT_COL].astype(str).to_numpy()
         dose = a.obs[DOSE_COL].to_numpy(dtype=float)
@@ -444,7 +534,7 @@ def run(
                 src = train_ctrl
             cases[h] = {
                 "sel": sel,
-                "true": expression_for_eval(a[sel], layer),
+                "true": _expression_rows(X_src, np.flatnonzero(sel), transform),
                 "ctrl_mask": src,
                 "dose": float(np.median(dose[sel])),
                 "pert": pert,
@@ -455,11 +545,10 @@ def run(
         ctrl_union = np.zeros(a.n_obs, dtype=bool)
         for c in cases.values():
             ctrl_union |= c["ctrl_mask"]
-        ctrl_ad = _sub_adata(expression_for_eval(a[ctrl_union], layer), CONTROL, a.var_names)
+        ctrl_ad = _sub_adata(_expression_rows(X_src, np.flatnonzero(ctrl_union), transform), CONTROL, a.var_names)
         true_ad = _concat([_sub_adata(c["true"], h, a.var_names) for h, c in cases.items()])
         de_genes = {h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()}
-        train_positions = np.flatnonzero(is_train)
-        additive = _additive_expectations(cases, E_train, cond[is_train])
+        additive = _additive_expectations(cases, X_src, cond, is_train, transform)
         sim_labels = _simulated_epistasis(a, list(additive))
         requests = [
             PredictionRequest(h, c["pert"], c["dose"], np.flatnonzero(c["ctrl_mask"][train_positions]))
@@ -473,7 +562,9 @@ def run(
                 prot is not None and getattr(spec, "models_proteins", False) and _class_models_proteins(spec)
             )
             fit_data = _with_protein_modality(train, protein_modality, proteins[1]) if with_proteins else train
-            fit_data = fit_data if with_proteins else fit_data.copy()  # a fresh MuData needs no copy
+            # a fresh MuData needs no copy, a ModelSpec sets up its own shallow copy; any other predictor (e.g. a
+            # peer adapter) gets a full copy, as it may write into the matrices
+            fit_data = fit_data if with_proteins or isinstance(spec, ModelSpec) else fit_data.copy()
             out = spec.fit_predict(fit_data, requests, seed=seed, covariate_keys=context_keys, layer=layer)
             total_s = time.perf_counter() - t0
             preds, errors, prot_preds = [], {}, []
@@ -618,7 +709,7 @@ def _with_protein_modality(train: AnnData, modality: str, names: list[str]) -> M
     import anndata as ad
     import mudata as md
 
-    rna = train.copy()
+    rna = _shallow_copy(train)
     counts = rna.obsm.pop(_PROTEIN_BENCH_KEY)
     prot = ad.AnnData(X=np.asarray(counts, dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names.copy()))
     prot.var_names = pd.Index(names)
@@ -626,15 +717,22 @@ def _with_protein_modality(train: AnnData, modality: str, names: list[str]) -> M
         return md.MuData({"rna": rna, modality: prot})
 
 
-def _additive_expectations(cases: dict, E_train: np.ndarray, cond_train: np.ndarray) -> dict[str, np.ndarray]:
-    """Additive expectation (control mean + sum of training single shifts) of held-out doubles whose singles trained."""
-    from vcell._utils import group_means
+def _additive_expectations(
+    cases: dict, X: Any, cond: np.ndarray, is_train: np.ndarray, transform: str | None
+) -> dict[str, np.ndarray]:
+    """Additive expectation (control mean + sum of training single shifts) of held-out doubles whose singles trained.
+
+    The means of the training control cells and of the needed singles are read from ``X`` in row blocks
+    (``transform`` applied to each): only those cells' rows, nothing densified whole.
+    """
+    from vcell.data import group_means
 
     doubles = {h: h.split("+") for h in cases if "@" not in h and len(h.split("+")) == 2}
     needed = {p for parts in doubles.values() for p in parts}
-    if not doubles or not needed & set(cond_train):
+    if not doubles or not needed & set(cond[is_train]):
         return {}
-    means = group_means(E_train, cond_train)
+    keep = is_train & np.isin(cond, [*needed, CONTROL])
+    means = group_means(X, np.where(keep, cond, None), transform=transform)
     if CONTROL not in means.index:
         return {}
     ctrl = means.loc[CONTROL].to_numpy()
@@ -667,7 +765,7 @@ def _interaction_row(
         labels = labels[[list(additive).index(h) for h in names]]
     X = np.asarray(pred.X)
     pred_means = np.stack([X[(pred.obs["perturbation"] == h).to_numpy()].mean(0) for h in names])
-    true_means = np.stack([cases[h]["true"].mean(0) for h in names])
+    true_means = np.stack([_mean_rows(cases[h]["true"]) for h in names])
     add = np.stack([additive[h] for h in names])
     value = vmetrics.interaction_auprc(pred_means, add, None if labels is not None else true_means, labels=labels)
     return pd.DataFrame(

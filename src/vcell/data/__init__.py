@@ -5,6 +5,7 @@ from vcell._constants import CONTROL, DOSE_COL, N_PERT_COL, PERT_COL, REGISTRY_K
 from ._chunked import (
     check_expression,
     check_finite_nonnegative,
+    fit_pca_streamed,
     gene_mean_var,
     group_means,
     group_sums,
@@ -38,6 +39,7 @@ __all__ = [
     "group_sums",
     "group_means",
     "gene_mean_var",
+    "fit_pca_streamed",
     "PerturbationVocab",
     "pair_controls",
     "context_labels",

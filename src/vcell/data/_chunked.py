@@ -10,7 +10,7 @@ memory a statistic needs is bounded by that budget plus its output, not by the n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +20,8 @@ from scipy import sparse
 from vcell._settings import logger, settings
 
 Block = np.ndarray | sparse.csr_matrix
-Transform = Literal["log1p_cp10k"] | None
+#: what is applied to each block of rows: nothing, log1p(CP10k) of counts, or a function of a block
+Transform = Literal["log1p_cp10k"] | Callable[[Block], Block] | None
 
 #: values above which an integer matrix is taken for counts (:func:`is_count_matrix`)
 COUNT_MAX_THRESHOLD = 20
@@ -172,9 +173,11 @@ def log1p_cp10k_block(block: Block, *, target_sum: float = 1e4) -> Block:
 def _transform(block: Block, transform: Transform, target_sum: float) -> Block:
     if transform is None:
         return block
-    if transform == "log1p_cp10k":
+    if isinstance(transform, str) and transform == "log1p_cp10k":
         return log1p_cp10k_block(block, target_sum=target_sum)
-    msg = f"transform must be None or 'log1p_cp10k', got {transform!r}"
+    if callable(transform):
+        return transform(block)
+    msg = f"transform must be None, 'log1p_cp10k' or a function of a block, got {transform!r}"
     raise ValueError(msg)
 
 
@@ -345,7 +348,8 @@ def group_sums(
     weights
         Groups x cells: each row a group's weight per cell (0: the cell is not in the group).
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"`` (log1p of each row scaled to ``target_sum``).
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` (log1p of each row scaled to ``target_sum``) or a function
+        of a block (dense or CSR rows) returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     skipna
@@ -424,7 +428,7 @@ def group_means(
     labels
         Label per cell; a missing label (``None``/NaN) leaves the cell out.
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` or a function of a block returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     skipna
@@ -473,7 +477,7 @@ def gene_mean_var(
     X
         Cells x genes (see :func:`iter_row_blocks`).
     transform
-        ``None`` (the values of ``X``) or ``"log1p_cp10k"``.
+        ``None`` (the values of ``X``), ``"log1p_cp10k"`` or a function of a block returning a block.
     target_sum
         Row total of ``"log1p_cp10k"``.
     ddof
@@ -513,3 +517,175 @@ def gene_mean_var(
     with np.errstate(invalid="ignore", divide="ignore"):
         var = np.maximum(m2, 0.0) / (n - ddof) if n - ddof > 0 else np.full(n_vars, np.nan)
     return mean, var
+
+
+#: most genes for which :func:`fit_pca_streamed` accumulates the exact gene x gene covariance (more: randomized)
+PCA_COVARIANCE_MAX_GENES = 5000
+#: share of stored values of a sparse block up to which its Gram matrix is a sparse product (above: dense BLAS)
+_SPARSE_GRAM_DENSITY = 0.03
+
+
+def _float64(E: Block) -> Block:
+    return sparse.csr_matrix(E, dtype=np.float64) if sparse.issparse(E) else np.asarray(E, dtype=np.float64)
+
+
+def _flip_signs(components: np.ndarray) -> np.ndarray:
+    """Components with the largest absolute entry of each row made positive (scikit-learn's ``svd_flip``).
+
+    The sign convention of :func:`fit_pca_streamed` and :func:`vcell.metrics.fit_pca` (scikit-learn >= 1.5's
+    ``svd_flip(u_based_decision=False)``): the same subspace gives the same components whatever solver found it.
+
+    >>> import numpy as np
+    >>> _flip_signs(np.array([[0.6, -0.8], [0.8, 0.6]])).tolist()
+    [[-0.6, 0.8], [0.8, 0.6]]
+    """
+    C = np.asarray(components, dtype=np.float64)
+    if C.size == 0:
+        return C.copy()
+    signs = np.sign(C[np.arange(C.shape[0]), np.argmax(np.abs(C), axis=1)])
+    signs[signs == 0] = 1.0
+    return C * signs[:, None]
+
+
+def _pca_passes(X: Any, rows: np.ndarray | None, transform: Any, target_sum: float, chunk_elements: int | None):
+    """Blocks of ``T(X)`` (rows ``rows``) as float64, dense or CSR: one pass over the matrix per call."""
+    for _, _, block in iter_row_blocks(X, rows=rows, chunk_elements=chunk_elements):
+        yield _float64(_transform(block, transform, target_sum))
+
+
+def _gram(X, rows, transform, target_sum, chunk_elements) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(T(X)^T T(X), column sums, n_rows)`` in float64, one block at a time."""
+    n_vars = X.shape[1]
+    G, s, n = np.zeros((n_vars, n_vars)), np.zeros(n_vars), 0
+    for E in _pca_passes(X, rows, transform, target_sum, chunk_elements):
+        n += E.shape[0]
+        if sparse.issparse(E):
+            s += np.asarray(E.sum(axis=0)).ravel()
+            if E.nnz <= _SPARSE_GRAM_DENSITY * E.shape[0] * n_vars:
+                G += (E.T @ E).toarray()
+            else:  # one block dense: BLAS (syrk) beats the sparse product with its near-dense output
+                D = E.toarray()
+                G += D.T @ D
+        else:
+            s += E.sum(axis=0)
+            G += E.T @ E
+    return G, s, n
+
+
+def _cov_times(X, Q, rows, transform, target_sum, chunk_elements) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(T(X)^T T(X) Q, column sums, n_rows)`` in float64, one block at a time (``Q``: genes x k)."""
+    Z, s, n = np.zeros_like(Q), np.zeros(X.shape[1]), 0
+    for E in _pca_passes(X, rows, transform, target_sum, chunk_elements):
+        n += E.shape[0]
+        s += np.asarray(E.sum(axis=0)).ravel()
+        Z += np.asarray(E.T @ np.asarray(E @ Q))
+    return Z, s, n
+
+
+def fit_pca_streamed(
+    X: Any,
+    n_comps: int,
+    *,
+    rows: Sequence[int] | np.ndarray | None = None,
+    transform: Transform = None,
+    target_sum: float = 1e4,
+    method: Literal["auto", "covariance", "randomized"] = "auto",
+    n_iter: int = 8,
+    seed: int | None = None,
+    chunk_elements: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the (transformed) rows of a matrix, read in row blocks: no more than one block is ever dense.
+
+    ``"covariance"`` accumulates ``T(X)^T T(X)`` and the column sums over blocks (float64, ``n_genes^2`` values),
+    centres it into the covariance matrix and takes its top eigenvectors: exact, the same computation as
+    scikit-learn's ``PCA(svd_solver="covariance_eigh")`` and equal to its other exact solvers up to round-off.
+    ``"randomized"`` runs subspace iteration on the covariance operator (a seeded Gaussian start of
+    ``n_comps + max(10, n_comps)`` columns, ``n_iter`` streamed passes, each ``T(X)^T (T(X) Q)`` centred on the fly,
+    then Rayleigh-Ritz): memory ``n_genes x (2 n_comps + 10)``, ``n_iter + 1`` reads of the matrix. ``"auto"`` is
+    ``"covariance"`` up to :data:`PCA_COVARIANCE_MAX_GENES` genes and ``"randomized"`` above.
+
+    Parameters
+    ----------
+    X
+        Cells x genes (see :func:`iter_row_blocks`): dense, SciPy sparse, or a backed matrix.
+    n_comps
+        Number of components, capped at ``min(n_cells, n_genes)``.
+    rows
+        Cells to use (integer indices); ``None``: all.
+    transform
+        Applied to each block before it is used: ``None`` (the values of ``X``), ``"log1p_cp10k"``
+        (:func:`log1p_cp10k_block`, for counts) or a function of a block (dense or CSR rows) returning a block.
+    target_sum
+        Row total of ``"log1p_cp10k"``.
+    method
+        ``"auto"``, ``"covariance"`` or ``"randomized"`` (see above).
+    n_iter
+        Passes of subspace iteration of ``"randomized"``.
+    seed
+        Seed of the randomized start; defaults to ``vcell.settings.seed`` (``"covariance"`` draws nothing).
+    chunk_elements
+        Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
+
+    Returns
+    -------
+    ``(components, mean)``: ``(n_comps, n_genes)`` orthonormal rows by decreasing variance, the largest absolute
+    entry of each positive (scikit-learn's ``svd_flip``), and the gene means ``(n_genes,)``, both float64 (for
+    :func:`vcell.metrics.pca_project`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import sparse
+    >>> X = sparse.csr_matrix(np.random.default_rng(0).poisson(1.0, size=(200, 12)).astype(np.float32))
+    >>> comps, mean = fit_pca_streamed(X, 3, transform="log1p_cp10k", chunk_elements=240)
+    >>> comps.shape, mean.shape, bool(np.allclose(comps @ comps.T, np.eye(3)))
+    ((3, 12), (12,), True)
+    """
+    from vcell._utils import resolve_seed
+
+    n_obs, n_vars = X.shape
+    idx = None if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    n = n_obs if idx is None else idx.size
+    if n < 2 or n_vars < 1:
+        msg = f"a PCA needs at least 2 cells and 1 gene, got {n} cells and {n_vars} genes"
+        raise ValueError(msg)
+    if int(n_comps) < 1:
+        msg = f"n_comps must be a positive integer, got {n_comps}"
+        raise ValueError(msg)
+    if method not in ("auto", "covariance", "randomized"):
+        msg = f"method must be 'auto', 'covariance' or 'randomized', got {method!r}"
+        raise ValueError(msg)
+    k = int(min(n_comps, n, n_vars))
+    if method == "auto":
+        method = "covariance" if n_vars <= PCA_COVARIANCE_MAX_GENES else "randomized"
+    args = (idx, transform, target_sum, chunk_elements)
+    if method == "covariance":
+        G, s, n = _gram(X, *args)
+        mean = s / n
+        G -= n * np.outer(mean, mean)
+        G /= n - 1
+        if n_vars <= 2000:
+            _, vecs = np.linalg.eigh(G)
+            comps = vecs[:, ::-1][:, :k].T
+        else:
+            from scipy.linalg import eigh
+
+            _, vecs = eigh(G, subset_by_index=[n_vars - k, n_vars - 1])
+            comps = vecs[:, ::-1].T
+        return _flip_signs(comps), mean
+    if n_iter < 0:
+        msg = f"n_iter must be a non-negative integer, got {n_iter}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(resolve_seed(seed))
+    width = min(n_vars, k + max(10, k))
+    Q, _ = np.linalg.qr(rng.standard_normal((n_vars, width)))
+    for i in range(n_iter + 1):
+        Z, s, n = _cov_times(X, Q, *args)
+        mean = s / n
+        Z -= n * np.outer(mean, mean @ Q)  # centred: (X - 1 mean^T)^T (X - 1 mean^T) Q
+        if i < n_iter:
+            Q, _ = np.linalg.qr(Z)
+    M = Q.T @ Z
+    vals, vecs = np.linalg.eigh((M + M.T) / 2.0)
+    comps = (Q @ vecs[:, ::-1][:, :k]).T
+    return _flip_signs(comps), mean

@@ -69,15 +69,23 @@ def select(v: np.ndarray, genes: ArrayLike | None) -> np.ndarray:
     return v[..., idx]
 
 
-def subsample(X: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
-    """At most ``max_cells`` rows of ``X``, drawn without replacement (all rows, in order, when fewer)."""
-    if max_cells is None or X.shape[0] <= max_cells:
-        return X
+def subsample_rows(n: int, max_cells: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted positions of at most ``max_cells`` of ``n`` rows, drawn without replacement; ``None``: all rows.
+
+    No draw is made when all rows are kept, so ``rng`` advances exactly as :func:`subsample` advances it.
+    """
+    if max_cells is None or n <= max_cells:
+        return None
     if max_cells < 1:
         msg = f"max_cells must be a positive integer or None, got {max_cells}"
         raise ValueError(msg)
-    idx = np.sort(rng.choice(X.shape[0], size=max_cells, replace=False))
-    return X[idx]
+    return np.sort(rng.choice(n, size=max_cells, replace=False))
+
+
+def subsample(X: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_cells`` rows of ``X``, drawn without replacement (all rows, in order, when fewer)."""
+    idx = subsample_rows(X.shape[0], max_cells, rng)
+    return X if idx is None else X[idx]
 
 
 def sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:

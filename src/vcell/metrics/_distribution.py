@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from vcell._utils import resolve_seed, to_dense
@@ -12,25 +13,48 @@ from vcell._utils import resolve_seed, to_dense
 from ._common import as_cells, check_same_length, sq_dists, subsample
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from numpy.typing import ArrayLike
 
 DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
+#: dense inputs up to this many values (cells x genes) are fitted by scikit-learn, as before streaming existed
+_SKLEARN_MAX_ELEMENTS = 1 << 24
+
+
 def fit_pca(
-    X: ArrayLike | sparse.spmatrix, n_comps: int = 50, *, seed: int | None = None
+    X: ArrayLike | sparse.spmatrix,
+    n_comps: int = 50,
+    *,
+    rows: ArrayLike | None = None,
+    transform: str | Callable | None = None,
+    seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit a PCA (e.g. on training cells) to compare predicted and true cells in a fixed low-dim space.
 
-    Uses :class:`sklearn.decomposition.PCA` (``svd_solver="auto"``, ``random_state=seed``), so the result is
-    deterministic for a given seed; component signs follow scikit-learn's ``svd_flip``.
+    A dense in-memory ``X`` of at most 2^24 values (the cells used x genes) is fitted by
+    :class:`sklearn.decomposition.PCA` (``svd_solver="auto"``, ``random_state=seed``). Anything else (SciPy sparse,
+    a backed matrix, a larger dense array) is fitted by :func:`vcell.data.fit_pca_streamed`, block by block, so
+    no more than one block of rows is ever dense: the exact covariance solution up to 5,000 genes (equal to
+    scikit-learn's exact solvers up to round-off; scikit-learn's own ``"auto"`` picks a randomized solver for wide
+    or large data, whose trailing components differ), a seeded randomized one above. Component signs always
+    follow scikit-learn's ``svd_flip`` (largest absolute entry of each component positive), so the result is
+    deterministic for a given seed whatever the solver.
 
     Parameters
     ----------
     X
-        Cells ``(n_cells x n_genes)``, log1p(CP10k), dense or sparse.
+        Cells ``(n_cells x n_genes)``, log1p(CP10k) (or counts with ``transform="log1p_cp10k"``): dense, sparse, or
+        backed (``adata.X`` of an h5ad read with ``backed="r"``).
     n_comps
         Number of components, capped at ``min(n_cells, n_genes)``.
+    rows
+        Cells (integer row indices) to fit on; ``None``: all.
+    transform
+        Applied to the rows before fitting: ``None``, ``"log1p_cp10k"`` (for counts) or a function of a block of rows
+        (see :func:`vcell.data.fit_pca_streamed`).
     seed
         Random seed of the solver; defaults to ``vcell.settings.seed``.
 
@@ -47,18 +71,33 @@ def fit_pca(
     >>> pca_project(X, comps, mean).shape
     (100, 3)
     """
-    from sklearn.decomposition import PCA
+    from vcell.data._chunked import _flip_signs, _transform, fit_pca_streamed
 
-    Xd = to_dense(X, dtype=np.float64)
-    if Xd.ndim != 2 or Xd.shape[0] < 2:
-        msg = f"X must be a 2-D (cells x genes) array with at least 2 cells, got shape {Xd.shape}"
-        raise ValueError(msg)
     if n_comps < 1:
         msg = f"n_comps must be a positive integer, got {n_comps}"
         raise ValueError(msg)
+    idx = None if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    in_memory = isinstance(X, np.ndarray | list | tuple | pd.DataFrame)
+    shape = np.shape(X) if in_memory else tuple(X.shape)
+    n_cells = (shape[0] if len(shape) else 0) if idx is None else idx.size
+    if len(shape) != 2 or n_cells < 2:
+        msg = f"X must be a 2-D (cells x genes) array with at least 2 cells, got shape {shape}"
+        raise ValueError(msg)
+    seed = resolve_seed(seed)
+    if not in_memory or n_cells * shape[1] > _SKLEARN_MAX_ELEMENTS:
+        if in_memory:
+            X = np.asarray(X)
+        return fit_pca_streamed(X, n_comps, rows=idx, transform=transform, seed=seed)
+
+    from sklearn.decomposition import PCA
+
+    Xd = np.asarray(X)
+    if idx is not None:
+        Xd = Xd[idx]
+    Xd = to_dense(_transform(Xd, transform, 1e4), dtype=np.float64)
     n = int(min(n_comps, *Xd.shape))
-    pca = PCA(n_components=n, svd_solver="auto", random_state=resolve_seed(seed)).fit(Xd)
-    return pca.components_.astype(np.float64), pca.mean_.astype(np.float64)
+    pca = PCA(n_components=n, svd_solver="auto", random_state=seed).fit(Xd)
+    return _flip_signs(pca.components_), pca.mean_.astype(np.float64)
 
 
 def pca_project(X: ArrayLike | sparse.spmatrix, components: ArrayLike, mean: ArrayLike) -> np.ndarray:

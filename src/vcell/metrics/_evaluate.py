@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from vcell._constants import COMBO_SEP
 from vcell._utils import check_obs_keys, get_matrix, is_count_matrix, resolve_seed, to_dense
 
 from ._ceiling import split_halves
-from ._common import sq_dists, subsample
+from ._common import sq_dists, subsample_rows
 from ._de import DEMethod, de_overlap, de_stats, rank_by_abs, significant
 from ._delta import (
     direction_accuracy,
@@ -58,7 +59,18 @@ def _digest(*parts: Any) -> str:
     h = hashlib.blake2b(digest_size=20)
 
     def feed(x: Any) -> None:
-        if isinstance(x, np.ndarray):
+        if sparse.issparse(x):
+            x = sparse.csr_matrix(x)
+            h.update(f"csr{x.shape}".encode())
+            for part in (x.data, x.indices, x.indptr):
+                feed(part)
+        elif isinstance(x, _Matrix):  # backed: its values, block by block
+            from vcell.data import iter_row_blocks
+
+            h.update(f"rows{x.shape}".encode())
+            for _, _, block in iter_row_blocks(x.X):
+                feed(block)
+        elif isinstance(x, np.ndarray):
             a = np.ascontiguousarray(x)
             h.update(f"a{a.dtype.str}{a.shape}".encode())
             h.update(a.data if a.dtype != object else repr(a.tolist()).encode())
@@ -112,7 +124,19 @@ def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
     return [m for m in METRICS if m in set(metrics)]
 
 
-def _expression(adata: AnnData, what: str) -> np.ndarray:
+class _Matrix:
+    """A backed matrix (h5ad read with ``backed="r"``, zarr, dask): read in row blocks, never whole."""
+
+    def __init__(self, X: Any):
+        self.X = X
+        self.shape = tuple(X.shape)
+
+
+_Expr = np.ndarray | sparse.csr_matrix | _Matrix
+
+
+def _expression(adata: AnnData, what: str) -> _Expr:
+    """``adata.X`` as evaluate reads it: dense float32 (as before), CSR float32, or a backed matrix read in blocks."""
     X = get_matrix(adata)
     if is_count_matrix(X):
         msg = (
@@ -120,7 +144,68 @@ def _expression(adata: AnnData, what: str) -> np.ndarray:
             "e.g. vcell._utils.log1p_cp10k(X)"
         )
         raise ValueError(msg)
-    return to_dense(X, dtype=np.float32)
+    if sparse.issparse(X):
+        return sparse.csr_matrix(X, dtype=np.float32)
+    if isinstance(X, np.ndarray | list | tuple):
+        return to_dense(X, dtype=np.float32)
+    return _Matrix(X)
+
+
+def _float32(block: Any) -> Any:
+    return block.astype(np.float32, copy=False)
+
+
+def _group_means(X: _Expr, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean (float64) of the rows ``idx`` of ``X`` for each ``idx`` in ``groups``: ``(len(groups), n_genes)``.
+
+    Dense matrices: each group's rows averaged with numpy (as evaluate always did); sparse and backed ones: one
+    pass of :func:`vcell.data.group_sums` over the rows in some group, never densifying more than a block.
+    """
+    if isinstance(X, np.ndarray):
+        return np.vstack([X[idx].mean(axis=0, dtype=np.float64) for idx in groups])
+    from vcell.data import group_sums
+
+    sizes = np.array([idx.size for idx in groups])
+    W = sparse.csr_matrix(
+        (np.ones(int(sizes.sum())), np.concatenate(groups), np.concatenate([[0], np.cumsum(sizes)])),
+        shape=(len(groups), X.shape[0]),
+    )
+    sums, _ = group_sums(X.X if isinstance(X, _Matrix) else X, W, transform=_float32)
+    return sums / sizes[:, None]
+
+
+class _Rows:
+    """Cells ``idx`` of a matrix (dense, CSR or backed): their mean, a seeded subsample, the cells themselves."""
+
+    def __init__(self, X: _Expr, idx: np.ndarray | None = None, mean: np.ndarray | None = None):
+        self.X = X
+        self.idx = np.arange(X.shape[0]) if idx is None else np.asarray(idx, dtype=np.int64)
+        self._mean = mean
+
+    @property
+    def n(self) -> int:
+        return int(self.idx.size)
+
+    def mean(self) -> np.ndarray:
+        if self._mean is None:
+            self._mean = _group_means(self.X, [self.idx])[0]
+        return self._mean
+
+    def cells(self, sel: np.ndarray | None = None) -> np.ndarray | sparse.csr_matrix:
+        """The cells (those at positions ``sel``), dense for a dense matrix, else CSR."""
+        idx = self.idx if sel is None else self.idx[sel]
+        if isinstance(self.X, _Matrix):
+            from vcell.data import iter_row_blocks
+
+            blocks = [sparse.csr_matrix(b, dtype=np.float32) for *_, b in iter_row_blocks(self.X.X, rows=idx)]
+            return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, self.X.shape[1]))
+        return self.X[idx]
+
+    def sample(self, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+        """At most ``max_cells`` cells, dense: the draws of :func:`subsample` on ``cells()``."""
+        sel = subsample_rows(self.n, max_cells, rng)
+        cells = self.cells(sel)
+        return cells.toarray() if sparse.issparse(cells) else cells
 
 
 def _check_genes(true: AnnData, other: AnnData, what: str) -> None:
@@ -155,14 +240,14 @@ class _Context:
 
     def one(
         self,
-        pred_cells: np.ndarray,
-        true_cells: np.ndarray,
+        pred_cells: _Rows,
+        true_cells: _Rows,
         top: np.ndarray,
         pred_rank: np.ndarray | None,
         sig: np.ndarray | None,
     ) -> dict[str, float]:
         """Per-perturbation metrics (all but ``pds``) of predicted vs true cells."""
-        pm, tm = pred_cells.mean(axis=0, dtype=np.float64), true_cells.mean(axis=0, dtype=np.float64)
+        pm, tm = pred_cells.mean(), true_cells.mean()
         out: dict[str, float] = {}
         for name in self.names:
             if name == "pearson_delta":
@@ -183,16 +268,17 @@ class _Context:
             out.update(self.distribution(pred_cells, true_cells))
         return out
 
-    def distribution(self, pred_cells: np.ndarray, true_cells: np.ndarray) -> dict[str, float]:
+    def distribution(self, pred_cells: _Rows, true_cells: _Rows) -> dict[str, float]:
         """:func:`energy_distance` and :func:`mmd` of the projected cells, sharing one distance computation.
 
         The same values as calling both functions on the projected cells with ``max_cells`` and ``seed``: the cells
-        are subsampled with the same draws (before projecting, which only saves work), centred on the pooled mean,
-        and the three squared-distance matrices are computed once for both metrics.
+        are subsampled with the same draws (before projecting and before densifying: only the ``max_cells`` drawn
+        cells are ever dense), centred on the pooled mean, and the three squared-distance matrices are computed once
+        for both metrics.
         """
         rng = np.random.default_rng(resolve_seed(self.seed))
-        P = self.project(subsample(pred_cells, self.max_cells, rng))
-        T = self.project(subsample(true_cells, self.max_cells, rng))
+        P = self.project(pred_cells.sample(self.max_cells, rng))
+        T = self.project(true_cells.sample(self.max_cells, rng))
         centre = np.vstack([P, T]).mean(axis=0)
         P, T = P - centre, T - centre
         dxy, dxx, dyy = sq_dists(P, T), sq_dists(P, P), sq_dists(T, T)
@@ -298,6 +384,12 @@ def evaluate(
     control cells and reused by all metrics; ``de_genes`` supplies precomputed top-DE indices (e.g. shared across
     models) for the top-DE metrics.
 
+    ``X`` may be dense, sparse or backed (an h5ad read with ``backed="r"``); a sparse or backed matrix is never
+    densified whole: means are summed in row blocks (:func:`vcell.data.group_sums`), DE reads each group's cells as
+    they are stored (sparse stays sparse), and only the at most ``max_cells`` cells per set drawn for the
+    distribution metrics are dense. Dense input gives the same numbers as before; sparse input the same up to
+    float round-off.
+
     MuData (e.g. RNA + protein, as :func:`vcell.tl.predict_perturbation` and
     :func:`vcell.tl.sample_perturbation` write them) are evaluated modality by modality: every modality that
     ``pred``, ``true`` and ``control`` all hold (labels in each modality's own ``obs``; proteins in
@@ -337,7 +429,8 @@ def evaluate(
         Reference of the Pearson deltas: ``"control"`` (control mean), ``"perturbed_centroid"`` (Systema: mean of
         the true centroids of the perturbations in ``true``) or a ``(n_genes,)`` vector.
     max_cells
-        Subsampling cap of each cell set in the O(n^2) metrics.
+        Subsampling cap of each cell set in the O(n^2) metrics (and the most cells of a set made dense at once);
+        ``None`` uses every cell.
     seed
         Seed of subsampling, PCA and ceiling splits; defaults to ``vcell.settings.seed``.
     ceiling
@@ -416,9 +509,14 @@ def evaluate(
     Xt, Xp, Xc = _expression(true, "true"), _expression(pred, "pred"), _expression(control, "control")
     idx_t = {p: np.flatnonzero(labels_t == p) for p in perts}
     idx_p = {p: np.flatnonzero(labels_p == p) for p in perts}
-    ctrl_mean = Xc.mean(axis=0, dtype=np.float64)
-    true_means = np.vstack([Xt[idx_t[p]].mean(axis=0, dtype=np.float64) for p in perts])
-    pred_means = np.vstack([Xp[idx_p[p]].mean(axis=0, dtype=np.float64) for p in perts])
+    ctrl_mean = Xc.mean(axis=0, dtype=np.float64) if isinstance(Xc, np.ndarray) else _Rows(Xc).mean()
+    true_means = _group_means(Xt, [idx_t[p] for p in perts])
+    pred_means = _group_means(Xp, [idx_p[p] for p in perts])
+    rows_t = {p: _Rows(Xt, idx_t[p], true_means[i]) for i, p in enumerate(perts)}
+    rows_p = {p: _Rows(Xp, idx_p[p], pred_means[i]) for i, p in enumerate(perts)}
+    ctrl_cells = (
+        _Rows(Xc).cells() if isinstance(Xc, _Matrix) else Xc
+    )  # DE reads the control cells (sparse stays sparse)
 
     if isinstance(reference, str):
         if reference == "control":
@@ -439,7 +537,9 @@ def evaluate(
     need_true_de = "de_overlap" in names or (_TOP_DE_METRICS & set(names) and any(p not in de_genes for p in perts))
     true_key = _digest(Xt, Xc, [idx_t[p] for p in perts], perts, de_method) if need_true_de or ceiling else ""
     true_stats = (
-        _memoized("true_de", true_key, lambda: de_stats({p: Xt[idx_t[p]] for p in perts}, Xc, method=de_method))
+        _memoized(
+            "true_de", true_key, lambda: de_stats({p: rows_t[p].cells() for p in perts}, ctrl_cells, method=de_method)
+        )
         if need_true_de
         else {}
     )
@@ -452,15 +552,11 @@ def evaluate(
     sig = {p: (significant(s, fdr) if s is not None else None) for p, s in true_stats.items()}
     pred_rank: dict[str, np.ndarray | None] = dict.fromkeys(perts)
     if "de_overlap" in names:
-        pred_stats = de_stats({p: Xp[idx_p[p]] for p in perts}, Xc, method=de_method)
+        pred_stats = de_stats({p: rows_p[p].cells() for p in perts}, ctrl_cells, method=de_method)
         pred_rank = {p: _ranking(pred_stats[p], pred_means[i], ctrl_mean) for i, p in enumerate(perts)}
 
     if _DIST_METRICS & set(names) and pca is None:
-        fit_cells = np.vstack([Xc, Xt])
-        if fit_cells.shape[0] > _MAX_PCA_FIT_CELLS:
-            rng = np.random.default_rng([seed, 2])
-            fit_cells = fit_cells[np.sort(rng.choice(fit_cells.shape[0], _MAX_PCA_FIT_CELLS, replace=False))]
-        pca = fit_pca(fit_cells, n_comps, seed=seed)
+        pca = fit_pca(_pca_fit_cells(Xc, Xt, seed), n_comps, seed=seed)
     if pca is not None:
         comps, mean = (np.asarray(a, dtype=np.float64) for a in pca)
         if comps.ndim != 2 or comps.shape[1] != true.n_vars or mean.shape != (true.n_vars,):
@@ -471,7 +567,7 @@ def evaluate(
 
     values: dict[str, dict[str, float]] = {}
     for p in perts:
-        values[p] = ctx.one(Xp[idx_p[p]], Xt[idx_t[p]], top[p], pred_rank[p], sig.get(p))
+        values[p] = ctx.one(rows_p[p], rows_t[p], top[p], pred_rank[p], sig.get(p))
     if "pds" in names:
         scores = _pds(pred_means, true_means, perts, true.var_names)
         for p, s in zip(perts, scores, strict=True):
@@ -506,11 +602,24 @@ def evaluate(
             "ceiling",
             ceil_key,
             lambda: _ceiling_values(
-                ctx, Xt, Xc, idx_t, perts, top, true.var_names, de_method, fdr, n_ceiling_splits, seed
+                ctx, Xt, ctrl_cells, idx_t, perts, top, true.var_names, de_method, fdr, n_ceiling_splits, seed
             ),
         )
         df["ceiling"] = [ceil[p].get(m, np.nan) for p, m in zip(df["perturbation"], df["metric"], strict=True)]
     return df
+
+
+def _pca_fit_cells(Xc: _Expr, Xt: _Expr, seed: int) -> np.ndarray | sparse.csr_matrix:
+    """Control and true cells (at most ``_MAX_PCA_FIT_CELLS``, seeded) for a PCA: dense if both are, else CSR."""
+    n_c, n_t = Xc.shape[0], Xt.shape[0]
+    sel = np.arange(n_c + n_t)
+    if sel.size > _MAX_PCA_FIT_CELLS:
+        rng = np.random.default_rng([seed, 2])
+        sel = np.sort(rng.choice(sel.size, _MAX_PCA_FIT_CELLS, replace=False))
+    parts = [_Rows(Xc, sel[sel < n_c]).cells(), _Rows(Xt, sel[sel >= n_c] - n_c).cells()]
+    if all(isinstance(x, np.ndarray) for x in parts):
+        return np.vstack(parts)
+    return sparse.vstack([sparse.csr_matrix(x) for x in parts], format="csr")
 
 
 def _pds(pred_means: np.ndarray, true_means: np.ndarray, perts: list[str], var_names: pd.Index) -> np.ndarray:
@@ -529,23 +638,24 @@ def _ceiling_values(ctx, Xt, Xc, idx_t, perts, top, var_names, de_method, fdr, n
     usable = [p for p in perts if idx_t[p].size >= 2]
     for _ in range(n_splits):
         halves = {p: split_halves(idx_t[p].size, rng) for p in usable}
-        cells = {p: (Xt[idx_t[p][a]], Xt[idx_t[p][b]]) for p, (a, b) in halves.items()}
+        cells = {p: (_Rows(Xt, idx_t[p][a]), _Rows(Xt, idx_t[p][b])) for p, (a, b) in halves.items()}
         h1_stats, h2_stats = {}, {}
         if "de_overlap" in ctx.names and usable:
-            groups = {f"{p}\x001": c[0] for p, c in cells.items()} | {f"{p}\x002": c[1] for p, c in cells.items()}
+            groups = {f"{p}\x001": c[0].cells() for p, c in cells.items()}
+            groups |= {f"{p}\x002": c[1].cells() for p, c in cells.items()}
             stats = de_stats(groups, Xc, method=de_method)
             h1_stats = {p: stats[f"{p}\x001"] for p in usable}
             h2_stats = {p: stats[f"{p}\x002"] for p in usable}
         for p in usable:
             c1, c2 = cells[p]
-            rank = _ranking(h1_stats.get(p), c1.mean(axis=0, dtype=np.float64), ctx.ctrl_mean) if h1_stats else None
+            rank = _ranking(h1_stats.get(p), c1.mean(), ctx.ctrl_mean) if h1_stats else None
             s2 = h2_stats.get(p)
             sig = significant(s2, fdr) if s2 is not None else None
             for m, v in ctx.one(c1, c2, top[p], rank, sig).items():
                 acc[p][m].append(v)
         if "pds" in ctx.names and len(usable) >= 2:
-            m1 = np.vstack([cells[p][0].mean(axis=0, dtype=np.float64) for p in usable])
-            m2 = np.vstack([cells[p][1].mean(axis=0, dtype=np.float64) for p in usable])
+            m1 = np.vstack([cells[p][0].mean() for p in usable])
+            m2 = np.vstack([cells[p][1].mean() for p in usable])
             for p, s in zip(usable, _pds(m1, m2, usable, var_names), strict=True):
                 acc[p]["pds"].append(s)
     out: dict[str, dict[str, float]] = {}
