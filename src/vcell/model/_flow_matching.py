@@ -12,7 +12,7 @@ import torch
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
-from vcell.data import CellBatches, Pairs, RowReader
+from vcell.data import CellBatches, Pairs, RowReader, fit_pca_streamed
 from vcell.module import FlowMatchingModule, ot_pairs
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
@@ -353,7 +353,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         With proteins: the joint PCA of ``[x, w p]`` on the non-test cells with measured proteins, the block weight
         ``w`` and the RNA-only projection of cells without proteins (see the class docstring).
         """
-        from vcell.metrics import fit_pca, pca_project
+        from vcell.metrics import pca_project
 
         idx = self._non_test_cells(adata)
         if self.protein_names_:
@@ -366,13 +366,19 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
                 raise ValueError(msg)
         if len(idx) > _PCA_MAX_CELLS:
             idx = np.sort(np.random.default_rng(resolve_seed(None)).choice(idx, _PCA_MAX_CELLS, replace=False))
-        # TODO(stream-pca): fit on all non-test cells with vcell.data.fit_pca_streamed (here: a subsample in memory)
-        X = read_rows(model_reader(self), idx)
-        if self.protein_names_:
+        if self.protein_names_:  # the joint space of RNA and proteins: the (at most 50k) cells read in memory
+            X = read_rows(model_reader(self), idx)
             return _joint_space(X, self._protein_expression(adata, idx), n_components, self.protein_weight)
-        comps, mean = fit_pca(X, n_components)
-        z = pca_project(X, comps, mean)
-        scale = float(np.sqrt(np.mean(z**2))) if z.size else 1.0
+        # streamed: the covariance of the cells' log1p(CP10k) rows is summed block by block (no dense matrix)
+        X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        comps, mean = fit_pca_streamed(
+            X, n_components, rows=idx, transform="log1p_cp10k" if self.counts_ else None, seed=resolve_seed(None)
+        )
+        sq, n = 0.0, 0
+        for rows in row_blocks(idx):
+            z = pca_project(read_rows(model_reader(self), rows), comps, mean)
+            sq, n = sq + float((z**2).sum()), n + z.size
+        scale = float(np.sqrt(sq / n)) if n else 1.0
         return {"components": comps, "mean": mean, "scale": scale if scale > 0 else 1.0}
 
     def _encode_query(self, labels: Sequence[str], doses: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
