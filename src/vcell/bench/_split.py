@@ -11,6 +11,7 @@ import pandas as pd
 from vcell._constants import COMBO_SEP, CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
+from vcell.pp._labels import canonical_labels
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -53,15 +54,13 @@ def _option_group(kind: str) -> str:
 # labels
 # --------------------------------------------------------------------------------------------------------------------
 def canonical_condition(label: str, control: str = CONTROL) -> str:
-    """Canonical form of a condition label: combination parts stripped and sorted, control parts dropped.
+    """Canonical form of a condition label, read as :func:`vcell.pp.harmonize` reads it (one shared parser).
 
-    ``"B+A"`` and ``"A+B"`` both become ``"A+B"``; ``"A+control"`` becomes ``"A"``; ``"control"`` stays.
+    ``"B+A"`` and ``"A+B"`` both become ``"A+B"``; ``"A+control"`` becomes ``"A"``; ``"control"`` stays ``control``.
+    A label harmonize rejects (``"A+B+"``, ``"A+A"``) is a ValueError naming it.
     """
-    parts = [p.strip() for p in str(label).split(COMBO_SEP)]
-    parts = [p for p in parts if p and p != control]
-    if not parts:
-        return control
-    return COMBO_SEP.join(sorted(parts))
+    canon = canonical_labels([label], control=control, where="condition label")[0]
+    return control if canon == CONTROL else canon
 
 
 def condition_parts(condition: str) -> list[str]:
@@ -70,7 +69,12 @@ def condition_parts(condition: str) -> list[str]:
 
 
 def cell_conditions(adata: AnnData, perturbation_key: str, control: str) -> np.ndarray:
-    """Canonical condition label of every cell (object array), with clear errors for a missing or incomplete column."""
+    """Canonical condition label of every cell (object array), with clear errors for a missing or incomplete column.
+
+    Labels are read by the parser of :func:`vcell.pp.harmonize` (:func:`vcell.pp._labels.label_parser`, separator
+    ``"+"``): ``"B+A"`` is ``"A+B"``, and the labels harmonize rejects (``"A+B+"``, ``"A+A"``) raise the same
+    ValueError here. Control cells keep the label ``control``.
+    """
     if perturbation_key not in adata.obs.columns:
         cols = ", ".join(map(repr, list(adata.obs.columns)[:20]))
         msg = (
@@ -79,11 +83,13 @@ def cell_conditions(adata: AnnData, perturbation_key: str, control: str) -> np.n
         )
         raise KeyError(msg)
     codes, uniques = pd.factorize(adata.obs[perturbation_key], use_na_sentinel=True)
-    n_missing = int((codes < 0).sum())
+    raws = [str(u) for u in uniques]
+    n_missing = int((codes < 0).sum()) + int(np.isin(codes, [i for i, r in enumerate(raws) if not r.strip()]).sum())
     if n_missing:
         msg = f"adata.obs[{perturbation_key!r}] has {n_missing} missing labels; label every cell (controls {control!r})"
         raise ValueError(msg)
-    canon = np.array([canonical_condition(u, control) for u in uniques], dtype=object)
+    canon = canonical_labels(raws, control=control, where=f"adata.obs[{perturbation_key!r}]")
+    canon = np.array([control if c == CONTROL else c for c in canon], dtype=object)
     return canon[codes] if len(codes) else np.array([], dtype=object)
 
 

@@ -217,6 +217,14 @@ def _check_genes(true: AnnData, other: AnnData, what: str) -> None:
         raise ValueError(msg)
 
 
+def _canonical(labels: pd.Series, where: str) -> np.ndarray:
+    """Labels read as :func:`vcell.pp.harmonize` reads them (``"B+A"`` is ``"A+B"``; ``"A+B+"`` a ValueError)."""
+    from vcell.pp._labels import canonical_labels
+
+    codes, uniques = pd.factorize(labels.astype(str))
+    return np.asarray(canonical_labels(list(uniques), where=where), dtype=object)[codes].astype(str)
+
+
 def _targets(labels: Sequence[str], var_names: pd.Index) -> list[np.ndarray]:
     return [var_names.get_indexer([g for g in str(lab).split(COMBO_SEP) if g]) for lab in labels]
 
@@ -406,7 +414,8 @@ def evaluate(
     control
         Control cells, same genes (the ``control`` baseline, the DE reference and the top-expressed ranking).
     perturbation_key
-        ``obs`` column with the perturbation labels in ``pred`` and ``true``.
+        ``obs`` column with the perturbation labels in ``pred`` and ``true``, read as :func:`vcell.pp.harmonize` reads
+        them (``"B+A"`` and ``"A+B"`` are one condition; a label it rejects, such as ``"A+B+"``, is a ValueError).
     metrics
         Subset of :data:`METRICS`; ``None`` computes all.
     n_top_de
@@ -495,8 +504,8 @@ def evaluate(
         raise ValueError(msg)
     seed = resolve_seed(seed)
 
-    labels_t = true.obs[perturbation_key].astype(str).to_numpy()
-    labels_p = pred.obs[perturbation_key].astype(str).to_numpy()
+    labels_t = _canonical(true.obs[perturbation_key], f"true.obs[{perturbation_key!r}]")
+    labels_p = _canonical(pred.obs[perturbation_key], f"pred.obs[{perturbation_key!r}]")
     perts = sorted(set(labels_t))
     if not perts:
         msg = "true has no cells to evaluate"

@@ -13,7 +13,7 @@ import pandas as pd
 from vcell._constants import COMBO_SEP, CONTROL, DOSE_COL, N_PERT_COL, PERT_COL
 from vcell._utils import check_obs_keys
 
-from ._labels import GEARS_CTRL, LabelParser, ParsedLabel, _as_list
+from ._labels import LabelParser, ParsedLabel, _as_list, ambiguous_labels_message, label_parser
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -74,6 +74,12 @@ def _parse_dose_string(value: Any, parsed: ParsedLabel, parser: LabelParser, dos
     if any(not math.isfinite(d) for d in doses):
         msg = f"obs[{dose_key!r}] is missing (NaN) or infinite for perturbed label {parsed.raw!r} (value {value!r})"
         raise ValueError(msg)
+    if any(d <= 0 for d in doses):
+        msg = (
+            f"{where} is zero or negative; doses of perturbed cells are positive amounts (e.g. concentrations, not "
+            "log-doses): label untreated cells as controls, or give the perturbed cells their dose"
+        )
+        raise ValueError(msg)
     if len(set(doses)) > 1:
         msg = (
             f"{where} gives different doses to the components of a combination; per-component doses are not "
@@ -103,6 +109,16 @@ def _doses(
             msg = (
                 f"obs[{dose_key!r}] is missing (NaN) or infinite for {int(bad.sum())} perturbed cells, labels: "
                 f"{_shown([repr(x) for x in labels])}; every perturbed cell needs a dose"
+            )
+            raise ValueError(msg)
+        bad = (dose <= 0) & ~is_ctrl_cell
+        if bad.any():
+            labels = sorted({parsed[int(c)].raw for c in np.unique(codes[bad])})
+            values = ", ".join(f"{v:g}" for v in np.unique(dose[bad])[:5])
+            msg = (
+                f"obs[{dose_key!r}] is zero or negative for {int(bad.sum())} perturbed cells (values {values}; labels: "
+                f"{_shown([repr(x) for x in labels])}); doses are positive amounts (e.g. concentrations, not "
+                "log-doses): label untreated cells as controls, or give the perturbed cells their dose"
             )
             raise ValueError(msg)
         dose[is_ctrl_cell] = 0.0
@@ -160,8 +176,8 @@ def harmonize(
     dose_key
         Optional ``obs`` column with doses. Numbers are used as they are; strings are parsed as one number,
         or one number per component of the label (``"10+20"``, split on ``sep``; components dropped as
-        controls are ignored). Controls get dose 0 whatever the column says. Without ``dose_key``, perturbed
-        cells get dose 1.
+        controls are ignored). Controls get dose 0 whatever the column says; perturbed cells need a finite dose
+        above 0 (a ValueError names the cells otherwise). Without ``dose_key``, perturbed cells get dose 1.
     copy
         Return a harmonised copy instead of writing into ``adata``.
 
@@ -194,8 +210,10 @@ def harmonize(
         If cells have a missing label (NaN, ``None`` or empty), no cell is a control, a label is ambiguous (an
         empty component as in ``"A++B"`` or ``"+A"``; a component twice as in ``"A+A"``; a component holding
         ``"+"`` when ``"+"`` is not a separator, as in ``"A+B_C"`` with ``sep="_"``; a component named
-        ``"control"`` that is not a control label), or a perturbed cell's dose is missing, not a number, or
-        differs between the components of a combination (per-component doses are not supported yet).
+        ``"control"`` that is not a control label), ``control`` is not text (``control=0``: labels are matched as
+        text, pass ``"0"``), or a perturbed cell's dose is missing, infinite, not a number, zero or negative (doses
+        are positive amounts such as concentrations, not log-doses), or differs between the components of a
+        combination (per-component doses are not supported yet).
 
     Examples
     --------
@@ -263,8 +281,7 @@ def _harmonize(
     raws = [str(u) for u in uniques]
     used = np.flatnonzero(counts > 0)
 
-    parser = LabelParser(controls, seps)
-    parser.gears = GEARS_CTRL in parser.control or parser.detect_gears(raws[i] for i in used)
+    parser = label_parser(controls, seps, (raws[i] for i in used))
     parsed = {int(i): parser.parse(raws[i]) for i in used}
 
     n_missing = int((codes < 0).sum()) + sum(int(counts[i]) for i, p in parsed.items() if p.error == "empty label")
@@ -274,20 +291,22 @@ def _harmonize(
             "harmonize never drops cells: label them (e.g. as a control) or subset adata first"
         )
         raise ValueError(msg)
-    bad = [f"{p.raw!r} ({p.error})" for p in parsed.values() if p.error is not None]
-    if bad:
-        msg = (
-            f"ambiguous perturbation label(s) in obs[{perturbation_key!r}]: {_shown(bad)}. Expected labels like "
-            f"'A' or 'A{seps[0]}B' with sep={sep!r}; rename these labels or adjust sep/control"
-        )
+    msg = ambiguous_labels_message(parsed.values(), where=f"obs[{perturbation_key!r}]", sep=sep)
+    if msg is not None:
         raise ValueError(msg)
 
     canon = {i: p.canonical for i, p in parsed.items()}
     n_control = sum(int(counts[i]) for i, c in canon.items() if c == CONTROL)
     if n_control == 0 or not any(raws[i].strip() in parser.control for i in used):
+        hint = ""
+        if _is_numeric(col) and len(used):
+            hint = (
+                f"; obs[{perturbation_key!r}] holds numbers, which are matched as text: pass control as text "
+                f"(e.g. control={raws[used[0]]!r})"
+            )
         msg = (
             f"no control cells: no label in obs[{perturbation_key!r}] matches control={control!r}; "
-            f"most frequent labels: {_frequent_labels(raws, counts)}"
+            f"most frequent labels: {_frequent_labels(raws, counts)}{hint}"
         )
         raise ValueError(msg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vcell._constants import COMBO_SEP, CONTROL
 
@@ -121,15 +122,29 @@ def n_perturbations(label: str) -> int:
 
 
 def _as_list(value: str | Sequence[str], *, name: str) -> list[str]:
-    """A string or a sequence of strings as a list of non-empty strings."""
-    values = [value] if isinstance(value, str) else list(value)
+    """A string or a sequence of strings as a list of non-empty strings (a ValueError naming ``name`` otherwise).
+
+    A number (``control=0``) is refused with a hint: labels are matched as text, so an integer label column is
+    matched by the string ``"0"`` (or is converted to strings first).
+    """
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, bytes):
+        values = list(value)
+    else:
+        msg = (
+            f"{name} must be a string or a list of strings, got {value!r} ({type(value).__name__}); labels are "
+            f"matched as text: pass {name}={str(value)!r}, or convert the label column with .astype(str)"
+        )
+        raise ValueError(msg)
     if not values:
         msg = f"{name} is empty; expected a string or a non-empty list of strings"
         raise ValueError(msg)
     out = []
     for v in values:
         if not isinstance(v, str) or not v.strip():
-            msg = f"{name} must hold non-empty strings, got {v!r}"
+            hint = f" (labels are matched as text: pass {str(v)!r})" if not isinstance(v, str) else ""
+            msg = f"{name} must hold non-empty strings, got {v!r}{hint}"
             raise ValueError(msg)
         out.append(v)
     return out
@@ -228,3 +243,70 @@ class LabelParser:
                 return parsed
         parsed.canonical = COMBO_SEP.join(sorted(kept))
         return parsed
+
+
+def label_parser(control: str | Sequence[str], sep: str | Sequence[str], raws: Iterable[str] = ()) -> LabelParser:
+    """The :class:`LabelParser` of :func:`vcell.pp.harmonize` for control label(s) ``control`` and separator(s) ``sep``.
+
+    GEARS' ``"ctrl"`` token is dropped from combinations when ``control`` includes ``"ctrl"`` or some label of
+    ``raws`` (the labels to be parsed) combines ``ctrl`` with a perturbation (``"A+ctrl"``). Every reader of raw
+    labels (:func:`vcell.pp.harmonize`, :func:`vcell.bench.split`, a model's ``predict``) builds its parser here.
+    """
+    parser = LabelParser(_as_list(control, name="control"), _as_list(sep, name="sep"))
+    parser.gears = GEARS_CTRL in parser.control or parser.detect_gears(raws)
+    return parser
+
+
+def ambiguous_labels_message(parsed: Iterable[ParsedLabel], *, where: str, sep: str | Sequence[str]) -> str | None:
+    """The ValueError message listing the ambiguous labels among ``parsed`` (``None`` when there is none).
+
+    ``where`` names the labels' origin (``"obs['perturbation']"``); empty labels are left out (callers count them as
+    missing).
+    """
+    bad = [f"{p.raw!r} ({p.error})" for p in parsed if p.error is not None and p.error != "empty label"]
+    if not bad:
+        return None
+    seps = _as_list(sep, name="sep")
+    more = f", ... ({len(bad)} in all)" if len(bad) > 10 else ""
+    return (
+        f"ambiguous perturbation label(s) in {where}: {', '.join(bad[:10])}{more}. Expected labels like "
+        f"'A' or 'A{seps[0]}B' with sep={sep!r}; rename these labels or adjust sep/control"
+    )
+
+
+def canonical_labels(labels: Iterable[Any], *, control: str | Sequence[str] = CONTROL, where: str) -> list[str]:
+    """Canonical form of each of ``labels``, read as :func:`vcell.pp.harmonize` reads them (separator ``"+"``).
+
+    What a model's ``predict``/``sample``, :func:`vcell.tl.predict_perturbation` and :func:`vcell.bench.split` use to
+    read a condition asked for: ``"B+A"`` is ``"A+B"`` (the same prediction), ``"A+control"`` is ``"A"``, and a label
+    ``harmonize`` would reject (``"A+B+"``, ``"A+A"``, ``""``) is a ValueError naming it.
+
+    Parameters
+    ----------
+    labels
+        Labels to read.
+    control
+        Control label(s); they become ``"control"``.
+    where
+        What the labels are, for the error message (``"perturbations"``).
+
+    Returns
+    -------
+    The canonical labels, in the order of ``labels``.
+
+    Examples
+    --------
+    >>> canonical_labels(["B+A", "control", " A "], where="perturbations")
+    ['A+B', 'control', 'A']
+    """
+    raws = [str(x) for x in labels]
+    parser = label_parser(control, COMBO_SEP, raws)
+    parsed = [parser.parse(r) for r in raws]
+    empty = [p.raw for p in parsed if p.error == "empty label"]
+    if empty:
+        msg = f"{where} holds an empty label ({empty[0]!r}); expected a condition such as 'A' or 'A+B'"
+        raise ValueError(msg)
+    msg = ambiguous_labels_message(parsed, where=where, sep=COMBO_SEP)
+    if msg is not None:
+        raise ValueError(msg)
+    return [str(p.canonical) for p in parsed]
