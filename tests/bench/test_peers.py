@@ -199,7 +199,7 @@ def test_vcell_model_answers_in_the_benchmark_normalisation():
     from vcell.bench import PredictionRequest
 
     train = _tiny_train()
-    train.X = train.X + 25  # counts (is_count_matrix wants some value above 20)
+    train.X = train.X + 25  # integer values: counts
     extra = np.arange(1, 13, dtype=np.float64) * 10  # counts of genes the model does not see
     train.obs[LIBRARY_KEY] = train.X.sum(1) + extra
     spec = _IdentitySpec()

@@ -134,10 +134,12 @@ def test_checks_read_every_value_not_only_the_first():
     Y = X.copy()
     Y[-2, 3] = 0.5  # one non-integer value at the end: not counts
     assert not is_count_matrix(sparse.csr_matrix(Y), chunk_elements=500)
-    assert not check_expression(sparse.csr_matrix(Y), chunk_elements=500)
+    with pytest.raises(ValueError, match=r"non-integer values up to 31: neither raw counts"):  # nor log data
+        check_expression(sparse.csr_matrix(Y), chunk_elements=500)
+    assert not check_expression(sparse.csr_matrix(np.log1p(Y)), chunk_elements=500)
     Y[-2, 3] = -1.0
     for check in (check_finite_nonnegative, check_expression):
-        with pytest.raises(ValueError, match=r"adata\.X contains negative values \(min -1\)"):
+        with pytest.raises(ValueError, match=r"adata\.X contains negative values \(min -1[,)]"):
             check(Y, name="adata.X", chunk_elements=500)
     Y[-3, 3] = np.nan  # NaN is reported first, wherever it is
     for check in (check_finite_nonnegative, check_expression):

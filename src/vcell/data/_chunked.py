@@ -23,8 +23,9 @@ Block = np.ndarray | sparse.csr_matrix
 #: what is applied to each block of rows: nothing, log1p(CP10k) of counts, or a function of a block
 Transform = Literal["log1p_cp10k"] | Callable[[Block], Block] | None
 
-#: values above which an integer matrix is taken for counts (:func:`is_count_matrix`)
-COUNT_MAX_THRESHOLD = 20
+#: largest value of log-normalised expression: log1p of 1e6 counts per cell is 13.8 and log2(CPM + 1) at most 19.9, so a
+#: non-integer matrix with larger values is neither counts nor log data (:func:`check_expression` refuses it)
+LOG_MAX_THRESHOLD = 30.0
 
 
 def _chunk_rows(n_vars: int, chunk_elements: int | None) -> int:
@@ -208,10 +209,42 @@ def library_sizes(
     return out
 
 
-def check_finite_nonnegative(X: Any, *, name: str = "X", chunk_elements: int | None = None) -> None:
+def _first_bad_row(block: Block, bad: Callable[[np.ndarray], np.ndarray]) -> int:
+    """Index (in ``block``) of the first row holding a value for which ``bad`` is true."""
+    if sparse.issparse(block):
+        pos = int(np.flatnonzero(bad(block.data))[0])
+        return int(np.searchsorted(block.indptr, pos, side="right") - 1)
+    return int(np.flatnonzero(bad(np.asarray(block)).any(axis=1))[0])
+
+
+def _where(start: int, block: Block, bad: Callable[[np.ndarray], np.ndarray], rows: Any, row_names: Any) -> str:
+    """`` (e.g. in cell 'c3', row 3)``: where the first bad value of ``block`` (rows ``start:``) is."""
+    k = start + _first_bad_row(block, bad)
+    row = int(rows[k]) if rows is not None else k
+    name = f"cell {str(row_names[row])!r}, " if row_names is not None else ""
+    return f" (e.g. in {name}row {row})"
+
+
+def _not_finite(v: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(v)
+
+
+def _negative(v: np.ndarray) -> np.ndarray:
+    return v < 0
+
+
+def check_finite_nonnegative(
+    X: Any,
+    *,
+    name: str = "X",
+    rows: Sequence[int] | np.ndarray | None = None,
+    row_names: Sequence[str] | None = None,
+    chunk_elements: int | None = None,
+) -> None:
     """Raise a :class:`ValueError` if ``X`` holds NaN/inf or negative values (counts were expected).
 
-    Every value is checked, block by block; NaN/inf is reported before negative values.
+    Every value (of ``rows``) is checked, block by block; NaN/inf is reported before negative values, with the first
+    row holding one.
 
     Parameters
     ----------
@@ -219,6 +252,10 @@ def check_finite_nonnegative(X: Any, *, name: str = "X", chunk_elements: int | N
         Cells x genes (see :func:`iter_row_blocks`).
     name
         How the error message names ``X``.
+    rows
+        Rows to check (e.g. the cells a prediction starts from); ``None``: all.
+    row_names
+        Names of ``X``'s rows (``adata.obs_names``), to name the cell in the message.
     chunk_elements
         Most values read at once; ``None`` uses ``vcell.settings.chunk_elements``.
 
@@ -229,28 +266,35 @@ def check_finite_nonnegative(X: Any, *, name: str = "X", chunk_elements: int | N
     >>> check_finite_nonnegative(np.array([[0.0, -2.0]]), name="adata.X")
     Traceback (most recent call last):
     ...
-    ValueError: adata.X contains negative values (min -2); expected non-negative counts
+    ValueError: adata.X contains negative values (min -2, e.g. in row 0); expected non-negative counts
     """
-    lowest = np.inf
-    for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
+    lowest, where = np.inf, ""
+    idx = None if rows is None else np.asarray(rows, dtype=np.int64)
+    for start, _, block in iter_row_blocks(X, rows=idx, chunk_elements=chunk_elements):
         vals = _values(block)
         if not vals.size:
             continue
         if not np.all(np.isfinite(vals)):
-            msg = f"{name} contains NaN or infinite values; expected finite non-negative counts"
+            at = _where(start, block, _not_finite, idx, row_names)
+            msg = f"{name} contains NaN or infinite values{at}; expected finite non-negative counts"
             raise ValueError(msg)
-        lowest = min(lowest, float(vals.min()))
+        low = float(vals.min())
+        if low < lowest:
+            lowest = low
+            if low < 0:
+                where = _where(start, block, _negative, idx, row_names)[2:-1]
     if lowest < 0:
-        msg = f"{name} contains negative values (min {lowest:.3g}); expected non-negative counts"
+        msg = f"{name} contains negative values (min {lowest:.3g}, {where}); expected non-negative counts"
         raise ValueError(msg)
 
 
 def is_count_matrix(X: Any, *, chunk_elements: int | None = None) -> bool:
-    """Whether ``X`` looks like raw counts: every value a non-negative integer, and the largest above 20.
+    """Whether ``X`` holds raw counts: every value a non-negative integer.
 
-    Every value is read, block by block (it stops at the first value that is not a non-negative integer); the
-    largest value is that of the whole matrix, so a low-depth screen whose first cells hold only small counts is
-    still recognised. A matrix without stored values (sparse, all zero) counts as counts.
+    Every value is read, block by block (it stops at the first value that is not a non-negative integer). Whatever
+    the largest count: a low-depth screen (no count above 20) is counts too. Log-normalised data are essentially
+    never all-integer (``log1p`` of a non-zero count is irrational), so the only integer matrix this misreads is one
+    of log data that are all 0. A matrix without stored values (sparse, all zero) counts as counts.
 
     Parameters
     ----------
@@ -262,25 +306,32 @@ def is_count_matrix(X: Any, *, chunk_elements: int | None = None) -> bool:
     Examples
     --------
     >>> import numpy as np
-    >>> is_count_matrix(np.array([[0, 3], [25, 1]])), is_count_matrix(np.array([[0.0, 0.7], [2.3, 1.0]]))
+    >>> is_count_matrix(np.array([[0, 3], [2, 1]])), is_count_matrix(np.array([[0.0, 0.7], [2.3, 1.0]]))
     (True, False)
     """
-    largest, seen = -np.inf, False
     for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
         vals = _values(block)
         if not vals.size:
             continue
-        seen = True
         if not np.all(vals >= 0):  # NaN fails too
             return False
         if not np.issubdtype(vals.dtype, np.integer) and not np.all(np.abs(vals - np.round(vals)) < 1e-6):
             return False
-        largest = max(largest, float(vals.max()))
-    return (not seen) or largest > COUNT_MAX_THRESHOLD
+    return True
 
 
 def check_expression(X: Any, *, name: str = "X", chunk_elements: int | None = None) -> bool:
-    """:func:`check_finite_nonnegative` and :func:`is_count_matrix` in one pass over ``X`` (what setup reads).
+    """Check the registered matrix in one pass over ``X``: counts (``True``) or log-normalised data (``False``).
+
+    The rule:
+
+    * NaN, infinite or negative values: a :class:`ValueError` (:func:`check_finite_nonnegative`);
+    * every value a non-negative integer: raw counts (:func:`is_count_matrix`), whatever the largest value;
+    * else log-normalised expression (``log1p`` of normalised counts: scanpy's ``normalize_total`` + ``log1p``), whose
+      values stay below ``LOG_MAX_THRESHOLD`` (30); a non-integer matrix with larger values is neither (normalised
+      but not log-transformed, or non-integer counts such as ambient-corrected ones): a :class:`ValueError` naming
+      the largest value. Register the raw counts (``layer=``), or log-transform the matrix (``sc.pp.log1p``), or
+      round non-integer counts.
 
     Parameters
     ----------
@@ -293,30 +344,37 @@ def check_expression(X: Any, *, name: str = "X", chunk_elements: int | None = No
 
     Returns
     -------
-    Whether ``X`` holds counts (:func:`is_count_matrix`); a :class:`ValueError` for NaN/inf or negative values.
+    Whether ``X`` holds counts.
 
     Examples
     --------
     >>> import numpy as np
-    >>> check_expression(np.array([[0, 3], [25, 1]])), check_expression(np.array([[0.0, 0.7], [2.3, 1.0]]))
+    >>> check_expression(np.array([[0, 3], [2, 1]])), check_expression(np.array([[0.0, 0.7], [2.3, 1.0]]))
     (True, False)
     """
-    lowest, largest, integer, seen = np.inf, -np.inf, True, False
-    for _, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
+    lowest, largest, integer = np.inf, -np.inf, True
+    for start, _, block in iter_row_blocks(X, chunk_elements=chunk_elements):
         vals = _values(block)
         if not vals.size:
             continue
-        seen = True
         if not np.all(np.isfinite(vals)):
-            msg = f"{name} contains NaN or infinite values; expected finite non-negative counts"
+            at = _where(start, block, _not_finite, None, None)
+            msg = f"{name} contains NaN or infinite values{at}; expected finite non-negative counts or log data"
             raise ValueError(msg)
         lowest, largest = min(lowest, float(vals.min())), max(largest, float(vals.max()))
         if integer and not np.issubdtype(vals.dtype, np.integer):
             integer = bool(np.all(np.abs(vals - np.round(vals)) < 1e-6))
     if lowest < 0:
-        msg = f"{name} contains negative values (min {lowest:.3g}); expected non-negative counts"
+        msg = f"{name} contains negative values (min {lowest:.3g}); expected non-negative counts or log data"
         raise ValueError(msg)
-    return (not seen) or (integer and largest > COUNT_MAX_THRESHOLD)
+    if not integer and largest > LOG_MAX_THRESHOLD:
+        msg = (
+            f"{name} holds non-integer values up to {largest:.4g}: neither raw counts (non-negative integers) nor "
+            f"log-normalised expression (log1p values stay below {LOG_MAX_THRESHOLD:g}). Register the raw counts "
+            "(layer=...), log-transform normalised data (scanpy.pp.log1p), or round non-integer counts"
+        )
+        raise ValueError(msg)
+    return integer
 
 
 def _design(labels: Any) -> tuple[sparse.csc_matrix, pd.Index]:

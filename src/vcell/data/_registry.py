@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from vcell._utils import check_obs_keys, get_matrix
+from vcell._utils import check_no_missing, check_obs_keys, check_shape, check_unique_var_names, get_matrix
 
 from ._chunked import check_expression
 
@@ -76,11 +76,15 @@ def setup_perturbation_anndata(
 
     from vcell.pp._harmonize import _harmonize
 
-    covariate_keys = list(covariate_keys or ())
+    covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys or ())
+    check_shape(adata, what="setup_anndata")
+    check_unique_var_names(adata)
     check_obs_keys(adata, [perturbation_key], what="perturbation_key")
     check_obs_keys(adata, [dose_key], what="dose_key")
     check_obs_keys(adata, covariate_keys, what="covariate key")
     check_obs_keys(adata, [batch_key], what="batch_key")
+    check_no_missing(adata, covariate_keys, what="covariate key")
+    check_no_missing(adata, [batch_key], what="batch_key")
     # one pass over the matrix in row blocks, wherever it is held (memory, backed h5ad): nothing is densified
     counts = check_expression(get_matrix(adata, layer), name=f"adata.layers[{layer!r}]" if layer else "adata.X")
 
