@@ -13,9 +13,11 @@ import torch
 
 from vcell._constants import CONTROL, REGISTRY_KEYS
 from vcell._settings import logger
-from vcell._utils import resolve_seed
+from vcell._utils import check_positive_int, resolve_seed
 from vcell.data import vcell_state
 from vcell.module._lora import inject_lora, merge_lora, merge_rows, train_rows
+
+from ._base import check_train_args
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -360,9 +362,11 @@ class AdaptMixin:
         if int(rank) < 0:
             msg = f"rank must be a non-negative integer, got {rank!r}"
             raise ValueError(msg)
-        if int(max_epochs) < 0:
-            msg = f"max_epochs must be >= 0, got {max_epochs!r}"
-            raise ValueError(msg)
+        # max_epochs=0: the adapted model as built (new rows at their starting values, adapters at zero), untrained
+        check_positive_int(max_epochs, name="max_epochs", minimum=0)
+        check_train_args(
+            lr=lr, batch_size=batch_size, weight_decay=weight_decay, validation_fraction=validation_fraction
+        )
         seed = resolve_seed(seed)
         t0 = time.perf_counter()
         adata = _rna(adata)
@@ -421,18 +425,21 @@ class AdaptMixin:
 
         new.is_trained_ = True  # keeps train() from re-initialising the weights
         try:
-            new.train(
-                max_epochs=int(max_epochs),
-                lr=lr,
-                batch_size=batch_size,
-                accelerator=accelerator,
-                devices=devices,
-                early_stopping=early_stopping,
-                seed=seed,
-                trainer_kwargs=trainer_kwargs,
-                weight_decay=weight_decay,
-                validation_fraction=validation_fraction,
-            )
+            if int(max_epochs) == 0:
+                new._check_train()  # the new cells' doses, as any training would check them
+            else:
+                new.train(
+                    max_epochs=int(max_epochs),
+                    lr=lr,
+                    batch_size=batch_size,
+                    accelerator=accelerator,
+                    devices=devices,
+                    early_stopping=early_stopping,
+                    seed=seed,
+                    trainer_kwargs=trainer_kwargs,
+                    weight_decay=weight_decay,
+                    validation_fraction=validation_fraction,
+                )
         finally:
             merge_lora(module)
             merge_rows(module)

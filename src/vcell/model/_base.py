@@ -13,7 +13,17 @@ import pandas as pd
 from scvi.model.base import BaseModelClass
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
-from vcell._utils import check_obs_keys, check_var_names_match, expression_for_eval
+from vcell._utils import (
+    check_dose,
+    check_number,
+    check_obs_keys,
+    check_positive_int,
+    check_shape,
+    check_unique_obs_names,
+    check_var_names_match,
+    expression_for_eval,
+    get_matrix,
+)
 from vcell.data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
 
 from ._protein import PROTEIN_OBSM_KEY, ProteinData, protein_copy, protein_info, record_protein, registered_protein
@@ -43,6 +53,96 @@ def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFr
 
 #: arguments of ``predict`` every model shares; ``Capabilities.predict_options`` names the others
 SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality")
+
+#: options of ``predict``/``sample`` (any model) that must be positive integers, and those that must be booleans
+_POSITIVE_INT_OPTIONS = ("batch_size", "n_steps", "n_cells")
+_BOOL_OPTIONS = ("residual", "match_mean")
+
+
+def check_options(**options: Any) -> None:
+    """Raise a :class:`ValueError` naming an option of ``predict``/``sample`` of the wrong kind (``None``: default).
+
+    ``batch_size``, ``n_steps`` and ``n_cells`` are integers >= 1 (``2.5`` would be cut to 2, ``0`` fails deep
+    inside); ``residual`` and ``match_mean`` are booleans. Other options are left to the model.
+    """
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _POSITIVE_INT_OPTIONS:
+            check_positive_int(value, name=name)
+        elif name in _BOOL_OPTIONS and not isinstance(value, bool | np.bool_):
+            msg = f"{name} must be True or False, got {value!r}"
+            raise ValueError(msg)
+
+
+_HYPERPARAMETER_RULES: dict[str, Any] = {
+    "int>=1": lambda v, n: check_positive_int(v, name=n),
+    "int>=0": lambda v, n: check_positive_int(v, name=n, minimum=0),
+    ">=0": lambda v, n: check_number(v, name=n, low=0.0),
+    ">0": lambda v, n: check_number(v, name=n, low=0.0, closed="neither"),
+    "[0,1)": lambda v, n: check_number(v, name=n, low=0.0, high=1.0, closed="left"),
+    "[0,1]": lambda v, n: check_number(v, name=n, low=0.0, high=1.0),
+}
+
+
+def check_hyperparameters(**args: tuple[Any, str]) -> None:
+    """Raise a :class:`ValueError` naming a model hyperparameter outside its range: ``name=(value, rule)``.
+
+    Rules: ``"int>=1"``, ``"int>=0"``, ``">=0"`` / ``">0"`` (finite numbers), ``"[0,1)"`` and ``"[0,1]"``; a ``None``
+    value is not checked. Each model's ``__init__`` checks its numbers here before building anything, so that a
+    negative weight or a NaN does not train into a model that predicts NaN or the wrong sign.
+
+    Examples
+    --------
+    >>> check_hyperparameters(n_latent=(8, "int>=1"), dropout=(0.1, "[0,1)"))
+    >>> check_hyperparameters(kl_weight=(float("nan"), ">=0"))
+    Traceback (most recent call last):
+    ...
+    ValueError: kl_weight must be a finite number >= 0, got nan
+    """
+    for name, (value, rule) in args.items():
+        if value is not None:
+            _HYPERPARAMETER_RULES[rule](value, name)
+
+
+#: what each training argument must be: (kind, lowest value, whether the lowest value is allowed, highest value)
+_TRAIN_ARG_RULES: dict[str, tuple[str, float, bool, float | None]] = {
+    "max_epochs": ("int", 1, True, None),
+    "pretrain_epochs": ("int", 1, True, None),
+    "batch_size": ("int", 1, True, None),
+    "early_stopping_patience": ("int", 0, True, None),
+    "num_nodes": ("int", 1, True, None),
+    "lr": ("number", 0.0, False, None),
+    "weight_decay": ("number", 0.0, True, None),
+    "validation_fraction": ("number", 0.0, True, 1.0),
+}
+
+
+def check_train_args(**args: Any) -> None:
+    """Raise a :class:`ValueError` naming a training argument outside its range (``None``: the model's default).
+
+    The one validator of every model's ``train`` (and CellJEPA's ``pretrain``): ``max_epochs``, ``pretrain_epochs``,
+    ``batch_size`` and ``num_nodes`` are integers >= 1 (``max_epochs=0`` would mark random weights as trained, a
+    negative value never stops), ``early_stopping_patience`` an integer >= 0, ``lr`` a finite number above 0,
+    ``weight_decay`` one >= 0 and ``validation_fraction`` one in ``[0, 1)``. Arguments without a rule are not checked.
+
+    Examples
+    --------
+    >>> check_train_args(max_epochs=10, lr=1e-3, validation_fraction=0.1)
+    >>> check_train_args(max_epochs=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_epochs must be a positive integer, got 0
+    """
+    for name, value in args.items():
+        rule = _TRAIN_ARG_RULES.get(name)
+        if rule is None or value is None:
+            continue
+        kind, low, closed_low, high = rule
+        if kind == "int":
+            check_positive_int(value, name=name, minimum=int(low))
+        else:
+            check_number(value, name=name, low=low, high=high, closed="left" if closed_low else "neither")
 
 
 @dataclass(frozen=True)
@@ -455,6 +555,9 @@ class PerturbationModel(ProteinData, BaseModelClass):
         never harmonised, the registered control label(s) in the registered ``perturbation_key``), a boolean mask,
         integer indices or obs names.
         """
+        if adata.n_obs == 0:
+            msg = "adata has 0 cells: there is no control cell to start a prediction from"
+            raise ValueError(msg)
         if controls is None:
             labels = self._canonical_obs(adata)[PERT_COL]
             idx = np.flatnonzero((labels.astype(str) == CONTROL).to_numpy())
@@ -462,6 +565,8 @@ class PerturbationModel(ProteinData, BaseModelClass):
                 msg = f"adata has no control cells (obs[{PERT_COL!r}] == {CONTROL!r}); pass controls="
                 raise ValueError(msg)
             return idx
+        if isinstance(controls, pd.Series) and pd.api.types.is_bool_dtype(controls.dtype):
+            controls = self._aligned_mask(adata, controls)
         arr = np.asarray(controls)
         if arr.dtype == bool:
             if arr.shape != (adata.n_obs,):
@@ -473,17 +578,42 @@ class PerturbationModel(ProteinData, BaseModelClass):
             if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
                 msg = f"controls indices out of range for {adata.n_obs} cells"
                 raise ValueError(msg)
+        elif arr.dtype.kind in "fc":
+            msg = f"controls must be a boolean mask, integer indices or obs names, got {arr.dtype} values"
+            raise ValueError(msg)
         else:
-            names = arr.astype(str)
+            names = arr.astype(str).ravel()
             missing = np.setdiff1d(names, adata.obs_names)
             if missing.size:
                 msg = f"controls names not in adata.obs_names: {missing[:5].tolist()}"
                 raise KeyError(msg)
-            idx = adata.obs_names.get_indexer(names)
+            check_unique_obs_names(adata, names, what="controls= given as obs names")
+            idx = adata.obs_names.get_indexer_for(names)
         if idx.size == 0:
             msg = "no control cells selected"
             raise ValueError(msg)
         return idx
+
+    @staticmethod
+    def _aligned_mask(adata: AnnData, mask: pd.Series) -> np.ndarray:
+        """A boolean Series of cells as a mask in ``adata``'s cell order (by its index, not by position).
+
+        A mask made on another AnnData (another cell order, a subset) would otherwise select the wrong cells.
+        """
+        if mask.index.equals(adata.obs_names) or isinstance(mask.index, pd.RangeIndex):
+            return mask.to_numpy()
+        if mask.index.has_duplicates or not adata.obs_names.is_unique:
+            msg = "controls is a boolean Series whose index is not adata.obs_names and names are not unique"
+            raise ValueError(msg)
+        missing = adata.obs_names.difference(mask.index)
+        if len(missing) or len(mask) != adata.n_obs:
+            msg = (
+                f"controls is a boolean Series indexed by other cells than adata.obs_names ({len(missing)} of adata's "
+                f"cells missing, e.g. {list(missing[:3])}; {len(mask)} values for {adata.n_obs} cells): build it "
+                "from adata.obs, or pass obs names or integer indices"
+            )
+            raise ValueError(msg)
+        return mask.reindex(adata.obs_names).to_numpy()
 
     @staticmethod
     def _non_test_cells(adata: AnnData) -> np.ndarray:
@@ -497,8 +627,74 @@ class PerturbationModel(ProteinData, BaseModelClass):
 
     def _require_trained(self) -> None:
         if not self.is_trained_:
-            msg = "the model is not trained: call model.train() first"
+            msg = f"the {type(self).__name__} model is not trained: call model.train() before predicting or sampling"
             raise RuntimeError(msg)
+
+    def _check_train(self, **args: Any) -> None:
+        """The checks of every ``train``: its arguments (:func:`check_train_args`), then the training cells' doses.
+
+        Doses were checked when the data were set up (:func:`vcell.pp.harmonize`), but ``obs['vcell_dose']`` may have
+        changed since: a perturbed cell with a dose that is not a finite number above 0 is a ValueError naming the
+        column, the number of such cells and a value (a model would read dose -1 as "unperturbed", or divide by 0).
+        """
+        check_train_args(**args)
+        adata = self.adata
+        if adata is None or DOSE_COL not in adata.obs or PERT_COL not in adata.obs:
+            return
+        dose = adata.obs[DOSE_COL].to_numpy(dtype=np.float64)
+        perturbed = (adata.obs[PERT_COL].astype(str) != CONTROL).to_numpy()
+        bad = perturbed & ~(np.isfinite(dose) & (dose > 0))
+        if bad.any():
+            values = ", ".join(f"{v:g}" for v in pd.unique(dose[bad])[:5])
+            msg = (
+                f"obs[{DOSE_COL!r}] of {int(bad.sum())} perturbed training cells is not a finite number above 0 "
+                f"(values {values}); doses are positive amounts: fix the column (or run setup_anndata again with "
+                "dose_key=) before training"
+            )
+            raise ValueError(msg)
+
+    def _query(self, perturbations: Sequence[str], *, what: str = "perturbation") -> list[str]:
+        """Canonical form of the condition(s) asked for (:func:`vcell.pp._labels.canonical_labels`).
+
+        ``"B+A"`` is read as ``"A+B"``, so both take the same prediction path; labels that
+        :func:`vcell.pp.harmonize` rejects (``"A+B+"``, ``"A+A"``, ``""``) are a ValueError naming them.
+        """
+        from vcell.pp._labels import canonical_labels
+
+        labels = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+        return canonical_labels(labels, where=what)
+
+    def _query_inputs(
+        self, adata: AnnData | MuData | None, perturbation: str, controls: Any, dose: float
+    ) -> tuple[AnnData, np.ndarray, str, float]:
+        """The preamble of ``predict`` for a model's other per-perturbation methods (``sample``, trajectories, ...).
+
+        Returns the AnnData read, the starting cells' indices, the canonical perturbation and the checked dose, after
+        the checks of :meth:`_predict_checked` (trained, label, dose, genes, cells, finite rows).
+        """
+        self._require_trained()
+        perturbation = self._query([perturbation])[0]
+        dose = check_dose(dose)
+        adata = self._check_adata(adata)
+        check_shape(adata, what=f"{type(self).__name__}")
+        idx = self._control_indices(adata, controls)
+        self._check_rows(adata, idx)
+        return adata, idx, perturbation, dose
+
+    def _check_rows(self, adata: AnnData, idx: np.ndarray) -> None:
+        """ValueError if the starting cells ``idx`` hold NaN, infinite or negative values in the registered matrix.
+
+        Only these rows are read (the cells a prediction starts from), in row blocks; the message names a cell.
+        """
+        from vcell.data._chunked import check_finite_nonnegative
+
+        layer = self._layer()
+        check_finite_nonnegative(
+            get_matrix(adata, layer),
+            name=f"adata.layers[{layer!r}]" if layer else "adata.X",
+            rows=np.unique(idx),
+            row_names=adata.obs_names,
+        )
 
     # ---------------------------------------------------------------- prediction
     def predict(
@@ -539,6 +735,17 @@ class PerturbationModel(ProteinData, BaseModelClass):
         Returns
         -------
         Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
+
+        Raises
+        ------
+        RuntimeError
+            If the model is not trained.
+        ValueError
+            If ``dose`` is not a finite number above 0, ``perturbation`` is a label :func:`vcell.pp.harmonize` would
+            reject (``"A+B+"``, ``"A+A"``), ``adata`` has no cell or duplicated genes, or a starting cell holds NaN,
+            infinite or negative values.
+        KeyError
+            If ``perturbation`` has a component the model cannot predict, or a name in ``controls`` is not a cell.
         """
         options = self._check_predict_kwargs(options, what="predict")
         stream = self._predict_checked(adata, [str(perturbation)], controls, dose, seed, (modality,), options)
@@ -554,13 +761,26 @@ class PerturbationModel(ProteinData, BaseModelClass):
         modalities: Sequence[str],
         options: dict[str, Any],
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        """The shared preamble of every prediction, then the model's :meth:`_predict`."""
+        """The shared preamble of every prediction, then the model's :meth:`_predict`.
+
+        Checks, in this order: the modalities, that the model is trained (a RuntimeError), the perturbation labels
+        (canonical form, :meth:`_query`: ``"B+A"`` is predicted as ``"A+B"`` and given back under the label asked
+        for), the dose (a finite number above 0, :func:`vcell._utils.check_dose`), the data (the model's genes, at
+        least one cell) and the starting cells (no NaN, infinite or negative value in the rows read).
+        """
         for modality in modalities:
             self._check_modality(modality)
         self._require_trained()
+        canonical = self._query(perturbations)
+        dose = check_dose(dose)
         adata = self._check_adata(adata)
+        check_shape(adata, what="predict")
         idx = self._control_indices(adata, controls)
-        return self._predict(adata, idx, perturbations, dose=dose, seed=seed, modalities=tuple(modalities), **options)
+        self._check_rows(adata, idx)
+        stream = self._predict(adata, idx, canonical, dose=dose, seed=seed, modalities=tuple(modalities), **options)
+        if canonical == list(perturbations):
+            return stream
+        return ((given, out) for given, (_, out) in zip(perturbations, stream, strict=True))
 
     def _predict(
         self,
@@ -656,6 +876,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
                 f"accepted: {accepted if accepted else 'none'}"
             )
             raise ValueError(msg)
+        check_options(**kwargs)
         return kwargs
 
     def _batched_predict(self) -> bool:

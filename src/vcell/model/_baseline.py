@@ -15,7 +15,7 @@ from vcell._utils import group_means
 from vcell.data._vocab import _components
 from vcell.module import BASELINE_METHODS, BaselineModule
 
-from ._base import Capabilities, PerturbationModel
+from ._base import Capabilities, PerturbationModel, check_hyperparameters
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -95,6 +95,7 @@ class Baseline(PerturbationModel):
         ridge: float = 0.1,
         perturbation_embedding: EmbeddingSpec = "auto",
     ) -> None:
+        check_hyperparameters(n_components=(n_components, "int>=1"), ridge=(ridge, ">=0"))
         super().__init__(adata, registry=registry)
         if method not in BASELINE_METHODS:
             msg = f"method must be one of {BASELINE_METHODS}, got {method!r}"
@@ -129,8 +130,10 @@ class Baseline(PerturbationModel):
         ----------
         **kwargs
             Training arguments of the learned models (``max_epochs``, ``batch_size``, ...), accepted so that
-            benchmark code can treat every model alike; a closed-form fit ignores them.
+            benchmark code can treat every model alike; a closed-form fit ignores them, but checks them as every
+            model does (:func:`vcell.model._base.check_train_args`: ``max_epochs=0`` is a ValueError here too).
         """
+        self._check_train(**kwargs)
         adata = self.adata
         fit = np.zeros(adata.n_obs, dtype=bool)
         fit[self._non_test_cells(adata)] = True  # as every vcell model: held-out test cells are never fitted
@@ -145,7 +148,8 @@ class Baseline(PerturbationModel):
         if pert.any():
             single = {c: len(_components(c)) == 1 for c in np.unique(cond[pert])}
             is_single = pert & np.array([single.get(c, False) for c in cond])
-            per_dose = 1.0 / np.maximum(dose, 1e-12)  # effects are linear in dose
+            # effects are linear in dose; perturbed cells' doses are > 0 (_check_train), controls' are not used
+            per_dose = np.divide(1.0, dose, out=np.zeros_like(dose), where=dose > 0)
             groups = {
                 "mean": (np.where(pert, "all", None), None),
                 "additive": (np.where(is_single, cond.astype(object) + "\t" + ctx.astype(object), None), per_dose),

@@ -12,7 +12,7 @@ from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
-from vcell._utils import get_matrix, log1p_cp10k, resolve_seed
+from vcell._utils import check_dose, get_matrix, log1p_cp10k, resolve_seed
 from vcell.data import CellBatches, RowReader, iter_row_blocks, take_rows
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
@@ -27,7 +27,7 @@ from vcell.module._causal_vae import (
 from vcell.train._callbacks import CounterfactualValidation
 
 from ._adapt import AdaptMixin
-from ._base import Capabilities, PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata, _edge_frame
 from ._protein import with_sampled_proteins
 
@@ -233,6 +233,17 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         prediction: str = "residual",
         protein_weight: float = 1.0,
     ) -> None:
+        check_hyperparameters(
+            n_latent=(n_latent, "int>=1"),
+            n_hidden=(n_hidden, "int>=1"),
+            n_layers=(n_layers, "int>=0"),
+            dropout=(dropout, "[0,1)"),
+            kl_weight=(kl_weight, ">=0"),
+            adversary_weight=(adversary_weight, ">=0"),
+            interaction_penalty=(interaction_penalty, ">=0"),
+            pathway_min_genes=(pathway_min_genes, "int>=1"),
+            protein_weight=(protein_weight, ">=0"),
+        )
         adata = _as_anndata(adata)
         super().__init__(adata, registry=registry)
         if likelihood not in LIKELIHOODS:
@@ -591,6 +602,15 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
 
         from vcell.train import TrainingPlan, as_callback, fit
 
+        self._check_train(
+            max_epochs=max_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            num_nodes=num_nodes,
+        )
         seed = resolve_seed(seed)
         lightning.seed_everything(seed, verbose=False)
         if not self.is_trained_:
@@ -877,14 +897,10 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         """
         import anndata as ad
 
-        self._require_trained()
-        adata = self._check_adata(adata)
+        check_options(n_cells=n_cells, batch_size=batch_size)
+        adata, idx, perturbation, dose = self._query_inputs(adata, perturbation, controls, dose)
         rng = np.random.default_rng(resolve_seed(seed))
-        idx = self._control_indices(adata, controls)
         if n_cells is not None:
-            if int(n_cells) < 1:
-                msg = f"n_cells must be a positive integer, got {n_cells!r}"
-                raise ValueError(msg)
             idx = rng.choice(idx, size=int(n_cells), replace=True)
         target, nodes = self._encode_query([str(perturbation)], float(dose))
         m = self.module.eval()
@@ -971,7 +987,9 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             ``None``: the operators at full effect (``delta_i``); a dose: ``s_i(dose) delta_i`` (genes unseen in
             training: the mean dose response).
         """
-        names = list(self.atoms_) if perturbations is None else [str(p) for p in perturbations]
+        names = list(self.atoms_) if perturbations is None else self._query(perturbations, what="perturbations")
+        if dose is not None:
+            dose = check_dose(dose)
         combos = [n for n in names if len(_components(n)) != 1]
         if combos:
             msg = f"get_perturbation_embedding takes single perturbations, got {combos[:5]}"

@@ -13,13 +13,13 @@ import torch
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._settings import logger
-from vcell._utils import resolve_seed
+from vcell._utils import check_dose, resolve_seed
 from vcell.data import CellBatches, Pairs, RowReader
 from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cosine_error, retrieval_ranks
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, SOURCE_Z_KEY, TARGET_Z_KEY
 
-from ._base import Capabilities, PerturbationModel
+from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options
 from ._encoding import PerturbationInputs, _as_anndata
 from ._rows import model_reader, read_rows, row_blocks
 
@@ -230,6 +230,14 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         graph_own_embedding: bool = True,
         seed: int | None = None,
     ) -> None:
+        check_hyperparameters(
+            n_layers=(n_layers, "int>=1"),
+            n_heads=(n_heads, "int>=1"),
+            n_hidden=(n_hidden, "int>=1"),
+            variance_weight=(variance_weight, ">=0"),
+            covariance_weight=(covariance_weight, ">=0"),
+            graph_layers=(graph_layers, "int>=1"),
+        )
         adata = _as_anndata(adata)
         super().__init__(adata, registry=registry)
         if encoder not in ENCODERS:
@@ -501,6 +509,15 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
 
         from vcell.train import TrainingPlan, fit
 
+        self._check_train(
+            max_epochs=max_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            num_nodes=num_nodes,
+        )
         seed = resolve_seed(seed)
         lightning.seed_everything(seed, verbose=False)
         jepa = self.module.jepa
@@ -611,6 +628,16 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
 
         from vcell.train import TrainingPlan, fit
 
+        self._check_train(
+            max_epochs=max_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            num_nodes=num_nodes,
+            pretrain_epochs=None if self.is_pretrained_ else pretrain_epochs,
+        )
         seed = resolve_seed(seed)
         if not self.is_pretrained_:
             self.pretrain(
@@ -774,9 +801,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         -------
         Array ``(n_selected_cells, n_latent)``, float32.
         """
-        self._require_trained()
-        adata = self._check_adata(adata)
-        idx = self._control_indices(adata, controls)
+        check_options(batch_size=batch_size)
+        adata, idx, perturbation, dose = self._query_inputs(adata, perturbation, controls, dose)
         target, nodes = self._encode_query([str(perturbation)], float(dose))
         reader = model_reader(self, adata)  # rows read and embedded per chunk: only embeddings are kept
         parts = [
@@ -926,7 +952,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         adata = self._check_adata(adata)
         labels = self._canonical_obs(adata)[PERT_COL].astype(str).to_numpy()
         present = sorted(set(labels) - {CONTROL})
-        perts = present if perturbations is None else [str(p) for p in perturbations]
+        perts = present if perturbations is None else self._query(perturbations, what="perturbations")
+        check_dose(dose)
         missing = [p for p in perts if p not in present]
         if missing:
             msg = f"perturbation(s) {missing[:10]} have no cells in adata (obs[{PERT_COL!r}]); present: {present[:10]}"

@@ -216,11 +216,6 @@ class PerturbationInputs:
         n_val = int(round(validation_fraction * len(idx))) if len(idx) >= 20 else 0
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
-    def _require_trained(self) -> None:
-        if not self.is_trained_:
-            msg = "the model is not trained: call model.train() first"
-            raise RuntimeError(msg)
-
     def _chunks(self, idx: np.ndarray, batch_size: int):
         for start in range(0, len(idx), batch_size):
             yield idx[start : start + batch_size]

@@ -17,7 +17,7 @@ from vcell.module import FlowMatchingModule, ot_pairs
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
 
-from ._base import Capabilities, PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, check_options, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata
 from ._protein import with_sampled_proteins
 from ._rows import model_reader, read_rows, row_blocks
@@ -526,6 +526,15 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
 
         from vcell.train import TrainingPlan, fit
 
+        self._check_train(
+            max_epochs=max_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            num_nodes=num_nodes,
+        )
         seed = resolve_seed(seed)
         lightning.seed_everything(seed, verbose=False)
         if not self.is_trained_:
@@ -827,8 +836,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """
         self._require_trained()
         time = self._check_options(n_steps, solver, time)
-        adata = self._check_adata(adata)
-        idx = self._control_indices(adata, controls)
+        check_options(batch_size=batch_size)
+        adata, idx, perturbation, dose = self._query_inputs(adata, perturbation, controls, dose)
         kw = {"n_steps": n_steps, "solver": solver, "batch_size": batch_size, "path": True}
         paths = [zs.cpu().numpy() for *_, zs in self._flow(adata, idx, perturbation, dose, time, **kw)]
         return np.concatenate(paths, axis=1)
@@ -881,13 +890,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
 
         self._require_trained()
         time = self._check_options(n_steps, solver, time)
-        adata = self._check_adata(adata)
+        check_options(n_cells=n_cells, batch_size=batch_size)
+        adata, idx, perturbation, dose = self._query_inputs(adata, perturbation, controls, dose)
         rng = np.random.default_rng(resolve_seed(seed))
-        idx = self._control_indices(adata, controls)
         if n_cells is not None:
-            if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
-                msg = f"n_cells must be a positive integer, got {n_cells!r}"
-                raise ValueError(msg)
             idx = rng.choice(idx, size=int(n_cells), replace=True)
         modalities = ("rna", "prot") if self.protein_names_ else ("rna",)
         pred = self._predict_cells(

@@ -18,7 +18,7 @@ from vcell.data import iter_row_blocks, log1p_cp10k_block
 from vcell.module import BASELINE_METHODS
 from vcell.module._residual_diffusion import CONDITION_KEY, RESIDUAL_KEY, ResidualDiffusionModule
 
-from ._base import Capabilities, PerturbationModel, sample_obs
+from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options, sample_obs
 from ._protein import record_protein, registered_protein, with_sampled_proteins
 
 if TYPE_CHECKING:
@@ -162,6 +162,12 @@ class ResidualDiffusion(PerturbationModel):
         p_uncond: float = 0.1,
         protein_weight: float | None = None,
     ) -> None:
+        check_hyperparameters(
+            n_hidden=(n_hidden, "int>=1"),
+            n_layers=(n_layers, "int>=0"),
+            dropout=(dropout, "[0,1)"),
+            p_uncond=(p_uncond, "[0,1]"),
+        )
         super().__init__(adata, registry=registry)
         if protein_weight is not None and not float(protein_weight) > 0:
             msg = f"protein_weight must be positive (or None: chosen when training), got {protein_weight!r}"
@@ -289,8 +295,9 @@ class ResidualDiffusion(PerturbationModel):
             raise ValueError(msg)
 
     def _require_trained(self) -> None:
-        if not self.is_trained_ or self.mean_model is None:
-            msg = "the model is not trained: call model.train() first"
+        super()._require_trained()
+        if self.mean_model is None:
+            msg = "the ResidualDiffusion model has no mean model: call model.train() before predicting or sampling"
             raise RuntimeError(msg)
 
     def _condition_mean(
@@ -559,6 +566,15 @@ class ResidualDiffusion(PerturbationModel):
         from vcell.data import CellBatches
         from vcell.train import TrainingPlan, fit
 
+        self._check_train(
+            max_epochs=max_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            early_stopping_patience=early_stopping_patience,
+            num_nodes=num_nodes,
+        )
         seed = resolve_seed(seed)
         adata = self.adata
         if not self.mean_model.is_trained_:
@@ -927,18 +943,12 @@ class ResidualDiffusion(PerturbationModel):
         import anndata as ad
 
         self._require_trained()
-        if int(n_steps) < 1:
-            msg = f"n_steps must be a positive integer, got {n_steps!r}"
-            raise ValueError(msg)
-        adata = self._check_adata(adata)
+        check_options(n_steps=n_steps, n_cells=n_cells, match_mean=match_mean, batch_size=batch_size)
+        adata, pool, perturbation, dose = self._query_inputs(adata, perturbation, controls, dose)
         seed = resolve_seed(seed)
         rng = np.random.default_rng(seed)
-        pool = self._control_indices(adata, controls)
         idx = pool
         if n_cells is not None:
-            if int(n_cells) < 1:
-                msg = f"n_cells must be a positive integer, got {n_cells!r}"
-                raise ValueError(msg)
             idx = rng.choice(pool, size=int(n_cells), replace=True)
         perturbation = str(perturbation)
         ctx_all = self._contexts(adata)
