@@ -97,7 +97,7 @@ def one_call(model, adata, perts: list[str], mode: str, controls, options: dict)
     kw = {"perturbations": perts, "seed": 0, **({"predict_kwargs": options} if options else {})}
     if mode == "return_adata":
         return vcell.tl.predict_perturbation(adata, model, controls=controls, return_adata=True, **kw)
-    vcell.tl.predict_perturbation(adata, model, key_added="bench", **kw)
+    vcell.tl.predict_perturbation(adata, model, key_added="bench", overwrite=True, **kw)
     return adata
 
 

@@ -101,7 +101,7 @@ def test_combo_seen_empty_subgroup_raises():
     split(adata, kind="combo_seen1", seed=0)
     assert adata.uns["vcell_split"]["held_out"] == ["A+B"]
     with pytest.raises(ValueError, match=r"no test conditions for seed 0.*combo_seen0: 0.*6 single and 1 double"):
-        split(adata, kind="combo_seen0", seed=0)
+        split(adata, kind="combo_seen0", seed=0, overwrite=True)
 
 
 def test_combo_seen_rejects_triples():
@@ -130,7 +130,7 @@ def test_combo_half_halves_doubles(seed):
     assert len(conds_of(adata, "val")) == 1
     assert conds_of(adata, "val") <= train
     check_leakage(adata)
-    split(adata, kind="combo_half", seed=seed, val_frac=0.0)
+    split(adata, kind="combo_half", seed=seed, val_frac=0.0, overwrite=True)
     assert (adata.obs["vcell_split"] != "val").all()
     assert conds_of(adata, "train") == set(GENES) | train
 
@@ -167,9 +167,9 @@ def test_unseen_perturbation_default_and_errors():
     assert len(adata.uns["vcell_split"]["held_out"]) == 1  # round(0.2 * 6)
     assert adata.uns["vcell_split"]["params"] == {"test_frac": 0.2, "val_frac": 0.1}
     with pytest.raises(ValueError, match=r"held_out \['Z'\] are not single perturbations"):
-        split(adata, kind="unseen_perturbation", held_out=["Z"])
+        split(adata, kind="unseen_perturbation", held_out=["Z"], overwrite=True)
     with pytest.raises(ValueError, match="all 6 single perturbations"):
-        split(adata, kind="unseen_perturbation", held_out=GENES)
+        split(adata, kind="unseen_perturbation", held_out=GENES, overwrite=True)
 
 
 def cell_type_adata() -> ad.AnnData:
@@ -247,7 +247,7 @@ def test_unseen_dose_requested_level_and_errors():
     split(adata, kind="unseen_dose", held_out_dose=100.0, seed=0)
     assert adata.uns["vcell_split"]["held_out"] == ["D1@100", "D2@100"]
     with pytest.raises(ValueError, match="held_out_dose=3.0 is not a dose level"):
-        split(adata, kind="unseen_dose", held_out_dose=3.0)
+        split(adata, kind="unseen_dose", held_out_dose=3.0, overwrite=True)
     few = make_adata(["control", "X", "X", "Y"], extra={"vcell_dose": [0.0, 1.0, 2.0, 1.0]})
     with pytest.raises(ValueError, match=">= 3 dose levels.*X: 2, Y: 1"):
         split(few, kind="unseen_dose")
@@ -337,7 +337,7 @@ def test_reversed_combo_spelling_is_the_same_condition():
     assert (raw == "B+A").any()
     assert (raw == "A+B").any()
     for kind in ["combo_seen1", "combo_half", "unseen_perturbation"]:
-        split(adata, kind=kind, seed=1)
+        split(adata, kind=kind, seed=1, overwrite=True)
         canon = raw.map(canonical_condition)
         per_condition = adata.obs.groupby(canon, observed=True)["vcell_split"].nunique()
         assert (per_condition == 1).all(), kind
@@ -399,7 +399,7 @@ def test_one_report_line_per_call(capsys):
         adata = combo_adata()
         capsys.readouterr()
         for seed in (1, 1, 2):
-            split(adata, kind="combo_half", seed=seed)
+            split(adata, kind="combo_half", seed=seed, overwrite=True)
             assert capsys.readouterr().err.count("split 'combo_half'") == 1
     finally:
         logging.getLogger().removeHandler(root_handler)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from vcell._constants import COMBO_SEP, CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
-from vcell._utils import check_obs_keys, resolve_seed
+from vcell._utils import check_obs_keys, check_writable, resolve_seed
 from vcell.pp._labels import canonical_labels
 
 if TYPE_CHECKING:
@@ -429,6 +429,7 @@ def split(
     perturbation_key: str = PERT_COL,
     control: str = CONTROL,
     copy: bool = False,
+    overwrite: bool = False,
     **kind_options: Any,
 ) -> AnnData | None:
     """Split a perturbation screen into train/val/test cells for an out-of-distribution task.
@@ -496,6 +497,9 @@ def split(
         Label of control cells.
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Replace ``obs[key_added]`` / ``uns[key_added]`` when they exist (a previous split, say); without it an
+        existing one is a ValueError naming it, before anything is computed.
     **kind_options
         Options of the chosen kind (see above); unknown options raise.
 
@@ -536,6 +540,13 @@ def split(
         raise ValueError(msg)
     options = defaults | kind_options
     seed = resolve_seed(seed)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}"
+        raise ValueError(msg)
+    if key_added == perturbation_key:
+        msg = f"key_added {key_added!r} is the perturbation_key: the split would replace the condition labels"
+        raise ValueError(msg)
+    check_writable(adata, obs=[key_added], uns=[key_added], overwrite=overwrite, what="split")
     adata = adata.copy() if copy else adata
 
     conds = cell_conditions(adata, perturbation_key, control)

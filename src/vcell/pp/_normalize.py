@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from vcell._utils import check_finite_nonnegative, get_matrix, is_count_matrix, log1p_cp10k
+from vcell._utils import (
+    check_finite_nonnegative,
+    check_number,
+    check_writable,
+    get_matrix,
+    in_memory,
+    is_count_matrix,
+    log1p_cp10k,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,6 +41,7 @@ def log_normalize(
     key_added: str = "log1p_cp10k",
     target_sum: float = 1e4,
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Store ``log1p`` of counts normalised to ``target_sum`` per cell (log1p(CP10k)) in a layer.
 
@@ -52,6 +61,9 @@ def log_normalize(
         Total counts per cell after normalisation.
     copy
         Return a copy instead of writing into ``adata``.
+    overwrite
+        Replace ``adata.layers[key_added]`` if it exists; without it an existing layer is a ValueError naming it.
+        ``key_added`` equal to ``layer`` (the counts read) is always a ValueError.
 
     Returns
     -------
@@ -67,7 +79,8 @@ def log_normalize(
     KeyError
         If ``layer`` is not in ``adata.layers``.
     ValueError
-        If the counts hold NaN, infinite or negative values, or ``target_sum`` is not positive.
+        If the counts hold NaN, infinite or negative values, ``target_sum`` is not positive, or
+        ``adata.layers[key_added]`` exists (without ``overwrite=True``) or is the layer of counts read.
 
     Examples
     --------
@@ -77,18 +90,17 @@ def log_normalize(
     >>> np.round(adata.layers["log1p_cp10k"].astype(float), 3).tolist()
     [[7.824, 8.923], [0.0, 0.0]]
     """
-    if not target_sum > 0:
-        msg = f"target_sum must be positive, got {target_sum!r}"
-        raise ValueError(msg)
+    check_number(target_sum, name="target_sum", low=0.0, closed="neither")
+    check_writable(adata, layers=[key_added], overwrite=overwrite, protected_layers=[layer], what="log_normalize")
     if copy:
         adata = adata.copy()
     elif adata.is_view:
         adata._init_as_actual(adata.copy())
-    X = get_matrix(adata, layer)
+    X = in_memory(get_matrix(adata, layer))  # a backed matrix is read (the layer written is in memory anyway)
     name = f"adata.layers[{layer!r}]" if layer else "adata.X"
     check_finite_nonnegative(X, name=name)
     if not is_count_matrix(X):
-        logger.warning("%s does not look like raw counts (non-integer or small values); normalising it anyway", name)
+        logger.warning("%s does not hold raw counts (non-integer values); normalising it anyway", name)
     if sparse.issparse(X):
         out = _log1p_cp10k_sparse(X, target_sum)
     else:

@@ -10,7 +10,14 @@ import pandas as pd
 
 from vcell._constants import PERT_COL
 from vcell._settings import logger
-from vcell._utils import check_obs_keys, mudata_no_pull, resolve_seed
+from vcell._utils import (
+    check_dose,
+    check_obs_keys,
+    check_unique_obs_names,
+    check_writable,
+    mudata_no_pull,
+    resolve_seed,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,14 +30,25 @@ def _layer_key(key_added: str, perturbation: str, n: int) -> str:
     return key_added if n == 1 else f"{key_added}_{perturbation}"
 
 
-def perturbation_list(perturbations: str | Sequence[str], verb: str) -> list[str]:
-    """``perturbations`` as a non-empty list without duplicates (``verb``: what is done with them, for the error)."""
-    perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
-    if not perts:
+def perturbation_list(
+    perturbations: str | Sequence[str], verb: str, model: PerturbationModel | None = None
+) -> list[str]:
+    """``perturbations`` as a non-empty list without duplicates (``verb``: what is done with them, for the error).
+
+    With ``model``: in canonical form (``model._query``: ``"B+A"`` is ``"A+B"``, a label :func:`vcell.pp.harmonize`
+    rejects is a ValueError), so that two spellings of one condition are duplicates too.
+    """
+    raw = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
+    if not raw:
         msg = f"perturbations is empty: name at least one condition to {verb}"
         raise ValueError(msg)
+    perts = raw if model is None else model._query(raw, what="perturbations")
     if len(set(perts)) != len(perts):
-        msg = f"perturbations contains duplicates: {perts}"
+        seen: dict[str, list[str]] = {}
+        for r, p in zip(raw, perts, strict=True):
+            seen.setdefault(p, []).append(r)
+        dup = {p: r for p, r in seen.items() if len(r) > 1}
+        msg = f"perturbations contains duplicates (canonical label: spellings given): {dup}"
         raise ValueError(msg)
     return perts
 
@@ -131,6 +149,7 @@ def predict_perturbation(
     return_adata: bool = False,
     seed: int | None = None,
     predict_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> AnnData | None:
     """Predict how control cells respond to perturbations (their counterfactuals).
 
@@ -146,7 +165,8 @@ def predict_perturbation(
     model
         A trained vcell model (e.g. :class:`vcell.model.Baseline`).
     perturbations
-        Condition(s) to predict, canonical labels such as ``"IFNb"`` or ``"A+B"``.
+        Condition(s) to predict, labels such as ``"IFNb"`` or ``"A+B"``, read as :func:`vcell.pp.harmonize` reads
+        them (``"B+A"`` is ``"A+B"``; outputs are named by the canonical label).
     controls
         Cells to start from: ``None`` (all control cells), a boolean mask, integer indices or obs names.
     cell_type
@@ -154,7 +174,7 @@ def predict_perturbation(
     cell_type_key
         ``obs`` column read when ``cell_type`` is given.
     dose
-        Dose of the perturbation(s).
+        Dose of the perturbation(s): a finite number above 0.
     key_added
         Layer/uns key (and obs-name prefix) of the output.
     return_adata
@@ -165,6 +185,9 @@ def predict_perturbation(
         Further options of the model's ``predict``, e.g. ``{"n_steps": 10, "solver": "euler"}`` for
         :class:`~vcell.model.FlowMatching` or ``{"mode": "decoded"}`` for :class:`~vcell.model.CausalVAE`; a
         ValueError names an unknown key and the accepted ones.
+    overwrite
+        Replace fields of ``adata`` (below) that exist already; without it an existing one is a ValueError naming it
+        (before anything is predicted). The layer the model reads (its registered ``layer``) is never replaced.
 
     Returns
     -------
@@ -185,6 +208,8 @@ def predict_perturbation(
     ``adata.uns[key_added]``
         ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``: ``model`` is the model's class name
         (``"Baseline"``), ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``).
+
+    Each of these fields that exists already is replaced only with ``overwrite=True``.
 
     For a MuData these fields go into ``mdata['rna']``; with a protein model also:
 
@@ -234,12 +259,39 @@ def predict_perturbation(
 
     from vcell import __version__
 
-    perts = perturbation_list(perturbations, "predict")
+    perts = perturbation_list(perturbations, "predict", model)
+    dose = check_dose(dose)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}"
+        raise ValueError(msg)
     mdata, prot, prot_rows = None, None, None
     if hasattr(adata, "mod"):
         mdata = adata
         adata, prot, prot_rows = _modalities(mdata, model)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
+    if return_adata:  # the predicted cells are named after their starting cells
+        check_unique_obs_names(
+            adata, adata.obs_names[idx], what="naming the predicted cells after their starting cells"
+        )
+    else:
+        layer_keys = [_layer_key(key_added, p, len(perts)) for p in perts]
+        what = "predict_perturbation"
+        check_writable(
+            adata,
+            layers=layer_keys,
+            obs=[f"{key_added}_source"],
+            uns=[key_added],
+            overwrite=overwrite,
+            protected_layers=[model._layer()],
+            what=what,
+        )
+        if prot is not None:
+            from vcell.model._protein import registered_protein
+
+            prot_layer = registered_protein(model.registry_).get("layer")
+            check_writable(
+                prot, layers=layer_keys, uns=[key_added], overwrite=overwrite, protected_layers=[prot_layer], what=what
+            )
     seed = resolve_seed(seed)  # recorded as used, never a placeholder
     kwargs = model._check_predict_kwargs(predict_kwargs)
     modalities = ("rna",) if prot is None else ("rna", "prot")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vcell._constants import PERT_COL
-from vcell._utils import mudata_no_pull, resolve_seed
+from vcell._utils import check_dose, check_number, check_positive_int, mudata_no_pull, resolve_seed
 
 from ._predict import perturbation_list, starting_cells
 
@@ -135,14 +135,13 @@ def sample_perturbation(
 
     from vcell import __version__
 
-    perts = perturbation_list(perturbations, "sample")
     model._require_capability("can_sample", "sample cells")
-    if not 0.0 < float(level) < 1.0:
-        msg = f"level must be in (0, 1), got {level!r}"
-        raise ValueError(msg)
-    if n_samples is not None and int(n_samples) < 2:
-        msg = f"n_samples must be at least 2 (for the intervals), got {n_samples!r}"
-        raise ValueError(msg)
+    model._require_trained()
+    perts = perturbation_list(perturbations, "sample", model)
+    dose = check_dose(dose)
+    level = check_number(level, name="level", low=0.0, high=1.0, closed="neither")
+    if n_samples is not None:
+        n_samples = check_positive_int(n_samples, name="n_samples (at least 2, for the intervals)", minimum=2)
     if hasattr(adata, "mod"):  # a MuData: its rna modality, the model's proteins attached (not otherwise changed)
         adata = model._check_adata(adata)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
