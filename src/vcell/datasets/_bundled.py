@@ -6,8 +6,6 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anndata as ad
-
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -42,8 +40,10 @@ def _bundled_file(name: str) -> Traversable:
 
 
 def _read_bundled(name: str) -> AnnData:
+    from ._read import read_h5ad
+
     with as_file(_bundled_file(name)) as path:
-        return ad.read_h5ad(path)
+        return read_h5ad(path)
 
 
 def kang2018() -> AnnData:

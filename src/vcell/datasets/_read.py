@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 
@@ -18,6 +18,25 @@ GEARS_FILE = "perturb_processed.h5ad"
 _EXPECTED = f"an .h5ad file, an .h5mu file, or a GEARS data folder holding {GEARS_FILE}"
 
 
+def read_h5ad(path: str | Path, **kwargs: Any) -> AnnData:
+    """``anndata.read_h5ad(path)``, an unreadable file (truncated, not HDF5) an :class:`OSError` naming its path.
+
+    h5py's own message (``truncated file: eof = 5000 ...``) does not say which file; this one does, and what to do.
+    """
+    try:
+        return ad.read_h5ad(path, **kwargs)
+    except OSError as err:
+        raise OSError(_unreadable(path, "h5ad", err)) from err
+
+
+def _unreadable(path: str | Path, kind: str, err: BaseException) -> str:
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    return (
+        f"cannot read {str(path)!r} as an .{kind} file ({size} bytes): {err}. The file is truncated or damaged (an "
+        "interrupted download or copy?) or is not an HDF5 file: fetch or write it again"
+    )
+
+
 def _copy_perturbation(adata: AnnData | MuData, key: str, *, where: str) -> None:
     """Add ``obs['perturbation']`` as a copy of ``obs[key]``, or raise a KeyError naming ``key``."""
     if key not in adata.obs.columns:
@@ -29,7 +48,7 @@ def _copy_perturbation(adata: AnnData | MuData, key: str, *, where: str) -> None
 
 
 def _read_gears(folder: Path, file: Path, perturbation_key: str | None) -> AnnData:
-    adata = ad.read_h5ad(file)
+    adata = read_h5ad(file)
     key = "condition" if perturbation_key is None else perturbation_key
     _copy_perturbation(adata, key, where=f"the GEARS file {file}")
     if "gene_name" in adata.var.columns:
@@ -152,6 +171,8 @@ def read(
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    OSError
+        If the file cannot be read (truncated or damaged, or not HDF5); the message names the path.
     ValueError
         If ``path`` is neither an ``.h5ad``/``.h5mu`` file nor a folder holding ``perturb_processed.h5ad``.
     KeyError
@@ -183,15 +204,18 @@ def read(
         return _read_gears(path.parent, path, perturbation_key)
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
-        adata = ad.read_h5ad(path)
+        adata = read_h5ad(path)
         if perturbation_key is not None:
             _copy_perturbation(adata, perturbation_key, where=f"the file {path}")
         return adata
     if suffix == ".h5mu":
         import mudata
 
-        with mudata_no_pull():
-            mdata = mudata.read_h5mu(path)
+        try:
+            with mudata_no_pull():
+                mdata = mudata.read_h5mu(path)
+        except OSError as err:
+            raise OSError(_unreadable(path, "h5mu", err)) from err
         if modalities is not None:
             mdata = rename_modalities(mdata, modalities)
         if perturbation_key is not None:
