@@ -337,7 +337,7 @@ def _shallow_copy(adata: AnnData) -> AnnData:
         uns=deepcopy(dict(adata.uns)),
         obsm=dict(adata.obsm),
         varm=dict(adata.varm),
-        layers=dict(adata.layers),
+        layers={k: v for k, v in adata.layers.items() if k is not None},  # anndata 0.13 lists X as layers[None]
         obsp=dict(adata.obsp),
         varp=dict(adata.varp),
         raw=raw,
