@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -109,10 +108,7 @@ def fitted(request):
     cls = model_classes()[name]
     cls.setup_anndata(data, **setup)
     model = cls(data, **{**SIZES[name][0], **init})
-    with warnings.catch_warnings():
-        # pandas 3: Baseline(method="linear") with a table hands torch a read-only array (a warning of its own)
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        model.train(max_epochs=1, seed=0, accelerator="cpu", trainer_kwargs=QUIET, **SIZES[name][1])
+    model.train(max_epochs=1, seed=0, accelerator="cpu", trainer_kwargs=QUIET, **SIZES[name][1])
     return data, model, case
 
 
