@@ -254,10 +254,12 @@ def mmd(
     Xc, Yc = _prepare(X, Y, max_cells, seed)
     dxy, dxx, dyy = sq_dists(Xc, Yc), sq_dists(Xc, Xc), sq_dists(Yc, Yc)
     scale = _median_scale(dxx, dyy, dxy)
+    # distances relative to the median first: -1 / (b * scale) overflows to -inf for a subnormal scale, and -inf * 0
+    # is NaN (cells 1e-155 apart gave NaN, not the MMD of the same cells scaled up)
+    rxx, ryy, rxy = dxx / scale, dyy / scale, dxy / scale
     vals = []
     for b in bandwidths:
-        g = -1.0 / (b * scale)
-        vals.append(np.exp(g * dxx).mean() + np.exp(g * dyy).mean() - 2.0 * np.exp(g * dxy).mean())
+        vals.append(np.exp(-rxx / b).mean() + np.exp(-ryy / b).mean() - 2.0 * np.exp(-rxy / b).mean())
     value = np.mean(vals)
     return float(value) if np.isnan(value) else float(max(value, 0.0))
 
