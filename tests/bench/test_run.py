@@ -185,7 +185,8 @@ def test_nan_predictions_are_the_models_error_not_a_score():
     kw = {"perturbation_key": "perturbation", "control": "control", "splits": ["combo_seen2"], "seeds": [0]}
     res = vcell.bench.run(adata, models=["additive", NaNPredictor()], on_error="skip", progress=False, **kw)
     errors = res.results[(res.results["model"] == "nan_model") & (res.results["metric"] == "error")]
-    assert len(errors) and errors["error"].astype(str).str.contains("NaN or infinite").all()
+    assert len(errors)
+    assert errors["error"].astype(str).str.contains("NaN or infinite").all()
     assert np.isfinite(res.results.loc[res.results["model"] == "additive", "value"].dropna()).all()
     with pytest.raises(ValueError, match="nan_model returned NaN"):
         vcell.bench.run(adata, models=[NaNPredictor()], on_error="raise", progress=False, **kw)
