@@ -7,6 +7,27 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+try:  # property-based tests (tests/*/test_*_properties.py); hypothesis is in the "test" extra
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    pass
+else:
+    # "ci" (the default): few examples, derandomized (the same examples every run, no example database), so the suite
+    # is fast and reproducible; "thorough": many random examples, for a hunt (pytest --hypothesis-profile=thorough).
+    settings.register_profile(
+        "ci",
+        max_examples=50,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile("ci")  # --hypothesis-profile (hypothesis' pytest plugin) overrides this
+
 
 def pytest_addoption(parser):
     parser.addoption("--accelerator", default="cpu", help="accelerator for model tests: cpu, gpu or auto")

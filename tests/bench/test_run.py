@@ -169,3 +169,24 @@ def test_run_on_a_backed_h5ad(sim, tmp_path):
     }
     _assert_same_results(vcell.bench.run(backed, **kw).results, vcell.bench.run(sim, **kw).results)
     assert backed.isbacked
+
+
+def test_nan_predictions_are_the_models_error_not_a_score():
+    """A predictor returning NaN for a condition: reported as its error (on_error='skip'), or raised."""
+    import vcell
+
+    class NaNPredictor:
+        name = "nan_model"
+
+        def fit_predict(self, train, requests, *, seed, covariate_keys, layer):
+            return {r.condition: np.full((r.controls.size, train.n_vars), np.nan, np.float32) for r in requests}
+
+    adata = vcell.datasets.simulate(n_cells=600, n_genes=30, n_perturbations=4, n_combos=2, seed=0)
+    kw = {"perturbation_key": "perturbation", "control": "control", "splits": ["combo_seen2"], "seeds": [0]}
+    res = vcell.bench.run(adata, models=["additive", NaNPredictor()], on_error="skip", progress=False, **kw)
+    errors = res.results[(res.results["model"] == "nan_model") & (res.results["metric"] == "error")]
+    assert len(errors)
+    assert errors["error"].astype(str).str.contains("NaN or infinite").all()
+    assert np.isfinite(res.results.loc[res.results["model"] == "additive", "value"].dropna()).all()
+    with pytest.raises(ValueError, match="nan_model returned NaN"):
+        vcell.bench.run(adata, models=[NaNPredictor()], on_error="raise", progress=False, **kw)

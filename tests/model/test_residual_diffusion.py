@@ -122,7 +122,7 @@ def test_predict_is_the_mean_models(bimodal):
 def test_save_load_round_trip(bimodal, tmp_path):
     adata, model = bimodal
     model.save(tmp_path / "rd", overwrite=True)
-    assert (tmp_path / "rd" / "mean_model" / "model.pt").exists()
+    assert (tmp_path / "rd" / "mean_model" / "vcell_model.json").exists()
     loaded = ResidualDiffusion.load(tmp_path / "rd", adata=adata)
     np.testing.assert_allclose(
         loaded.sample(perturbation="A", n_cells=40, seed=3, n_steps=10).X,

@@ -337,7 +337,7 @@ def _shallow_copy(adata: AnnData) -> AnnData:
         uns=deepcopy(dict(adata.uns)),
         obsm=dict(adata.obsm),
         varm=dict(adata.varm),
-        layers=dict(adata.layers),
+        layers={k: v for k, v in adata.layers.items() if k is not None},  # anndata 0.13 lists X as layers[None]
         obsp=dict(adata.obsp),
         varp=dict(adata.varp),
         raw=raw,
@@ -619,7 +619,13 @@ def run(
                         raise ValueError(msg)
                     errors[req.condition] = X
                     continue
-                X = _checked(X, (req.controls.size, a.n_vars), spec.name, req.condition)
+                try:  # NaN would stop evaluate (or hide in a mean): the model's error for this condition
+                    X = _checked(X, (req.controls.size, a.n_vars), spec.name, req.condition, finite=True)
+                except ValueError as err:
+                    if on_error == "raise":
+                        raise
+                    errors[req.condition] = str(err)
+                    continue
                 preds.append(_sub_adata(X, req.condition, a.var_names))
             res = dict(getattr(spec, "last_resources", {}) or {})
             timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
@@ -699,13 +705,21 @@ def run(
 _PROTEIN_BENCH_KEY = "vcell_bench_protein"
 
 
-def _checked(X: Any, shape: tuple[int, int], name: str, condition: str) -> np.ndarray:
-    """``X`` as float32, or a ValueError when its shape is not ``shape`` (one row per requested control cell)."""
+def _checked(X: Any, shape: tuple[int, int], name: str, condition: str, *, finite: bool = False) -> np.ndarray:
+    """``X`` as float32, or a ValueError naming the model and condition.
+
+    Raised when the shape is not ``shape`` (one row per requested control cell) or, with ``finite``, when ``X`` holds
+    NaN or infinite values.
+    """
     X = np.asarray(X, dtype=np.float32)
     if X.shape != shape:
         msg = (
             f"{name} returned shape {X.shape} for {condition!r}; expected {shape} (one row per requested control cell)"
         )
+        raise ValueError(msg)
+    bad = ~np.isfinite(X).all(axis=1) if finite else np.zeros(len(X), dtype=bool)
+    if bad.any():  # scored, a NaN would stop evaluate (or hide in a mean): it is this model's error for this condition
+        msg = f"{name} returned NaN or infinite values for {condition!r} in {int(bad.sum())} of {len(X)} cells"
         raise ValueError(msg)
     return X
 

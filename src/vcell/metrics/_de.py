@@ -28,11 +28,19 @@ def _gene_var(X: np.ndarray | sparse.csr_matrix) -> np.ndarray:
 
 
 def _dense2d(x: ArrayLike | sparse.spmatrix, name: str) -> np.ndarray | sparse.csr_matrix:
+    """Cells as float32 (CSR stays sparse); a ValueError naming ``name`` for a wrong shape or NaN/inf values."""
     if sparse.issparse(x):
-        return sparse.csr_matrix(x, dtype=np.float32)
-    arr = np.asarray(x, dtype=np.float32)
-    if arr.ndim != 2:
-        msg = f"{name} must be a 2-D (cells x genes) array, got {arr.ndim} dimensions"
+        arr = sparse.csr_matrix(x, dtype=np.float32)
+        values = arr.data
+    else:
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 2:
+            msg = f"{name} must be a 2-D (cells x genes) array, got {arr.ndim} dimensions"
+            raise ValueError(msg)
+        values = arr
+    if not np.isfinite(values).all():
+        # a t-test with NaN gives NaN scores, read as "not DE": the gene would silently drop out of the ranking
+        msg = f"{name} holds {int((~np.isfinite(values)).sum())} NaN or inf value(s); expected finite expression"
         raise ValueError(msg)
     return arr
 
@@ -167,6 +175,11 @@ def top_de_genes(
     -------
     Integer gene indices, most differential first.
 
+    Raises
+    ------
+    ValueError
+        If either set holds NaN or inf, has fewer than 2 cells, or the gene counts differ.
+
     Examples
     --------
     >>> import numpy as np
@@ -176,6 +189,7 @@ def top_de_genes(
     >>> top_de_genes(pert, ctrl, n_top=2)
     array([2, 4])
     """
+    true_cells, control_cells = _dense2d(true_cells, "true_cells"), _dense2d(control_cells, "control_cells")
     stats = de_stats({"x": true_cells}, control_cells, method=method)["x"]
     if stats is None:
         msg = "true_cells must hold at least 2 cells for differential expression"
@@ -208,6 +222,11 @@ def de_genes_fdr(
     -------
     Integer gene indices (possibly empty), most differential first.
 
+    Raises
+    ------
+    ValueError
+        If either set holds NaN or inf, has fewer than 2 cells, or the gene counts differ.
+
     Examples
     --------
     >>> import numpy as np
@@ -217,6 +236,7 @@ def de_genes_fdr(
     >>> de_genes_fdr(pert, ctrl)
     array([2])
     """
+    true_cells, control_cells = _dense2d(true_cells, "true_cells"), _dense2d(control_cells, "control_cells")
     stats = de_stats({"x": true_cells}, control_cells, method=method)["x"]
     if stats is None:
         msg = "true_cells must hold at least 2 cells for differential expression"
@@ -232,6 +252,21 @@ def significant(stats: tuple[np.ndarray, np.ndarray], fdr: float) -> np.ndarray:
     scores, pvals = stats
     order = rank_by_abs(scores)
     return order[pvals[order] < fdr]
+
+
+def _indices(x: ArrayLike, name: str) -> np.ndarray:
+    """Gene indices as int64; a ValueError naming ``name`` for values that are not integers (no silent truncation)."""
+    arr = np.asarray(x).ravel()
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        try:
+            num = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            num = None
+        if num is None or not (np.isfinite(num).all() and (num == np.round(num)).all()):
+            msg = f"{name} must hold integer gene indices, got e.g. {arr[:5].tolist()}"
+            raise ValueError(msg)
+        arr = num
+    return arr.astype(np.int64)
 
 
 def de_overlap(pred_de: ArrayLike, true_de: ArrayLike, *, k: int | None = None) -> float:
@@ -254,13 +289,17 @@ def de_overlap(pred_de: ArrayLike, true_de: ArrayLike, *, k: int | None = None) 
     -------
     ``|pred_de[:k] & true_de[:k]| / k``; ``NaN`` when ``k`` is 0 (no true DE genes).
 
+    Raises
+    ------
+    ValueError
+        If ``pred_de`` or ``true_de`` holds something other than integers (NaN, inf, ``2.5``), or ``k < 0``.
+
     Examples
     --------
     >>> de_overlap([3, 1, 2, 0], [1, 2])
     0.5
     """
-    p = np.asarray(pred_de, dtype=np.int64).ravel()
-    t = np.asarray(true_de, dtype=np.int64).ravel()
+    p, t = _indices(pred_de, "pred_de"), _indices(true_de, "true_de")
     k = t.size if k is None else int(k)
     if k < 0:
         msg = f"k must be non-negative, got {k}"

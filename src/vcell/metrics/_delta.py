@@ -78,7 +78,8 @@ def pearson_delta(
     -------
     The correlation, or ``NaN`` where it is undefined: fewer than 2 genes, or a constant delta such as the
     ``control`` baseline's all-zero change (spread ``<= 1e-6 * max(1, max|ref|)``, so float32 round-off of a
-    control-mean prediction also counts as constant).
+    control-mean prediction also counts as constant). NaN or inf in ``pred``, ``true`` or ``ref`` on the genes used
+    also gives ``NaN``.
 
     Examples
     --------
@@ -117,8 +118,8 @@ def mse_top_de(
 
     Returns
     -------
-    ``mean((pred_mean - true_mean)[genes] ** 2)``. See :func:`mse_top_de_normalized` for the version relative to
-    the ``control`` baseline.
+    ``mean((pred_mean - true_mean)[genes] ** 2)``; NaN (or inf) when ``pred`` or ``true`` holds NaN or inf on the
+    genes used. See :func:`mse_top_de_normalized` for the version relative to the ``control`` baseline.
 
     Examples
     --------
@@ -158,7 +159,8 @@ def mse_top_de_normalized(
 
     Returns
     -------
-    ``mse(pred, true) / mse(ctrl, true)``; ``NaN`` when the control baseline's MSE is 0.
+    ``mse(pred, true) / mse(ctrl, true)``; ``NaN`` when the control baseline's MSE is 0 or not finite (NaN or inf
+    in the inputs).
 
     Examples
     --------
@@ -168,7 +170,7 @@ def mse_top_de_normalized(
     """
     num = mse_top_de(pred, true, genes=genes)
     den = mse_top_de(ctrl, true, genes=genes)
-    if not den > 0:
+    if not (den > 0 and np.isfinite(den)):  # an infinite control error made any prediction look perfect (0)
         return float("nan")
     return num / den
 
@@ -196,7 +198,14 @@ def l2_top_expressed(
 
     Returns
     -------
-    ``sqrt(sum((pred_mean - true_mean)[top] ** 2))``.
+    ``sqrt(sum((pred_mean - true_mean)[top] ** 2))``; NaN (or inf) when ``pred`` or ``true`` holds NaN or inf on
+    the top genes.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, ``n_top < 1``, or ``expressed_mean`` holds NaN or inf (the ranking would be
+        arbitrary).
 
     Examples
     --------
@@ -208,6 +217,12 @@ def l2_top_expressed(
     e = np.asarray(expressed_mean, dtype=np.float64).ravel()
     check_same_length(p, t, ("pred", "true"))
     check_same_length(e, t, ("expressed_mean", "true"))
+    if not np.isfinite(e).all():
+        msg = (
+            f"expressed_mean holds {int((~np.isfinite(e)).sum())} NaN or inf value(s); expected a finite expression "
+            "per gene to rank the genes by"
+        )
+        raise ValueError(msg)
     if n_top < 1:
         msg = f"n_top must be a positive integer, got {n_top}"
         raise ValueError(msg)
@@ -240,7 +255,8 @@ def direction_accuracy(
 
     Returns
     -------
-    A share in ``[0, 1]``; ``NaN`` when no selected gene changes.
+    A share in ``[0, 1]``; ``NaN`` when no selected gene changes, or when ``pred``, ``true`` or ``ref`` holds NaN or
+    inf (on the selected genes; anywhere in ``ref``, which sets the tolerance).
 
     Examples
     --------
@@ -249,6 +265,8 @@ def direction_accuracy(
     0.5
     """
     dp, dt, tol = _deltas(pred, true, ref, genes)
+    if not (np.isfinite(tol) and np.isfinite(dp).all() and np.isfinite(dt).all()):
+        return float("nan")  # a NaN change is neither right nor wrong: it was counted as wrong, or left out
     keep = np.abs(dt) > tol
     if not keep.any():
         return float("nan")
@@ -283,7 +301,8 @@ def pds(
 
     Returns
     -------
-    Scores, shape ``(n_perturbations,)``.
+    Scores, shape ``(n_perturbations,)``; ``NaN`` for a perturbation whose distances involve NaN or inf (row ``i``
+    of ``pred_deltas``, or any row of ``true_deltas``: then every score).
 
     Examples
     --------
@@ -313,11 +332,15 @@ def pds(
             if cols.max() >= P.shape[1]:
                 msg = f"target_gene_idx[{i}] = {cols.max()} is out of range for {P.shape[1]} genes"
                 raise ValueError(msg)
-            D[i] -= np.abs(P[i, cols][None, :] - T[:, cols]).sum(axis=1)
+            with np.errstate(invalid="ignore"):  # inf - inf: NaN, reported below
+                D[i] -= np.abs(P[i, cols][None, :] - T[:, cols]).sum(axis=1)
     own = np.diag(D)[:, None]
     # tolerance against round-off from the column subtraction
     tol = 1e-9 * np.maximum(1.0, np.abs(own))
-    closer = (D < own - tol).sum(axis=1)
-    ties = (np.abs(D - own) <= tol).sum(axis=1) - 1  # minus the perturbation itself
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, reported below
+        closer = (D < own - tol).sum(axis=1)
+        ties = (np.abs(D - own) <= tol).sum(axis=1) - 1  # minus the perturbation itself
     rank = closer + 0.5 * ties
-    return 1.0 - rank / n
+    scores = 1.0 - rank / n
+    scores[~np.isfinite(D).all(axis=1)] = np.nan  # a NaN distance is neither closer nor farther: no rank
+    return scores

@@ -180,7 +180,8 @@ def energy_distance(
 
     Returns
     -------
-    The energy distance (0 for identical sets; ``2 d`` for two point masses ``d`` apart).
+    The energy distance (0 for identical sets; ``2 d`` for two point masses ``d`` apart); ``NaN`` when a (subsampled)
+    cell holds NaN or inf.
 
     Examples
     --------
@@ -192,7 +193,8 @@ def energy_distance(
     dxy, dxx, dyy = sq_dists(Xc, Yc), sq_dists(Xc, Xc), sq_dists(Yc, Yc)
     if not squared:
         dxy, dxx, dyy = np.sqrt(dxy), np.sqrt(dxx), np.sqrt(dyy)
-    return float(max(2.0 * dxy.mean() - dxx.mean() - dyy.mean(), 0.0))
+    value = 2.0 * dxy.mean() - dxx.mean() - dyy.mean()
+    return float(value) if np.isnan(value) else float(max(value, 0.0))
 
 
 def _median_scale(dxx: np.ndarray, dyy: np.ndarray, dxy: np.ndarray) -> float:
@@ -237,7 +239,7 @@ def mmd(
 
     Returns
     -------
-    MMD^2 (0 for identical sets).
+    MMD^2 (0 for identical sets, at most 2); ``NaN`` when a (subsampled) cell holds NaN or inf.
 
     Examples
     --------
@@ -252,11 +254,14 @@ def mmd(
     Xc, Yc = _prepare(X, Y, max_cells, seed)
     dxy, dxx, dyy = sq_dists(Xc, Yc), sq_dists(Xc, Xc), sq_dists(Yc, Yc)
     scale = _median_scale(dxx, dyy, dxy)
+    # distances relative to the median first: -1 / (b * scale) overflows to -inf for a subnormal scale, and -inf * 0
+    # is NaN (cells 1e-155 apart gave NaN, not the MMD of the same cells scaled up)
+    rxx, ryy, rxy = dxx / scale, dyy / scale, dxy / scale
     vals = []
     for b in bandwidths:
-        g = -1.0 / (b * scale)
-        vals.append(np.exp(g * dxx).mean() + np.exp(g * dyy).mean() - 2.0 * np.exp(g * dxy).mean())
-    return float(max(np.mean(vals), 0.0))
+        vals.append(np.exp(-rxx / b).mean() + np.exp(-ryy / b).mean() - 2.0 * np.exp(-rxy / b).mean())
+    value = np.mean(vals)
+    return float(value) if np.isnan(value) else float(max(value, 0.0))
 
 
 def diversity(
@@ -289,7 +294,7 @@ def diversity(
 
     Returns
     -------
-    ``{"variance_ratio": ..., "coverage": ...}``.
+    ``{"variance_ratio": ..., "coverage": ...}``; both ``NaN`` when ``sampled`` or ``real`` holds NaN or inf.
 
     Examples
     --------
@@ -303,6 +308,8 @@ def diversity(
     if S.shape[0] < 2 or R.shape[0] < 2:
         msg = f"sampled and real need at least 2 cells each, got {S.shape[0]} and {R.shape[0]}"
         raise ValueError(msg)
+    if not (np.isfinite(S).all() and np.isfinite(R).all()):  # NaN genes dropped from the ratio, cells never covered
+        return {"variance_ratio": float("nan"), "coverage": float("nan")}
     vr, vs = R.var(axis=0, ddof=1), S.var(axis=0, ddof=1)
     keep = vr > 0
     ratio = float(np.mean(vs[keep] / vr[keep])) if keep.any() else float("nan")

@@ -15,6 +15,11 @@ def _rows(x: ArrayLike, name: str) -> np.ndarray:
     if arr.ndim != 2:
         msg = f"{name} must be a 2-D (n_combos x n_genes) array of means or deltas, got shape {arr.shape}"
         raise ValueError(msg)
+    if not np.isfinite(arr).all():
+        # a NaN non-additivity is never above a threshold: that double was silently labelled additive
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        msg = f"{name} holds NaN or inf in {bad.size} combination(s) (rows {bad[:5].tolist()}); expected finite values"
+        raise ValueError(msg)
     return arr
 
 
@@ -31,6 +36,11 @@ def nonadditivity(double: ArrayLike, additive: ArrayLike) -> np.ndarray:
     Returns
     -------
     ``(n_combos,)`` non-negative norms.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or an input holds NaN or inf.
 
     Examples
     --------
@@ -79,6 +89,11 @@ def interaction_auprc(
     -------
     Average precision in ``[0, 1]``; ``NaN`` when no combination is labelled non-additive.
 
+    Raises
+    ------
+    ValueError
+        If the shapes differ, an input holds NaN or inf (naming it), or ``labels`` is not boolean.
+
     Examples
     --------
     >>> import numpy as np
@@ -89,7 +104,8 @@ def interaction_auprc(
     """
     from sklearn.metrics import average_precision_score
 
-    scores = nonadditivity(pred_double, additive)
+    additive = _rows(additive, "additive")
+    scores = nonadditivity(_rows(pred_double, "pred_double"), additive)
     if labels is not None:
         y = np.asarray(labels)
         if y.dtype != bool:
@@ -100,7 +116,7 @@ def interaction_auprc(
         if true_double is None:
             msg = "pass true_double (with an optional threshold) or boolean labels"
             raise ValueError(msg)
-        truth = nonadditivity(true_double, additive)
+        truth = nonadditivity(_rows(true_double, "true_double"), additive)
         thr = float(np.median(truth)) if threshold is None else float(threshold)
         y = truth > thr
     if y.shape[0] != scores.shape[0]:

@@ -212,9 +212,10 @@ class PerturbationModel(ProteinData, BaseModelClass):
       :func:`vcell.tl.predict_perturbation` run the shared checks (modality, trained, genes, starting control cells)
       and then call it;
     * implements :meth:`sample` when ``capabilities.can_sample``;
-    * saves and loads with :meth:`save` / :meth:`load` (scvi-tools'): what it needs to predict lives in
-      ``self.module``'s tensors and in plain attributes (numbers, strings, lists, dicts, arrays), never in arbitrary
-      Python objects, so that persistence can avoid unpickling (DESIGN.md).
+    * saves and loads with :meth:`save` / :meth:`load` (scvi-tools' arguments and directory, vcell's format: JSON and
+      tensors, never unpickled, DESIGN.md): what it needs to predict lives in ``self.module``'s tensors and in
+      attributes ending in ``_`` of the types the format stores (numbers, strings, lists, dicts, arrays, tensors,
+      pandas objects; docs/adding_a_model.md), never in arbitrary Python objects.
 
     Every model predicts in the evaluation space of BENCHMARK.md, log1p(CP10k), whatever its likelihood. A model
     registered with proteins (``setup_anndata(mdata, protein_modality=...)``, ``capabilities.models_proteins``) has
@@ -353,27 +354,130 @@ class PerturbationModel(ProteinData, BaseModelClass):
         if info is not None:
             record_protein(cls._get_most_recent_anndata_manager(adata, required=True).registry, info)
 
+    # ---------------------------------------------------------------- persistence (never unpickles)
+    def save(
+        self,
+        dir_path: str | Path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs: Any,
+    ) -> None:
+        """Save the model into a directory, in a format that loads without unpickling (scvi-tools' arguments).
+
+        The directory holds ``{prefix}vcell_model.json`` (class, genes, registry and the attributes ending in ``_``,
+        as JSON) and ``{prefix}vcell_tensors.pt`` (the module's weights and numeric arrays, read back with
+        ``torch.load(weights_only=True)``; ``vcell/model/_persist.py``). An attribute of a type the format does
+        not store is a TypeError naming it, before anything is written.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to save into (created).
+        prefix
+            Prefix of the file names.
+        overwrite
+            Write into an existing directory; ``False``: a ValueError if it exists.
+        save_anndata
+            Also save the model's AnnData (``{prefix}adata.h5ad``), which :meth:`load` then uses without ``adata``.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        from ._persist import save_model
+
+        save_model(
+            self, dir_path, prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **anndata_write_kwargs
+        )
+
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | MuData | None = None, **kwargs: Any) -> PerturbationModel:
-        """Load a saved model (scvi-tools' ``load``); ``adata`` may be the MuData it was trained on.
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | MuData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        allow_unsafe_legacy: bool = False,
+        allowed_classes_names_list: list[str] | None = None,
+    ) -> PerturbationModel:
+        """Load a model saved by :meth:`save` (scvi-tools' ``load``); ``adata`` may be the MuData it was trained on.
+
+        Nothing is unpickled: JSON and ``torch.load(weights_only=True)``. A directory holding only scvi-tools'
+        pickled ``model.pt`` (saved by vcell before this format) is a ValueError unless ``allow_unsafe_legacy``.
 
         Parameters
         ----------
         dir_path
             Directory the model was saved into.
         adata
-            Data to attach (same genes): an AnnData, or a MuData whose ``rna`` modality is used (and whose proteins
-            are attached for a protein model); ``None`` uses the AnnData saved with the model.
-        **kwargs
-            Passed to :meth:`scvi.model.base.BaseModelClass.load` (``accelerator``, ``device``, ``prefix``, ...).
+            Data to attach (same genes, checked): an AnnData, or a MuData whose ``rna`` modality is used (and whose
+            proteins are attached for a protein model); registered as the saved model's data was (its
+            ``setup_anndata`` arguments are replayed). ``None`` uses the AnnData saved with the model
+            (``save_anndata=True``), or none (a warning); ``False``: none.
+        accelerator, device
+            Where to put the module (scvi-tools' arguments).
+        prefix
+            Prefix of the file names.
+        allow_unsafe_legacy
+            Read scvi-tools' pickled ``model.pt`` with ``torch.load(weights_only=False)``, which can execute code
+            hidden in the file: only for a file you trust (a warning says so); save the model again to convert it.
+        allowed_classes_names_list
+            Names of other classes whose saved models this class may load.
         """
+        from ._persist import find_saved, load_model
+
         mdata = adata if adata is not None and hasattr(adata, "mod") else None
         if mdata is not None and "rna" not in mdata.mod:
             msg = f"MuData has no 'rna' modality; modalities: {list(mdata.mod)}"
             raise KeyError(msg)
-        model = super().load(str(dir_path), adata=mdata.mod["rna"] if mdata is not None else adata, **kwargs)
+        rna = mdata.mod["rna"] if mdata is not None else adata
+        kind = find_saved(dir_path, prefix, allow_unsafe_legacy=allow_unsafe_legacy, what=f"{cls.__name__}.load")
+        if kind == "legacy":
+            model = super().load(
+                str(dir_path),
+                adata=rna,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                allowed_classes_names_list=allowed_classes_names_list,
+            )
+        else:
+            model = load_model(
+                cls,
+                dir_path,
+                rna,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                allowed_classes_names_list=allowed_classes_names_list,
+            )
         model._attach_protein(mdata)
         return model
+
+    @staticmethod
+    def load_registry(dir_path: str | Path, prefix: str | None = None, allow_unsafe_legacy: bool = False) -> dict:
+        """The registry saved with a model (scvi-tools' ``load_registry``), read from JSON without unpickling.
+
+        ``allow_unsafe_legacy``: as in :meth:`load`, for scvi-tools' pickled ``model.pt``.
+        """
+        from ._persist import find_saved, read_registry
+
+        kind = find_saved(dir_path, prefix, allow_unsafe_legacy=allow_unsafe_legacy, what="load_registry")
+        if kind == "legacy":
+            return BaseModelClass.load_registry(str(dir_path), prefix)
+        return read_registry(dir_path, prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str | Path, prefix: str | None = None, allow_unsafe_legacy: bool = False) -> None:
+        """Print the ``setup_anndata`` arguments of a saved model (scvi-tools' ``view_setup_args``), without unpickling.
+
+        ``allow_unsafe_legacy``: as in :meth:`load`, for scvi-tools' pickled ``model.pt``.
+        """
+        import rich.pretty  # noqa: F401  (scvi-tools' view_setup_method_args uses it without importing it)
+        from scvi.data import AnnDataManager
+
+        registry = PerturbationModel.load_registry(dir_path, prefix, allow_unsafe_legacy=allow_unsafe_legacy)
+        AnnDataManager.view_setup_method_args(registry)
 
     # ---------------------------------------------------------------- capabilities
     @staticmethod

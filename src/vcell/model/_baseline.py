@@ -288,12 +288,12 @@ class Baseline(PerturbationModel):
         Yu = Yc[:, usable]
         lam = self.ridge
         W = np.linalg.solve(G.T @ G + lam * np.eye(K), G.T @ Yu @ P) @ np.linalg.inv(P.T @ P + lam * np.eye(K))
-        m = self.module
-        m.lin_G.copy_(torch.as_tensor(G))
-        m.lin_W.copy_(torch.as_tensor(W))
-        m.lin_b.copy_(torch.as_tensor(b))
-        m.lin_P.copy_(torch.as_tensor(P_atoms))
-        m.lin_P_ok.copy_(torch.as_tensor(ok))
+        m = self.module  # np.array: writable copies (pandas 3 hands out read-only arrays)
+        m.lin_G.copy_(torch.as_tensor(np.array(G)))
+        m.lin_W.copy_(torch.as_tensor(np.array(W)))
+        m.lin_b.copy_(torch.as_tensor(np.array(b)))
+        m.lin_P.copy_(torch.as_tensor(np.array(P_atoms)))
+        m.lin_P_ok.copy_(torch.as_tensor(np.array(ok)))
         self.linear_embedding_mode_ = mode if isinstance(mode, str) else "table"
 
     def _features(self, adata: AnnData, idx: np.ndarray | None = None) -> np.ndarray:

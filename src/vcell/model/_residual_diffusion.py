@@ -1072,13 +1072,13 @@ class ResidualDiffusion(PerturbationModel):
 
     # ------------------------------------------------------------------ save / load
     def save(self, dir_path: str | Path, prefix: str | None = None, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save the model and its mean model (in ``dir_path/mean_model``); arguments of scvi-tools' ``save``."""
+        """Save the model and its mean model (in ``dir_path/mean_model``); arguments of :meth:`PerturbationModel.save`."""
         super().save(str(dir_path), prefix=prefix, overwrite=overwrite, **kwargs)
         self.mean_model.save(str(Path(dir_path) / _MEAN_DIR), prefix=prefix, overwrite=True)
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: AnnData | MuData | None = None, **kwargs: Any) -> ResidualDiffusion:
-        """Load a model saved by :meth:`save` (with its mean model); arguments of scvi-tools' ``load``.
+        """Load a model saved by :meth:`save` (with its mean model); arguments of :meth:`PerturbationModel.load`.
 
         ``adata`` may be a MuData (its ``rna`` modality is registered, the proteins of a protein model copied).
         """
