@@ -71,7 +71,11 @@ def _run(tmp_path: Path, name: str, devices: int, batch_size: int) -> str:
     script.write_text(SCRIPT)
     out = str(tmp_path / f"{name}_{devices}")
     init, train = MODELS[name]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    import vcell
+
+    src = str(Path(vcell.__file__).resolve().parents[1])  # the vcell under test, whatever the working directory
+    path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     cmd = [sys.executable, str(script), out, name, str(devices), str(batch_size), json.dumps(init), json.dumps(train)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
