@@ -275,6 +275,15 @@ class CellBatches:
             out.extend(part[s : s + b] for s in range(0, len(part), b))
         return out
 
+    # ------------------------------------------------------------------ epochs
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next pass as epoch ``epoch``.
+
+        :func:`vcell.train.fit` calls it before every training epoch with the trainer's epoch, so a resumed run
+        continues the same sequence of passes.
+        """
+        self.epoch = int(epoch)
+
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
         if self._n is None:  # a drawn pass: its length is known once drawn (drawn again when iterated)

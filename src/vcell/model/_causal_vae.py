@@ -546,6 +546,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         strategy: str | Any = "auto",
         num_nodes: int = 1,
         shuffle: str = "auto",
+        checkpoint_path: str | None = None,
     ) -> None:
         """Train with Lightning (progress bar, validation loss, early stopping on the validation ELBO).
 
@@ -589,6 +590,10 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``).
+        checkpoint_path
+            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
 
         Sets the following fields
         -------------------------
@@ -632,6 +637,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             devices=devices,
             strategy=strategy,
             num_nodes=num_nodes,
+            checkpoint_path=checkpoint_path,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             callbacks=[as_callback(groups)] if groups else [],

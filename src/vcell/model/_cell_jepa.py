@@ -460,6 +460,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         strategy: str | Any = "auto",
         num_nodes: int = 1,
         shuffle: str = "auto",
+        checkpoint_path: str | None = None,
     ) -> None:
         """Pretrain the encoder on all non-test cells (perturbed or not) by masked module-embedding prediction.
 
@@ -495,6 +496,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``).
+        checkpoint_path
+            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
 
         Sets the following fields
         -------------------------
@@ -551,6 +556,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             devices=devices,
             strategy=strategy,
             num_nodes=num_nodes,
+            checkpoint_path=checkpoint_path,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             callbacks=[_ema_callback()],
@@ -581,6 +587,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         strategy: str | Any = "auto",
         num_nodes: int = 1,
         shuffle: str = "auto",
+        checkpoint_path: str | None = None,
     ) -> None:
         """Fit the transition and the decoder on the frozen embeddings (pretraining first if it has not run).
 
@@ -615,6 +622,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Order of the training pairs (and of the pretraining's cells): ``"full"`` (a new permutation per epoch),
             ``"block"`` (permuted blocks of pairs with consecutive target cells, then pairs within windows:
             contiguous reads from disk) or ``"auto"`` (``"block"`` for a backed AnnData, else ``"full"``).
+        checkpoint_path
+            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
 
         Sets the following fields
         -------------------------
@@ -652,6 +663,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                 validation_fraction=validation_fraction,
                 strategy=strategy,
                 num_nodes=num_nodes,
+                checkpoint_path=None if checkpoint_path is None else f"{checkpoint_path}/pretrain",
                 shuffle=shuffle,
             )
         lightning.seed_everything(seed, verbose=False)
@@ -719,6 +731,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             devices=devices,
             strategy=strategy,
             num_nodes=num_nodes,
+            checkpoint_path=None if checkpoint_path is None else f"{checkpoint_path}/transition",
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,

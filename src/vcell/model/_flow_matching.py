@@ -474,6 +474,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         strategy: str | Any = "auto",
         num_nodes: int = 1,
         shuffle: str = "auto",
+        checkpoint_path: str | None = None,
     ) -> None:
         """Train the vector field with Lightning (progress bar, validation flow-matching loss, early stopping).
 
@@ -514,6 +515,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             Order of the pairs: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of pairs with
             consecutive target cells, then pairs within windows) or ``"auto"`` (``"full"``: the pairs are read from
             the cells' PCA coordinates, held in memory even for a backed AnnData).
+        checkpoint_path
+            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
 
         Sets the following fields
         -------------------------
@@ -571,6 +576,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             devices=devices,
             strategy=strategy,
             num_nodes=num_nodes,
+            checkpoint_path=checkpoint_path,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,

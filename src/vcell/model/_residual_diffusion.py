@@ -511,6 +511,7 @@ class ResidualDiffusion(PerturbationModel):
         strategy: str | Any = "auto",
         num_nodes: int = 1,
         shuffle: str = "auto",
+        checkpoint_path: str | None = None,
     ) -> None:
         """Train the mean model (unless it is trained already), then the residual diffusion model.
 
@@ -549,6 +550,10 @@ class ResidualDiffusion(PerturbationModel):
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``). The diffusion model trains on the cells' coordinates, which are in
             memory: ``"auto"`` is ``"full"``.
+        checkpoint_path
+            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
 
         Sets the following fields
         -------------------------
@@ -683,6 +688,7 @@ class ResidualDiffusion(PerturbationModel):
             devices=devices,
             strategy=strategy,
             num_nodes=num_nodes,
+            checkpoint_path=checkpoint_path,
             early_stopping=early_stopping and n_val > 0,
             early_stopping_patience=early_stopping_patience,
             trainer_kwargs=trainer_kwargs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,14 @@ class BestWeights:
 
     def __init__(self, monitor: str) -> None:
         self.monitor, self.best, self.state, self.epoch = monitor, np.inf, None, -1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (tensors and numbers only)."""
+        return {"best": float(self.best), "epoch": int(self.epoch), "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.best, self.epoch, self.state = float(state["best"]), int(state["epoch"]), state["state"]
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Copy the weights when ``monitor`` improved."""
@@ -45,7 +54,77 @@ def as_callback(obj: Any) -> Any:
             if hasattr(obj, "on_validation_end"):
                 obj.on_validation_end(trainer, pl_module)
 
+        @property
+        def state_key(self) -> str:  # one entry per wrapped object type in a checkpoint
+            return f"vcell_{type(obj).__name__}"
+
+        def state_dict(self) -> dict[str, Any]:
+            return obj.state_dict() if hasattr(obj, "state_dict") else {}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            if state_dict and hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(state_dict)
+
     return _Forward()
+
+
+class _EpochEnd:
+    """First callback: sets the loader's epoch; the plan finishes its epoch before any checkpoint of it is written."""
+
+    @staticmethod
+    def make() -> Any:
+        import lightning
+
+        class FinishEpoch(lightning.pytorch.callbacks.Callback):
+            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                # the training batches of this epoch are drawn as this epoch's (a resumed run continues the sequence)
+                loader = trainer.train_dataloader
+                if callable(getattr(loader, "set_epoch", None)):
+                    loader.set_epoch(int(trainer.current_epoch))
+
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                if hasattr(pl_module, "finish_train_epoch"):
+                    pl_module.finish_train_epoch()
+
+        return FinishEpoch()
+
+
+class _SaveLast:
+    """Callback writing the whole training state to one file after every epoch.
+
+    The file is written aside, then renamed, so a run killed while writing leaves the previous checkpoint whole.
+    """
+
+    @staticmethod
+    def make(path: Path) -> Any:
+        import lightning
+
+        class SaveLast(lightning.pytorch.callbacks.Callback):
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                part = path.with_name(path.name + ".part")
+                trainer.save_checkpoint(part)
+                if trainer.is_global_zero:
+                    part.replace(path)
+                trainer.strategy.barrier()
+
+        return SaveLast()
+
+
+def _safe_checkpoint_io() -> Any:
+    """Lightning's checkpoint reader with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read."""
+    import torch
+    from lightning.fabric.plugins.io import TorchCheckpointIO
+
+    class SafeCheckpointIO(TorchCheckpointIO):
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
+            try:
+                return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError) as err:  # truncated or foreign files
+                msg = f"cannot read the training checkpoint {str(path)!r}: {err}"
+                raise ValueError(msg) from err
+
+    return SafeCheckpointIO()
 
 
 def fit(
@@ -62,6 +141,7 @@ def fit(
     early_stopping_patience: int = 20,
     callbacks: Sequence[Any] = (),
     trainer_kwargs: dict | None = None,
+    checkpoint_path: str | Path | None = None,
 ) -> int:
     """Fit ``plan`` with a :class:`lightning.Trainer`; with early stopping, restore the best epoch's weights.
 
@@ -95,6 +175,11 @@ def fit(
         Further Lightning callbacks.
     trainer_kwargs
         Further :class:`lightning.Trainer` arguments.
+    checkpoint_path
+        A folder for a checkpoint written after every epoch (``last.ckpt``: weights, optimizer, epoch, history, random
+        state, early-stopping state). When it already holds one, training resumes from it, and reaches the weights an
+        uninterrupted run with the same seed reaches (on CPU). Checkpoints are read with
+        ``torch.load(weights_only=True)``: reading one cannot run code.
 
     Returns
     -------
@@ -112,7 +197,7 @@ def fit(
             find_unused_parameters=True, start_method={"ddp": "popen", "ddp_spawn": "spawn"}.get(strategy, "fork")
         )
     best = BestWeights(plan.monitor)
-    cbs = list(callbacks)
+    cbs = [_EpochEnd.make(), *callbacks]
     if early_stopping:
         cbs.append(as_callback(best))
         cbs.append(lightning.pytorch.callbacks.EarlyStopping(monitor=plan.monitor, patience=early_stopping_patience))
@@ -136,6 +221,16 @@ def fit(
         kwargs["callbacks"].append(progress_bar())
     if val_dataloader is None:
         kwargs["limit_val_batches"] = 0
+    resume = None
+    if checkpoint_path is not None:
+        folder = Path(checkpoint_path)
+        if folder.exists() and not folder.is_dir():
+            msg = f"checkpoint_path {str(folder)!r} is a file; pass a folder (vcell writes last.ckpt there)"
+            raise ValueError(msg)
+        kwargs["callbacks"].append(_SaveLast.make(folder / "last.ckpt"))
+        kwargs["plugins"] = [*list(kwargs.get("plugins") or []), _safe_checkpoint_io()]
+        last = folder / "last.ckpt"
+        resume = str(last) if last.exists() else None
     pl_logger = logging.getLogger("lightning.pytorch")
     level = pl_logger.level
     if settings.verbosity != "debug":  # Lightning's banner (GPU available, tips) only in debug mode
@@ -152,7 +247,7 @@ def fit(
                     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=category
                 )
             trainer = lightning.Trainer(**kwargs)
-            trainer.fit(plan, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
+            trainer.fit(plan, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader, ckpt_path=resume)
     finally:
         pl_logger.setLevel(level)
     if not early_stopping:

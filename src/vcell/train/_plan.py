@@ -62,6 +62,7 @@ class TrainingPlan(lightning.LightningModule):
         self._sums: dict[str, dict[tuple[str, ...], torch.Tensor]] = {"train": {}, "val": {}}
         self._counts = {"train": 0, "val": 0}
         self._validated_epoch = -1
+        self._finished_epoch = -1
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         """The module's forward pass."""
@@ -107,7 +108,27 @@ class TrainingPlan(lightning.LightningModule):
         self._sums[stage] = {}
         self._counts[stage] = 0
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the history and the random state, so a resumed run continues the same sequence of draws."""
+        checkpoint["vcell"] = {
+            "history": self.history,
+            "validated_epoch": self._validated_epoch,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept."""
+        state = checkpoint.get("vcell") or {}
+        self.history = list(state.get("history", []))
+        self._validated_epoch = int(state.get("validated_epoch", -1))
+        if "torch_rng" in state:
+            self._resume_rng = state["torch_rng"]
+
     def on_train_start(self) -> None:
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:  # after Lightning's restore (which itself draws nothing from torch's generator)
+            torch.set_rng_state(rng)
+            self._resume_rng = None
         # Every process starts from the same seed (the same weights); without this, every process would also draw
         # the same noise (reparametrisation, flow times, diffusion noise) for its different cells. Process 0 keeps the
         # stream of a single-process run.
@@ -126,6 +147,18 @@ class TrainingPlan(lightning.LightningModule):
             self._sums["val"], self._counts["val"] = {}, 0
 
     def on_train_epoch_end(self) -> None:
+        self.finish_train_epoch()
+
+    def finish_train_epoch(self) -> None:
+        """Log the epoch's training means and append the epoch to :attr:`history` (once per epoch).
+
+        Called by :func:`vcell.train.fit`'s first callback, so that it runs before the checkpoint callback saves the
+        epoch (Lightning calls callbacks' ``on_train_epoch_end`` before the module's); again by the module's own hook,
+        where it does nothing the second time.
+        """
+        if self._finished_epoch == int(self.current_epoch):
+            return
+        self._finished_epoch = int(self.current_epoch)
         self._flush("train")
         logged = {k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         if self._validated_epoch != int(self.current_epoch):  # no validation this epoch (check_val_every_n_epoch)
