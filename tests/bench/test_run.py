@@ -190,3 +190,36 @@ def test_nan_predictions_are_the_models_error_not_a_score():
     assert np.isfinite(res.results.loc[res.results["model"] == "additive", "value"].dropna()).all()
     with pytest.raises(ValueError, match="nan_model returned NaN"):
         vcell.bench.run(adata, models=[NaNPredictor()], on_error="raise", progress=False, **kw)
+
+
+def test_max_controls_caps_the_cells_a_prediction_starts_from():
+    """Each request starts from at most ``max_controls`` training controls (seeded, sorted); ``None``: all of them."""
+    seen: dict[object, list[np.ndarray]] = {}
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self, key):
+            self.key = key
+
+        def fit_predict(self, train, requests, *, seed, covariate_keys, layer):
+            seen[self.key] = [r.controls for r in requests]
+            ctrl = train.obs["vcell_perturbation"].astype(str).to_numpy() == "control"
+            for r in requests:
+                assert ctrl[r.controls].all()
+            return {r.condition: np.zeros((r.controls.size, train.n_vars), np.float32) for r in requests}
+
+    adata = vcell.datasets.simulate(n_cells=600, n_genes=30, n_perturbations=4, n_combos=2, seed=0)
+    kw = {"perturbation_key": "perturbation", "control": "control", "splits": ["combo_seen2"], "seeds": [0]}
+    kw |= {"metrics": ["pearson_delta"], "ceiling": False, "progress": False}
+    vcell.bench.run(adata, models=[Recorder(None)], max_controls=None, **kw)
+    vcell.bench.run(adata, models=[Recorder(7)], max_controls=7, **kw)
+    vcell.bench.run(adata, models=[Recorder("again")], max_controls=7, **kw)
+    assert all(c.size > 7 for c in seen[None])
+    for full, capped, again in zip(seen[None], seen[7], seen["again"], strict=True):
+        assert capped.size == 7
+        assert np.isin(capped, full).all()
+        assert (np.diff(capped) > 0).all()
+        np.testing.assert_array_equal(capped, again)
+    with pytest.raises(ValueError, match="max_controls"):
+        vcell.bench.run(adata, models=["control"], max_controls=0, **kw)

@@ -386,6 +386,7 @@ def run(
     n_pcs: int = 50,
     ceiling: bool = True,
     max_cells: int = 2000,
+    max_controls: int | None = 2000,
     progress: bool | None = None,
     on_error: str = "raise",
     pathway_nets: Mapping[str, pd.DataFrame] | None = None,
@@ -441,6 +442,11 @@ def run(
         Also compute each metric's split-half ceiling on the true cells.
     max_cells
         Cells per condition used by O(n^2) distribution metrics (seeded subsample).
+    max_controls
+        Most control cells a prediction starts from, per held-out condition: when a condition's training controls
+        (those of its contexts) are more, a seeded subsample of ``max_controls`` of them (``None``: all). The
+        control reference of the metrics (control mean, DE) still uses all of them. Bounds each prediction's size
+        (``max_controls`` x genes) whatever the number of cells.
     progress
         Progress bar over the grid (default ``vcell.settings.progress_bar``).
     on_error
@@ -484,6 +490,9 @@ def run(
 
     if on_error not in ("raise", "skip"):
         msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
+        raise ValueError(msg)
+    if max_controls is not None and max_controls < 1:
+        msg = f"max_controls must be a positive integer or None, got {max_controls!r}"
         raise ValueError(msg)
     specs = _resolve_models(models)
     split_list = _resolve_splits(splits)
@@ -587,8 +596,10 @@ def run(
         additive = _additive_expectations(cases, X_src, cond, is_train, transform)
         sim_labels = _simulated_epistasis(a, list(additive))
         requests = [
-            PredictionRequest(h, c["pert"], c["dose"], np.flatnonzero(c["ctrl_mask"][train_positions]))
-            for h, c in cases.items()
+            PredictionRequest(
+                h, c["pert"], c["dose"], _capped(np.flatnonzero(c["ctrl_mask"][train_positions]), max_controls, seed, i)
+            )
+            for i, (h, c) in enumerate(cases.items())
         ]
         prot = None if proteins is None else _protein_cases(a, is_train, cases, ctrl_union, proteins[1], n_pcs, seed)
         for spec in specs:
@@ -603,7 +614,7 @@ def run(
             fit_data = fit_data if with_proteins or isinstance(spec, ModelSpec) else fit_data.copy()
             out = spec.fit_predict(fit_data, requests, seed=seed, covariate_keys=context_keys, layer=layer)
             total_s = time.perf_counter() - t0
-            preds, errors, prot_preds = [], {}, []
+            preds, errors, prot_preds = {}, {}, []
             for req in requests:
                 X = out.get(req.condition, f"{spec.name} returned no prediction for {req.condition!r}")
                 if isinstance(X, Mapping):
@@ -626,11 +637,14 @@ def run(
                         raise
                     errors[req.condition] = str(err)
                     continue
-                preds.append(_sub_adata(X, req.condition, a.var_names))
+                preds[req.condition] = X
+                out[req.condition] = None  # the checked copy (or the same array) is what is kept
+            del out
             res = dict(getattr(spec, "last_resources", {}) or {})
             timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
             if preds:
-                pred_ad = _concat(preds)
+                pred_ad = _stack_predictions(preds, a.var_names)
+                del preds
                 if len(additive) >= 2 and (metrics is None or "interaction_auprc" in metrics):
                     rows.append(
                         _interaction_row(spec.name, split_name, seed, pred_ad, cases, additive, ctrl_ad, sim_labels)
@@ -655,6 +669,7 @@ def run(
                 df.insert(0, "split", split_name)
                 df.insert(0, "model", spec.name)
                 rows.append(df)
+                del pred_ad
             if prot_preds:
                 pred_p = _concat(prot_preds)
                 ok = set(pred_p.obs["perturbation"].astype(str))
@@ -703,6 +718,35 @@ def run(
 
 #: ``obsm`` key of the protein counts inside :func:`run` (its own copy of the screen)
 _PROTEIN_BENCH_KEY = "vcell_bench_protein"
+
+
+def _capped(idx: np.ndarray, max_controls: int | None, seed: int, i: int) -> np.ndarray:
+    """``idx``, or (more than ``max_controls`` of them) a sorted seeded subsample of ``max_controls`` (case ``i``)."""
+    if max_controls is None or idx.size <= max_controls:
+        return idx
+    rng = np.random.default_rng([int(seed), int(i), 7])
+    return np.sort(rng.choice(idx, max_controls, replace=False))
+
+
+def _stack_predictions(preds: dict[str, np.ndarray], var_names: pd.Index) -> AnnData:
+    """One AnnData of the predictions (labels in ``obs['perturbation']``), as :func:`_concat` of them builds it.
+
+    The arrays are copied into one preallocated float32 matrix and dropped from ``preds`` one by one, so at most one
+    condition's prediction exists twice.
+    """
+    import anndata as ad
+
+    n = [len(X) for X in preds.values()]
+    X = np.empty((sum(n), len(var_names)), dtype=np.float32)
+    labels, names, start = [], [], 0
+    for k, h in enumerate(list(preds)):
+        m = len(preds[h])
+        X[start : start + m] = preds.pop(h)
+        labels += [h] * m
+        names += [f"c{i}-{k}" for i in range(m)]
+        start += m
+    obs = pd.DataFrame({"perturbation": pd.Categorical(labels)}, index=names)
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=var_names))
 
 
 def _checked(X: Any, shape: tuple[int, int], name: str, condition: str, *, finite: bool = False) -> np.ndarray:

@@ -51,10 +51,11 @@ def de_stats(
     *,
     method: DEMethod = "t-test",
 ) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
-    """Score every gene of every group against the control cells in one ``scanpy.tl.rank_genes_groups`` call.
+    """Score every gene of every group against the control cells with ``scanpy.tl.rank_genes_groups``.
 
-    A private AnnData is built from the arrays (user data is never touched). Groups with fewer than 2 cells cannot be
-    tested and map to ``None``. Genes constant (variance <= 1e-8) in both the group and the control get score 0 and
+    One call per group, on the group's cells and the control cells (a group's scores do not depend on the other
+    groups), so memory holds one group at a time, never all groups stacked. A private AnnData is built from the arrays
+    (user data is never touched). Groups with fewer than 2 cells cannot be tested and map to ``None``. Genes constant (variance <= 1e-8) in both the group and the control get score 0 and
     adjusted p-value 1: otherwise float round-off turns a deterministic shift of an unexpressed gene (e.g. an
     additive prediction ``control + shift``) into an enormous t statistic.
 
@@ -72,10 +73,6 @@ def de_stats(
     -------
     Label -> ``(scores, pvals_adj)``, both in gene order, or ``None``.
     """
-    import anndata as ad
-    import pandas as pd
-    import scanpy as sc
-
     if method not in _DE_METHODS:
         msg = f"method must be one of {_DE_METHODS}, got {method!r}"
         raise ValueError(msg)
@@ -86,7 +83,6 @@ def de_stats(
     n_genes = ctrl.shape[1]
     out: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
     ctrl_const = _gene_var(ctrl) <= _VAR_EPS
-    blocks, labels, names, const = [], [], {}, {}
     for i, (key, cells) in enumerate(groups.items()):
         arr = _dense2d(cells, f"cells of {key!r}")
         if arr.shape[1] != n_genes:
@@ -95,27 +91,41 @@ def de_stats(
         if arr.shape[0] < 2:
             out[key] = None
             continue
-        label = f"g{i}"
-        names[label] = key
-        const[label] = ctrl_const & (_gene_var(arr) <= _VAR_EPS)
-        blocks.append(arr)
-        labels.extend([label] * arr.shape[0])
-    if not blocks:
-        return out
-    blocks.append(ctrl)
-    labels.extend([_REF] * ctrl.shape[0])
-    X = sparse.vstack(blocks, format="csr") if any(sparse.issparse(b) for b in blocks) else np.vstack(blocks)
+        const = ctrl_const & (_gene_var(arr) <= _VAR_EPS)
+        scores, pvals = _rank_vs_control(arr, ctrl, f"g{i}", method)
+        del arr
+        bad = ~np.isfinite(scores) | ~np.isfinite(pvals) | const
+        scores[bad] = 0.0
+        pvals[bad] = 1.0
+        out[key] = (scores, _benjamini_hochberg(pvals))
+    return {k: out[k] for k in groups}
+
+
+def _rank_vs_control(
+    cells: np.ndarray | sparse.csr_matrix, ctrl: np.ndarray | sparse.csr_matrix, label: str, method: DEMethod
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and raw p-values (gene order) of ``cells`` vs ``ctrl`` from one ``scanpy.tl.rank_genes_groups`` call."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    n_genes = ctrl.shape[1]
+    both = [cells, ctrl]
+    X = sparse.vstack(both, format="csr") if any(sparse.issparse(b) for b in both) else np.vstack(both)
+    labels = [label] * cells.shape[0] + [_REF] * ctrl.shape[0]
     obs = pd.DataFrame({"group": pd.Categorical(labels)}, index=pd.RangeIndex(len(labels)).astype(str))
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.RangeIndex(n_genes).astype(str)))
+    del X
     adata.uns["log1p"] = {"base": None}
     with warnings.catch_warnings():
-        # scanpy's own table building (pandas fragmentation) and 0/0 for genes constant in both groups (handled below)
+        # scanpy's own table building (pandas fragmentation) and 0/0 for genes constant in both groups (handled by
+        # the caller)
         warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         sc.tl.rank_genes_groups(
             adata,
             "group",
-            groups=list(names),
+            groups=[label],
             reference=_REF,
             method=method,
             n_genes=n_genes,
@@ -124,17 +134,12 @@ def de_stats(
             key_added="vcell_de",
         )
     res = adata.uns["vcell_de"]
-    for label, key in names.items():
-        idx = np.asarray(res["names"][label]).astype(np.int64)
-        scores = np.zeros(n_genes)
-        pvals = np.ones(n_genes)
-        scores[idx] = np.asarray(res["scores"][label], dtype=np.float64)
-        pvals[idx] = np.asarray(res["pvals"][label], dtype=np.float64)
-        bad = ~np.isfinite(scores) | ~np.isfinite(pvals) | const[label]
-        scores[bad] = 0.0
-        pvals[bad] = 1.0
-        out[key] = (scores, _benjamini_hochberg(pvals))
-    return {k: out[k] for k in groups}
+    idx = np.asarray(res["names"][label]).astype(np.int64)
+    scores = np.zeros(n_genes)
+    pvals = np.ones(n_genes)
+    scores[idx] = np.asarray(res["scores"][label], dtype=np.float64)
+    pvals[idx] = np.asarray(res["pvals"][label], dtype=np.float64)
+    return scores, pvals
 
 
 def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
