@@ -207,7 +207,7 @@ def test_max_controls_caps_the_cells_a_prediction_starts_from():
             ctrl = train.obs["vcell_perturbation"].astype(str).to_numpy() == "control"
             for r in requests:
                 assert ctrl[r.controls].all()
-            return {r.condition: np.zeros((r.controls.size, train.n_vars), np.float32) for r in requests}
+            return {r.condition: np.full((r.controls.size, train.n_vars), 0.5, np.float32) for r in requests}
 
     adata = vcell.datasets.simulate(n_cells=600, n_genes=30, n_perturbations=4, n_combos=2, seed=0)
     kw = {"perturbation_key": "perturbation", "control": "control", "splits": ["combo_seen2"], "seeds": [0]}

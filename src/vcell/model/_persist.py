@@ -307,10 +307,7 @@ class _Codec:
             dtype = values.dtype
         elif kind == "string":
             na = pd.NA if x["na_value"] == "NA" else np.nan
-            try:
-                dtype = pd.StringDtype(storage=x["storage"], na_value=na)
-            except ImportError:  # saved with pyarrow's storage, read without pyarrow: the same strings
-                dtype = pd.StringDtype(storage="python", na_value=na)
+            dtype = _string_dtype(x["storage"], na)
             values = pd.array([na if v is None else v for v in x["values"]], dtype=dtype)
         elif kind == "numpy":
             values = self._decode_ndarray(x["array"])
@@ -621,3 +618,22 @@ def _read_data(path: Path) -> Any:
         return anndata.read_h5ad(path)
     except (OSError, KeyError, ValueError) as e:
         raise _corrupt(path, f"{type(e).__name__}: {e}") from None
+
+
+def _string_dtype(storage: str, na: Any) -> Any:
+    """``pd.StringDtype(storage, na_value=na)``, as far as this pandas and its optional pyarrow allow.
+
+    Without pyarrow: python storage (the same strings). pandas < 2.3 has no ``na_value`` (its string dtype always
+    uses ``pd.NA``).
+    """
+    import pandas as pd
+
+    for st in (storage, "python"):
+        try:
+            try:
+                return pd.StringDtype(storage=st, na_value=na)
+            except TypeError:  # pandas < 2.3
+                return pd.StringDtype(storage=st)
+        except ImportError:  # saved with pyarrow's storage, read without pyarrow
+            continue
+    return pd.StringDtype()
