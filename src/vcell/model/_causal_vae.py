@@ -659,11 +659,6 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         """
         m = self.module.eval()
         device = next(m.parameters()).device
-        zs = [
-            m.latent({k: take_rows(tensors[k], chunk).to(device) for k in self._cell_keys()})
-            for chunk in self._chunks(idx, batch_size)
-        ]
-        z = torch.cat(zs) if zs else torch.zeros((0, m.n_latent), device=device)
         targets = [take_rows(tensors[REGISTRY_KEYS.PERT_KEY], idx).numpy()]
         targets = targets if m.adversary_names and m.adversary_names[0] == "perturbation" else []
         cov = take_rows(tensors[REGISTRY_KEYS.COVARIATES_KEY], idx).numpy()
@@ -671,13 +666,23 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         names = (["perturbation"] if targets and len(targets) > len(self.covariate_names_) else []) + list(
             self.covariate_names_
         )
+        used = [
+            (name, clf, y)
+            for name, clf, active, y in zip(names, m.adversaries, m.adversary_active, targets, strict=True)
+            if active
+        ]
+        correct = dict.fromkeys([name for name, _, _ in used], 0)
+        start = 0
+        for chunk in self._chunks(idx, batch_size):  # one chunk of cells at a time: memory does not grow with cells
+            z = m.latent({k: take_rows(tensors[k], chunk).to(device) for k in self._cell_keys()})
+            for name, clf, y in used:
+                pred = clf(z).argmax(1).cpu().numpy()
+                correct[name] += int((pred == y[start : start + len(chunk)]).sum())
+            start += len(chunk)
         rows = {}
-        for name, clf, active, y in zip(names, m.adversaries, m.adversary_active, targets, strict=True):
-            if not active:
-                continue
-            pred = clf(z).argmax(1).cpu().numpy()
+        for name, _, y in used:
             chance = np.bincount(y).max() / len(y) if len(y) else np.nan
-            rows[name] = {"accuracy": float((pred == y).mean()) if len(y) else np.nan, "chance": float(chance)}
+            rows[name] = {"accuracy": correct[name] / len(y) if len(y) else np.nan, "chance": float(chance)}
         return pd.DataFrame.from_dict(rows, orient="index", columns=["accuracy", "chance"])
 
     # ------------------------------------------------------------------ inference
