@@ -28,6 +28,12 @@ ax
     + doc_show_save
 )
 
+doc_checkpoint_path = """\
+checkpoint_path
+    A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
+    from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
+    ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`."""
+
 
 def doc_params(**texts: str) -> Callable[[_T], _T]:
     """Fill the ``{name}`` fields of a docstring with ``texts[name]``, indented like the field.

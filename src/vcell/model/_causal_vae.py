@@ -11,6 +11,7 @@ import torch
 from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_dose, get_matrix, log1p_cp10k, resolve_seed
 from vcell.data import CellBatches, RowReader, iter_row_blocks, take_rows
@@ -529,6 +530,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         )
 
     # ------------------------------------------------------------------ training
+    @doc_params(doc_checkpoint_path=doc_checkpoint_path)
     def train(
         self,
         max_epochs: int = 200,
@@ -590,10 +592,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
             Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``).
-        checkpoint_path
-            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
-            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
-            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
+        {doc_checkpoint_path}
 
         Sets the following fields
         -------------------------

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_dose, resolve_seed
 from vcell.data import CellBatches, Pairs, RowReader
@@ -443,6 +444,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             raise RuntimeError(msg)
 
     # ------------------------------------------------------------------ training
+    @doc_params(doc_checkpoint_path=doc_checkpoint_path)
     def pretrain(
         self,
         max_epochs: int = 100,
@@ -496,10 +498,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Order of the training cells: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``).
-        checkpoint_path
-            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
-            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
-            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
+        {doc_checkpoint_path}
 
         Sets the following fields
         -------------------------
@@ -569,6 +568,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         self.pretrain_indices_ = train_idx
         logger.info("CellJEPA pretrained for %d epochs", len(plan.history))
 
+    @doc_params(doc_checkpoint_path=doc_checkpoint_path)
     def train(
         self,
         max_epochs: int = 100,
@@ -622,10 +622,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             Order of the training pairs (and of the pretraining's cells): ``"full"`` (a new permutation per epoch),
             ``"block"`` (permuted blocks of pairs with consecutive target cells, then pairs within windows:
             contiguous reads from disk) or ``"auto"`` (``"block"`` for a backed AnnData, else ``"full"``).
-        checkpoint_path
-            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
-            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
-            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
+        {doc_checkpoint_path}
 
         Sets the following fields
         -------------------------

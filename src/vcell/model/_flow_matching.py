@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
 from vcell.data import CellBatches, Pairs, RowReader, fit_pca_streamed
@@ -457,6 +458,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         return groups, identity
 
     # ------------------------------------------------------------------ training
+    @doc_params(doc_checkpoint_path=doc_checkpoint_path)
     def train(
         self,
         max_epochs: int = 150,
@@ -515,10 +517,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             Order of the pairs: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of pairs with
             consecutive target cells, then pairs within windows) or ``"auto"`` (``"full"``: the pairs are read from
             the cells' PCA coordinates, held in memory even for a backed AnnData).
-        checkpoint_path
-            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
-            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
-            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
+        {doc_checkpoint_path}
 
         Sets the following fields
         -------------------------

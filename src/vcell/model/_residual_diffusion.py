@@ -12,6 +12,7 @@ import torch
 from scipy import sparse
 
 from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
+from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger, settings
 from vcell._utils import get_matrix, group_means, resolve_seed
 from vcell.data import iter_row_blocks, log1p_cp10k_block
@@ -493,6 +494,7 @@ class ResidualDiffusion(PerturbationModel):
             yield start, stop, E
 
     # ------------------------------------------------------------------ training
+    @doc_params(doc_checkpoint_path=doc_checkpoint_path)
     def train(
         self,
         max_epochs: int = 300,
@@ -550,10 +552,7 @@ class ResidualDiffusion(PerturbationModel):
             consecutive cells, then cells within windows: contiguous reads from disk) or ``"auto"`` (``"block"`` for
             a backed AnnData, else ``"full"``). The diffusion model trains on the cells' coordinates, which are in
             memory: ``"auto"`` is ``"full"``.
-        checkpoint_path
-            A folder for a training checkpoint after every epoch (``last.ckpt``); when it holds one, training resumes
-            from it and reaches the weights of an uninterrupted run with the same seed (on CPU). Read with
-            ``torch.load(weights_only=True)``: a checkpoint cannot run code. See :func:`vcell.train.fit`.
+        {doc_checkpoint_path}
 
         Sets the following fields
         -------------------------
