@@ -31,6 +31,7 @@ from ._adapt import AdaptMixin
 from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata, _edge_frame
 from ._protein import with_sampled_proteins
+from ._rows import join_rows
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -816,7 +817,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
                     for mod in modalities:
                         pred = m.counterfactual_from_state(state, rows, extra, mode=mode, compose=how, modality=mod)
                         out[mod].append(pred.cpu().numpy())
-            yield p, {mod: v[0] if len(v) == 1 else np.concatenate(v) for mod, v in out.items()}
+            yield p, {mod: join_rows(v) for mod, v in out.items()}
 
     def _predict(
         self,

@@ -22,7 +22,7 @@ from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, 
 
 from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options
 from ._encoding import PerturbationInputs, _as_anndata
-from ._rows import model_reader, read_rows, row_blocks
+from ._rows import join_rows, model_reader, read_rows, row_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -819,7 +819,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             self._shift(self._jepa_sources(adata, chunk, batch_size, reader), target, nodes).cpu().numpy()
             for chunk in self._chunks(idx, batch_size)
         ]
-        return _joined(parts) if parts else np.zeros((0, self.module.jepa.n_latent), dtype=np.float32)
+        return join_rows(parts) if parts else np.zeros((0, self.module.jepa.n_latent), dtype=np.float32)
 
     def predict(
         self,
@@ -907,7 +907,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                         dec = trans.decode(zs) if mod == "rna" else trans.decode_protein(zs)
                         pred = base[mod][0] + dec - base[mod][1] if residual else dec
                         out[mod].append(pred.clamp(min=0).cpu().numpy())
-            yield name, {mod: _joined(v) for mod, v in out.items()}
+            yield name, {mod: join_rows(v) for mod, v in out.items()}
 
     def _predict(
         self,
@@ -990,11 +990,6 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             },
             index=pd.Index(perts, name="perturbation"),
         )
-
-
-def _joined(blocks: list[np.ndarray]) -> np.ndarray:
-    """Row blocks as one float32 array (the block itself when there is one)."""
-    return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)).astype(np.float32, copy=False)
 
 
 def _coexpression_cells(cells: np.ndarray, seed: int) -> np.ndarray:

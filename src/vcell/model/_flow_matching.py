@@ -21,7 +21,7 @@ from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARG
 from ._base import Capabilities, PerturbationModel, check_options, sample_obs
 from ._encoding import PerturbationInputs, _as_anndata
 from ._protein import with_sampled_proteins
-from ._rows import model_reader, read_rows, row_blocks
+from ._rows import join_rows, model_reader, read_rows, row_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -782,13 +782,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
                             own = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) + m.decode_protein_delta(z1 - z0)
                             pred = torch.where(measured, own, pred)
                         out["prot"].append(pred.clamp(min=0).cpu().numpy())
-            yield (
-                name,
-                {
-                    mod: (v[0] if len(v) == 1 else np.concatenate(v)).astype(np.float32, copy=False)
-                    for mod, v in out.items()
-                },
-            )
+            yield name, {mod: join_rows(v) for mod, v in out.items()}
 
     def _predict(
         self,

@@ -75,3 +75,8 @@ def read_rows(reader: RowReader, idx: np.ndarray) -> np.ndarray:
     if not blocks:
         return reader(np.zeros(0, dtype=np.int64))
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def join_rows(blocks: list[np.ndarray]) -> np.ndarray:
+    """Row blocks as one float32 array (the block itself when there is one: no copy)."""
+    return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)).astype(np.float32, copy=False)
