@@ -68,47 +68,41 @@ def as_callback(obj: Any) -> Any:
     return _Forward()
 
 
-class _EpochEnd:
+def _epoch_callback() -> Any:
     """First callback: sets the loader's epoch; the plan finishes its epoch before any checkpoint of it is written."""
+    import lightning
 
-    @staticmethod
-    def make() -> Any:
-        import lightning
+    class FinishEpoch(lightning.pytorch.callbacks.Callback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            # the training batches of this epoch are drawn as this epoch's (a resumed run continues the sequence)
+            loader = trainer.train_dataloader
+            if callable(getattr(loader, "set_epoch", None)):
+                loader.set_epoch(int(trainer.current_epoch))
 
-        class FinishEpoch(lightning.pytorch.callbacks.Callback):
-            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                # the training batches of this epoch are drawn as this epoch's (a resumed run continues the sequence)
-                loader = trainer.train_dataloader
-                if callable(getattr(loader, "set_epoch", None)):
-                    loader.set_epoch(int(trainer.current_epoch))
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if hasattr(pl_module, "finish_train_epoch"):
+                pl_module.finish_train_epoch()
 
-            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                if hasattr(pl_module, "finish_train_epoch"):
-                    pl_module.finish_train_epoch()
-
-        return FinishEpoch()
+    return FinishEpoch()
 
 
-class _SaveLast:
-    """Callback writing the whole training state to one file after every epoch.
+def _save_last_callback(path: Path) -> Any:
+    """Callback writing the whole training state to ``path`` after every epoch.
 
     The file is written aside, then renamed, so a run killed while writing leaves the previous checkpoint whole.
     """
+    import lightning
 
-    @staticmethod
-    def make(path: Path) -> Any:
-        import lightning
+    class SaveLast(lightning.pytorch.callbacks.Callback):
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(path.name + ".part")
+            trainer.save_checkpoint(part)
+            if trainer.is_global_zero:
+                part.replace(path)
+            trainer.strategy.barrier()
 
-        class SaveLast(lightning.pytorch.callbacks.Callback):
-            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                part = path.with_name(path.name + ".part")
-                trainer.save_checkpoint(part)
-                if trainer.is_global_zero:
-                    part.replace(path)
-                trainer.strategy.barrier()
-
-        return SaveLast()
+    return SaveLast()
 
 
 def _safe_checkpoint_io() -> Any:
@@ -197,7 +191,7 @@ def fit(
             find_unused_parameters=True, start_method={"ddp": "popen", "ddp_spawn": "spawn"}.get(strategy, "fork")
         )
     best = BestWeights(plan.monitor)
-    cbs = [_EpochEnd.make(), *callbacks]
+    cbs = [_epoch_callback(), *callbacks]
     if early_stopping:
         cbs.append(as_callback(best))
         cbs.append(lightning.pytorch.callbacks.EarlyStopping(monitor=plan.monitor, patience=early_stopping_patience))
@@ -227,7 +221,7 @@ def fit(
         if folder.exists() and not folder.is_dir():
             msg = f"checkpoint_path {str(folder)!r} is a file; pass a folder (vcell writes last.ckpt there)"
             raise ValueError(msg)
-        kwargs["callbacks"].append(_SaveLast.make(folder / "last.ckpt"))
+        kwargs["callbacks"].append(_save_last_callback(folder / "last.ckpt"))
         kwargs["plugins"] = [*list(kwargs.get("plugins") or []), _safe_checkpoint_io()]
         last = folder / "last.ckpt"
         resume = str(last) if last.exists() else None
