@@ -10,9 +10,7 @@ and float rounding: within ``RTOL`` relative.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,28 +64,20 @@ MODELS = {
 }
 
 
-def _run(tmp_path: Path, name: str, devices: int, batch_size: int) -> str:
-    script = tmp_path / "train_script.py"
-    script.write_text(SCRIPT)
+def _run(run_script: Callable, tmp_path: Path, name: str, devices: int, batch_size: int) -> str:
     out = str(tmp_path / f"{name}_{devices}")
     init, train = MODELS[name]
-    import vcell
-
-    src = str(Path(vcell.__file__).resolve().parents[1])  # the vcell under test, whatever the working directory
-    path = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
-    cmd = [sys.executable, str(script), out, name, str(devices), str(batch_size), json.dumps(init), json.dumps(train)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    res = run_script(SCRIPT, out, name, str(devices), str(batch_size), json.dumps(init), json.dumps(train))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_two_processes_match_one(tmp_path: Path, name: str) -> None:
+def test_two_processes_match_one(run_script: Callable, tmp_path: Path, name: str) -> None:
     import vcell
 
-    one = _run(tmp_path, name, 1, 64)
-    two = _run(tmp_path, name, 2, 32)
+    one = _run(run_script, tmp_path, name, 1, 64)
+    two = _run(run_script, tmp_path, name, 2, 32)
     h1 = json.loads(Path(one + "_history.json").read_text())
     h2 = json.loads(Path(two + "_history.json").read_text())
     keys = [k for k in h1 if k.endswith(("train_loss", "val_loss"))]  # CellJEPA: pretraining and transition

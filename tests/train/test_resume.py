@@ -7,10 +7,9 @@ after the checkpoint of the epoch before was written, as a killed job would.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,29 +53,22 @@ MODELS = {
 }
 
 
-def _run(tmp_path: Path, name: str, tag: str, ckpt: str, kill_at: int) -> subprocess.CompletedProcess:
-    import vcell
-
-    script = tmp_path / "train_script.py"
-    script.write_text(SCRIPT)
-    src = str(Path(vcell.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": src}
-    cmd = [sys.executable, str(script), str(tmp_path / tag), name, ckpt, str(kill_at), json.dumps(MODELS[name])]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+def _run(run_script: Callable, tmp_path: Path, name: str, tag: str, ckpt: str, kill_at: int) -> Any:
+    return run_script(SCRIPT, str(tmp_path / tag), name, ckpt, str(kill_at), json.dumps(MODELS[name]))
 
 
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n != "CausalVAE" else n for n in MODELS]
 )  # FlowMatching (pairs drawn per epoch) in the slow run: 3 trainings per model
-def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, name: str) -> None:
-    full = _run(tmp_path, name, "full", "", -1)
+def test_killed_run_resumes_to_the_same_weights(run_script: Callable, tmp_path: Path, name: str) -> None:
+    full = _run(run_script, tmp_path, name, "full", "", -1)
     assert full.returncode == 0, full.stderr[-3000:]
     ckpt = tmp_path / "ckpt"
-    killed = _run(tmp_path, name, "killed", str(ckpt), 3)
+    killed = _run(run_script, tmp_path, name, "killed", str(ckpt), 3)
     assert killed.returncode == 3, killed.stderr[-3000:]  # stopped at the start of epoch 3
     assert (ckpt / "last.ckpt").exists()
     assert not (tmp_path / "killed.pt").exists()
-    resumed = _run(tmp_path, name, "resumed", str(ckpt), -1)
+    resumed = _run(run_script, tmp_path, name, "resumed", str(ckpt), -1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want = torch.load(tmp_path / "full.pt", weights_only=True)
     got = torch.load(tmp_path / "resumed.pt", weights_only=True)
