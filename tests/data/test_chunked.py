@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
 import pytest
 from scipy import sparse
@@ -33,24 +32,10 @@ def _counts(n: int = 123, n_genes: int = 30, seed: int = 0) -> np.ndarray:
     return X
 
 
-def _as(kind: str, X: np.ndarray, tmp_path) -> object:
-    """``X`` held as ``kind``; backed kinds are read from an h5ad written to ``tmp_path`` (kept open by the test)."""
-    if kind == "dense":
-        return X
-    if kind == "dense64":
-        return X.astype(np.float64)
-    if kind in ("csr", "csc"):
-        return sparse.csr_matrix(X) if kind == "csr" else sparse.csc_matrix(X)
-    stored = {"backed_csr": sparse.csr_matrix(X), "backed_csc": sparse.csc_matrix(X), "backed_dense": X}[kind]
-    path = tmp_path / f"{kind}.h5ad"
-    ad.AnnData(X=stored).write_h5ad(path)
-    return ad.read_h5ad(path, backed="r").X
-
-
 @pytest.fixture(params=KINDS)
-def held(request, tmp_path):
+def held(request, hold):
     X = _counts()
-    return X, _as(request.param, X, tmp_path)
+    return X, hold(request.param, X)
 
 
 def test_row_blocks_cover_every_row_in_order_within_the_budget(held):

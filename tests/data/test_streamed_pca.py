@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tracemalloc
 
-import anndata as ad
 import numpy as np
 import pytest
 from scipy import sparse
@@ -30,17 +29,6 @@ def _counts(n: int = 400, n_genes: int = 25, seed: int = 0) -> np.ndarray:
     return X
 
 
-def _as(kind: str, X: np.ndarray, tmp_path) -> object:
-    if kind == "dense":
-        return X
-    if kind in ("csr", "csc"):
-        return sparse.csr_matrix(X) if kind == "csr" else sparse.csc_matrix(X)
-    stored = {"backed_csr": sparse.csr_matrix(X), "backed_csc": sparse.csc_matrix(X), "backed_dense": X}[kind]
-    path = tmp_path / f"{kind}.h5ad"
-    ad.AnnData(X=stored).write_h5ad(path)
-    return ad.read_h5ad(path, backed="r").X
-
-
 def _sklearn(E: np.ndarray, k: int, solver: str = "full") -> tuple[np.ndarray, np.ndarray]:
     pca = PCA(n_components=k, svd_solver=solver, random_state=0).fit(np.asarray(E, dtype=np.float64))
     return pca.components_, pca.mean_
@@ -57,9 +45,9 @@ def _largest_entry_positive(C: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_streamed_pca_equals_sklearn(kind, tmp_path):
+def test_streamed_pca_equals_sklearn(kind, hold):
     X = _counts()
-    M = _as(kind, X, tmp_path)
+    M = hold(kind, X)
     rows = np.flatnonzero(np.arange(X.shape[0]) % 3 != 1)  # a subset of the cells, as a training set
     want, want_mean = _sklearn(log1p_cp10k(X[rows]), 6)
     comps, mean = fit_pca_streamed(M, 6, rows=rows, transform="log1p_cp10k", chunk_elements=CHUNK)
