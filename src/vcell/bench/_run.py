@@ -201,17 +201,13 @@ def _predict_grouped(
             continue
         perts = [r.perturbation for r in reqs]
         kw = {"controls": reqs[0].controls, "dose": reqs[0].dose, "seed": seed}
-        try:
-            rna = [x for _, x in model.predict_many(adata, perturbations=perts, **kw)]
-            prot = (
-                [x for _, x in model.predict_many(adata, perturbations=perts, modality="prot", **kw)]
-                if protein
-                else None
-            )
+        modalities = ("rna", "prot") if protein else ("rna",)
+        try:  # both modalities from one pass: the controls are read and encoded once
+            preds = [x for _, x in model._predict_many(adata, perts, modalities=modalities, **kw)]
         except (KeyError, ValueError):
             continue
-        for i, req in enumerate(reqs):
-            out[req.condition] = {"rna": rna[i], "prot": prot[i]} if protein else rna[i]
+        for req, pred in zip(reqs, preds, strict=True):
+            out[req.condition] = pred if protein else pred["rna"]
     return out
 
 
