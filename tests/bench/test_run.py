@@ -223,3 +223,67 @@ def test_max_controls_caps_the_cells_a_prediction_starts_from():
         np.testing.assert_array_equal(capped, again)
     with pytest.raises(ValueError, match="max_controls"):
         vcell.bench.run(adata, models=["control"], max_controls=0, **kw)
+
+
+def test_run_on_a_backed_h5ad_keeps_training_cells_on_disk(sim, tmp_path, monkeypatch):
+    """The predictors' training AnnData of a backed screen is backed too (written to TMPDIR, removed after)."""
+    import tempfile
+
+    import anndata as ad
+
+    path = tmp_path / "sim.h5ad"
+    sim.write_h5ad(path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+
+        def fit_predict(self, train, requests, *, seed, covariate_keys, layer):
+            seen.append((type(train.X).__name__, train.n_obs))
+            return {r.condition: np.full((r.controls.size, train.n_vars), 0.5, np.float32) for r in requests}
+
+    kw = {"models": ["mean", Recorder()], "splits": ["combo_half"], "seeds": [2], "progress": False}
+    res = vcell.bench.run(ad.read_h5ad(path, backed="r"), metrics=["mse_top_de"], **kw)
+    assert "Dataset" in seen[0][0], seen  # anndata's CSRDataset: rows read from disk, not loaded
+    assert not list(scratch.iterdir())  # the temporary training file is gone
+    mem = vcell.bench.run(sim, metrics=["mse_top_de"], **kw)
+    assert seen[1] == ("csr_matrix", seen[0][1])  # in memory: the same training cells, as stored
+    _assert_same_results(res.results, mem.results)
+
+
+def test_max_eval_cells_subsamples_truth_and_reference(monkeypatch):
+    """Metrics read at most ``max_eval_cells`` cells per condition and of the control reference (seeded)."""
+    import vcell.metrics as vm
+
+    adata = vcell.datasets.simulate(n_cells=900, n_genes=30, n_perturbations=4, n_combos=2, seed=0)
+    kw = {
+        "models": ["mean"],
+        "splits": ["combo_seen2"],
+        "seeds": [0],
+        "metrics": ["pearson_delta"],
+        "perturbation_key": "perturbation",
+        "control": "control",
+        "progress": False,
+    }
+    sizes = []
+    real = vm.evaluate
+
+    def spy(pred, true, ctrl, **k):
+        sizes.append((true.obs["perturbation"].value_counts().max(), ctrl.n_obs))
+        return real(pred, true, ctrl, **k)
+
+    monkeypatch.setattr(vm, "evaluate", spy)
+    full = vcell.bench.run(adata, max_eval_cells=None, **kw).results
+    assert full.equals(vcell.bench.run(adata, **kw).results)  # the default cap does not bind here
+    capped = vcell.bench.run(adata, max_eval_cells=25, **kw).results
+    assert sizes[0][0] > 25
+    assert sizes[0][1] > 25
+    assert sizes[-1] == (25, 25)
+    assert np.isfinite(capped["value"]).all()
+    assert capped.equals(vcell.bench.run(adata, max_eval_cells=25, **kw).results)  # seeded
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_eval_cells must be a positive integer"):
+            vcell.bench.run(adata, max_eval_cells=bad, **kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
@@ -383,6 +384,7 @@ def run(
     ceiling: bool = True,
     max_cells: int = 2000,
     max_controls: int | None = 2000,
+    max_eval_cells: int | None = 20_000,
     progress: bool | None = None,
     on_error: str = "raise",
     pathway_nets: Mapping[str, pd.DataFrame] | None = None,
@@ -443,6 +445,11 @@ def run(
         (those of its contexts) are more, a seeded subsample of ``max_controls`` of them (``None``: all). The
         control reference of the metrics (control mean, DE) still uses all of them. Bounds each prediction's size
         (``max_controls`` x genes) whatever the number of cells.
+    max_eval_cells
+        Most cells the metrics read per held-out condition, and most cells of the control reference (all held-out
+        conditions' controls together): a seeded subsample when there are more (``None``: all). Bounds the memory
+        of the truth and reference (held sparse for sparse data) whatever the number of cells; with the default,
+        means and DE of groups above 20,000 cells are estimated from 20,000 of them.
     progress
         Progress bar over the grid (default ``vcell.settings.progress_bar``).
     on_error
@@ -487,9 +494,10 @@ def run(
     if on_error not in ("raise", "skip"):
         msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
         raise ValueError(msg)
-    if max_controls is not None and max_controls < 1:
-        msg = f"max_controls must be a positive integer or None, got {max_controls!r}"
-        raise ValueError(msg)
+    for name, cap in (("max_controls", max_controls), ("max_eval_cells", max_eval_cells)):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1):
+            msg = f"{name} must be a positive integer or None, got {cap!r}"
+            raise ValueError(msg)
     specs = _resolve_models(models)
     split_list = _resolve_splits(splits)
     if not seeds:
@@ -518,6 +526,8 @@ def run(
     _harmonize(base, perturbation_key=perturbation_key, control=control, log_report="changed")
     context_keys = list(covariate_keys)
     from vcell.data import context_labels
+    from vcell.data._chunked import _source_kind
+    from vcell.data._disk import backed_row_subset
 
     # expression of the metrics: log1p(CP10k) of counts, else the values; decided once on the whole matrix, then
     # every statistic and cell set is read from it in row blocks (sparse and backed matrices are never densified)
@@ -531,6 +541,9 @@ def run(
     timings: list[dict] = []
     show = settings.progress_bar if progress is None else progress
     grid = [(s, seed) for s in split_list for seed in seeds]
+    # a backed X (h5ad/zarr on disk) stays on disk: each split's training cells go to a temporary h5ad (in TMPDIR)
+    on_disk = layer is None and _source_kind(X_src) not in ("dense", "sparse")
+    tmp = tempfile.TemporaryDirectory(prefix="vcell_bench_") if on_disk else None
     bar = tqdm(total=len(grid) * len(specs), disable=not show, desc="vcell benchmark")
     for (split_name, kind, opts), seed in grid:
         a = _shallow_copy(base)  # split writes obs/uns only
@@ -543,8 +556,12 @@ def run(
         train_positions = np.flatnonzero(is_train)
         # the models' own AnnData of the training cells: the Predictor contract gives them only these cells, and
         # setup_anndata writes its registry into obs/uns, which a view cannot take. Its X is the training rows of
-        # the screen as stored (sparse stays sparse); nothing below reads it
-        train = a[is_train].copy()
+        # the screen as stored (sparse stays sparse; a backed X is written to a temporary h5ad in row blocks and
+        # opened backed, as a copy of a backed slice would load it whole); nothing below reads it
+        if on_disk:
+            train = backed_row_subset(a, train_positions, Path(tmp.name) / f"train_{len(timings)}.h5ad")
+        else:
+            train = a[is_train].copy()
         train.uns.pop("vcell_simulation", None)  # ground truth (held-out outcomes included) never reaches a model
         # one PCA of the training cells, streamed from the stored matrix (log1p(CP10k) applied block by block)
         pca = vmetrics.fit_pca(
@@ -575,7 +592,7 @@ def run(
                 src = train_ctrl
             cases[h] = {
                 "sel": sel,
-                "true": _expression_rows(X_src, np.flatnonzero(sel), transform),
+                "rows": _capped(np.flatnonzero(sel), max_eval_cells, seed, len(cases), tag=11),
                 "ctrl_mask": src,
                 "dose": float(np.median(dose[sel])),
                 "pert": pert,
@@ -586,9 +603,11 @@ def run(
         ctrl_union = np.zeros(a.n_obs, dtype=bool)
         for c in cases.values():
             ctrl_union |= c["ctrl_mask"]
-        ctrl_ad = _sub_adata(_expression_rows(X_src, np.flatnonzero(ctrl_union), transform), CONTROL, a.var_names)
-        true_ad = _concat([_sub_adata(c["true"], h, a.var_names) for h, c in cases.items()])
-        de_genes = {h: vmetrics.top_de_genes(c["true"], ctrl_ad.X, n_top=20) for h, c in cases.items()}
+        ref_rows = _capped(np.flatnonzero(ctrl_union), max_eval_cells, seed, 0, tag=13)
+        ctrl_ad = _sub_adata(_expression_rows(X_src, ref_rows, transform), CONTROL, a.var_names)
+        # the truth of every held-out condition in one matrix (read once, never copied per condition)
+        true_ad = _truth(X_src, cases, transform, a.var_names)
+        de_genes = {h: vmetrics.top_de_genes(_true_rows(true_ad, c), ctrl_ad.X, n_top=20) for h, c in cases.items()}
         additive = _additive_expectations(cases, X_src, cond, is_train, transform)
         sim_labels = _simulated_epistasis(a, list(additive))
         requests = [
@@ -607,7 +626,8 @@ def run(
             fit_data = _with_protein_modality(train, protein_modality, proteins[1]) if with_proteins else train
             # a fresh MuData needs no copy, a ModelSpec sets up its own shallow copy; any other predictor (e.g. a
             # peer adapter) gets a full copy, as it may write into the matrices
-            fit_data = fit_data if with_proteins or isinstance(spec, ModelSpec) else fit_data.copy()
+            if not (with_proteins or isinstance(spec, ModelSpec)):  # a backed X is read-only: shared, not copied
+                fit_data = _shallow_copy(fit_data) if on_disk else fit_data.copy()
             out = spec.fit_predict(fit_data, requests, seed=seed, covariate_keys=context_keys, layer=layer)
             total_s = time.perf_counter() - t0
             preds, errors, prot_preds = {}, {}, []
@@ -643,10 +663,10 @@ def run(
                 del preds
                 if len(additive) >= 2 and (metrics is None or "interaction_auprc" in metrics):
                     rows.append(
-                        _interaction_row(spec.name, split_name, seed, pred_ad, cases, additive, ctrl_ad, sim_labels)
+                        _interaction_row(spec.name, split_name, seed, pred_ad, cases, additive, true_ad, sim_labels)
                     )
                 ok = [h for h in cases if h not in errors]
-                true_ok = true_ad[true_ad.obs["perturbation"].isin(ok)].copy()
+                true_ok = true_ad if len(ok) == len(cases) else true_ad[true_ad.obs["perturbation"].isin(ok)].copy()
                 df = vmetrics.evaluate(
                     pred_ad,
                     true_ok,
@@ -701,7 +721,12 @@ def run(
                     )
                 )
             bar.update(1)
+        if on_disk:  # this split's training file is done with
+            train.file.close()
+            Path(train.filename).unlink(missing_ok=True)
     bar.close()
+    if tmp is not None:
+        tmp.cleanup()
     results = pd.concat(rows, ignore_index=True)
     results["modality"] = results["modality"].fillna("rna") if "modality" in results else "rna"
     if "error" not in results:
@@ -716,12 +741,38 @@ def run(
 _PROTEIN_BENCH_KEY = "vcell_bench_protein"
 
 
-def _capped(idx: np.ndarray, max_controls: int | None, seed: int, i: int) -> np.ndarray:
-    """``idx``, or (more than ``max_controls`` of them) a sorted seeded subsample of ``max_controls`` (case ``i``)."""
+def _capped(idx: np.ndarray, max_controls: int | None, seed: int, i: int, *, tag: int = 7) -> np.ndarray:
+    """``idx``, or (more than ``max_controls`` of them) a sorted seeded subsample of ``max_controls`` (case ``i``).
+
+    ``tag`` names the use (7: prediction sources, 11: truth, 13: control reference), so each draws its own stream.
+    """
     if max_controls is None or idx.size <= max_controls:
         return idx
-    rng = np.random.default_rng([int(seed), int(i), 7])
+    rng = np.random.default_rng([int(seed), int(i), int(tag)])
     return np.sort(rng.choice(idx, max_controls, replace=False))
+
+
+def _truth(X: Any, cases: dict, transform: str | None, var_names: pd.Index) -> AnnData:
+    """The true cells of every case (their ``rows``, in case order) as one AnnData; sets each case's ``slice``."""
+    import anndata as ad
+
+    start, labels = 0, []
+    for h, c in cases.items():
+        c["slice"] = slice(start, start + c["rows"].size)
+        start += c["rows"].size
+        labels.append(np.full(c["rows"].size, h, dtype=object))
+    E = _expression_rows(X, np.concatenate([c["rows"] for c in cases.values()]), transform)
+    E = sparse.csr_matrix(E, dtype=np.float32) if sparse.issparse(E) else np.asarray(E, dtype=np.float32)
+    obs = pd.DataFrame(
+        {"perturbation": pd.Categorical(np.concatenate(labels))},
+        index=[f"t{i}" for i in range(start)],
+    )
+    return ad.AnnData(X=E, obs=obs, var=pd.DataFrame(index=var_names))
+
+
+def _true_rows(true: AnnData, case: dict) -> np.ndarray | sparse.csr_matrix:
+    """The true cells of one case: a row slice of :func:`_truth`'s matrix (a view when dense)."""
+    return true.X[case["slice"]]
 
 
 def _stack_predictions(preds: dict[str, np.ndarray], var_names: pd.Index) -> AnnData:
@@ -845,7 +896,7 @@ def _simulated_epistasis(adata: AnnData, doubles: list[str]) -> np.ndarray | Non
 
 
 def _interaction_row(
-    model: str, split: str, seed: int, pred: AnnData, cases: dict, additive: dict, ctrl: AnnData, labels
+    model: str, split: str, seed: int, pred: AnnData, cases: dict, additive: dict, true: AnnData, labels
 ) -> pd.DataFrame:
     """``interaction_auprc`` over the held-out doubles (simulation ground truth when known, else median rule)."""
     from vcell import metrics as vmetrics
@@ -855,7 +906,7 @@ def _interaction_row(
         labels = labels[[list(additive).index(h) for h in names]]
     X = np.asarray(pred.X)
     pred_means = np.stack([X[(pred.obs["perturbation"] == h).to_numpy()].mean(0) for h in names])
-    true_means = np.stack([_mean_rows(cases[h]["true"]) for h in names])
+    true_means = np.stack([_mean_rows(_true_rows(true, cases[h])) for h in names])
     add = np.stack([additive[h] for h in names])
     value = vmetrics.interaction_auprc(pred_means, add, None if labels is not None else true_means, labels=labels)
     return pd.DataFrame(
