@@ -287,3 +287,30 @@ def test_max_eval_cells_subsamples_truth_and_reference(monkeypatch):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="max_eval_cells must be a positive integer"):
             vcell.bench.run(adata, max_eval_cells=bad, **kw)
+
+
+def test_pca_of_the_metrics_is_fitted_on_a_capped_seeded_subsample(monkeypatch):
+    """Above ``_PCA_MAX_CELLS`` training cells the metrics' PCA reads a seeded subsample of them."""
+    import vcell.bench._run as run_mod
+    import vcell.metrics as vm
+
+    adata = vcell.datasets.simulate(n_cells=600, n_genes=30, n_perturbations=4, n_combos=2, seed=0)
+    rows_seen = []
+    real = vm.fit_pca
+
+    def spy(X, n_comps, **k):
+        rows_seen.append(np.asarray(k["rows"]))
+        return real(X, n_comps, **k)
+
+    monkeypatch.setattr(vm, "fit_pca", spy)
+    kw = {"models": ["mean"], "splits": ["combo_seen2"], "metrics": ["energy_distance"], "progress": False}
+    kw |= {"perturbation_key": "perturbation", "control": "control"}
+    vcell.bench.run(adata, seeds=[0], **kw)
+    assert rows_seen[0].size > 50
+    monkeypatch.setattr(run_mod, "_PCA_MAX_CELLS", 50)
+    res = vcell.bench.run(adata, seeds=[0], **kw).results
+    assert rows_seen[1].size == 50
+    assert np.isin(rows_seen[1], rows_seen[0]).all()  # training cells only
+    assert np.isfinite(res["value"]).all()
+    vcell.bench.run(adata, seeds=[0], **kw)
+    np.testing.assert_array_equal(rows_seen[2], rows_seen[1])  # seeded
