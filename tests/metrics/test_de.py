@@ -35,7 +35,8 @@ def _reference(cells, ctrl, fdr=0.05):
         lfc = np.log2(np.expm1(x.mean(0)) / np.expm1(c.mean(0)))
     lfc[np.isnan(lfc)] = 0.0
     sig = np.flatnonzero(q < fdr)
-    return p, q, sig[np.argsort(-np.abs(lfc[sig]).astype(np.float32), kind="stable")]
+    z = np.abs(stats.norm.isf(p / 2))  # |z| as the p-value orders it (ties of |log2 fold change| go to the larger)
+    return p, q, np.array(sorted(sig, key=lambda g: (-np.float32(abs(lfc[g])), -z[g], g)), dtype=np.int64)
 
 
 def test_rank_sum_test_equals_scipy_gene_by_gene(rng):

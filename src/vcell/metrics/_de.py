@@ -282,7 +282,7 @@ def de_genes_fdr(
 
     cell-eval's DE gene list: the rank-sum test of :class:`DEStats`, genes with adjusted p-value below ``fdr``,
     ordered by the absolute pseudobulk log2 fold change (largest first, compared in float32 as cell-eval stores
-    it; ties by gene order).
+    it; ties by ``|z|``, then gene order).
 
     Parameters
     ----------
@@ -323,11 +323,16 @@ def _check_fdr(fdr: float) -> None:
 
 
 def significant(stats: DEStats, fdr: float) -> np.ndarray:
-    """Genes with adjusted p-value < ``fdr`` from :func:`de_stats` output, by decreasing ``|log2 fold change|``."""
+    """Genes with adjusted p-value < ``fdr`` from :func:`de_stats` output, by decreasing ``|log2 fold change|``.
+
+    ``|log2 fold change|`` is compared in float32, as cell-eval stores it; ties (notably the ``inf`` of genes with a
+    zero mean on one side) go to the larger ``|z|``, then to gene order. cell-eval leaves the order of ties to its
+    data-frame library (not gene order once the table is large), so no rule reproduces it everywhere.
+    """
     _check_fdr(fdr)
     sig = np.flatnonzero(stats.pvals_adj < fdr)
-    key = np.abs(stats.log2fc[sig]).astype(np.float32)  # cell-eval ranks a float32 column
-    return sig[np.argsort(-key, kind="stable")]
+    key = np.abs(stats.log2fc[sig]).astype(np.float32)
+    return sig[np.lexsort((-np.abs(stats.scores[sig]), -key))]  # stable: last ties by gene order
 
 
 def _indices(x: ArrayLike, name: str) -> np.ndarray:
