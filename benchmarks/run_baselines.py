@@ -72,6 +72,7 @@ METRIC_ORDER = (
     "pearson_delta_top_de",
     "mse_top_de",
     "mse_top_de_normalized",
+    "mae",
     "l2_top_expressed",
     "direction_accuracy",
     "energy_distance",
@@ -80,7 +81,7 @@ METRIC_ORDER = (
     "pds",
     "interaction_auprc",
 )
-LOWER_IS_BETTER = {"mse_top_de", "mse_top_de_normalized", "l2_top_expressed", "energy_distance", "mmd"}
+LOWER_IS_BETTER = {"mse_top_de", "mse_top_de_normalized", "mae", "l2_top_expressed", "energy_distance", "mmd"}
 FIGURE_METRICS = (
     "pearson_delta",
     "pearson_delta_top_de",
@@ -886,8 +887,11 @@ def write_report(
         "models are fitted on the train+val cells only (leakage-checked), predict each held-out condition as the "
         "counterfactual of the training control cells of the held-out cells' contexts, and `vcell.metrics.evaluate` "
         "scores them against the true held-out cells.",
-        "- Expression: log1p(CP10k). Top-DE genes: the 20 with the largest |t-score| of true vs control cells "
-        "(`scanpy.tl.rank_genes_groups`, t-test), shared by all models.",
+        "- Expression: log1p(CP10k). DE is cell-eval's: a two-sided Wilcoxon rank-sum test per gene with tie "
+        "correction, Benjamini-Hochberg FDR (`docs/metrics.md`). Top-DE genes: the 20 with the largest |z| of true "
+        "vs control cells, shared by all models; `de_overlap`: cell-eval's `overlap_at_N` (FDR < 0.05 lists ranked "
+        "by |log2 fold change|; a prediction without DE genes scores 0); `mae`: mean |pred mean - true mean| over "
+        "all genes.",
         "- `energy_distance` (Euclidean, V-statistic) and `mmd` (RBF, 6 bandwidths x median heuristic) in a 50-PC "
         "space fitted on the split's training cells, shared by all models.",
         "- A number is the mean over held-out conditions per seed, then the mean [95% t-interval] over seeds. "

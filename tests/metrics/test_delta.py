@@ -68,6 +68,18 @@ def test_mse_top_de():
     assert mse_top_de(pred, true) == pytest.approx(13 / 3)
 
 
+def test_mae():
+    from vcell.metrics import mae
+
+    assert mae(np.array([1.0, 2.0, 0.0]), np.array([1.0, 0.0, 1.0])) == 1.0
+    assert mae(np.array([1.0, 2.0, 0.0]), np.array([1.0, 0.0, 1.0]), genes=[1]) == 2.0
+    cells = np.array([[0.0, 4.0], [2.0, 0.0]])  # the mean of the cells is compared
+    assert mae(cells, np.array([1.0, 1.0])) == 0.5
+    assert np.isnan(mae(np.ones(2), np.ones(2), genes=[]))
+    with pytest.raises(ValueError, match="genes"):
+        mae(np.ones(2), np.ones(3))
+
+
 def test_mse_top_de_normalized():
     true = np.array([2.0, 2.0])
     ctrl = np.zeros(2)

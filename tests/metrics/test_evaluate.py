@@ -53,6 +53,7 @@ def test_evaluate_perfect_prediction(data):
         assert v[p, "pearson_delta_top_de"] == pytest.approx(1.0)
         assert v[p, "mse_top_de"] == pytest.approx(0.0, abs=1e-12)
         assert v[p, "mse_top_de_normalized"] == pytest.approx(0.0, abs=1e-12)
+        assert v[p, "mae"] == pytest.approx(0.0, abs=1e-12)
         assert v[p, "l2_top_expressed"] == pytest.approx(0.0, abs=1e-6)
         assert v[p, "direction_accuracy"] == 1.0
         assert v[p, "energy_distance"] == pytest.approx(0.0, abs=1e-6)
@@ -79,7 +80,7 @@ def test_evaluate_control_baseline_and_mean_prediction(data):
         assert v[p, "pearson_delta"] == pytest.approx(1.0)
         assert v[p, "mse_top_de"] == pytest.approx(0.0, abs=1e-10)
         assert v[p, "pds"] == 1.0
-        assert v[p, "de_overlap"] > 0.5  # ranked by the mean shift
+        assert v[p, "de_overlap"] == 0.0  # one cell among tie-free controls: |z| < sqrt(3), no predicted DE genes
 
 
 def test_evaluate_matches_pure_functions(data):
@@ -151,6 +152,18 @@ def test_evaluate_errors(data):
         evaluate(true, true, control, reference="median")
 
 
+def test_evaluate_mae_is_cell_evals_mean_absolute_error(data):
+    true, control, _ = data
+    rng = np.random.default_rng(2)
+    pred = true.copy()
+    pred.X = (pred.X + rng.normal(0.1, 0.4, pred.shape)).astype(np.float32)
+    v = evaluate(pred, true, control, metrics=["mae"]).set_index("perturbation")["value"]
+    lab = true.obs["perturbation"].to_numpy()
+    for p in PERTS:
+        pm, tm = np.asarray(pred.X)[lab == p].mean(0), np.asarray(true.X)[lab == p].mean(0)
+        assert v[p] == pytest.approx(np.abs(pm - tm).mean(), rel=1e-6)  # sklearn's mean_absolute_error of the means
+
+
 def test_evaluate_does_not_modify_inputs(data):
     true, control, _ = data
     before_obs, before_X = true.obs.copy(), np.asarray(true.X).copy()
@@ -167,8 +180,8 @@ def test_evaluate_perturbation_with_one_true_cell(data):
     small = true[keep].copy()
     df = evaluate(small, small, control, ceiling=True, n_ceiling_splits=1)
     v = df.set_index(["perturbation", "metric"])
-    assert np.isnan(v.loc[("X", "de_overlap"), "value"])  # no DE test on one cell
-    assert v.loc[("X", "pearson_delta_top_de"), "value"] == pytest.approx(1.0)  # top genes by mean shift
+    assert np.isnan(v.loc[("X", "de_overlap"), "value"])  # one true cell: no gene passes FDR < 0.05
+    assert v.loc[("X", "pearson_delta_top_de"), "value"] == pytest.approx(1.0)  # top genes by |z| of the one cell
     assert v.xs("X", level="perturbation")["ceiling"].isna().all()
     assert v.xs("g1", level="perturbation")["ceiling"].notna().all()
 

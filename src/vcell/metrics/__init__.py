@@ -9,6 +9,7 @@ from ._de import de_genes_fdr, de_overlap, top_de_genes
 from ._delta import (
     direction_accuracy,
     l2_top_expressed,
+    mae,
     mse_top_de,
     mse_top_de_normalized,
     pds,
@@ -35,6 +36,7 @@ __all__ = [
     "interaction_auprc",
     "interval_coverage",
     "l2_top_expressed",
+    "mae",
     "mmd",
     "mse_top_de",
     "mse_top_de_normalized",

@@ -1,4 +1,4 @@
-"""Metrics on mean expression changes: Pearson delta, MSE, L2, direction, perturbation discrimination."""
+"""Metrics on mean expression changes: Pearson delta, MSE, MAE, L2, direction, perturbation discrimination."""
 
 from __future__ import annotations
 
@@ -133,6 +133,45 @@ def mse_top_de(
     if diff.size == 0:
         return float("nan")
     return float(np.mean(diff**2))
+
+
+def mae(
+    pred: ArrayLike | sparse.spmatrix,
+    true: ArrayLike | sparse.spmatrix,
+    *,
+    genes: ArrayLike | None = None,
+) -> float:
+    """Mean absolute error between predicted and true mean expression, over all genes by default.
+
+    cell-eval's ``mae``: ``mean(|pred_mean - true_mean|)`` of the perturbation's mean expression (not of the change
+    from control; the two are equal when both share the control mean).
+
+    Parameters
+    ----------
+    pred
+        Predicted cells or mean vector.
+    true
+        True cells or mean vector.
+    genes
+        Gene indices or mask; ``None`` uses all genes.
+
+    Returns
+    -------
+    ``mean(|pred_mean - true_mean|[genes])``; NaN (or inf) when ``pred`` or ``true`` holds NaN or inf on the genes
+    used, NaN when no gene is selected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mae(np.array([1.0, 2.0, 0.0]), np.array([1.0, 0.0, 1.0]))
+    1.0
+    """
+    p, t = as_mean(pred, name="pred"), as_mean(true, name="true")
+    check_same_length(p, t, ("pred", "true"))
+    diff = select(p - t, genes)
+    if diff.size == 0:
+        return float("nan")
+    return float(np.mean(np.abs(diff)))
 
 
 def mse_top_de_normalized(

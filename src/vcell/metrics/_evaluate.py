@@ -16,10 +16,11 @@ from vcell._utils import check_obs_keys, get_matrix, is_count_matrix, resolve_se
 
 from ._ceiling import split_halves
 from ._common import sq_dists, subsample_rows
-from ._de import DEMethod, de_overlap, de_stats, rank_by_abs, significant
+from ._de import ControlRanks, de_overlap, de_stats, rank_by_abs, significant
 from ._delta import (
     direction_accuracy,
     l2_top_expressed,
+    mae,
     mse_top_de,
     mse_top_de_normalized,
     pds,
@@ -39,6 +40,7 @@ METRICS: tuple[str, ...] = (
     "pearson_delta_top_de",
     "mse_top_de",
     "mse_top_de_normalized",
+    "mae",
     "l2_top_expressed",
     "direction_accuracy",
     "energy_distance",
@@ -50,7 +52,7 @@ _TOP_DE_METRICS = {"pearson_delta_top_de", "mse_top_de", "mse_top_de_normalized"
 _DIST_METRICS = {"energy_distance", "mmd"}
 _MAX_PCA_FIT_CELLS = 20_000
 #: how many results of the pred-independent steps (true-cell DE, ceiling) :func:`evaluate` keeps
-_MEMO_SIZE = 4
+_MEMO_SIZE = 6
 _memo: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
 
@@ -266,6 +268,8 @@ class _Context:
                 out[name] = mse_top_de(pm, tm, genes=top)
             elif name == "mse_top_de_normalized":
                 out[name] = mse_top_de_normalized(pm, tm, self.ctrl_mean, genes=top)
+            elif name == "mae":
+                out[name] = mae(pm, tm)
             elif name == "l2_top_expressed":
                 out[name] = l2_top_expressed(pm, tm, expressed_mean=self.expressed, n_top=self.n_top_expressed)
             elif name == "direction_accuracy":
@@ -306,12 +310,6 @@ class _Context:
     @property
     def names_dist(self) -> bool:
         return bool(_DIST_METRICS & set(self.names))
-
-
-def _ranking(stats: tuple[np.ndarray, np.ndarray] | None, mean: np.ndarray, ctrl_mean: np.ndarray) -> np.ndarray:
-    if stats is None:  # one cell: rank by the absolute mean shift instead of a test statistic
-        return rank_by_abs(mean - ctrl_mean)
-    return rank_by_abs(stats[0])
 
 
 def _evaluate_modalities(
@@ -356,7 +354,6 @@ def evaluate(
     n_top_de: int = 20,
     n_top_expressed: int = 1000,
     de_genes: Mapping[str, np.ndarray] | None = None,
-    de_method: DEMethod = "t-test",
     fdr: float = 0.05,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
     n_comps: int = 50,
@@ -376,21 +373,24 @@ def evaluate(
       DE genes, with deltas relative to ``reference``;
     - ``mse_top_de`` / ``mse_top_de_normalized``: :func:`mse_top_de` over the top DE genes, and divided by the MSE
       of predicting the control mean (:func:`mse_top_de_normalized`);
+    - ``mae``: :func:`mae`, the mean over all genes of ``|pred_mean - true_mean|`` (cell-eval's ``mae``);
     - ``l2_top_expressed``: :func:`l2_top_expressed` over the ``n_top_expressed`` genes highest in the control
       mean;
     - ``direction_accuracy``: :func:`direction_accuracy` of changes vs the control mean over the top DE genes;
     - ``energy_distance``, ``mmd``: :func:`energy_distance` (Euclidean) and :func:`mmd` between predicted and
       true cells in the PCA space ``pca``, each set subsampled to ``max_cells``;
-    - ``de_overlap``: :func:`de_overlap` of the predicted cells' DE ranking (vs control; by the absolute mean shift
-      when only one cell is predicted) with the true DE genes at FDR < ``fdr`` (``NaN`` when there are none);
+    - ``de_overlap``: :func:`de_overlap` (cell-eval's ``overlap_at_N``) of the predicted DE genes (predicted vs
+      control cells, FDR < ``fdr``, by ``|log2 fold change|``; none, and so 0, for a prediction without signal)
+      with the true DE genes found the same way (``NaN`` when there are none, where cell-eval reports 0);
     - ``pds``: :func:`pds` across all evaluated perturbations (needs at least 2, else ``NaN``), leaving out
       target genes: each ``"+"``-separated part of a label found in ``var_names``;
     - ``pathway_agreement_<name>`` for each network of ``pathway_nets``: :func:`pathway_agreement` (ULM
       activities of the predicted vs the true mean change from the control mean, correlated across sources).
 
-    DE genes are found once per perturbation with :func:`scanpy.tl.rank_genes_groups` (``de_method``) of true vs
-    control cells and reused by all metrics; ``de_genes`` supplies precomputed top-DE indices (e.g. shared across
-    models) for the top-DE metrics.
+    DE is cell-eval's test (:func:`~vcell.metrics._de.de_stats`: two-sided Wilcoxon rank-sum of each gene with tie
+    correction, Benjamini-Hochberg over genes), run once per perturbation of true vs control cells and reused by all
+    metrics: the top-``n_top_de`` DE genes are those with the largest ``|z|`` (:func:`top_de_genes`); ``de_genes``
+    supplies precomputed top-DE indices (e.g. shared across models) for the top-DE metrics.
 
     ``X`` may be dense, sparse or backed (an h5ad read with ``backed="r"``); a sparse or backed matrix is never
     densified whole: means are summed in row blocks (:func:`vcell.data.group_sums`), DE reads each group's cells as
@@ -424,8 +424,6 @@ def evaluate(
         Number of genes for ``l2_top_expressed``.
     de_genes
         Optional perturbation -> top-DE gene indices; missing perturbations are computed.
-    de_method
-        Test of :func:`scanpy.tl.rank_genes_groups`.
     fdr
         Adjusted p-value threshold of the true DE genes for ``de_overlap``.
     pca
@@ -479,7 +477,6 @@ def evaluate(
             metrics=metrics,
             n_top_de=n_top_de,
             n_top_expressed=n_top_expressed,
-            de_method=de_method,
             fdr=fdr,
             n_comps=n_comps,
             reference=reference,
@@ -523,9 +520,6 @@ def evaluate(
     pred_means = _group_means(Xp, [idx_p[p] for p in perts])
     rows_t = {p: _Rows(Xt, idx_t[p], true_means[i]) for i, p in enumerate(perts)}
     rows_p = {p: _Rows(Xp, idx_p[p], pred_means[i]) for i, p in enumerate(perts)}
-    ctrl_cells = (
-        _Rows(Xc).cells() if isinstance(Xc, _Matrix) else Xc
-    )  # DE reads the control cells (sparse stays sparse)
 
     if isinstance(reference, str):
         if reference == "control":
@@ -544,25 +538,29 @@ def evaluate(
     # DE genes of true vs control, once per perturbation
     de_genes = dict(de_genes or {})
     need_true_de = "de_overlap" in names or (_TOP_DE_METRICS & set(names) and any(p not in de_genes for p in perts))
-    true_key = _digest(Xt, Xc, [idx_t[p] for p in perts], perts, de_method) if need_true_de or ceiling else ""
+    # DE ranks the control cells once per content (read in row blocks; sparse stays sparse)
+    ctrl_key = _digest(Xc) if need_true_de or ceiling or "de_overlap" in names else ""
+
+    def ctrl_ranks() -> ControlRanks:
+        return _memoized("ctrl_ranks", ctrl_key, lambda: ControlRanks(Xc.X if isinstance(Xc, _Matrix) else Xc))
+
+    true_key = _digest(Xt, ctrl_key, [idx_t[p] for p in perts], perts, "wilcoxon") if need_true_de or ceiling else ""
     true_stats = (
-        _memoized(
-            "true_de", true_key, lambda: de_stats({p: rows_t[p].cells() for p in perts}, ctrl_cells, method=de_method)
-        )
+        _memoized("true_de", true_key, lambda: de_stats({p: rows_t[p].cells() for p in perts}, ctrl_ranks()))
         if need_true_de
         else {}
     )
     top = {}
-    for i, p in enumerate(perts):
+    for p in perts:
         if p in de_genes:
             top[p] = np.asarray(de_genes[p], dtype=np.int64)
         else:
-            top[p] = _ranking(true_stats.get(p), true_means[i], ctrl_mean)[:n_top_de] if true_stats else None
-    sig = {p: (significant(s, fdr) if s is not None else None) for p, s in true_stats.items()}
+            top[p] = rank_by_abs(true_stats[p].scores)[:n_top_de] if true_stats else None
+    sig = {p: significant(s, fdr) for p, s in true_stats.items()}
     pred_rank: dict[str, np.ndarray | None] = dict.fromkeys(perts)
     if "de_overlap" in names:
-        pred_stats = de_stats({p: rows_p[p].cells() for p in perts}, ctrl_cells, method=de_method)
-        pred_rank = {p: _ranking(pred_stats[p], pred_means[i], ctrl_mean) for i, p in enumerate(perts)}
+        pred_stats = de_stats({p: rows_p[p].cells() for p in perts}, ctrl_ranks())
+        pred_rank = {p: significant(s, fdr) for p, s in pred_stats.items()}
 
     if _DIST_METRICS & set(names) and pca is None:
         pca = fit_pca(_pca_fit_cells(Xc, Xt, seed), n_comps, seed=seed)
@@ -611,7 +609,7 @@ def evaluate(
             "ceiling",
             ceil_key,
             lambda: _ceiling_values(
-                ctx, Xt, ctrl_cells, idx_t, perts, top, true.var_names, de_method, fdr, n_ceiling_splits, seed
+                ctx, Xt, ctrl_ranks, idx_t, perts, top, true.var_names, fdr, n_ceiling_splits, seed
             ),
         )
         df["ceiling"] = [ceil[p].get(m, np.nan) for p, m in zip(df["perturbation"], df["metric"], strict=True)]
@@ -637,7 +635,7 @@ def _pds(pred_means: np.ndarray, true_means: np.ndarray, perts: list[str], var_n
     return pds(pred_means, true_means, target_gene_idx=_targets(perts, var_names))
 
 
-def _ceiling_values(ctx, Xt, Xc, idx_t, perts, top, var_names, de_method, fdr, n_splits, seed):
+def _ceiling_values(ctx, Xt, ctrl_ranks, idx_t, perts, top, var_names, fdr, n_splits, seed):
     """Split-half values of every metric per perturbation, averaged over splits (NaN where undefined)."""
     if n_splits < 1:
         msg = f"n_ceiling_splits must be a positive integer, got {n_splits}"
@@ -652,14 +650,13 @@ def _ceiling_values(ctx, Xt, Xc, idx_t, perts, top, var_names, de_method, fdr, n
         if "de_overlap" in ctx.names and usable:
             groups = {f"{p}\x001": c[0].cells() for p, c in cells.items()}
             groups |= {f"{p}\x002": c[1].cells() for p, c in cells.items()}
-            stats = de_stats(groups, Xc, method=de_method)
+            stats = de_stats(groups, ctrl_ranks())
             h1_stats = {p: stats[f"{p}\x001"] for p in usable}
             h2_stats = {p: stats[f"{p}\x002"] for p in usable}
         for p in usable:
             c1, c2 = cells[p]
-            rank = _ranking(h1_stats.get(p), c1.mean(), ctx.ctrl_mean) if h1_stats else None
-            s2 = h2_stats.get(p)
-            sig = significant(s2, fdr) if s2 is not None else None
+            rank = significant(h1_stats[p], fdr) if h1_stats else None
+            sig = significant(h2_stats[p], fdr) if h2_stats else None
             for m, v in ctx.one(c1, c2, top[p], rank, sig).items():
                 acc[p][m].append(v)
         if "pds" in ctx.names and len(usable) >= 2:
