@@ -350,6 +350,10 @@ def _expression_rows(X: Any, rows: np.ndarray, transform: str | None) -> np.ndar
     """
     from vcell.data import iter_row_blocks, log1p_cp10k_block
 
+    rows = np.asarray(rows, dtype=np.int64)
+    bound = _row_nnz_bound(X, rows)
+    if bound is not None and rows.size * X.shape[1] > settings.chunk_elements:
+        return _gather_csr(X, rows, transform, bound)
     parts = []
     for _, _, block in iter_row_blocks(X, rows=rows):
         E = log1p_cp10k_block(block) if transform == "log1p_cp10k" else block
@@ -360,6 +364,37 @@ def _expression_rows(X: Any, rows: np.ndarray, transform: str | None) -> np.ndar
         return np.vstack(parts)
     out = sparse.vstack([sparse.csr_matrix(b) for b in parts], format="csr")
     return out.toarray() if out.shape[0] * out.shape[1] <= settings.chunk_elements else out
+
+
+def _row_nnz_bound(X: Any, rows: np.ndarray) -> int | None:
+    """Stored values in rows ``rows`` of a CSR matrix (in memory or backed), read from its ``indptr``; else ``None``."""
+    from vcell.data._chunked import _source_kind
+
+    kind = _source_kind(X)
+    if kind == "sparse" and X.format == "csr":
+        indptr = X.indptr
+    elif kind == "backed_csr":
+        indptr = X.group["indptr"][...]
+    else:
+        return None
+    return int((indptr[rows + 1] - indptr[rows]).sum())
+
+
+def _gather_csr(X: Any, rows: np.ndarray, transform: str | None, bound: int) -> sparse.csr_matrix:
+    """:func:`_expression_rows` of a CSR ``X`` into arrays allocated once (``bound`` values): no stacked copy."""
+    from vcell.data import iter_row_blocks, log1p_cp10k_block
+
+    data = np.empty(bound, dtype=np.float32)
+    indices = np.empty(bound, dtype=np.int32 if X.shape[1] < 2**31 else np.int64)
+    indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    at = 0
+    for start, stop, block in iter_row_blocks(X, rows=rows):
+        E = sparse.csr_matrix(log1p_cp10k_block(block) if transform == "log1p_cp10k" else block)
+        data[at : at + E.nnz] = E.data
+        indices[at : at + E.nnz] = E.indices
+        indptr[start + 1 : stop + 1] = at + E.indptr[1:]
+        at += E.nnz
+    return sparse.csr_matrix((data[:at], indices[:at], indptr), shape=(rows.size, X.shape[1]))
 
 
 def _mean_rows(X: np.ndarray | sparse.spmatrix) -> np.ndarray:
