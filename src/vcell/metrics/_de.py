@@ -224,13 +224,14 @@ def rank_by_abs(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.abs(scores), kind="stable")
 
 
-def _one(cells: ArrayLike | sparse.spmatrix, control: ArrayLike | sparse.spmatrix, name: str) -> DEStats:
-    return ControlRanks(_cells(control, "control_cells")).test(cells, name)
+def _one(cells: ArrayLike | sparse.spmatrix, control: Any, name: str) -> DEStats:
+    ranks = control if isinstance(control, ControlRanks) else ControlRanks(_cells(control, "control_cells"))
+    return ranks.test(cells, name)
 
 
 def top_de_genes(
     true_cells: ArrayLike | sparse.spmatrix,
-    control_cells: ArrayLike | sparse.spmatrix,
+    control_cells: ArrayLike | sparse.spmatrix | ControlRanks,
     *,
     n_top: int | None = 20,
 ) -> np.ndarray:
@@ -245,7 +246,7 @@ def top_de_genes(
     true_cells
         Perturbed cells ``(n_cells x n_genes)``, log1p(CP10k); at least 1.
     control_cells
-        Control cells, same genes; at least 2.
+        Control cells, same genes; at least 2. Or their :class:`ControlRanks`, to index them once for many tests.
     n_top
         Number of genes to return; ``None`` returns the full ranking.
 

@@ -210,6 +210,22 @@ class _Rows:
         return cells.toarray() if sparse.issparse(cells) else cells
 
 
+class _LazyCells(Mapping):
+    """Label -> the cells of a :class:`_Rows`, read when asked: a test over groups holds one group's cells at a time."""
+
+    def __init__(self, rows: Mapping[str, _Rows]):
+        self._rows = rows
+
+    def __getitem__(self, key: str) -> np.ndarray | sparse.csr_matrix:
+        return self._rows[key].cells()
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 def _check_genes(true: AnnData, other: AnnData, what: str) -> None:
     if other.n_vars != true.n_vars or not other.var_names.equals(true.var_names):
         msg = (
@@ -546,7 +562,7 @@ def evaluate(
 
     true_key = _digest(Xt, ctrl_key, [idx_t[p] for p in perts], perts, "wilcoxon") if need_true_de or ceiling else ""
     true_stats = (
-        _memoized("true_de", true_key, lambda: de_stats({p: rows_t[p].cells() for p in perts}, ctrl_ranks()))
+        _memoized("true_de", true_key, lambda: de_stats(_LazyCells({p: rows_t[p] for p in perts}), ctrl_ranks()))
         if need_true_de
         else {}
     )
@@ -559,7 +575,7 @@ def evaluate(
     sig = {p: significant(s, fdr) for p, s in true_stats.items()}
     pred_rank: dict[str, np.ndarray | None] = dict.fromkeys(perts)
     if "de_overlap" in names:
-        pred_stats = de_stats({p: rows_p[p].cells() for p in perts}, ctrl_ranks())
+        pred_stats = de_stats(_LazyCells({p: rows_p[p] for p in perts}), ctrl_ranks())
         pred_rank = {p: significant(s, fdr) for p, s in pred_stats.items()}
 
     if _DIST_METRICS & set(names) and pca is None:
@@ -648,9 +664,8 @@ def _ceiling_values(ctx, Xt, ctrl_ranks, idx_t, perts, top, var_names, fdr, n_sp
         cells = {p: (_Rows(Xt, idx_t[p][a]), _Rows(Xt, idx_t[p][b])) for p, (a, b) in halves.items()}
         h1_stats, h2_stats = {}, {}
         if "de_overlap" in ctx.names and usable:
-            groups = {f"{p}\x001": c[0].cells() for p, c in cells.items()}
-            groups |= {f"{p}\x002": c[1].cells() for p, c in cells.items()}
-            stats = de_stats(groups, ctrl_ranks())
+            groups = {f"{p}\x001": c[0] for p, c in cells.items()} | {f"{p}\x002": c[1] for p, c in cells.items()}
+            stats = de_stats(_LazyCells(groups), ctrl_ranks())
             h1_stats = {p: stats[f"{p}\x001"] for p in usable}
             h2_stats = {p: stats[f"{p}\x002"] for p in usable}
         for p in usable:
