@@ -155,7 +155,7 @@ def run_type(adata: ad.AnnData, cell_type: str, args: argparse.Namespace) -> tup
                     accelerator="cpu",
                     trainer_kwargs=QUIET,
                 )
-                preds[method] = m.predict(src, perturbation="IFNb")
+                preds[method] = m.predict(src, perturbation="IFNb", space="model")  # log1p(CP10k), as E_src
                 secs[method] = time.perf_counter() - t
                 extra[method] = m.adapt_summary_["n_trainable"]
             for method in ("scratch", "scratch_cf"):
@@ -177,14 +177,14 @@ def run_type(adata: ad.AnnData, cell_type: str, args: argparse.Namespace) -> tup
                     validation_fraction=0.0,
                     trainer_kwargs=QUIET,
                 )
-                preds[method] = scratch.predict(src, perturbation="IFNb")
+                preds[method] = scratch.predict(src, perturbation="IFNb", space="model")
                 secs[method] = time.perf_counter() - t
                 extra[method] = sum(p.numel() for p in scratch.module.parameters())
             r = [np.corrcoef(E_few[~is_stim].mean(0), c)[0, 1] for c in ctrl_means]
             nearest = types[int(np.argmax(r))]
             src_near = src.copy()
             src_near.obs["cell_type"] = nearest
-            preds["pretrained_nearest"] = base.predict(src_near, perturbation="IFNb")
+            preds["pretrained_nearest"] = base.predict(src_near, perturbation="IFNb", space="model")
             preds["pretrain_additive"] = np.clip(E_src + shift, 0, None)
             preds["fewshot_additive"] = np.clip(E_src + E_few[is_stim].mean(0) - E_few[~is_stim].mean(0), 0, None)
             preds["fewshot_mean"] = np.repeat(E_few[is_stim].mean(0, keepdims=True), len(E_src), axis=0)

@@ -102,7 +102,7 @@ def sign_diagnostics(
         n_true, share_true = shares(np.asarray(true).ravel())
         tr = model.adata
         mask = (tr.obs["cell_type"].astype(str) == cell_type).to_numpy() & (tr.obs[PERT_COL] == CONTROL).to_numpy()
-        pred = model.predict(perturbation="IFNb", controls=mask).mean(0) - model._expression(
+        pred = model.predict(perturbation="IFNb", controls=mask, space="model").mean(0) - model._expression(
             tr, np.flatnonzero(mask)
         ).mean(0)
         n_pred, share_pred = shares(pred)

@@ -135,7 +135,12 @@ class SharedSample:
         for req in requests:
             try:
                 cells = m.sample(
-                    m.adata, perturbation=req.perturbation, controls=req.controls, dose=req.dose, seed=seed
+                    m.adata,
+                    perturbation=req.perturbation,
+                    controls=req.controls,
+                    dose=req.dose,
+                    seed=seed,
+                    space="model",
                 )
                 out[req.condition] = np.asarray(cells.X)
             except (KeyError, ValueError) as err:

@@ -94,7 +94,7 @@ def trained(name: str, adata):
 def one_call(model, adata, perts: list[str], mode: str, controls, options: dict):
     import vcell
 
-    kw = {"perturbations": perts, "seed": 0, **({"predict_kwargs": options} if options else {})}
+    kw = {"perturbations": perts, "seed": 0, "space": "model", **({"predict_kwargs": options} if options else {})}
     if mode == "return_adata":
         return vcell.tl.predict_perturbation(adata, model, controls=controls, return_adata=True, **kw)
     vcell.tl.predict_perturbation(adata, model, key_added="bench", overwrite=True, **kw)

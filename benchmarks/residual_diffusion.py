@@ -68,7 +68,9 @@ def kang_tasks(types: list[str]) -> list[tuple[str, ad.AnnData, ad.AnnData, list
 
 
 def conditional_mean(model, adata: ad.AnnData, pert: str, controls: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(adata, perturbation=pert, controls=controls), dtype=np.float64).mean(0)
+    return np.asarray(model.predict(adata, perturbation=pert, controls=controls, space="model"), dtype=np.float64).mean(
+        0
+    )
 
 
 def gaussian_sampler(model, train: ad.AnnData, covariates: list[str], seed: int):
@@ -156,18 +158,24 @@ def run_task(task, seed: int, args) -> tuple[list[dict], list[dict]]:
             t0 = time.perf_counter()
             if isinstance(gen, vcell.model.ResidualDiffusion):
                 X = gen.sample(
-                    train, perturbation=cond, n_cells=n, controls=controls, seed=seed, n_steps=args.n_steps
+                    train,
+                    perturbation=cond,
+                    n_cells=n,
+                    controls=controls,
+                    seed=seed,
+                    n_steps=args.n_steps,
+                    space="model",
                 ).X
                 dt = time.perf_counter() - t0
                 times.append({"task": name, "seed": seed, "model": gname, "sample_cells_per_s": n / dt})
             elif callable(gen) and not hasattr(gen, "predict"):
                 X = gen(cond, controls, n)
             else:
-                X = gen.predict(train, perturbation=cond, controls=controls)
+                X = gen.predict(train, perturbation=cond, controls=controls, space="model")
             rows.append(
                 {"task": name, "seed": seed, "condition": cond, **score(gname, np.asarray(X), real, pca, top, seed)}
             )
-        X = cvae.sample(train, perturbation=cond, n_cells=n, controls=controls, seed=seed).X
+        X = cvae.sample(train, perturbation=cond, n_cells=n, controls=controls, seed=seed, space="model").X
         rows.append(
             {
                 "task": name,
@@ -224,9 +232,9 @@ def speed(args, out: Path) -> None:
     rd.module.to(device)
     rows = []
     for n_steps in (5, 10, 20, 50):
-        rd.sample(perturbation=pert, n_cells=200, n_steps=n_steps, seed=0)  # warm-up
+        rd.sample(perturbation=pert, n_cells=200, n_steps=n_steps, seed=0, space="model")  # warm-up
         t0 = time.perf_counter()
-        rd.sample(perturbation=pert, n_cells=args.n_samples, n_steps=n_steps, seed=0)
+        rd.sample(perturbation=pert, n_cells=args.n_samples, n_steps=n_steps, seed=0, space="model")
         dt = time.perf_counter() - t0
         rows.append(
             {

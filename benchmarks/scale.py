@@ -328,7 +328,7 @@ def child_predict(spec: dict, out: dict) -> None:
         gc.collect()
         t0 = time.perf_counter()
         pred = vcell.tl.predict_perturbation(
-            adata, model, perturbations=perts, controls=ctrl, return_adata=True, seed=0
+            adata, model, perturbations=perts, controls=ctrl, return_adata=True, seed=0, space="model"
         )
         best = min(best, time.perf_counter() - t0)
         shape = pred.shape

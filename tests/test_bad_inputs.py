@@ -710,7 +710,7 @@ def test_evaluate_reads_labels_as_harmonize_does():
     adata, model = fitted_baseline()
     ab = combo(adata)
     ba = "+".join(ab.split("+")[::-1])
-    pred = vcell.tl.predict_perturbation(adata, model, perturbations=ba, return_adata=True)
+    pred = vcell.tl.predict_perturbation(adata, model, perturbations=ba, return_adata=True, space="log1p_cp10k")
     vcell.pp.log_normalize(adata)
     true = ad.AnnData(adata.layers["log1p_cp10k"], obs=adata.obs[["perturbation"]].copy(), var=adata.var[[]])
     ctrl = true[(true.obs["perturbation"] == CONTROL).to_numpy()].copy()

@@ -36,7 +36,7 @@ DEFAULT_MAX_REQUIRED_POSITIONAL = 2
 MAX_POSITIONAL = 3
 
 # Functions that write into an AnnData and must list what they set (on top of every function with key_added).
-WRITERS = ("pp.harmonize", "pp.log_normalize", "tl.predict_perturbation", "bench.split")
+WRITERS = ("pp.harmonize", "pp.log_normalize", "pp.set_expression_space", "tl.predict_perturbation", "bench.split")
 
 PLOT_PARAMS = {"ax": None, "show": None, "save": None, "return_fig": False}
 

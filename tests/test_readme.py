@@ -37,7 +37,9 @@ def test_readme_notebook_example_is_out_of_distribution_and_quotes_its_r():
     assert not ((train.obs["cell_type"] == "CD4T") & (train.obs["perturbation"] == "IFNb")).any()
     cd4t_ctrl = ((adata.obs["cell_type"] == "CD4T") & (adata.obs["perturbation"] == "control")).to_numpy()
     np.testing.assert_array_equal(adata.obs["vcell_pred_source"].to_numpy(), cd4t_ctrl)
-    E = expression_for_eval(adata)
+    space = vcell.pp.expression_space(adata, "vcell_pred")  # the model's default: log1p of the median library size
+    assert space.basis == "median"
+    E = expression_for_eval(adata, target_sum=space.target_sum)  # the truth in the predictions' space
     r = vcell.metrics.pearson_delta(adata.layers["vcell_pred"][cd4t_ctrl], E[stimulated_cd4t.to_numpy()], E[cd4t_ctrl])
     quoted = float(re.search(r"Pearson r of predicted vs true change ([0-9.]+)", code).group(1))
     assert r == pytest.approx(quoted, abs=0.005)

@@ -288,7 +288,9 @@ def log1p_cp10k(X: np.ndarray | sparse.spmatrix, *, target_sum: float = 1e4) -> 
     return np.log1p(X / totals * target_sum).astype(np.float32)
 
 
-def expression_for_eval(adata: AnnData, layer: str | None = None, *, counts: bool | None = None) -> np.ndarray:
+def expression_for_eval(
+    adata: AnnData, layer: str | None = None, *, counts: bool | None = None, target_sum: float = 1e4
+) -> np.ndarray:
     """Dense log1p(CP10k) expression of ``adata`` (normalising counts; passing log data through).
 
     Parameters
@@ -299,13 +301,15 @@ def expression_for_eval(adata: AnnData, layer: str | None = None, *, counts: boo
         Layer to read; ``None`` reads ``X``.
     counts
         Whether the matrix holds raw counts. ``None`` guesses with :func:`is_count_matrix`.
+    target_sum
+        Total each cell of counts is normalised to before ``log1p`` (1e4: log1p(CP10k)).
     """
     X = get_matrix(adata, layer)
     if counts is None:
         counts = is_count_matrix(X)
     if counts:
         check_finite_nonnegative(X, name=f"adata.layers[{layer!r}]" if layer else "adata.X")
-        return log1p_cp10k(X)
+        return log1p_cp10k(X, target_sum=target_sum)
     return to_dense(X)
 
 

@@ -24,7 +24,7 @@ def _additive_errors(frac_epistatic: float) -> tuple[np.ndarray, np.ndarray, np.
     rng = np.random.default_rng(0)
     for c in combos:
         true = logx[labels == c]
-        pred = model.predict(train, perturbation=c)
+        pred = model.predict(train, perturbation=c, space="log1p_cp10k")
         errors.append(np.linalg.norm(pred.mean(0) - true.mean(0)))
         half = rng.permutation(len(true))
         noise.append(np.linalg.norm(true[half[::2]].mean(0) - true[half[1::2]].mean(0)) / 2)

@@ -50,7 +50,7 @@ def test_planted_additive_effects_are_recovered(accelerator):
     r = []
     for cond in [*map(str, sim["perturbations"]), *map(str, sim["combos"])]:
         true = E[labels == cond].mean(0) - ctrl_mean
-        pred = model.predict(perturbation=cond).mean(0) - ctrl_mean
+        pred = model.predict(perturbation=cond, space="log1p_cp10k").mean(0) - ctrl_mean
         r.append(np.corrcoef(true, pred)[0, 1])
     print("per-condition r:", np.round(r, 3))
     assert min(r) > 0.9, r
@@ -86,16 +86,20 @@ def test_zero_dose_returns_the_control_cells():
     adata = _sim()
     model = _fit(adata)
     ctrl = (adata.obs["vcell_perturbation"] == "control").to_numpy()
-    pred = model.predict(perturbation=str(adata.uns["vcell_simulation"]["perturbations"][0]), dose=1e-30)
+    pred = model.predict(
+        perturbation=str(adata.uns["vcell_simulation"]["perturbations"][0]), dose=1e-30, space="log1p_cp10k"
+    )
     np.testing.assert_allclose(pred, log1p_cp10k(adata.X[ctrl]), atol=1e-4)
-    np.testing.assert_allclose(model.predict(perturbation="control"), log1p_cp10k(adata.X[ctrl]), atol=1e-4)
+    np.testing.assert_allclose(
+        model.predict(perturbation="control", space="log1p_cp10k"), log1p_cp10k(adata.X[ctrl]), atol=1e-4
+    )
 
 
 def test_sample_returns_anndata_of_counts():
     adata = _sim()
     model = _fit(adata)
     pert = str(adata.uns["vcell_simulation"]["perturbations"][1])
-    s1 = model.sample(perturbation=pert, n_cells=25, seed=4)
+    s1 = model.sample(perturbation=pert, n_cells=25, seed=4, space="log1p_cp10k")
     s2 = model.sample(perturbation=pert, n_cells=25, seed=4)
     assert s1.shape == (25, adata.n_vars)
     assert (s1.obs["vcell_perturbation"] == pert).all()

@@ -69,7 +69,7 @@ def test_transition_recovers_planted_shift(trained):
     ctrl = labels == "control"
     base = X[ctrl].mean(0)
     for p in sorted(set(labels) - {"control"}):
-        pred = model.predict(perturbation=p)
+        pred = model.predict(perturbation=p, space="log1p_cp10k")
         assert pred.shape == (ctrl.sum(), adata.n_vars)
         assert pred.dtype == np.float32
         assert (pred >= 0).all()
@@ -77,7 +77,7 @@ def test_transition_recovers_planted_shift(trained):
         print(p, "pearson delta", r)
         assert r > 0.7
     # the control condition is the identity: delta 0, so the residual prediction is each cell itself
-    np.testing.assert_allclose(model.predict(perturbation="control"), X[ctrl], atol=1e-5)
+    np.testing.assert_allclose(model.predict(perturbation="control", space="log1p_cp10k"), X[ctrl], atol=1e-5)
     p = sorted(set(labels) - {"control"})[0]
     emb = model.predict_embedding(perturbation=p, controls=[0, 1, 2])
     assert emb.shape == (3, 32)

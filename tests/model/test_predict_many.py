@@ -244,21 +244,21 @@ def test_batched_predictions_equal_the_per_perturbation_code(name, protein):
         for options in OPTIONS.get(name, [{}]):
             for modality in modalities:
                 ref = {p: LEGACY[name](model, rna, p, None, DOSE, modality, **options) for p in perts}
-                many = dict(model.predict_many(data, perturbations=perts, dose=DOSE, modality=modality, **options))
+                kw = {"dose": DOSE, "modality": modality, "space": "log1p_cp10k"}  # the references' space
+                many = dict(model.predict_many(data, perturbations=perts, **kw, **options))
                 assert list(many) == perts
                 for p in perts:
                     _same(many[p], ref[p], exact=exact)
-                    one = model.predict(data, perturbation=p, dose=DOSE, **options, **{"modality": modality})
+                    one = model.predict(data, perturbation=p, **kw, **options)
                     _same(one, ref[p], exact=exact)
         # through the tool: layers (RNA, and proteins in the protein modality) and return_adata, same numbers
         options = OPTIONS.get(name, [{}])[-1]
         work = md.MuData({k: v.copy() for k, v in data.mod.items()}) if protein else data.copy()
-        vcell.tl.predict_perturbation(work, model, perturbations=perts, dose=DOSE, predict_kwargs=options, seed=3)
+        kw = {"dose": DOSE, "predict_kwargs": options, "space": "log1p_cp10k"}
+        vcell.tl.predict_perturbation(work, model, perturbations=perts, seed=3, **kw)
         w_rna = work["rna"] if protein else work
         idx = model._control_indices(w_rna)
-        out = vcell.tl.predict_perturbation(
-            work, model, perturbations=perts, dose=DOSE, predict_kwargs=options, return_adata=True
-        )
+        out = vcell.tl.predict_perturbation(work, model, perturbations=perts, return_adata=True, **kw)
         out_rna = out["rna"] if protein else out
         for k, p in enumerate(perts):
             ref = LEGACY[name](model, rna, p, None, DOSE, "rna", **options)
@@ -346,12 +346,12 @@ def test_a_subclass_predict_is_honoured():
     adata = model.adata
     perts = list(model.vocab.atoms[:2])
     out = vcell.tl.predict_perturbation(
-        adata, model, perturbations=perts, return_adata=True, predict_kwargs={"scale": 2}
+        adata, model, perturbations=perts, return_adata=True, predict_kwargs={"scale": 2}, space="log1p_cp10k"
     )
     assert calls == perts
     plain = _baseline()
     n = out.n_obs // 2
-    np.testing.assert_array_equal(out.X[:n], 2 * plain.predict(adata, perturbation=perts[0]))
+    np.testing.assert_array_equal(out.X[:n], 2 * plain.predict(adata, perturbation=perts[0], space="log1p_cp10k"))
 
 
 # ------------------------------------------------------------------------------------------ memory

@@ -28,7 +28,8 @@ def test_layers_written_only_on_selected_controls(trained):
     vcell.tl.predict_perturbation(adata, model, perturbations=["IFNb"], cell_type="CD4T", key_added="pred")
     assert set(adata.layers) - layers_before == {"pred"}
     assert set(adata.obs) - obs_before == {"pred_source"}
-    assert set(adata.uns) - uns_before == {"pred"}
+    assert set(adata.uns) - uns_before == {"pred", "vcell_spaces"}
+    assert set(adata.uns["vcell_spaces"]) == {"pred"}  # the space of the layer written
     assert (adata.X != X_before).nnz == 0
     layer = adata.layers["pred"]
     assert layer.shape == adata.shape
@@ -105,7 +106,7 @@ def test_new_anndata_without_harmonize(trained, kang_path):
         == ((fresh.obs["cell_type"] == "NK") & (fresh.obs["perturbation"] == "control")).sum()
     )
     pd.testing.assert_frame_equal(fresh.obs.drop(columns="p_source"), obs_before)  # only the documented column added
-    assert set(fresh.uns) - uns_before == {"p"}
+    assert set(fresh.uns) - uns_before == {"p", "vcell_spaces"}
     assert set(fresh.layers) - layers_before == {"p"}
     np.testing.assert_array_equal(
         model.predict(fresh, perturbation="IFNb"), model.predict(harmonised, perturbation="IFNb")

@@ -56,7 +56,10 @@ class Predictor(Protocol):
     ``fit_predict`` gets only the training cells (``train``: train+val cells of the split, labels in
     ``obs['vcell_perturbation']``, split in ``obs['vcell_split']``; no held-out cell) and returns, per request
     condition, a ``(len(request.controls), n_genes)`` array of log1p(CP10k) predictions, or a string saying why
-    that condition cannot be predicted. It may set ``last_resources`` (``fit_s``, ``predict_s``, ``peak_mem_mb``).
+    that condition cannot be predicted. It may set ``last_resources`` (``fit_s``, ``predict_s``, ``peak_mem_mb``),
+    and ``expression_space`` (a :class:`vcell.pp.ExpressionSpace` or its dict) when its predictions are in a known
+    space: :func:`vcell.metrics.evaluate` then refuses them, naming both spaces, if that space provably differs from
+    the truth's (log1p(CP10k) of counts, or the screen's log data as they are).
 
     When :func:`run` benchmarks RNA + protein (a MuData with ``protein_modality``), a predictor whose
     ``models_proteins`` attribute is true gets ``train`` as a MuData (``rna`` and the protein modality, same cells)
@@ -168,12 +171,14 @@ class ModelSpec:
                         controls=req.controls,
                         dose=req.dose,
                         seed=seed,
+                        space="model",  # the space the truth is scored in (log1p(CP10k) of counts)
                         **self.sample_kwargs,
                     )
                     rna = np.asarray(cells.X)
                     out[req.condition] = {"rna": rna, "prot": cells.obsm["protein"].to_numpy()} if protein else rna
                 else:
                     kw = {"perturbation": req.perturbation, "controls": req.controls, "dose": req.dose, "seed": seed}
+                    kw["space"] = "model"  # unconverted: the space the truth is scored in (log1p(CP10k) of counts)
                     rna = model.predict(tr, **kw)
                     out[req.condition] = (
                         {"rna": rna, "prot": model.predict(tr, **kw, modality="prot")} if protein else rna
@@ -701,6 +706,10 @@ def run(
             if preds:
                 pred_ad = _stack_predictions(preds, a.var_names)
                 del preds
+                if getattr(spec, "expression_space", None) is not None:  # checked against the truth by evaluate
+                    from vcell.pp._space import ExpressionSpace, record_space
+
+                    record_space(pred_ad, None, ExpressionSpace.from_dict(spec.expression_space))
                 if len(additive) >= 2 and (metrics is None or "interaction_auprc" in metrics):
                     rows.append(
                         _interaction_row(spec.name, split_name, seed, pred_ad, cases, additive, true_ad, sim_labels)

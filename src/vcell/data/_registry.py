@@ -69,7 +69,8 @@ def setup_perturbation_anndata(
     ``adata.obs['vcell_perturbation']``, ``['vcell_n_perturbations']``, ``['vcell_dose']``
         Canonical labels from :func:`vcell.pp.harmonize` (plus ``adata.uns['vcell_harmonize']``).
     ``adata.obs['_scvi_*']``, ``adata.uns['_scvi_uuid']``, ``adata.uns['_scvi_manager_uuid']``
-        scvi-tools' registry bookkeeping.
+        scvi-tools' registry bookkeeping; its vcell state (:func:`vcell_state`) records the expression spaces
+        (:func:`registered_spaces`).
     """
     from scvi.data import AnnDataManager
     from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField, NumericalObsField
@@ -107,8 +108,69 @@ def setup_perturbation_anndata(
     manager.registry[VCELL_STATE_KEY] = {
         "counts": bool(counts),
         "context_keys": [*covariate_keys, *([batch_key] if batch_key else [])],
+        **registered_spaces(adata, layer, counts=bool(counts), source_registry=kwargs.get("source_registry")),
     }
     cls.register_manager(manager)
+
+
+#: keys of the vcell state that describe expression spaces (:func:`registered_spaces`)
+SPACE_STATE_KEYS = ("space", "output_space", "median_library_size")
+
+
+def registered_spaces(
+    adata: AnnData, layer: str | None, *, counts: bool, source_registry: dict | None = None
+) -> dict[str, Any]:
+    """The expression spaces ``setup_anndata`` records in the vcell state of the registry.
+
+    * ``space``: the registered matrix's space (:class:`vcell.pp.ExpressionSpace` as a dict): its record in
+      ``adata.uns["vcell_spaces"]`` if any, else raw counts when every value is a non-negative integer, else the
+      log1p space inferred from its values (:func:`vcell.pp.expression_space`). A record that contradicts the values
+      (counts recorded for non-integer values, log1p for integers) is a ValueError.
+    * ``median_library_size``: for counts, the median of the cells' non-zero library sizes (the target sum of
+      scanpy's ``normalize_total``); else ``None``.
+    * ``output_space``: the default space of predictions. Log data: their own space (the model predicts in it).
+      Counts: the space of ``adata.X`` when ``X`` is not the registered matrix and holds log1p data of a known target
+      sum (the scanpy setup: ``layer="counts"``, ``X`` from ``normalize_total`` and ``log1p``), so that predictions
+      compare with ``X``; else log1p of the median library size (what ``normalize_total`` would give).
+
+    With ``source_registry`` (a saved model being loaded) that holds these keys, they are taken from it: a model
+    keeps the spaces of the data it was trained on.
+    """
+    from vcell.pp._space import ExpressionSpace, expression_space, infer_space, recorded_space
+
+    source = (source_registry or {}).get(VCELL_STATE_KEY, {})
+    if "space" in source:
+        return {k: source.get(k) for k in SPACE_STATE_KEYS}
+    X = get_matrix(adata, layer)
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    space = recorded_space(adata, layer)
+    if space is None:
+        space = infer_space(X, counts=counts)
+    elif (space.kind == "counts") != counts and space.kind != "unknown":
+        held = "raw counts (every value a non-negative integer)" if counts else "non-integer values"
+        msg = (
+            f"{where} is recorded as {space} (adata.uns['vcell_spaces']) but holds {held}; fix the record with "
+            "vcell.pp.set_expression_space(adata, layer=..., kind=..., overwrite=True) or register the right matrix"
+        )
+        raise ValueError(msg)
+    median = None
+    output = space
+    if space.kind == "counts":
+        from ._chunked import library_sizes
+
+        sizes = library_sizes(X)
+        sizes = sizes[sizes > 0]
+        median = float(np.median(sizes)) if sizes.size else None
+        x_space = expression_space(adata, None) if layer is not None and adata.X is not None else None
+        if x_space is not None and x_space.known_log1p:
+            t = float(x_space.target_sum)  # type: ignore[arg-type]
+            near = median is not None and abs(t - median) <= 1e-3 * median
+            output = ExpressionSpace("log1p", t, basis="median" if near else x_space.basis)
+        elif median is not None:
+            output = ExpressionSpace("log1p", median, basis="median")
+        else:  # no cell has counts: nothing to take a median of
+            output = ExpressionSpace.log1p_cp10k()
+    return {"space": space.to_dict(), "output_space": output.to_dict(), "median_library_size": median}
 
 
 def registered_conditions(manager: AnnDataManager) -> list[str]:
@@ -124,7 +186,10 @@ def registered_conditions(manager: AnnDataManager) -> list[str]:
 
 
 def vcell_state(registry: dict) -> dict:
-    """Return vcell's own setup facts stored in a registry (``counts``, ``context_keys``).
+    """Return vcell's own setup facts stored in a registry (``counts``, ``context_keys``, the spaces).
+
+    The spaces (``space``, ``output_space``, ``median_library_size``: :func:`registered_spaces`) are missing from
+    registries saved before vcell recorded them.
 
     Parameters
     ----------

@@ -12,7 +12,7 @@ import pandas as pd
 from scipy import sparse
 
 from vcell._constants import COMBO_SEP
-from vcell._utils import check_obs_keys, get_matrix, is_count_matrix, resolve_seed, to_dense
+from vcell._utils import check_obs_keys, get_matrix, resolve_seed, to_dense
 
 from ._ceiling import split_halves
 from ._common import sq_dists, subsample_rows
@@ -137,15 +137,31 @@ class _Matrix:
 _Expr = np.ndarray | sparse.csr_matrix | _Matrix
 
 
+def _check_spaces(pred: AnnData, true: AnnData, control: AnnData) -> None:
+    """ValueError unless the three ``X`` are log data in one space (:func:`vcell.pp.expression_space` of each).
+
+    Raw counts are refused (evaluate compares log1p expression); so are two spaces that provably differ (known target
+    sums more than 1% apart); a log1p space of unknown target sum is compared with any (see docs, "Expression
+    spaces").
+    """
+    from vcell.pp._space import check_same_space, expression_space, prediction_space
+
+    spaces = {"pred": prediction_space(pred), "true": expression_space(true), "control": expression_space(control)}
+    for what, space in spaces.items():
+        if space.kind == "counts":
+            msg = (
+                f"{what}.X holds {space} (non-negative integers); evaluate compares log1p expression: normalise it "
+                f"(e.g. vcell._utils.log1p_cp10k(X), log1p(CP10k)) in the space of the other matrices "
+                f"(true: {spaces['true']}, pred: {spaces['pred']})"
+            )
+            raise ValueError(msg)
+    check_same_space(spaces["pred"], spaces["true"], what_a="pred.X", what_b="true.X", where="evaluate")
+    check_same_space(spaces["control"], spaces["true"], what_a="control.X", what_b="true.X", where="evaluate")
+
+
 def _expression(adata: AnnData, what: str) -> _Expr:
     """``adata.X`` as evaluate reads it: dense float32 (as before), CSR float32, or a backed matrix read in blocks."""
     X = get_matrix(adata)
-    if is_count_matrix(X):
-        msg = (
-            f"{what}.X looks like raw counts (non-negative integers); evaluate expects log1p(CP10k) expression, "
-            "e.g. vcell._utils.log1p_cp10k(X)"
-        )
-        raise ValueError(msg)
     if sparse.issparse(X):
         return sparse.csr_matrix(X, dtype=np.float32)
     if isinstance(X, np.ndarray | list | tuple):
@@ -403,6 +419,13 @@ def evaluate(
     - ``pathway_agreement_<name>`` for each network of ``pathway_nets``: :func:`pathway_agreement` (ULM
       activities of the predicted vs the true mean change from the control mean, correlated across sources).
 
+    The three ``X`` must be log1p expression in one space (:func:`vcell.pp.expression_space`: the space recorded in
+    ``uns["vcell_spaces"]["X"]``, as :func:`vcell.tl.predict_perturbation` records it, else inferred; for ``pred``
+    without a record, the target sum is not inferred, as predicted rows need not sum to it): raw counts,
+    or two log1p spaces of known target sums more than 1% apart (log1p(CP10k) predictions against scanpy's
+    ``normalize_total`` median), are a ValueError naming both spaces. A space of unknown target sum is not
+    provably different and is compared (declare it with :func:`vcell.pp.set_expression_space` to have it checked).
+
     DE is cell-eval's test (:func:`~vcell.metrics._de.de_stats`: two-sided Wilcoxon rank-sum of each gene with tie
     correction, Benjamini-Hochberg over genes), run once per perturbation of true vs control cells and reused by all
     metrics: the top-``n_top_de`` DE genes are those with the largest ``|z|`` (:func:`top_de_genes`); ``de_genes``
@@ -423,12 +446,14 @@ def evaluate(
     Parameters
     ----------
     pred
-        Predicted cells; ``X`` holds log1p(CP10k) expression (dense or sparse), ``obs[perturbation_key]`` labels
-        them. One cell per perturbation (a mean prediction) is allowed. Or a MuData (see above).
+        Predicted cells; ``X`` holds log1p expression (dense or sparse; log1p(CP10k) in benchmarks),
+        ``obs[perturbation_key]`` labels them. One cell per perturbation (a mean prediction) is allowed. Or a MuData
+        (see above).
     true
-        True held-out cells, same genes in the same order, labelled the same way.
+        True held-out cells, same genes in the same order, labelled the same way, in the space of ``pred``.
     control
-        Control cells, same genes (the ``control`` baseline, the DE reference and the top-expressed ranking).
+        Control cells, same genes (the ``control`` baseline, the DE reference and the top-expressed ranking), in
+        the same space.
     perturbation_key
         ``obs`` column with the perturbation labels in ``pred`` and ``true``, read as :func:`vcell.pp.harmonize` reads
         them (``"B+A"`` and ``"A+B"`` are one condition; a label it rejects, such as ``"A+B+"``, is a ValueError).
@@ -528,6 +553,7 @@ def evaluate(
         msg = f"perturbation(s) {missing} of true.obs[{perturbation_key!r}] have no predicted cells in pred"
         raise ValueError(msg)
 
+    _check_spaces(pred, true, control)
     Xt, Xp, Xc = _expression(true, "true"), _expression(pred, "pred"), _expression(control, "control")
     idx_t = {p: np.flatnonzero(labels_t == p) for p in perts}
     idx_p = {p: np.flatnonzero(labels_p == p) for p in perts}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,6 +28,7 @@ from vcell._utils import (
     get_matrix,
 )
 from vcell.data import PerturbationVocab, context_labels, setup_perturbation_anndata, vcell_state
+from vcell.pp._space import ExpressionSpace, conversion_factor, parse_space, rescale_log1p
 
 from ._protein import PROTEIN_OBSM_KEY, ProteinData, protein_copy, protein_info, record_protein, registered_protein
 
@@ -52,7 +56,81 @@ def sample_obs(perturbation: str, dose: float, sources: np.ndarray) -> pd.DataFr
 
 
 #: arguments of ``predict`` every model shares; ``Capabilities.predict_options`` names the others
-SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality")
+SHARED_PREDICT_ARGS = ("adata", "perturbation", "controls", "dose", "seed", "modality", "space")
+
+#: set while a ``predict``/``sample`` runs: a call made inside it (a model's override calling ``super().predict``,
+#: ResidualDiffusion's mean model) answers in the model's own space, and the outer call converts once
+_IN_PREDICTION: contextvars.ContextVar[bool] = contextvars.ContextVar("vcell_in_prediction", default=False)
+
+
+def _in_context(stream: Iterator[Any]) -> Iterator[Any]:
+    """``stream``, each of its steps computed as a call inside a prediction (:data:`_IN_PREDICTION` set)."""
+    while True:
+        token = _IN_PREDICTION.set(True)
+        try:
+            item = next(stream)
+        except StopIteration:
+            return
+        finally:
+            _IN_PREDICTION.reset(token)
+        yield item
+
+
+def with_space(fn: Callable) -> Callable:
+    """``predict`` or ``sample`` of a model, taking ``space=`` and returning its RNA values in that space.
+
+    :class:`PerturbationModel` applies it to its own ``predict``/``sample`` and to those of every subclass that
+    defines them (``__init_subclass__``), so each model accepts ``space=`` without handling it: the model computes
+    in its own space (:attr:`PerturbationModel.model_space`) and the outermost call converts the result once
+    (``log1p(expm1(x) * t2 / t1)``, row block by row block; none when the spaces are equal, so the values are the
+    model's own, bit for bit). A call made while another runs (``super().predict`` of an override, a nested mean
+    model) returns the model's own space, and accepts only ``space=None`` or ``"model"``. ``predict`` of
+    ``modality="prot"`` (always log1p(counts per 1e4 of the protein library)) takes no ``space`` but those naming
+    it (``None``, ``"default"``, ``"model"``, ``"log1p_cp10k"``). ``sample``'s AnnData gets its ``X`` converted
+    and recorded in ``uns["vcell_spaces"]``; its layers and ``obsm["protein"]`` are not changed. A method that
+    declares ``space`` itself is left as it is (it handles the argument).
+    """
+    if getattr(fn, "_vcell_space", False) or "space" in inspect.signature(fn).parameters:
+        return fn  # wrapped already, or a method that handles space= itself
+
+    @functools.wraps(fn)
+    def call(self: PerturbationModel, *args: Any, space: Any = None, **kwargs: Any) -> Any:
+        if _IN_PREDICTION.get():
+            if space is not None and not (isinstance(space, str) and space == "model"):
+                msg = (
+                    f"space={space!r} given to a {fn.__name__} called inside another prediction: the outer call "
+                    "converts; inner calls answer in the model's own space (space=None or 'model')"
+                )
+                raise ValueError(msg)
+            return fn(self, *args, **kwargs)
+        target, factor = self._space_request(space, (kwargs.get("modality", "rna"),))
+        token = _IN_PREDICTION.set(True)
+        try:
+            out = fn(self, *args, **kwargs)
+        finally:
+            _IN_PREDICTION.reset(token)
+        if kwargs.get("modality", "rna") != "rna":
+            return out
+        if isinstance(out, np.ndarray):
+            return rescale_log1p(out, factor)
+        if hasattr(out, "X") and hasattr(out, "uns"):  # sample's AnnData
+            from vcell.pp._space import record_space
+
+            if factor is not None:
+                out.X = rescale_log1p(out.X, factor)
+            record_space(out, None, target)
+        return out
+
+    call._vcell_space = True  # type: ignore[attr-defined]
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(
+        "space", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="ExpressionSpace | float | str | None"
+    )
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    call.__signature__ = sig.replace(parameters=[*params[:at], extra, *params[at:]])  # type: ignore[attr-defined]
+    return call
+
 
 #: options of ``predict``/``sample`` (any model) that must be positive integers, and those that must be booleans
 _POSITIVE_INT_OPTIONS = ("batch_size", "n_steps", "n_cells")
@@ -217,13 +295,25 @@ class PerturbationModel(ProteinData, BaseModelClass):
       attributes ending in ``_`` of the types the format stores (numbers, strings, lists, dicts, arrays, tensors,
       pandas objects; docs/adding_a_model.md), never in arbitrary Python objects.
 
-    Every model predicts in the evaluation space of BENCHMARK.md, log1p(CP10k), whatever its likelihood. A model
-    registered with proteins (``setup_anndata(mdata, protein_modality=...)``, ``capabilities.models_proteins``) has
-    ``protein_names_`` and predicts them with ``predict(..., modality="prot")``. See docs/adding_a_model.md.
+    Every model computes in :attr:`model_space`: log1p(CP10k) (BENCHMARK.md's evaluation space) when it was set up
+    with counts, whatever its likelihood, or the space of the log data it was set up with. ``predict``,
+    ``predict_many`` and ``sample`` return RNA in the space asked for with ``space=`` (default :attr:`output_space`,
+    the space of the user's ``adata.X`` in the scanpy setup; see :func:`with_space` and docs "Expression spaces").
+    A model registered with proteins (``setup_anndata(mdata, protein_modality=...)``,
+    ``capabilities.models_proteins``) has ``protein_names_`` and predicts them with ``predict(..., modality="prot")``.
+    See docs/adding_a_model.md.
     """
 
     #: what this class can do (every model class declares its own; a subclass inherits it)
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give the ``predict`` and ``sample`` a subclass defines the ``space=`` argument (:func:`with_space`)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("predict", "sample"):
+            fn = cls.__dict__.get(name)
+            if inspect.isfunction(fn):
+                setattr(cls, name, with_space(fn))
 
     def __init__(self, adata: AnnData | MuData | None = None, registry: dict | None = None) -> None:
         if adata is not None and hasattr(adata, "mod"):
@@ -353,6 +443,55 @@ class PerturbationModel(ProteinData, BaseModelClass):
             adata.obsm[PROTEIN_OBSM_KEY] = counts
         if info is not None:
             record_protein(cls._get_most_recent_anndata_manager(adata, required=True).registry, info)
+
+    # ---------------------------------------------------------------- expression spaces
+    @property
+    def registered_space(self) -> ExpressionSpace:
+        """Space of the matrix the model was set up with (recorded by :meth:`setup_anndata`).
+
+        A model saved before spaces were recorded and loaded without data: raw counts or log1p of an unknown target
+        sum, from ``counts_``.
+        """
+        recorded = vcell_state(self.registry_).get("space")
+        if recorded is not None:
+            return ExpressionSpace.from_dict(recorded)
+        return ExpressionSpace("counts") if self.counts_ else ExpressionSpace("log1p")
+
+    @property
+    def model_space(self) -> ExpressionSpace:
+        """Space the model computes in: log1p(CP10k) when set up with counts, else :attr:`registered_space`."""
+        return ExpressionSpace.log1p_cp10k() if self.counts_ else self.registered_space
+
+    @property
+    def output_space(self) -> ExpressionSpace:
+        """Default space of predictions (``space=None``), recorded by :meth:`setup_anndata`.
+
+        Set up with log data: their own space. With counts: the space of ``adata.X`` when it is another matrix
+        holding log1p data of a known target sum (``layer="counts"`` beside scanpy's ``normalize_total`` and
+        ``log1p`` in ``X``), else log1p of the median library size of the registered counts (what
+        ``normalize_total`` picks). A model saved before spaces were recorded: :attr:`model_space` (as it predicted).
+        """
+        recorded = vcell_state(self.registry_).get("output_space")
+        return self.model_space if recorded is None else ExpressionSpace.from_dict(recorded)
+
+    def _space_request(self, space: Any, modalities: Sequence[str] = ("rna",)) -> tuple[ExpressionSpace, float | None]:
+        """The space ``space=`` asks for and the factor converting :attr:`model_space` into it (``None``: none).
+
+        ValueError for an impossible conversion (naming both spaces), or for a ``space`` other than ``None``,
+        ``"default"``, ``"model"`` or ``"log1p_cp10k"`` asked of protein predictions alone (their space is fixed:
+        log1p(counts per 1e4 of the protein library)).
+        """
+        if "rna" not in modalities:
+            if space is not None and not (isinstance(space, str) and space in ("model", "default", "log1p_cp10k")):
+                msg = (
+                    f"space={space!r} applies to RNA; proteins are predicted in log1p(counts per 1e4 of the protein "
+                    "library) only: leave space out (or pass 'log1p_cp10k') for modality='prot'"
+                )
+                raise ValueError(msg)
+            return self.model_space, None
+        median = vcell_state(self.registry_).get("median_library_size")
+        target = parse_space(space, default=self.output_space, model=self.model_space, median=median)
+        return target, conversion_factor(self.model_space, target, what=f"{type(self).__name__} predictions")
 
     # ---------------------------------------------------------------- persistence (never unpickles)
     def save(
@@ -540,6 +679,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
         raise NotImplementedError(msg)
 
     # ---------------------------------------------------------------- sampling
+    @with_space
     def sample(
         self,
         adata: AnnData | MuData | None = None,
@@ -569,12 +709,16 @@ class PerturbationModel(ProteinData, BaseModelClass):
             Dose of the perturbation.
         seed
             Random seed; ``None`` uses ``vcell.settings.seed``.
+        space
+            Expression space of the sampled RNA values, as in :meth:`predict` (default :attr:`output_space`).
+            Every model's ``sample`` takes it (:func:`with_space`).
         **kwargs
             Model-specific sampling options.
 
         Returns
         -------
-        A new AnnData (``n_cells`` x genes) of log1p(CP10k) values, with ``obs`` from :func:`sample_obs`.
+        A new AnnData (``n_cells`` x genes) of values in ``space``, recorded in ``uns["vcell_spaces"]["X"]``, with
+        ``obs`` from :func:`sample_obs`.
         """
         self._require_capability("can_sample", "sample cells")
         msg = f"{type(self).__name__} declares capabilities.can_sample but does not implement sample()"
@@ -801,6 +945,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
         )
 
     # ---------------------------------------------------------------- prediction
+    @with_space
     def predict(
         self,
         adata: AnnData | MuData | None = None,
@@ -812,11 +957,13 @@ class PerturbationModel(ProteinData, BaseModelClass):
         modality: str = "rna",
         **options: Any,
     ) -> np.ndarray:
-        """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+        """Counterfactual expression of control cells under ``perturbation`` (float32, in the space asked for).
 
         The shared checks (modality, trained model, genes of ``adata``, starting control cells), then the model's
         batched :meth:`_predict` for this one perturbation. Models override ``predict`` only to document their
-        options (calling this one), never to compute differently from :meth:`_predict`.
+        options (calling this one), never to compute differently from :meth:`_predict`. Every ``predict`` (this
+        one and each model's) takes ``space=`` (:func:`with_space`): the returned RNA values are in that space,
+        by default :attr:`output_space`, the space to compare with the user's ``adata.X``.
 
         Parameters
         ----------
@@ -833,12 +980,21 @@ class PerturbationModel(ProteinData, BaseModelClass):
             Random seed (for stochastic models).
         modality
             ``"rna"`` or, for a model registered with proteins, ``"prot"``.
+        space
+            Expression space of the returned RNA values: ``None`` (:attr:`output_space`: for a model set up with
+            counts, the space of ``adata.X`` when that holds log1p data of a known target sum, else log1p of the
+            median library size; for log data, their own space), ``"log1p_cp10k"`` (BENCHMARK.md's space),
+            ``"median"`` (log1p of the median library size of the registered counts), ``"model"`` (the model's own
+            space, :attr:`model_space`, no conversion), a target sum (a number) or a
+            :class:`vcell.pp.ExpressionSpace`. A conversion that cannot be made (e.g. from log data of unknown target
+            sum) is a ValueError naming both spaces.
         **options
             The model's own options (``capabilities.predict_options``); a ValueError names an unknown one.
 
         Returns
         -------
-        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``).
+        Array of shape ``(n_selected_cells, n_genes)`` (``"prot"``: ``(n_selected_cells, n_proteins)``, always
+        log1p(counts per 1e4 of the protein library)).
 
         Raises
         ------
@@ -919,6 +1075,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
         dose: float = 1.0,
         seed: int | None = None,
         modality: str = "rna",
+        space: Any = None,
         **kwargs: Any,
     ) -> Iterator[tuple[str, np.ndarray]]:
         """Counterfactuals of the same control cells under each of several perturbations, one array at a time.
@@ -933,7 +1090,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
 
         Parameters
         ----------
-        adata, controls, dose, seed, modality
+        adata, controls, dose, seed, modality, space
             As in :meth:`predict`.
         perturbations
             Canonical conditions, e.g. ``["IFNb", "A+B"]``.
@@ -961,7 +1118,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
         perts = [perturbations] if isinstance(perturbations, str) else [str(p) for p in perturbations]
         kwargs = self._check_predict_kwargs(kwargs, what="predict_many")
         stream = self._predict_many(
-            adata, perts, controls=controls, dose=dose, seed=seed, modalities=(modality,), **kwargs
+            adata, perts, controls=controls, dose=dose, seed=seed, modalities=(modality,), space=space, **kwargs
         )
         return ((p, out[modality]) for p, out in stream)
 
@@ -1002,6 +1159,7 @@ class PerturbationModel(ProteinData, BaseModelClass):
         dose: float,
         seed: int | None,
         modalities: Sequence[str] = ("rna",),
+        space: Any = "model",
         **kwargs: Any,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """Batched :meth:`predict`: ``(perturbation, {modality: array})`` per perturbation, in order.
@@ -1009,9 +1167,28 @@ class PerturbationModel(ProteinData, BaseModelClass):
         What :meth:`predict_many` and :func:`vcell.tl.predict_perturbation` call: the options checked, then the shared
         checks and the model's :meth:`_predict` (inputs checked before this returns, nothing computed until then).
         When a subclass changed ``predict`` (:meth:`_batched_predict`), that ``predict`` is called per perturbation
-        and modality instead (``modality=`` only for ``"prot"``, so that a ``predict`` without it works).
+        and modality instead (``modality=`` only for ``"prot"``, so that a ``predict`` without it works). RNA comes
+        in ``space`` (as in :meth:`predict`; by default ``"model"``: the model's own space, unconverted, what
+        :func:`vcell.bench.run` scores); each step runs as a call inside a prediction (:func:`with_space`).
         """
         kwargs = self._check_predict_kwargs(kwargs, what="predict options")
+        _, factor = self._space_request(space, modalities)
+        stream = _in_context(self._predict_stream(adata, perturbations, controls, dose, seed, modalities, kwargs))
+        if factor is None:
+            return stream
+        return ((p, {m: rescale_log1p(x, factor) if m == "rna" else x for m, x in out.items()}) for p, out in stream)
+
+    def _predict_stream(
+        self,
+        adata: AnnData | MuData | None,
+        perturbations: list[str],
+        controls: Any,
+        dose: float,
+        seed: int | None,
+        modalities: Sequence[str],
+        kwargs: dict[str, Any],
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """:meth:`_predict_many`'s stream in the model's own space (its inputs checked before this returns)."""
         if self._batched_predict():
             return self._predict_checked(adata, perturbations, controls, dose, seed, modalities, kwargs)
         for modality in modalities:

@@ -361,7 +361,9 @@ class Baseline(PerturbationModel):
         seed: int | None = None,
         modality: str = "rna",
     ) -> np.ndarray:
-        """Counterfactual expression of control cells under ``perturbation`` (log1p(CP10k), float32).
+        """Counterfactual expression of control cells under ``perturbation`` (float32, in the space asked for).
+
+        The baseline computes in log1p(CP10k) (the registered values for log data); ``space`` converts the result.
 
         Parameters
         ----------
@@ -378,6 +380,9 @@ class Baseline(PerturbationModel):
         modality
             ``"rna"`` or, for a model registered with proteins, ``"prot"`` (log1p(counts per 1e4 of the protein
             library); NaN rows for control cells without protein measurement).
+        space
+            Expression space of the returned RNA (:meth:`vcell.model.PerturbationModel.predict`): ``None`` (the model's
+            ``output_space``), ``"log1p_cp10k"``, ``"median"``, ``"model"``, a target sum or an ``ExpressionSpace``.
 
         Returns
         -------

@@ -857,11 +857,14 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             log1p(counts per 1e4 of the cell's protein library), the transform to evaluate protein truth with
             (``vcell._utils.log1p_cp10k`` of the protein counts). With ``residual`` the decoded change is added to
             the cell's own proteins; a cell without measured proteins gets ``decodeP(z + delta)``.
+        space
+            Expression space of the returned RNA (:meth:`vcell.model.PerturbationModel.predict`): ``None`` (the model's
+            ``output_space``), ``"log1p_cp10k"``, ``"median"``, ``"model"``, a target sum or an ``ExpressionSpace``.
 
         Returns
         -------
-        Array ``(n_selected_cells, n_genes)``, log1p(CP10k), float32 (``"prot"``: ``(n_selected_cells,
-        n_proteins)``).
+        Array ``(n_selected_cells, n_genes)``, float32, in ``space`` (the model computes in log1p(CP10k))
+        (``"prot"``: ``(n_selected_cells, n_proteins)``).
         """
         options = {"residual": residual, "batch_size": batch_size}
         return super().predict(

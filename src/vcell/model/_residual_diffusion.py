@@ -850,7 +850,7 @@ class ResidualDiffusion(PerturbationModel):
         seed: int | None = None,
         modality: str = "rna",
     ) -> np.ndarray:
-        """The mean model's counterfactual prediction of control cells (deterministic; log1p(CP10k), float32).
+        """The mean model's counterfactual prediction of control cells (deterministic; float32, in ``space``).
 
         Parameters
         ----------
@@ -867,6 +867,9 @@ class ResidualDiffusion(PerturbationModel):
         modality
             ``"rna"`` (genes) or, for a model with proteins, ``"prot"``: the mean model's protein counterfactuals in
             log1p(counts per 1e4 of the protein library).
+        space
+            Expression space of the returned RNA (:meth:`vcell.model.PerturbationModel.predict`): ``None`` (the model's
+            ``output_space``), ``"log1p_cp10k"``, ``"median"``, ``"model"``, a target sum or an ``ExpressionSpace``.
 
         Returns
         -------
@@ -936,10 +939,13 @@ class ResidualDiffusion(PerturbationModel):
             mean of the samples by 3.5 units in a 50-PC space (energy distance 1.52 without, 0.8 with the shift).
         batch_size
             Cells per denoising pass.
+        space
+            Expression space of the sampled RNA (as in :meth:`predict`); the samples are drawn in log1p(CP10k) (the
+            registered space for log data) and converted, recorded in ``uns["vcell_spaces"]``.
 
         Returns
         -------
-        A new AnnData (``n_cells`` x genes): ``X`` holds log1p(CP10k) samples (float32), ``obs['perturbation']`` /
+        A new AnnData (``n_cells`` x genes): ``X`` holds the samples (float32) in ``space``, ``obs['perturbation']`` /
         ``obs['vcell_perturbation']`` the condition, ``obs['vcell_dose']`` the dose and ``obs['vcell_source_cell']`` the
         starting cell. A model with proteins also sets ``obsm['protein']``: a DataFrame (cells x
         ``protein_names_``) of the proteins sampled jointly with the genes, ``max(0, mu_prot(c) + residual)`` in

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from vcell._constants import CONTROL, PERT_COL
 from vcell._docs import doc_ax_show_save, doc_params
 from vcell._utils import check_obs_keys, expression_for_eval, to_dense
+from vcell.pp._space import CP10K, ExpressionSpace, check_same_space, expression_space, prediction_space
 
 from ._utils import Plotter
 
@@ -76,6 +77,7 @@ def _prediction_deltas(
             raise KeyError(msg)
         masks[name] = mask
 
+    pred_space, truth_space, counts = _spaces(adata, pred_layer, layer, where="the prediction plot")
     pred = to_dense(adata.layers[pred_layer])
     has_pred = ~np.all(np.isnan(pred), axis=1) & keep
     if not has_pred.any():
@@ -87,14 +89,40 @@ def _prediction_deltas(
         raise ValueError(msg)
 
     use = masks["perturbation"] | masks["control"]
-    expr = expression_for_eval(adata[use], layer)
+    expr = expression_for_eval(adata[use], layer, counts=counts, target_sum=truth_space.target_sum or CP10K)
     sub_labels = labels[use]
     true_mean = expr[sub_labels == str(perturbation)].mean(axis=0)
     ctrl_mean = expr[sub_labels == str(control)].mean(axis=0)
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {"true": true_mean - ctrl_mean, "pred": pred_mean - ctrl_mean},
         index=pd.Index(adata.var_names, name="gene"),
     )
+    out.attrs["space"] = truth_space.label
+    out.attrs["pred_space"] = pred_space
+    return out
+
+
+def _spaces(
+    adata: AnnData, pred_layer: str, layer: str | None, *, where: str
+) -> tuple[ExpressionSpace, ExpressionSpace, bool]:
+    """Spaces of the predictions and of the truth they are compared in, and whether ``layer`` holds counts.
+
+    Counts are normalised into the predictions' space (log1p of their target sum; 1e4 when it is unknown); log data
+    are compared as they are, after a check that the two spaces do not provably differ
+    (:func:`vcell.pp._space.check_same_space`: a ValueError naming both).
+    """
+    pred_space = prediction_space(adata, pred_layer)
+    data_space = expression_space(adata, layer)
+    counts = data_space.kind == "counts"
+    truth_space = data_space
+    if counts:
+        truth_space = pred_space if pred_space.known_log1p else ExpressionSpace.log1p_cp10k()
+    data = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    what_b = f"the data {data}" + (" (counts, normalised)" if counts else "")
+    check_same_space(
+        pred_space, truth_space, what_a=f"the predictions adata.layers[{pred_layer!r}]", what_b=what_b, where=where
+    )
+    return pred_space, truth_space, counts
 
 
 @doc_params(doc_ax_show_save=doc_ax_show_save)
@@ -119,12 +147,22 @@ def prediction_scatter(
 ) -> Figure | None:
     """Scatter of true vs predicted per-gene change (delta vs the control mean), with Pearson r.
 
-    x: mean of the true ``perturbation`` cells minus mean of the ``control`` cells, in log1p(CP10k)
-    (counts are normalised by :func:`vcell._utils.expression_for_eval`; log data pass through).
-    y: mean of ``adata.layers[pred_layer]`` over the cells that hold a prediction (rows that are not all NaN;
-    the layer already holds log1p(CP10k) values) minus the same control mean. The dashed line is the diagonal
-    (a perfect prediction); the title gives Pearson r over the plotted genes (after ``title``, when given); the
-    ``n_label`` genes with the largest absolute true delta are labelled.
+    x: mean of the true ``perturbation`` cells minus mean of the ``control`` cells, in the predictions' expression
+    space: log data (``X`` or ``layer``) as they are, counts normalised to the predictions' target sum and
+    ``log1p``-transformed (1e4 when that is unknown).
+    y: mean of ``adata.layers[pred_layer]`` over the cells that hold a prediction (rows that are not all NaN)
+    minus the same control mean. The dashed line is the diagonal (a perfect prediction); the title gives Pearson r
+    over the plotted genes (after ``title``, when given); the ``n_label`` genes with the largest absolute true delta
+    are labelled; the x label names the space.
+
+    Both sides must be in one expression space (:func:`vcell.pp.expression_space`: the space
+    :func:`vcell.tl.predict_perturbation` records for its layers, else inferred from the values, the target sum
+    of an unrecorded prediction layer left unknown): predictions in
+    log1p(CP10k) against ``normalize_total`` (median) + ``log1p`` data, or log data against counts in the
+    prediction layer, are a ValueError naming both spaces. Predict in the data's space (the default of
+    :func:`vcell.tl.predict_perturbation`) or pass ``layer=`` naming the counts. A space of unknown target sum
+    (genes subset after normalisation) is compared with any: declare it with :func:`vcell.pp.set_expression_space`
+    to have it checked.
 
     Parameters
     ----------
@@ -140,7 +178,7 @@ def prediction_scatter(
     control
         Label of the control cells.
     layer
-        Layer with the observed expression (counts or log1p(CP10k)); ``None`` reads ``X``.
+        Layer with the observed expression (counts, or log data in the predictions' space); ``None`` reads ``X``.
     groupby
         Optional column of ``adata.obs`` (e.g. cell type) to restrict every set of cells to one group;
         use with ``group``.
@@ -217,7 +255,7 @@ def prediction_scatter(
         ax.set_title(f"{perturbation}{where}: Pearson r = {r:.3f}")
     else:
         ax.set_title(f"{title}\nPearson r = {r:.3f}")
-    ax.set_xlabel("true Δ vs control (log1p CP10k)")
+    ax.set_xlabel(f"true Δ vs control ({deltas.attrs['space']})")
     ax.set_ylabel(f"predicted Δ ({pred_layer})")
     return plot.finish(show=show, save=save, return_fig=return_fig)
 
@@ -235,6 +273,7 @@ def _deltas_from_adata(
 ) -> pd.DataFrame:
     """Rows ``"true: <perturbation>[ (<group>)]"`` and one per prediction layer, columns = genes (deltas vs control)."""
     rows = {}
+    spaces = {}
     for i, pred_layer in enumerate(pred_layers):
         d = _prediction_deltas(
             adata,
@@ -245,6 +284,15 @@ def _deltas_from_adata(
             layer=layer,
             groupby=groupby,
             group=group,
+        )
+        spaces[pred_layer] = d.attrs["pred_space"]
+        first = pred_layers[0]
+        check_same_space(
+            spaces[first],
+            spaces[pred_layer],
+            what_a=f"adata.layers[{first!r}]",
+            what_b=f"adata.layers[{pred_layer!r}]",
+            where="delta_heatmap",
         )
         if i == 0:
             where = f" ({group})" if group is not None else ""
@@ -279,8 +327,9 @@ def delta_heatmap(
     Two inputs:
 
     - an AnnData, as for :func:`prediction_scatter`: the first row is the true change of ``perturbation`` (mean of
-      its cells minus the mean of the ``control`` cells, in log1p(CP10k)); then one row per layer of ``pred_layer``
-      (mean over the cells holding a prediction minus the same control mean), labelled by the layer name;
+      its cells minus the mean of the ``control`` cells, in the predictions' expression space, checked as there;
+      the prediction layers must share one space too); then one row per layer of ``pred_layer`` (mean over the
+      cells holding a prediction minus the same control mean), labelled by the layer name;
     - a DataFrame of delta vectors computed elsewhere: one per row (index = row labels such as
       ``"true: IFNb|CD4T"``, ``"additive"``, ``"control"``), one column per gene.
 
@@ -302,7 +351,8 @@ def delta_heatmap(
     control
         AnnData only: label of the control cells.
     layer
-        AnnData only: layer with the observed expression (counts or log1p(CP10k)); ``None`` reads ``X``.
+        AnnData only: layer with the observed expression (counts, or log data in the predictions' space); ``None``
+        reads ``X``.
     groupby
         AnnData only: optional column of ``adata.obs`` (e.g. cell type) to restrict every set of cells to one
         group; use with ``group``.

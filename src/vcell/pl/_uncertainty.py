@@ -16,6 +16,7 @@ from vcell._docs import doc_ax_show_save, doc_params
 from vcell._utils import check_obs_keys, expression_for_eval, resolve_seed
 from vcell.metrics._common import as_cells
 from vcell.metrics._uncertainty import interval_coverage
+from vcell.pp._space import CP10K, ExpressionSpace, check_same_space, expression_space, recorded_space
 
 from ._utils import Plotter
 
@@ -78,9 +79,25 @@ def _real_values(
     perturbation: str,
     perturbation_key: str | None,
     layer: str | None,
+    space: ExpressionSpace,
 ) -> np.ndarray:
-    """Real cells' expression (cells x shown genes) in the sampled cells' space (log1p(CP10k))."""
+    """Real cells' expression (cells x shown genes) in the sampled cells' ``space``.
+
+    An AnnData's counts are normalised to ``space``'s target sum (1e4 when unknown) and ``log1p``-transformed; its
+    log data are used as they are, after a check that their space does not provably differ from ``space``.
+    """
     if isinstance(real, AnnData):
+        real_space = expression_space(real, layer)
+        counts = real_space.kind == "counts"
+        target = float(space.target_sum) if counts and space.known_log1p else CP10K  # type: ignore[arg-type]
+        data = f"real.layers[{layer!r}]" if layer is not None else "real.X"
+        check_same_space(
+            space,
+            ExpressionSpace("log1p", target) if counts else real_space,
+            what_a="the sampled cells",
+            what_b=f"the real cells {data}" + (" (counts, normalised)" if counts else ""),
+            where="vcell.pl.uncertainty",
+        )
         if perturbation_key is not None:
             check_obs_keys(real, [perturbation_key], what="perturbation_key")
             keep = (real.obs[perturbation_key].astype(str) == perturbation).to_numpy()
@@ -92,7 +109,7 @@ def _real_values(
         if missing:
             msg = f"genes {missing[:10]} are not in real.var_names (the real cells must hold the sampled genes)"
             raise KeyError(msg)
-        expr = expression_for_eval(real, layer)  # normalise over all of real's genes, then select
+        expr = expression_for_eval(real, layer, counts=counts, target_sum=target)  # all genes, then select
         return expr[:, real.var_names.get_indexer(genes)].astype(np.float64)
     if perturbation_key is not None or layer is not None:
         msg = "perturbation_key and layer apply to an AnnData real; for an array, pass the condition's cells directly"
@@ -139,11 +156,14 @@ def uncertainty(
     sampled
         Sampled cells as returned by ``vcell.tl.sample_perturbation``: ``varm[f"{key}_lower"]``,
         ``varm[f"{key}_upper"]`` and ``varm[f"{key}_mean"]`` are DataFrames indexed like ``var_names`` with one
-        column per perturbation (log1p(CP10k)), and ``uns[key]["params"]["level"]`` is the interval's level.
+        column per perturbation (in the space recorded in ``uns["vcell_spaces"]["X"]``; unknown when not), and
+        ``uns[key]["params"]["level"]`` is the interval's level.
     real
-        Real cells of the condition, same space as the sampled cells: an AnnData (counts are normalised to
-        log1p(CP10k), log data pass through; its genes are matched by name) or a ``(cells x n_vars)`` array in
-        ``sampled.var_names`` order (taken as log1p(CP10k)). ``None`` draws the intervals only.
+        Real cells of the condition, in the sampled cells' space: an AnnData (counts are normalised to the sampled
+        cells' target sum and ``log1p``-transformed, log data pass through after a check that their space does not
+        provably differ, :func:`vcell.pp.expression_space`: a ValueError names both; its genes are matched by name)
+        or a ``(cells x n_vars)`` array in ``sampled.var_names`` order (taken to be in that space). ``None`` draws
+        the intervals only.
     perturbation
         Column of the interval DataFrames to plot; ``None`` is allowed when they hold exactly one.
     genes
@@ -213,6 +233,8 @@ def uncertainty(
     level = params.get("level") if isinstance(params, dict) else None
     what = f"{float(level):.0%} predictive interval" if level is not None else "predictive interval"
 
+    # the intervals' space: recorded with the samples (vcell.tl.sample_perturbation); X itself is not read
+    space = recorded_space(sampled) or ExpressionSpace("unknown")
     values = None
     if real is not None:
         values = _real_values(
@@ -223,6 +245,7 @@ def uncertainty(
             perturbation=pert,
             perturbation_key=perturbation_key,
             layer=layer,
+            space=space,
         )
     elif perturbation_key is not None or layer is not None:
         msg = "perturbation_key and layer select real cells; pass real= as well"
@@ -276,6 +299,6 @@ def uncertainty(
     ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(x, labels=genes, rotation=90, fontsize=8)
     ax.set_xlim(-0.6, n - 0.4)
-    ax.set_ylabel("expression (log1p CP10k)")
+    ax.set_ylabel("expression" if space.kind == "unknown" else f"expression ({space.label})")
     ax.set_title(title, fontsize=9, pad=14 if values is not None else 6)
     return plot.finish(show=show, save=save, return_fig=return_fig)

@@ -18,6 +18,8 @@ from vcell._utils import (
     log1p_cp10k,
 )
 
+from ._space import ExpressionSpace, record_space
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -73,6 +75,9 @@ def log_normalize(
 
     ``adata.layers[key_added]`` : float32, dense or CSR like the input
         log1p(CP10k) expression.
+    ``adata.uns["vcell_spaces"][key_added]``
+        Its expression space (log1p of ``target_sum``; :func:`vcell.pp.expression_space`), which stays known after
+        the genes are subset (their rows then no longer sum to ``target_sum``).
 
     Raises
     ------
@@ -106,4 +111,5 @@ def log_normalize(
     else:
         out = log1p_cp10k(X, target_sum=target_sum)
     adata.layers[key_added] = out
+    record_space(adata, key_added, ExpressionSpace("log1p", target_sum))
     return adata if copy else None

@@ -18,6 +18,7 @@ from vcell._utils import (
     mudata_no_pull,
     resolve_seed,
 )
+from vcell.pp._space import record_space, rescale_log1p
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -106,15 +107,22 @@ def _obs_of_predictions(adata: AnnData, idx: np.ndarray, perts: list[str], key_a
 
 
 class _Rows:
-    """Predictions of ``return_adata=True``: one float32 matrix per modality, allocated once, filled block by block."""
+    """Predictions of ``return_adata=True``: one float32 matrix per modality, allocated once, filled block by block.
 
-    def __init__(self, n_cells: int, n_perts: int, widths: dict[str, int]) -> None:
+    RNA is converted into the space asked for (``factor``, :func:`vcell.pp._space.rescale_log1p`) in place.
+    """
+
+    def __init__(self, n_cells: int, n_perts: int, widths: dict[str, int], factor: float | None = None) -> None:
         self.n = n_cells
+        self.factor = factor
         self.X = {mod: np.empty((n_cells * n_perts, width), dtype=np.float32) for mod, width in widths.items()}
 
     def add(self, k: int, p: str, preds: dict[str, np.ndarray]) -> None:
         for mod, X in self.X.items():
-            X[k * self.n : (k + 1) * self.n] = preds[mod]
+            part = X[k * self.n : (k + 1) * self.n]
+            part[:] = preds[mod]
+            if mod == "rna":
+                rescale_log1p(part, self.factor, out=part)
 
 
 class _Layers:
@@ -124,15 +132,22 @@ class _Layers:
     :meth:`write`, after every perturbation was predicted (an error leaves the data unchanged).
     """
 
-    def __init__(self, targets: dict[str, tuple[tuple[int, int], np.ndarray, np.ndarray | None]], n_perts: int):
+    def __init__(
+        self,
+        targets: dict[str, tuple[tuple[int, int], np.ndarray, np.ndarray | None]],
+        n_perts: int,
+        factor: float | None = None,
+    ):
         self.targets = targets  # modality -> (layer shape, rows, order of the predictions' rows or None)
         self.n_perts = n_perts
+        self.factor = factor  # RNA: into the space asked for (rescale_log1p)
         self.layers: dict[str, dict[str, np.ndarray]] = {mod: {} for mod in targets}
 
     def add(self, k: int, p: str, preds: dict[str, np.ndarray], key_added: str) -> None:
         for mod, (shape, rows, order) in self.targets.items():
             full = np.full(shape, np.nan, dtype=np.float32)
-            full[rows] = preds[mod] if order is None else preds[mod][order]
+            pred = rescale_log1p(preds[mod], self.factor) if mod == "rna" else preds[mod]
+            full[rows] = pred if order is None else pred[order]
             self.layers[mod][_layer_key(key_added, p, self.n_perts)] = full
 
 
@@ -149,6 +164,7 @@ def predict_perturbation(
     return_adata: bool = False,
     seed: int | None = None,
     predict_kwargs: dict[str, Any] | None = None,
+    space: Any = None,
     overwrite: bool = False,
 ) -> AnnData | None:
     """Predict how control cells respond to perturbations (their counterfactuals).
@@ -185,6 +201,13 @@ def predict_perturbation(
         Further options of the model's ``predict``, e.g. ``{"n_steps": 10, "solver": "euler"}`` for
         :class:`~vcell.model.FlowMatching` or ``{"mode": "decoded"}`` for :class:`~vcell.model.CausalVAE`; a
         ValueError names an unknown key and the accepted ones.
+    space
+        Expression space of the predicted RNA (:meth:`vcell.model.PerturbationModel.predict`'s ``space``):
+        ``None`` (the model's :attr:`~vcell.model.PerturbationModel.output_space`: for a model set up with
+        ``layer="counts"`` beside ``normalize_total`` + ``log1p`` data in ``X``, the space of ``X``, so that
+        the predictions compare with it), ``"log1p_cp10k"``, ``"median"``, ``"model"``, a target sum or a
+        :class:`vcell.pp.ExpressionSpace`. Recorded with the output (``uns["vcell_spaces"]``). Proteins are
+        always log1p(counts per 1e4 of the protein library).
     overwrite
         Replace fields of ``adata`` (below) that exist already; without it an existing one is a ValueError naming it
         (before anything is predicted). The layer the model reads (its registered ``layer``) is never replaced.
@@ -192,7 +215,7 @@ def predict_perturbation(
     Returns
     -------
     With ``return_adata=True``: a new AnnData (n_selected_cells x n_perturbations rows, adata's genes) whose
-    ``X`` holds log1p(CP10k) predictions, ``obs['perturbation']`` the predicted condition,
+    ``X`` holds the predictions in ``space`` (recorded in ``uns["vcell_spaces"]["X"]``), ``obs['perturbation']`` the predicted condition,
     ``obs['vcell_source_cell']`` the control cell it started from (plus that cell's other ``obs`` columns),
     and ``uns[key_added]`` the parameters. For a MuData: a MuData with modality ``rna`` (that AnnData) and,
     for a protein model, the protein modality (same ``obs``, the model's proteins, log1p(counts per 1e4 of the
@@ -206,8 +229,12 @@ def predict_perturbation(
     ``adata.obs[f"{key_added}_source"]``
         bool, which cells hold a prediction.
     ``adata.uns[key_added]``
-        ``{"params": ..., "model": ..., "layers": [...], "vcell_version": ...}``: ``model`` is the model's class name
-        (``"Baseline"``), ``params["seed"]`` the seed used (``vcell.settings.seed`` when ``seed=None``).
+        ``{"params": ..., "model": ..., "layers": [...], "space": ..., "vcell_version": ...}``: ``model`` is the
+        model's class name (``"Baseline"``), ``params["seed"]`` the seed used (``vcell.settings.seed`` when
+        ``seed=None``), ``space`` the predictions' expression space (:meth:`vcell.pp.ExpressionSpace.to_dict`).
+    ``adata.uns["vcell_spaces"][layer]``
+        The expression space of each layer written (:func:`vcell.pp.expression_space` reads it; the other entries
+        of this mapping are kept).
 
     Each of these fields that exists already is replaced only with ``overwrite=True``.
 
@@ -295,6 +322,7 @@ def predict_perturbation(
     seed = resolve_seed(seed)  # recorded as used, never a placeholder
     kwargs = model._check_predict_kwargs(predict_kwargs)
     modalities = ("rna",) if prot is None else ("rna", "prot")
+    target, factor = model._space_request(space, modalities)  # converted below, into the output's own arrays
     # checks every perturbation and option now; predictions come one perturbation at a time, as they are consumed
     stream = model._predict_many(adata, perts, controls=idx, dose=dose, seed=seed, modalities=modalities, **kwargs)
     params = {
@@ -306,17 +334,18 @@ def predict_perturbation(
     }
     if kwargs:  # None values (a model's own default) are left out: h5ad cannot store them
         params["predict_kwargs"] = {k: v for k, v in kwargs.items() if v is not None}
-    info = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
+    info = {"params": params, "model": type(model).__name__, "space": target.to_dict(), "vcell_version": __version__}
 
     if return_adata:
         widths = {"rna": adata.n_vars, **({"prot": prot.n_vars} if prot is not None else {})}
-        rows = _Rows(idx.size, len(perts), widths)
+        rows = _Rows(idx.size, len(perts), widths, factor)
         for k, (p, preds) in enumerate(stream):
             rows.add(k, p, preds)
             del preds
         obs = _obs_of_predictions(adata, idx, perts, key_added)
         out = ad.AnnData(X=rows.X["rna"], obs=obs, var=adata.var.copy())
         out.uns[key_added] = info
+        record_space(out, None, target)
         if mdata is None:
             return out
         import mudata
@@ -324,7 +353,7 @@ def predict_perturbation(
         mods = {"rna": out}
         if prot is not None:
             mods[model.protein_modality_] = ad.AnnData(X=rows.X["prot"], obs=obs.copy(), var=prot.var.copy())
-            mods[model.protein_modality_].uns[key_added] = dict(info)
+            mods[model.protein_modality_].uns[key_added] = {k: v for k, v in info.items() if k != "space"}
         with mudata_no_pull():
             return mudata.MuData(mods)
 
@@ -337,17 +366,19 @@ def predict_perturbation(
         pos = np.searchsorted(idx[order], prot_rows[prot_sel])
         targets["prot"] = (prot.shape, prot_sel, order[pos])
     _note_layer_size(adata, idx.size, len(perts))
-    layers = _Layers(targets, len(perts))
+    layers = _Layers(targets, len(perts), factor)
     for k, (p, preds) in enumerate(stream):
         layers.add(k, p, preds, key_added)
         del preds
     adata.layers.update(layers.layers["rna"])
+    for layer in layers.layers["rna"]:
+        record_space(adata, layer, target)
     info["layers"] = list(layers.layers["rna"])
     adata.obs[f"{key_added}_source"] = mask
     if prot is not None:
         prot.layers.update(layers.layers["prot"])
         info["protein_layers"] = list(layers.layers["prot"])
-        prot.uns[key_added] = {**info, "layers": info["protein_layers"]}
+        prot.uns[key_added] = {**{k: v for k, v in info.items() if k != "space"}, "layers": info["protein_layers"]}
     adata.uns[key_added] = info
     return None
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from vcell._constants import PERT_COL
 from vcell._utils import check_dose, check_number, check_positive_int, mudata_no_pull, resolve_seed
+from vcell.pp._space import record_space
 
 from ._predict import perturbation_list, starting_cells
 
@@ -53,6 +54,7 @@ def sample_perturbation(
     level: float = 0.9,
     key_added: str = "vcell_sample",
     seed: int | None = None,
+    space: Any = None,
     **sample_kwargs: Any,
 ) -> AnnData:
     """Draw cells from a generative model's predicted distribution, with per-gene predictive intervals.
@@ -90,6 +92,10 @@ def sample_perturbation(
         Prefix of the keys written into the returned AnnData.
     seed
         Random seed (perturbation ``i`` uses ``seed + i``); ``None`` uses ``vcell.settings.seed``.
+    space
+        Expression space of the sampled RNA (as ``space`` of :func:`vcell.tl.predict_perturbation`): ``None`` (the
+        model's :attr:`~vcell.model.PerturbationModel.output_space`), ``"log1p_cp10k"``, ``"median"``, ``"model"``,
+        a target sum or a :class:`vcell.pp.ExpressionSpace`. The intervals are computed in it.
     **sample_kwargs
         Further arguments of ``model.sample`` (e.g. ``n_steps`` of ResidualDiffusion).
 
@@ -103,7 +109,9 @@ def sample_perturbation(
     Sets the following fields (of the returned AnnData)
     ---------------------------------------------------
     ``X``
-        log1p(CP10k) of the sampled cells (float32).
+        The sampled cells (float32) in ``space``.
+    ``uns["vcell_spaces"]``
+        The expression space of ``X`` and of the interval layers (:func:`vcell.pp.expression_space` reads it).
     ``obs['perturbation']``, ``obs['vcell_perturbation']``, ``obs['vcell_dose']``, ``obs['vcell_source_cell']``
         Condition (categorical, in the order of ``perturbations``), dose and starting control cell of each cell.
     ``varm[f"{key_added}_mean"]``, ``varm[f"{key_added}_lower"]``, ``varm[f"{key_added}_upper"]``
@@ -146,10 +154,18 @@ def sample_perturbation(
         adata = model._check_adata(adata)
     idx = starting_cells(adata, model, controls, cell_type, cell_type_key)
     seed = resolve_seed(seed)
+    target, _ = model._space_request(space)  # an impossible space is an error before anything is sampled
     parts, proteins = [], []
     for i, p in enumerate(perts):
         s = model.sample(
-            adata, perturbation=p, n_cells=n_samples, controls=idx, dose=dose, seed=seed + i, **sample_kwargs
+            adata,
+            perturbation=p,
+            n_cells=n_samples,
+            controls=idx,
+            dose=dose,
+            seed=seed + i,
+            space=target,
+            **sample_kwargs,
         )
         s.obs_names = [f"{key_added}-{p}-{j}" for j in range(s.n_obs)]
         if "protein" in s.obsm:
@@ -176,6 +192,8 @@ def sample_perturbation(
         **{k: v for k, v in sample_kwargs.items() if isinstance(v, int | float | str | bool)},
     }
     out.uns[key_added] = {"params": params, "model": type(model).__name__, "vcell_version": __version__}
+    for layer in (None, f"{key_added}_lower", f"{key_added}_upper"):
+        record_space(out, layer, target)
     if prot is None:
         return out
     import mudata as md
