@@ -129,7 +129,7 @@ def test_export_cell_eval_function(small, tmp_path):
     n_neg = int((pred.X[:7] < 0).sum())
     assert n_neg > 0
     table = vcell.bench.export_cell_eval(
-        {"m 1": pred, "m2": pred}, true, ctrl, tmp_path, pert_col="perturbation", control_pert="ctrl"
+        {"m 1": pred, "m2": pred}, true, control=ctrl, out_dir=tmp_path, pert_col="perturbation", control_pert="ctrl"
     )
     assert list(table["model"]) == ["m 1", "m2"]
     assert table["pred"].iloc[0].endswith("pred_m_1.h5ad")
@@ -148,22 +148,22 @@ def test_export_cell_eval_function(small, tmp_path):
 def test_export_cell_eval_refuses_bad_input(small, tmp_path):
     pred, true, ctrl = small
     with pytest.raises(ValueError, match="negative"):
-        vcell.bench.export_cell_eval(pred, true, ctrl, tmp_path, clip_negative=False)
+        vcell.bench.export_cell_eval(pred, true, control=ctrl, out_dir=tmp_path, clip_negative=False)
     assert not (tmp_path / "pred_pred.h5ad").exists()  # no half-written file is left
     with pytest.raises(ValueError, match=r"\['B\+C'\] .* no predicted cells"):
-        vcell.bench.export_cell_eval(pred[pred.obs["perturbation"] == "A"], true, ctrl, tmp_path)
+        vcell.bench.export_cell_eval(pred[pred.obs["perturbation"] == "A"], true, control=ctrl, out_dir=tmp_path)
     with pytest.raises(ValueError, match="control_pert 'A'"):
-        vcell.bench.export_cell_eval(pred, true, ctrl, tmp_path, control_pert="A")
+        vcell.bench.export_cell_eval(pred, true, control=ctrl, out_dir=tmp_path, control_pert="A")
     counts = true.copy()
     counts.X = sparse.csr_matrix(np.ones(true.shape, dtype=np.float32))
     with pytest.raises(ValueError, match="raw counts"):
-        vcell.bench.export_cell_eval(pred, counts, ctrl, tmp_path)
+        vcell.bench.export_cell_eval(pred, counts, control=ctrl, out_dir=tmp_path)
     other = pred.copy()
     other.var_names = [f"h{i}" for i in range(12)]
     with pytest.raises(ValueError, match="var_names"):
-        vcell.bench.export_cell_eval(other, true, ctrl, tmp_path)
+        vcell.bench.export_cell_eval(other, true, control=ctrl, out_dir=tmp_path)
     with pytest.raises(KeyError, match="condition"):
-        vcell.bench.export_cell_eval(pred, true, ctrl, tmp_path, perturbation_key="condition")
+        vcell.bench.export_cell_eval(pred, true, control=ctrl, out_dir=tmp_path, perturbation_key="condition")
 
 
 @pytest.mark.slow  # cell-eval's DE compiles with numba on first use (about 100 s on 2 loaded cores)
@@ -186,7 +186,7 @@ def test_cell_eval_scores_the_export_as_vcell_does(tmp_path):
     ctrl = _cells(cells(200, 0), ["control"] * 200, var)
     true = _cells(np.vstack([cells(40, shifts[p]) for p in perts]), np.repeat(perts, 40), var)
     pred = _cells(np.vstack([cells(60, 0.7 * shifts[p]) for p in perts]), np.repeat(perts, 60), var)
-    table = vcell.bench.export_cell_eval(pred, true, ctrl, tmp_path)
+    table = vcell.bench.export_cell_eval(pred, true, control=ctrl, out_dir=tmp_path)
     ev = MetricsEvaluator(
         adata_pred=table["pred"].iloc[0],
         adata_real=table["real"].iloc[0],

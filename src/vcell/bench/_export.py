@@ -272,9 +272,9 @@ class _Writer:
 def export_cell_eval(
     pred: AnnData | Mapping[str, AnnData],
     true: AnnData,
+    *,
     control: AnnData,
     out_dir: str | Path,
-    *,
     perturbation_key: str = "perturbation",
     pert_col: str = CELL_EVAL_PERT_COL,
     control_pert: str = CELL_EVAL_CONTROL,
@@ -339,7 +339,7 @@ def export_cell_eval(
     ... )
     >>> true, pred = cells(4, ["A", "A", "B", "B"]), cells(4, ["A", "A", "B", "B"])
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     table = export_cell_eval({"mine": pred}, true, cells(3, ["control"] * 3), d)
+    ...     table = export_cell_eval({"mine": pred}, true, control=cells(3, ["control"] * 3), out_dir=d)
     ...     real = ad.read_h5ad(table.loc[0, "real"])
     >>> real.obs["target_gene"].tolist()
     ['non-targeting', 'non-targeting', 'non-targeting', 'A', 'A', 'B', 'B']
