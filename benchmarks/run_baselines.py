@@ -70,6 +70,8 @@ KEY_METRICS = ("pearson_delta", "pearson_delta_top_de", "energy_distance")
 METRIC_ORDER = (
     "pearson_delta",
     "pearson_delta_top_de",
+    "pearson_delta_pert",
+    "pearson_delta_top_de_pert",
     "mse_top_de",
     "mse_top_de_normalized",
     "mae",
@@ -891,7 +893,9 @@ def write_report(
         "correction, Benjamini-Hochberg FDR (`docs/metrics.md`). Top-DE genes: the 20 with the largest |z| of true "
         "vs control cells, shared by all models; `de_overlap`: cell-eval's `overlap_at_N` (FDR < 0.05 lists ranked "
         "by |log2 fold change|; a prediction without DE genes scores 0); `mae`: mean |pred mean - true mean| over "
-        "all genes.",
+        "all genes. `pearson_delta_pert` / `pearson_delta_top_de_pert`: Pearson delta against Systema's perturbed "
+        "centroid (the mean over the split's training perturbations of their mean profiles; no held-out cell) "
+        "instead of the control mean.",
         "- `energy_distance` (Euclidean, V-statistic) and `mmd` (RBF, 6 bandwidths x median heuristic) in a 50-PC "
         "space fitted on the split's training cells, shared by all models.",
         "- A number is the mean over held-out conditions per seed, then the mean [95% t-interval] over seeds. "

@@ -206,3 +206,38 @@ def test_pathway_nets_add_pathway_agreement(shared_data):
     flipped.obs["perturbation"] = ["B"] * 15 + ["A"] * 15
     df2 = evaluate(flipped, true, ctrl, metrics=["pearson_delta"], pathway_nets={"progeny": net})
     assert (df2.loc[df2["metric"] == "pathway_agreement_progeny", "value"] < 0).all()
+
+
+def test_perturbed_centroid_metrics_equal_numpy(data):
+    """pearson_delta_pert(_top_de): Pearson r of the changes from Systema's centroid, as numpy computes it."""
+    true, control, _ = data
+    rng = np.random.default_rng(2)
+    pred = true.copy()
+    pred.X = np.clip(pred.X + rng.normal(0, 0.5, pred.shape), 0, None).astype(np.float32)
+    # a centroid of "training" perturbations: the unweighted mean of their mean profiles
+    train_means = rng.uniform(0.5, 2.5, (4, N_GENES))
+    centroid = train_means.mean(axis=0)
+    df = evaluate(
+        pred, true, control, metrics=["pearson_delta_pert", "pearson_delta_top_de_pert"], perturbed_centroid=centroid
+    )
+    v = df.set_index(["perturbation", "metric"])["value"]
+    Xt, Xp, Xc = np.asarray(true.X, np.float64), np.asarray(pred.X, np.float64), np.asarray(control.X)
+    lab = true.obs["perturbation"].to_numpy()
+    for p in PERTS:
+        dp, dt = Xp[lab == p].mean(axis=0) - centroid, Xt[lab == p].mean(axis=0) - centroid
+        top = top_de_genes(Xt[lab == p], Xc, n_top=20)  # DE vs control, as pearson_delta_top_de
+        assert v[p, "pearson_delta_pert"] == pytest.approx(np.corrcoef(dp, dt)[0, 1], abs=1e-9)
+        assert v[p, "pearson_delta_top_de_pert"] == pytest.approx(np.corrcoef(dp[top], dt[top])[0, 1], abs=1e-9)
+    # the control reference gives other numbers: the reference is not ignored
+    ctrl = evaluate(pred, true, control, metrics=["pearson_delta"]).set_index("perturbation")["value"]
+    assert not np.allclose(ctrl.to_numpy(), v.xs("pearson_delta_pert", level="metric").to_numpy())
+    # without a centroid: that of the perturbations in true; reference="perturbed_centroid" takes the given one
+    own = evaluate(pred, true, control, metrics=["pearson_delta_pert"]).set_index("perturbation")["value"]
+    ref = np.vstack([Xt[lab == p].mean(axis=0) for p in PERTS]).mean(axis=0)
+    assert own["g1"] == pytest.approx(pearson_delta(Xp[lab == "g1"], Xt[lab == "g1"], ref))
+    same = evaluate(
+        pred, true, control, metrics=["pearson_delta"], reference="perturbed_centroid", perturbed_centroid=centroid
+    )
+    np.testing.assert_allclose(same["value"], v.xs("pearson_delta_pert", level="metric").to_numpy())
+    with pytest.raises(ValueError, match="perturbed_centroid has 3 entries"):
+        evaluate(pred, true, control, metrics=["pearson_delta_pert"], perturbed_centroid=np.zeros(3))

@@ -1,5 +1,6 @@
-"""Benchmarks: OOD splits, the leakage guard, and the runner over models x splits x seeds."""
+"""Benchmarks: OOD splits, the leakage guard, the runner over models x splits x seeds, and the cell-eval export."""
 
+from ._export import export_cell_eval
 from ._leakage import check_leakage
 from ._run import BASELINES, BenchmarkResult, ModelSpec, PredictionRequest, Predictor, run, summarize
 from ._split import SPLIT_KINDS, split
@@ -12,6 +13,7 @@ __all__ = [
     "PredictionRequest",
     "Predictor",
     "check_leakage",
+    "export_cell_eval",
     "run",
     "split",
     "summarize",

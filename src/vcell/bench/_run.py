@@ -430,6 +430,7 @@ def run(
     pathway_nets: Mapping[str, pd.DataFrame] | None = None,
     protein_modality: str | None = None,
     protein_layer: str | None = None,
+    export_dir: str | Path | None = None,
 ) -> BenchmarkResult:
     """Benchmark models on out-of-distribution splits, beside the baselines, with BENCHMARK.md's metrics.
 
@@ -503,6 +504,16 @@ def run(
         With a MuData: the modality (and its layer, ``None``: ``X``) of protein counts to benchmark beside RNA;
         the cells must be the ``rna`` modality's. Cells without protein measurement (NaN or zero-total rows) are
         left out of the protein truth.
+    export_dir
+        Also write each model's RNA predictions, per split and seed, in cell-eval's input format (see
+        :func:`vcell.bench.export_cell_eval`): ``<export_dir>/<split>/seed<seed>/real.h5ad`` (the control reference
+        and the true held-out cells the metrics read) and ``pred_<model>.h5ad`` (the same controls and the model's
+        predicted cells, negative values written as 0), with one row per file pair (and its ``cell-eval run``
+        command) in ``<export_dir>/manifest.csv``. ``None`` writes nothing.
+
+    The ``_pert`` metrics (``pearson_delta_pert``, ``pearson_delta_top_de_pert``) take as reference Systema's perturbed
+    centroid of the split's training cells: the mean over the perturbed conditions with train or val cells of each
+    condition's mean expression (no held-out cell enters it; NaN when no perturbed cell trains).
 
     Returns
     -------
@@ -531,6 +542,8 @@ def run(
     from vcell.pp._harmonize import _harmonize
 
     from . import check_leakage, split
+    from ._centroid import training_perturbed_centroid
+    from ._export import RunExport
 
     if on_error not in ("raise", "skip"):
         msg = f"on_error must be 'raise' or 'skip', got {on_error!r}"
@@ -653,6 +666,11 @@ def run(
         true_ad = _truth(X_src, cases, transform, a.var_names)
         ranks = ControlRanks(ctrl_ad.X)  # the control reference indexed once for every condition's DE test
         de_genes = {h: vmetrics.top_de_genes(_true_rows(true_ad, c), ranks, n_top=20) for h, c in cases.items()}
+        centroid = None  # Systema's reference, from the training cells (one more pass over them: only when scored)
+        if metrics is None or {"pearson_delta_pert", "pearson_delta_top_de_pert"} & set(metrics):
+            centroid = training_perturbed_centroid(X_src, cond, dose, is_train, transform)
+            centroid = np.full(a.n_vars, np.nan) if centroid is None else centroid
+        export = None if export_dir is None else RunExport(export_dir, split_name, seed, ctrl_ad, true_ad)
         additive = _additive_expectations(cases, X_src, cond, is_train, transform)
         sim_labels = _simulated_epistasis(a, list(additive))
         requests = [
@@ -724,6 +742,7 @@ def run(
                     metrics=None if metrics is None else [m for m in metrics if m != "interaction_auprc"],
                     pca=pca,
                     de_genes={h: de_genes[h] for h in ok},
+                    perturbed_centroid=centroid,
                     max_cells=max_cells,
                     seed=seed,
                     ceiling=ceiling,
@@ -734,6 +753,8 @@ def run(
                 df.insert(0, "split", split_name)
                 df.insert(0, "model", spec.name)
                 rows.append(df)
+                if export is not None:
+                    export.add(spec.name, pred_ad)
                 del pred_ad
             if prot_preds:
                 pred_p = _concat(prot_preds)
@@ -748,6 +769,7 @@ def run(
                     n_top_de=prot["n_top"],
                     pca=prot["pca"],
                     de_genes={h: prot["de"][h] for h in ok if h in prot["de"]},
+                    perturbed_centroid=prot["centroid"],
                     max_cells=max_cells,
                     seed=seed,
                     ceiling=ceiling,
@@ -879,6 +901,8 @@ def _protein_cases(
     from vcell import metrics as vmetrics
     from vcell.model._protein import protein_log1p
 
+    from ._centroid import training_perturbed_centroid
+
     E = protein_log1p(a.obsm[_PROTEIN_BENCH_KEY])
     measured = np.isfinite(E).all(axis=1)
     var_names = pd.Index(names)
@@ -888,6 +912,8 @@ def _protein_cases(
         return None
     train_E = E[is_train & measured]
     n_top = max(1, min(20, len(names) // 2))
+    cond, dose = a.obs[PERT_COL].astype(str).to_numpy(), a.obs[DOSE_COL].to_numpy(dtype=float)
+    centroid = training_perturbed_centroid(E, cond, dose, is_train & measured, None)
     return {
         "var_names": var_names,
         "true": _concat([_sub_adata(X, h, var_names) for h, X in truth.items()]),
@@ -895,6 +921,7 @@ def _protein_cases(
         "pca": vmetrics.fit_pca(train_E, n_comps=min(n_pcs, *train_E.shape), seed=seed),
         "de": {h: vmetrics.top_de_genes(X, E[ctrl], n_top=n_top) for h, X in truth.items()},
         "n_top": n_top,
+        "centroid": np.full(len(names), np.nan) if centroid is None else centroid,
     }
 
 

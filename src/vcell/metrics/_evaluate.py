@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 METRICS: tuple[str, ...] = (
     "pearson_delta",
     "pearson_delta_top_de",
+    "pearson_delta_pert",
+    "pearson_delta_top_de_pert",
     "mse_top_de",
     "mse_top_de_normalized",
     "mae",
@@ -48,7 +50,13 @@ METRICS: tuple[str, ...] = (
     "de_overlap",
     "pds",
 )
-_TOP_DE_METRICS = {"pearson_delta_top_de", "mse_top_de", "mse_top_de_normalized", "direction_accuracy"}
+_TOP_DE_METRICS = {
+    "pearson_delta_top_de",
+    "pearson_delta_top_de_pert",
+    "mse_top_de",
+    "mse_top_de_normalized",
+    "direction_accuracy",
+}
 _DIST_METRICS = {"energy_distance", "mmd"}
 _MAX_PCA_FIT_CELLS = 20_000
 #: how many results of the pred-independent steps (true-cell DE, ceiling) :func:`evaluate` keeps
@@ -264,12 +272,13 @@ def _targets(labels: Sequence[str], var_names: pd.Index) -> list[np.ndarray]:
 
 
 class _Context:
-    """What every perturbation's metrics share: control mean, reference, expressed genes, PCA, seed."""
+    """What every perturbation's metrics share: control mean, references, expressed genes, PCA, seed."""
 
-    def __init__(self, names, ctrl_mean, ref, expressed, n_top_expressed, pca, max_cells, seed):
+    def __init__(self, names, ctrl_mean, ref, expressed, n_top_expressed, pca, max_cells, seed, ref_pert=None):
         self.names = names
         self.ctrl_mean = ctrl_mean
         self.ref = ref
+        self.ref_pert = ref_pert
         self.expressed = expressed
         self.n_top_expressed = n_top_expressed
         self.pca = pca
@@ -296,6 +305,10 @@ class _Context:
                 out[name] = pearson_delta(pm, tm, self.ref)
             elif name == "pearson_delta_top_de":
                 out[name] = pearson_delta(pm, tm, self.ref, genes=top)
+            elif name == "pearson_delta_pert":
+                out[name] = pearson_delta(pm, tm, self.ref_pert)
+            elif name == "pearson_delta_top_de_pert":
+                out[name] = pearson_delta(pm, tm, self.ref_pert, genes=top)
             elif name == "mse_top_de":
                 out[name] = mse_top_de(pm, tm, genes=top)
             elif name == "mse_top_de_normalized":
@@ -353,14 +366,18 @@ def _evaluate_modalities(
     de_genes: Any,
     pathway_nets: Mapping[str, pd.DataFrame] | None,
     n_top_de: int,
+    perturbed_centroid: Any = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """:func:`evaluate` of each modality the three MuData share, with a ``modality`` column."""
     if not all(hasattr(x, "mod") for x in (pred, true, control)):
         msg = "pred, true and control must all be MuData, or all AnnData"
         raise ValueError(msg)
-    if pca is not None or de_genes is not None:
-        msg = "pca= and de_genes= refer to one feature space: evaluate MuData modalities one by one to pass them"
+    if pca is not None or de_genes is not None or perturbed_centroid is not None:
+        msg = (
+            "pca=, de_genes= and perturbed_centroid= refer to one feature space: evaluate MuData modalities one by "
+            "one to pass them"
+        )
         raise ValueError(msg)
     shared = [m for m in true.mod if m in pred.mod and m in control.mod]
     if not shared:
@@ -390,6 +407,7 @@ def evaluate(
     pca: tuple[np.ndarray, np.ndarray] | None = None,
     n_comps: int = 50,
     reference: Literal["control", "perturbed_centroid"] | np.ndarray = "control",
+    perturbed_centroid: np.ndarray | None = None,
     max_cells: int | None = 2000,
     seed: int | None = None,
     ceiling: bool = False,
@@ -403,6 +421,8 @@ def evaluate(
 
     - ``pearson_delta`` / ``pearson_delta_top_de``: :func:`pearson_delta` over all genes / the top-``n_top_de``
       DE genes, with deltas relative to ``reference``;
+    - ``pearson_delta_pert`` / ``pearson_delta_top_de_pert``: the same with deltas relative to Systema's perturbed
+      centroid (``perturbed_centroid``; Viñas Torné et al. 2025), on the same top DE genes (DE vs control);
     - ``mse_top_de`` / ``mse_top_de_normalized``: :func:`mse_top_de` over the top DE genes, and divided by the MSE
       of predicting the control mean (:func:`mse_top_de_normalized`);
     - ``mae``: :func:`mae`, the mean over all genes of ``|pred_mean - true_mean|`` (cell-eval's ``mae``);
@@ -474,8 +494,15 @@ def evaluate(
     n_comps
         Number of components when ``pca`` is ``None``.
     reference
-        Reference of the Pearson deltas: ``"control"`` (control mean), ``"perturbed_centroid"`` (Systema: mean of
-        the true centroids of the perturbations in ``true``) or a ``(n_genes,)`` vector.
+        Reference of ``pearson_delta`` and ``pearson_delta_top_de``: ``"control"`` (control mean),
+        ``"perturbed_centroid"`` (the reference of the ``_pert`` metrics, below) or a ``(n_genes,)`` vector.
+    perturbed_centroid
+        Reference of ``pearson_delta_pert`` and ``pearson_delta_top_de_pert``, ``(n_genes,)``: Systema's perturbed
+        centroid, the mean over perturbations of each perturbation's mean expression
+        (:func:`perturbed_centroid_reference`), computed from the training perturbations as
+        :func:`vcell.bench.run` does. ``None`` uses the centroid of the perturbations in ``true`` (held-out cells
+        shape the reference, and with one perturbation every true delta is 0 and the metrics ``NaN``): pass the
+        training centroid in benchmarks. A NaN in it gives NaN.
     max_cells
         Subsampling cap of each cell set in the O(n^2) metrics (and the most cells of a set made dense at once);
         ``None`` uses every cell.
@@ -528,6 +555,7 @@ def evaluate(
             pathway_nets=pathway_nets,
             pca=pca,
             de_genes=de_genes,
+            perturbed_centroid=perturbed_centroid,
         )
     names = _check_metrics(metrics)
     check_obs_keys(pred, [perturbation_key], what="perturbation_key")
@@ -563,11 +591,18 @@ def evaluate(
     rows_t = {p: _Rows(Xt, idx_t[p], true_means[i]) for i, p in enumerate(perts)}
     rows_p = {p: _Rows(Xp, idx_p[p], pred_means[i]) for i, p in enumerate(perts)}
 
+    if perturbed_centroid is None:  # Systema's centroid of the perturbations in true (held-out cells)
+        ref_pert = perturbed_centroid_reference(true_means)
+    else:
+        ref_pert = np.asarray(perturbed_centroid, dtype=np.float64).ravel()
+        if ref_pert.shape[0] != true.n_vars:
+            msg = f"perturbed_centroid has {ref_pert.shape[0]} entries, expected one per gene ({true.n_vars})"
+            raise ValueError(msg)
     if isinstance(reference, str):
         if reference == "control":
             ref = ctrl_mean
         elif reference == "perturbed_centroid":
-            ref = perturbed_centroid_reference(true_means)
+            ref = ref_pert
         else:
             msg = f"reference must be 'control', 'perturbed_centroid' or a vector, got {reference!r}"
             raise ValueError(msg)
@@ -612,7 +647,7 @@ def evaluate(
             msg = f"pca must be (components (n_comps x {true.n_vars}), mean ({true.n_vars},)), got {comps.shape}"
             raise ValueError(msg)
         pca = (comps, mean)
-    ctx = _Context(names, ctrl_mean, ref, ctrl_mean, n_top_expressed, pca, max_cells, seed)
+    ctx = _Context(names, ctrl_mean, ref, ctrl_mean, n_top_expressed, pca, max_cells, seed, ref_pert=ref_pert)
 
     values: dict[str, dict[str, float]] = {}
     for p in perts:
@@ -638,6 +673,7 @@ def evaluate(
             names,
             ctrl_mean,
             ref,
+            ref_pert,
             n_top_expressed,
             pca,
             max_cells,
