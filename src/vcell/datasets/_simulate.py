@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,22 @@ _EFFECT_LOW, _EFFECT_HIGH = 0.5, 1.0
 _BASE_SD = 0.7
 #: epistatic interaction: +-U(low, high) times the singles' summed effect, plus this many random single effects
 _INT_LOW, _INT_HIGH, _INT_RANDOM = 0.7, 1.0, 1.0
+#: mechanistic interactions: the mechanisms, in the order of ``uns['vcell_simulation']['mechanistic']['flags']``
+_MECHANISMS = ("saturation", "and_gate", "cascade")
+#: mechanistic: a program's capacity ``cap_k ~ U(low, high)``: its activity is ``cap_k tanh(input / cap_k)``
+_CAP_LOW, _CAP_HIGH = 0.5, 0.8
+#: mechanistic: size range of a single's raw input to each of its programs (saturated to about U(0.5, 0.8))
+_INPUT_LOW, _INPUT_HIGH = 0.8, 1.6
+#: mechanistic: an upstream perturbation removes ``U(low, high)`` of its regulator's activity (two always floor it)
+_UPSTREAM_LOW, _UPSTREAM_HIGH = 0.55, 0.9
+#: mechanistic: AND gate input ``x^n / (x^n + K^n)`` of an input program's activity ``x``; gate genes per gene
+_GATE_K, _GATE_N, _GATE_DENSITY = 0.25, 3.0, 0.05
+#: mechanistic: size range of an AND gate's effect on each of its genes (log scale, random sign)
+_GATE_LOW, _GATE_HIGH = 0.6, 1.2
+#: mechanistic: a double's flag is set when its mechanism's part of the non-additivity exceeds this
+_TOL = 1e-9
+#: mechanistic: layouts drawn before giving up on one with enough doubles of every kind
+_ATTEMPTS = 20
 
 
 def _names(prefix: str, n: int) -> list[str]:
@@ -127,6 +143,259 @@ def _sample_counts(
     return sparse.vstack(blocks, format="csr")
 
 
+def _dose_response(
+    rng: np.random.Generator, dose_arr: np.ndarray | None, n_perturbations: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """Per-single ``EC50`` and Hill coefficient (``None`` without doses) and the singles' dose levels."""
+    if dose_arr is None:
+        return None, None, np.array([1.0])
+    lo, hi = np.log(dose_arr[0]), np.log(dose_arr[-1])
+    if hi - lo < 1e-8:
+        lo, hi = lo - 1.0, hi + 1.0
+    ec50 = np.exp(rng.uniform(lo, hi, size=n_perturbations))
+    hill_n = rng.uniform(1.0, 3.0, size=n_perturbations)
+    return ec50, hill_n, dose_arr
+
+
+def _directed_effects(rng: np.random.Generator, n_perturbations: int, direction: np.ndarray) -> np.ndarray:
+    """Mechanistic singles: one program each (a quarter of them two), moved in the program's ``direction``.
+
+    Raw input sizes U(0.8, 1.6). Few programs per single keep most pairs apart (additive), so that the share of
+    interacting doubles is set by the structure laid out for them, not by chance overlaps.
+    """
+    k = direction.size
+    E = np.zeros((n_perturbations, k))
+    for p in range(n_perturbations):
+        idx = rng.choice(k, size=2 if k > 1 and rng.random() < 0.25 else 1, replace=False)
+        E[p, idx] = direction[idx] * rng.uniform(_INPUT_LOW, _INPUT_HIGH, size=idx.size)
+    return E
+
+
+class _ShortOfDoubles(ValueError):
+    """A mechanistic layout offers too few doubles of some kind."""
+
+
+class _Mechanisms:
+    """Structure of ``simulate(interactions="mechanistic")``: programs with saturation, AND gates, cascades.
+
+    ``direct`` (perturbations x programs) are the raw program inputs of the perturbations that act directly;
+    ``regulator_of[p]`` is the regulator (a perturbation index) an upstream perturbation ``p`` acts through (``-1``:
+    none) and ``strength[p]`` the share of the regulator's activity it removes; ``gate_programs`` (gates x 2) are the
+    input programs of the AND gates and ``gate_loadings`` (gates x genes) their effects on genes.
+    """
+
+    def __init__(
+        self,
+        direct: np.ndarray,
+        direction: np.ndarray,
+        capacity: np.ndarray,
+        knockdown: np.ndarray,
+        target_idx: np.ndarray,
+        n_genes: int,
+    ) -> None:
+        n = direct.shape[0]
+        self.direct = direct.copy()
+        self.direction, self.capacity = direction, capacity
+        self.knockdown, self.target_idx, self.n_genes = knockdown, target_idx, n_genes
+        self.regulator_of = np.full(n, -1)
+        self.strength = np.zeros(n)
+        self.gate_programs = np.zeros((0, 2), dtype=int)
+        self.gate_loadings = np.zeros((0, n_genes))
+
+    @property
+    def is_regulator(self) -> np.ndarray:
+        return np.isin(np.arange(self.direct.shape[0]), self.regulator_of[self.regulator_of >= 0])
+
+    def inputs(self, scales: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Regulator loss (per perturbation; capped at 1), the programs' raw input and the per-gene knock-down."""
+        n, k = self.direct.shape
+        regulator = self.is_regulator
+        loss, u, kd = np.zeros(n), np.zeros(k), np.zeros(self.n_genes)
+        for p, s in scales.items():
+            if regulator[p]:
+                loss[p] += s  # a regulator's own perturbation knocks it out
+                continue
+            if self.regulator_of[p] >= 0:
+                loss[self.regulator_of[p]] += s * self.strength[p]
+            else:
+                u += s * self.direct[p]
+            kd[self.target_idx[p]] += s * self.knockdown[p]
+        loss = np.minimum(loss, 1.0)
+        for r in np.flatnonzero(loss > 0):
+            u += loss[r] * self.direct[r]
+            kd[self.target_idx[r]] += loss[r] * self.knockdown[r]
+        return loss, u, kd
+
+    def saturate(self, u: np.ndarray) -> np.ndarray:
+        return self.capacity * np.tanh(u / self.capacity)
+
+    def gate_on(self, activity: np.ndarray) -> np.ndarray:
+        """How far each gate is on (``(..., gates)``): the product of its two inputs' Hill functions."""
+        x = np.maximum(activity * self.direction, 0.0)
+        h = x**_GATE_N / (x**_GATE_N + _GATE_K**_GATE_N)
+        return h[..., self.gate_programs[:, 0]] * h[..., self.gate_programs[:, 1]]
+
+    def condition(self, scales: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Program activity, the AND gates' per-gene effect and the per-gene knock-down of a condition."""
+        _, u, kd = self.inputs(scales)
+        activity = self.saturate(u)
+        return activity, self.gate_on(activity) @ self.gate_loadings, kd
+
+    def pair_flags(self, pairs: list[tuple[int, int]], scale: np.ndarray) -> np.ndarray:
+        """``(n_pairs, 3)`` flags: saturation, AND gate, cascade contributes to the double's non-additivity."""
+        single = [self.inputs({p: scale[p]}) for p in range(self.direct.shape[0])]
+        flags = np.zeros((len(pairs), len(_MECHANISMS)), dtype=bool)
+        for row, (i, j) in enumerate(pairs):
+            loss, u, _ = self.inputs({i: scale[i], j: scale[j]})
+            (li, ui, _), (lj, uj, _) = single[i], single[j]
+            ai, aj = self.saturate(ui), self.saturate(uj)
+            flags[row, 0] = np.abs(self.saturate(ui + uj) - ai - aj).max() > _TOL
+            if len(self.gate_programs):
+                on = self.gate_on(np.stack([self.saturate(u), ai, aj]))
+                flags[row, 1] = np.abs(on[0] - on[1] - on[2]).max() > _TOL
+            flags[row, 2] = np.abs(loss - li - lj).max() > _TOL
+        return flags
+
+
+def _kinds(flags: np.ndarray) -> np.ndarray:
+    """A double's mechanism: cascade, else AND gate, else saturation, else additive."""
+    kind = np.full(flags.shape[0], "additive", dtype=object)
+    for col in (0, 1, 2):  # later ones take precedence
+        kind[flags[:, col]] = _MECHANISMS[col]
+    return kind
+
+
+def _mechanism_counts(n_epi: int, mix: Mapping[str, float]) -> dict[str, int]:
+    """Split ``n_epi`` doubles over the mechanisms in proportion to ``mix`` (largest remainders, ties in order)."""
+    w = np.array([mix.get(m, 0.0) for m in _MECHANISMS], dtype=float)
+    raw = n_epi * w / w.sum()
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n_epi - counts.sum()]:
+        counts[i] += 1
+    return dict(zip(_MECHANISMS, counts.tolist(), strict=True))
+
+
+def _build_mechanisms(
+    rng: np.random.Generator,
+    mech: _Mechanisms,
+    *,
+    counts: Mapping[str, int],
+    n_additive: int,
+    scale: np.ndarray,
+    loadings: np.ndarray,
+    grow_programs: bool,
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Lay out cascades, AND gates (and shared programs) until each mechanism has enough doubles; pick the doubles.
+
+    Returns the chosen pairs (in pair order) and their flags.
+    """
+    n, k = mech.direct.shape
+    pairs = list(combinations(range(n), 2))
+    mech.capacity[:] = rng.uniform(_CAP_LOW, _CAP_HIGH, size=k)
+
+    # cascades: a regulator (a perturbed gene) and 1-3 upstream perturbations acting only through it (m upstream
+    # perturbations make m + m(m-1)/2 cascade doubles: at most 3, at most what is still needed)
+    free = [int(p) for p in rng.permutation(n)]
+    n_cascade = 0
+    while n_cascade < counts["cascade"] and len(free) >= 2:
+        reg = free.pop()
+        need = counts["cascade"] - n_cascade
+        fan = next(m for m in (1, 2, 3) if m + m * (m - 1) // 2 >= need or m == 3)
+        for _ in range(min(fan, int(rng.integers(1, 4)), len(free))):
+            up = free.pop()
+            mech.regulator_of[up], mech.strength[up] = reg, rng.uniform(_UPSTREAM_LOW, _UPSTREAM_HIGH)
+            mech.direct[up] = 0.0
+        m = int((mech.regulator_of == reg).sum())
+        n_cascade += m + m * (m - 1) // 2
+
+    # AND gates on pairs of programs, kept when they make new doubles synergistic
+    n_gate_genes = max(2, round(_GATE_DENSITY * mech.n_genes))
+    unloaded = np.setdiff1d(np.flatnonzero(~(loadings != 0).any(0)), mech.target_idx)
+    gene_pool = unloaded if unloaded.size >= n_gate_genes else np.setdiff1d(np.arange(mech.n_genes), mech.target_idx)
+    program_pairs = list(combinations(range(k), 2))
+    kinds = _kinds(mech.pair_flags(pairs, scale))
+    for g in rng.permutation(len(program_pairs)) if counts["and_gate"] else []:
+        if (kinds == "and_gate").sum() >= counts["and_gate"]:
+            break
+        genes = rng.choice(gene_pool, size=min(n_gate_genes, gene_pool.size), replace=False)
+        row = np.zeros(mech.n_genes)
+        row[genes] = rng.choice([-1.0, 1.0], size=genes.size) * rng.uniform(_GATE_LOW, _GATE_HIGH, size=genes.size)
+        before = (kinds == "and_gate").sum()
+        mech.gate_programs = np.vstack([mech.gate_programs, program_pairs[g]])
+        mech.gate_loadings = np.vstack([mech.gate_loadings, row])
+        kinds = _kinds(mech.pair_flags(pairs, scale))
+        if (kinds == "and_gate").sum() == before:  # no double sees this gate: drop it
+            mech.gate_programs, mech.gate_loadings = mech.gate_programs[:-1], mech.gate_loadings[:-1]
+
+    # shared programs: with random effects, a plain perturbation takes on one of another's programs when too few share
+    plain = (mech.regulator_of < 0) & ~mech.is_regulator
+    while grow_programs and (kinds == "saturation").sum() < counts["saturation"]:
+        cand = [r for r, (i, j) in enumerate(pairs) if kinds[r] == "additive" and plain[i] and plain[j]]
+        if not cand:
+            break
+        i, j = pairs[cand[int(rng.integers(len(cand)))]]
+        prog = rng.choice(np.flatnonzero(mech.direct[i]))
+        mech.direct[j, prog] = mech.direction[prog] * rng.uniform(_INPUT_LOW, _INPUT_HIGH)
+        kinds = _kinds(mech.pair_flags(pairs, scale))
+
+    flags = mech.pair_flags(pairs, scale)
+    kinds = _kinds(flags)
+    chosen: list[int] = []
+    for name, need in [*counts.items(), ("additive", n_additive)]:
+        pool = np.flatnonzero(kinds == name)
+        if pool.size < need:
+            msg = (
+                f"interactions='mechanistic' needs {need} {name!r} doubles but the {n} perturbations' structure "
+                f"offers {pool.size} (of {len(pairs)} pairs): use more perturbations, more programs or fewer combos, "
+                "or change frac_epistatic / mechanism_mix"
+            )
+            raise _ShortOfDoubles(msg)
+        # doubles driven by this one mechanism first, then mixed ones
+        pure = flags[pool].sum(1) <= (1 if name != "cascade" else 2)
+        order = np.concatenate([rng.permutation(pool[pure]), rng.permutation(pool[~pure])])
+        chosen.extend(order[:need].tolist())
+    chosen.sort()
+    return [pairs[r] for r in chosen], flags[chosen]
+
+
+def _mechanistic_network(
+    mech: _Mechanisms, loadings: np.ndarray, genes: list[str], perts: list[str]
+) -> dict[str, np.ndarray]:
+    """The mechanistic model as one edge list (``source``, ``target``, ``kind``, ``weight``).
+
+    Kinds: ``'effect'`` perturbed gene -> ``program{k}`` (raw input), ``'loading'`` ``program{k}`` -> gene,
+    ``'gate_input'`` ``program{k}`` -> ``gate{j}``, ``'gate'`` ``gate{j}`` -> gene, ``'cascade'`` upstream perturbed
+    gene -> regulator gene (the share of the regulator's activity it removes).
+    """
+    src: list[str] = []
+    tgt: list[str] = []
+    kind: list[str] = []
+    weight: list[float] = []
+
+    def add(s: list[str], t: list[str], name: str, w: np.ndarray) -> None:
+        src.extend(s)
+        tgt.extend(t)
+        kind.extend([name] * len(s))
+        weight.extend(np.asarray(w, dtype=float).tolist())
+
+    p, q = np.nonzero(mech.direct)
+    add([perts[i] for i in p], [f"program{j}" for j in q], "effect", mech.direct[p, q])
+    p, q = np.nonzero(loadings)
+    add([f"program{i}" for i in p], [genes[j] for j in q], "loading", loadings[p, q])
+    for j, (k1, k2) in enumerate(mech.gate_programs):
+        add([f"program{k1}", f"program{k2}"], [f"gate{j}"] * 2, "gate_input", np.ones(2))
+    p, q = np.nonzero(mech.gate_loadings)
+    add([f"gate{i}" for i in p], [genes[j] for j in q], "gate", mech.gate_loadings[p, q])
+    up = np.flatnonzero(mech.regulator_of >= 0)
+    add([perts[i] for i in up], [perts[mech.regulator_of[i]] for i in up], "cascade", mech.strength[up])
+    return {
+        "source": np.asarray(src, dtype=str),
+        "target": np.asarray(tgt, dtype=str),
+        "kind": np.asarray(kind, dtype=str),
+        "weight": np.asarray(weight, dtype=float),
+    }
+
+
 def _validate(
     n_cells: int,
     n_genes: int,
@@ -185,6 +454,38 @@ def _validate(
     return type_names, dose_arr
 
 
+def _validate_interactions(interactions: str, mechanism_mix: Mapping[str, float] | None) -> dict[str, float]:
+    """Check ``interactions`` and ``mechanism_mix``; the mix with every mechanism (equal thirds by default)."""
+    if interactions not in ("random", "mechanistic"):
+        msg = f"interactions must be 'random' or 'mechanistic', got {interactions!r}"
+        raise ValueError(msg)
+    if mechanism_mix is None:
+        return dict.fromkeys(_MECHANISMS, 1.0 / len(_MECHANISMS))
+    if interactions != "mechanistic":
+        msg = f"mechanism_mix applies to interactions='mechanistic' only, got interactions={interactions!r}"
+        raise ValueError(msg)
+    if not isinstance(mechanism_mix, Mapping):
+        msg = f"mechanism_mix must be a mapping mechanism -> weight (keys {list(_MECHANISMS)}), got {mechanism_mix!r}"
+        raise ValueError(msg)
+    unknown = sorted(set(mechanism_mix) - set(_MECHANISMS))
+    if unknown:
+        msg = f"mechanism_mix has unknown mechanisms {unknown}; expected keys among {list(_MECHANISMS)}"
+        raise ValueError(msg)
+    mix = {}
+    for m in _MECHANISMS:
+        w = mechanism_mix.get(m, 0.0)
+        ok = isinstance(w, int | float | np.number) and not isinstance(w, bool) and np.isfinite(w) and w >= 0
+        if not ok:
+            msg = f"mechanism_mix[{m!r}] must be a finite number >= 0, got {w!r}"
+            raise ValueError(msg)
+        mix[m] = float(w)
+    total = sum(mix.values())
+    if total <= 0:
+        msg = f"mechanism_mix needs a positive weight for at least one mechanism, got {dict(mechanism_mix)!r}"
+        raise ValueError(msg)
+    return {m: w / total for m, w in mix.items()}
+
+
 def simulate(
     *,
     n_cells: int = 2000,
@@ -199,6 +500,8 @@ def simulate(
     n_proteins: int = 20,
     effects: str = "random",
     responder_fraction: float = 1.0,
+    interactions: str = "random",
+    mechanism_mix: Mapping[str, float] | None = None,
     seed: int | None = None,
 ) -> AnnData | MuData:
     """Simulate a perturbation screen with known ground truth (negative-binomial counts, latent gene programs).
@@ -219,16 +522,52 @@ def simulate(
       exactly the programs that load its target, each in that program's own direction (one random sign per
       program, size U(0.5, 1)): perturbing members of the same program has similar effects, so a gene graph of
       shared programs (``uns['vcell_simulation']['gene_graph']``) predicts the effect of a gene never perturbed.
-    * **Combinations** ``A+B`` (pairs of singles, components sorted) have program effect
-      ``e_A + e_B + i_AB``. Additive combos have ``i_AB = 0`` (the log-mean is exactly the sum of the singles'
-      shifts, in every cell type); a ``frac_epistatic`` share are epistatic, with
+    * **Combinations** ``A+B`` (pairs of singles, components sorted), with ``interactions="random"`` (the
+      default), have program effect ``e_A + e_B + i_AB``. Additive combos have ``i_AB = 0`` (the log-mean is
+      exactly the sum of the singles' shifts, in every cell type); a ``frac_epistatic`` share are epistatic, with
       ``i_AB = s c (e_A + e_B) + u``: ``s = +1`` (synergy) or ``-1`` (buffering), ``c ~ U(0.7, 1)`` and ``u`` a
-      random program effect drawn like a single's. Both targets are knocked down.
+      random program effect drawn like a single's, for each double on its own: nothing in the singles or in other
+      doubles predicts it. Both targets are knocked down.
+    * **Mechanistic interactions** (``interactions="mechanistic"``): no double has an interaction of its own; every
+      condition follows from one structure over the perturbations, which singles and seen doubles reveal.
+      Programs act as latent regulators, each moving one way (``d_k = +-1``). A single sends a raw input ``e_p``
+      into one program (a quarter of the singles: two), size U(0.8, 1.6) in direction ``d_k`` (with
+      ``effects="target_programs"``: into its target's programs as above). A condition's raw input ``u`` is the sum
+      over its perturbations, and three mechanisms act on it:
+
+      - *saturation of shared programs*: the program activity is ``a_k = cap_k tanh(u_k / cap_k)``
+        (capacity ``cap_k ~ U(0.5, 0.8)``; singles saturate too), so two perturbations on the same program add
+        sub-additively, and on different programs exactly additively;
+      - *a cascade*: a regulator, the target gene ``R`` of a perturbation ``B``, drives ``B``'s programs; 1-3
+        upstream perturbations ``A`` act only through it, each removing a share ``x_A ~ U(0.55, 0.9)`` of ``R``'s
+        activity (``x_B = 1``). The loss ``l_R = min(1, sum of x)`` sends ``l_R e_B`` into the programs and lowers
+        ``R``'s expression by ``l_R k_B``: ``A`` alone looks like a weaker ``B`` (with ``R`` down), and ``B`` masks
+        ``A``'s downstream effect (``A+B`` is ``B`` plus ``A``'s own knock-down); two upstream perturbations of one
+        regulator floor it too;
+      - *AND gates on the regulatory network*: gate ``j`` with input programs ``(k1, k2)`` moves about 5% of the
+        genes (genes loaded on no program, when there are enough) by
+        ``G_jg h(d_k1 a_k1) h(d_k2 a_k2)``, ``h(x) = x^3 / (x^3 + 0.25^3)`` for ``x > 0`` (else 0),
+        ``G_jg = +-U(0.6, 1.2)``: a gate gene responds only when both input programs are active, e.g. in the
+        double of a perturbation on ``k1`` and one on ``k2`` and in neither single (synergy).
+
+      The log-mean is ``b_t + W^T M_t a + sum_j G_j h h - (knock-downs)``: saturation and gates act before the
+      cell-type response ``M_t`` (so unrelated doubles are exactly additive in every cell type); gates and
+      knock-downs act on RNA only. The doubles are chosen, not drawn at random: a ``frac_epistatic`` share is
+      non-additive, split over the mechanisms by ``mechanism_mix`` (largest remainders), the rest additive (no
+      shared program, no gate seeing both, no shared regulator). Cascades, gates (and, with random effects, extra
+      shared programs between two singles) are laid out until every mechanism has enough doubles, and the doubles
+      taken from each pool, those with one mechanism first; a layout short of some kind is drawn again (20 draws,
+      then a ``ValueError``). A double's ``flags`` (below) say which mechanisms make it non-additive and its
+      ``interaction_kind`` the leading one (``'cascade'``, else ``'and_gate'``, else ``'saturation'``, else
+      ``'additive'``). With 200 genes, 16 singles and 48 doubles (10 seeds), the L2 distance between a
+      non-additive double's true log1p means and the additive expectation has median 1.75 (saturation), 2.27
+      (cascade) and 2.41 (AND gate), against 5.4 for the random draws: learnable from structure, but subtler.
     * **Doses**: with ``doses`` given, each single is applied at each dose ``d`` with effect
       ``h_p(d) (W^T M_t e_p - k_p 1_target)``, ``h_p(d) = d^n / (d^n + EC50^n)`` (a Hill curve, sigmoid in
       log-dose; ``EC50`` log-uniform over the range of ``doses``, Hill coefficient ``n ~ U(1, 3)``).
       Combinations are applied at dose 1.0 only: each component at ``h_p(1.0)``, plus the unscaled
-      interaction (include 1.0 in ``doses`` to observe the matching singles). Without ``doses`` every
+      interaction (include 1.0 in ``doses`` to observe the matching singles). Mechanistic: ``h_p(d)`` scales a
+      perturbation's raw input, its share of a regulator's activity and its knock-down. Without ``doses`` every
       perturbation acts at full effect and ``obs['dose']`` is 1.0.
     * **Cells**: 20% controls, the rest spread evenly over the perturbed conditions; cell types spread evenly
       within each condition. Each cell ``c`` has a program state ``s_c ~ N(0, 0.2^2 I)`` (heterogeneity), a
@@ -282,6 +621,14 @@ def simulate(
     responder_fraction
         Probability, in ``(0, 1]``, that a perturbed cell responds; non-responders are drawn like controls of
         their cell type (see "Responders" above). ``1.0`` (default): every perturbed cell responds.
+    interactions
+        ``"random"`` (default): an epistatic double draws its own interaction (see "Combinations"; the data are
+        those of earlier versions, bit for bit); ``"mechanistic"``: interactions follow from shared programs with
+        saturation, AND gates and cascades (see "Mechanistic interactions").
+    mechanism_mix
+        With ``interactions="mechanistic"``: relative weights of the mechanisms among the ``frac_epistatic``
+        share of non-additive doubles, a mapping with keys among ``"saturation"``, ``"and_gate"``, ``"cascade"``
+        (missing keys weigh 0). ``None`` (default): a third each.
     seed
         Random seed; ``None`` uses ``vcell.settings.seed``. The same seed gives identical data.
 
@@ -303,7 +650,8 @@ def simulate(
         perturbed cell with ``responder_fraction=1.0``).
     ``.uns['vcell_simulation']``
         The ground truth, h5ad-writable: ``perturbations`` (singles, sorted), ``combos``, ``epistatic``
-        (bool per combo), ``interaction_kind`` (``'additive'``, ``'synergy'``, ``'buffering'`` per combo),
+        (bool per combo: non-additive), ``interaction_kind`` (``'additive'``, ``'synergy'``, ``'buffering'`` per
+        combo; mechanistic: ``'additive'``, ``'saturation'``, ``'and_gate'``, ``'cascade'``),
         ``cell_types``, ``program_loadings`` (``n_programs x n_genes``), ``single_effects``
         (``n_perturbations x n_programs``), ``target_knockdown`` (per single), ``combo_interaction``
         (``n_combos x n_programs``), ``cell_type_response`` (``n_types x n_programs x n_programs``),
@@ -317,7 +665,17 @@ def simulate(
         given; ``gene_graph`` with ``effects="target_programs"``: the ground-truth gene-gene graph in GEARS' format
         (``source``, ``target``, ``importance`` arrays: Jaccard index of the sets of programs loading two genes,
         for every pair of genes sharing one; ``pd.DataFrame(uns['vcell_simulation']['gene_graph'])``);
-        ``responder_fraction``; ``params`` (the arguments). With ``protein=True`` the protein ground truth
+        ``responder_fraction``; ``params`` (the arguments). Mechanistic: ``single_effects`` are the singles'
+        saturated program activities ``a`` at full effect, ``combo_interaction`` is ``a_AB - a_A - a_B`` (program
+        level; the gates act on genes), and ``mechanistic`` holds the structure: ``mechanisms`` (the names),
+        ``flags`` (``n_combos x 3`` bool: saturation, AND gate, cascade make the double non-additive),
+        ``program_capacity``, ``program_direction``, ``direct_effects`` (raw inputs, ``n_perturbations x
+        n_programs``; zero for upstream perturbations), ``cascade_upstream``, ``cascade_regulator``,
+        ``cascade_strength`` (one entry per upstream perturbation), ``gate_programs`` (``n_gates x 2``),
+        ``gate_loadings`` (``n_gates x n_genes``), ``gate_threshold``, ``gate_hill`` and ``network``, the whole
+        regulatory network as an edge list (``source``, ``target``, ``kind``, ``weight``; kinds ``'effect'``
+        perturbed gene -> ``programK``, ``'loading'`` program -> gene, ``'gate_input'`` program -> ``gateJ``,
+        ``'gate'`` gate -> gene, ``'cascade'`` upstream perturbed gene -> regulator gene). With ``protein=True`` the protein ground truth
         (``program_loadings``, ``baseline_log_mean``, ``true_log_mean``, ``true_log_mean_labels``,
         ``dispersion``) is in ``mdata['prot'].uns['vcell_simulation']``, and ``mdata.obs`` and ``mdata.uns``
         hold copies of the RNA ``obs`` columns and ground truth.
@@ -334,6 +692,7 @@ def simulate(
     if effects not in ("random", "target_programs"):
         msg = f"effects must be 'random' or 'target_programs', got {effects!r}"
         raise ValueError(msg)
+    mix = _validate_interactions(interactions, mechanism_mix)
     is_number = isinstance(responder_fraction, int | float | np.number) and not isinstance(responder_fraction, bool)
     if not is_number or not 0.0 < responder_fraction <= 1.0:  # the comparison also rejects NaN
         msg = (
@@ -379,6 +738,10 @@ def simulate(
         direction = rng.choice([-1.0, 1.0], size=k)
         size = rng.uniform(_EFFECT_LOW, _EFFECT_HIGH, size=(n_perturbations, k))
         E = np.where(loaded[:, target_idx].T, direction[None, :] * size, 0.0)
+    elif interactions == "mechanistic":  # every program moves one way, so shared programs saturate
+        target_idx = np.sort(rng.choice(pool, size=n_perturbations, replace=False))
+        direction = rng.choice([-1.0, 1.0], size=k)
+        E = _directed_effects(rng, n_perturbations, direction)
     else:
         target_idx = np.sort(rng.choice(pool, size=n_perturbations, replace=False))
         E = np.array([_program_effect(rng, k) for _ in range(n_perturbations)]).reshape(n_perturbations, k)
@@ -393,50 +756,79 @@ def simulate(
         M[t] = np.diag(gains) @ (0.7 * np.eye(k) + 0.3 * Q)
 
     # combinations
-    pairs = list(combinations(range(n_perturbations), 2))
-    chosen = sorted(rng.choice(len(pairs), size=n_combos, replace=False).tolist()) if n_combos else []
-    combo_pairs = [pairs[i] for i in chosen]
-    combos = [COMBO_SEP.join((perts[i], perts[j])) for i, j in combo_pairs]
     n_epi = round(frac_epistatic * n_combos)
-    epistatic = np.zeros(n_combos, dtype=bool)
-    if n_epi:
-        epistatic[rng.choice(n_combos, size=n_epi, replace=False)] = True
-    interaction = np.zeros((n_combos, k))
-    kind = ["additive"] * n_combos
-    for c, (i, j) in enumerate(combo_pairs):
-        if epistatic[c]:
-            sign = 1.0 if rng.random() < 0.5 else -1.0
-            shared = sign * rng.uniform(_INT_LOW, _INT_HIGH) * (E[i] + E[j])
-            interaction[c] = shared + _INT_RANDOM * _program_effect(rng, k)
-            kind[c] = "synergy" if sign > 0 else "buffering"
-
-    # dose response
-    if dose_arr is not None:
-        lo, hi = np.log(dose_arr[0]), np.log(dose_arr[-1])
-        if hi - lo < 1e-8:
-            lo, hi = lo - 1.0, hi + 1.0
-        ec50 = np.exp(rng.uniform(lo, hi, size=n_perturbations))
-        hill_n = rng.uniform(1.0, 3.0, size=n_perturbations)
-        single_doses = dose_arr
+    mech = None
+    if interactions == "mechanistic":
+        ec50, hill_n, single_doses = _dose_response(rng, dose_arr, n_perturbations)
+        at_one = np.ones(n_perturbations) if ec50 is None else _hill(1.0, ec50, hill_n)
+        for attempt in range(_ATTEMPTS):  # a layout short of some kind of double is drawn again
+            if attempt and effects == "random":
+                E = _directed_effects(rng, n_perturbations, direction)
+            mech = _Mechanisms(E, direction, np.ones(k), knockdown, target_idx, n_genes)
+            try:
+                combo_pairs, mech_flags = _build_mechanisms(
+                    rng,
+                    mech,
+                    counts=_mechanism_counts(n_epi, mix),
+                    n_additive=n_combos - n_epi,
+                    scale=at_one,
+                    loadings=W,
+                    grow_programs=effects == "random",
+                )
+                break
+            except _ShortOfDoubles as err:
+                short = err
+        else:
+            msg = f"{short} (no layout in {_ATTEMPTS} draws)"
+            raise ValueError(msg)
+        epistatic = mech_flags.any(1)
+        kind = _kinds(mech_flags).tolist()
+        interaction = np.zeros((n_combos, k))
+        for c, (i, j) in enumerate(combo_pairs):
+            both = mech.condition({i: at_one[i], j: at_one[j]})[0]
+            interaction[c] = both - mech.condition({i: at_one[i]})[0] - mech.condition({j: at_one[j]})[0]
     else:
-        ec50 = hill_n = None
-        single_doses = np.array([1.0])
+        pairs = list(combinations(range(n_perturbations), 2))
+        chosen = sorted(rng.choice(len(pairs), size=n_combos, replace=False).tolist()) if n_combos else []
+        combo_pairs = [pairs[i] for i in chosen]
+        epistatic = np.zeros(n_combos, dtype=bool)
+        if n_epi:
+            epistatic[rng.choice(n_combos, size=n_epi, replace=False)] = True
+        interaction = np.zeros((n_combos, k))
+        kind = ["additive"] * n_combos
+        for c, (i, j) in enumerate(combo_pairs):
+            if epistatic[c]:
+                sign = 1.0 if rng.random() < 0.5 else -1.0
+                shared = sign * rng.uniform(_INT_LOW, _INT_HIGH) * (E[i] + E[j])
+                interaction[c] = shared + _INT_RANDOM * _program_effect(rng, k)
+                kind[c] = "synergy" if sign > 0 else "buffering"
+        ec50, hill_n, single_doses = _dose_response(rng, dose_arr, n_perturbations)
+    combos = [COMBO_SEP.join((perts[i], perts[j])) for i, j in combo_pairs]
 
     def scale(p: int, dose: float) -> float:
         return 1.0 if ec50 is None else float(_hill(dose, ec50[p], hill_n[p]))
 
-    # conditions: (label, dose, program effect, per-gene knock-down vector)
+    # conditions: (label, dose, program effect, per-gene offset subtracted from the log-mean: knock-down - gates)
     conditions: list[tuple[str, float, np.ndarray, np.ndarray]] = [(CONTROL, 0.0, np.zeros(k), np.zeros(n_genes))]
-    for p in range(n_perturbations):
-        for d in single_doses:
+    if mech is not None:
+        for p in range(n_perturbations):
+            for d in single_doses:
+                activity, gate, kd = mech.condition({p: scale(p, d)})
+                conditions.append((perts[p], float(d), activity, kd - gate))
+        for i, j in combo_pairs:
+            activity, gate, kd = mech.condition({i: scale(i, 1.0), j: scale(j, 1.0)})
+            conditions.append((COMBO_SEP.join((perts[i], perts[j])), 1.0, activity, kd - gate))
+    else:
+        for p in range(n_perturbations):
+            for d in single_doses:
+                kd = np.zeros(n_genes)
+                kd[target_idx[p]] = knockdown[p] * scale(p, d)
+                conditions.append((perts[p], float(d), scale(p, d) * E[p], kd))
+        for c, (i, j) in enumerate(combo_pairs):
             kd = np.zeros(n_genes)
-            kd[target_idx[p]] = knockdown[p] * scale(p, d)
-            conditions.append((perts[p], float(d), scale(p, d) * E[p], kd))
-    for c, (i, j) in enumerate(combo_pairs):
-        kd = np.zeros(n_genes)
-        kd[target_idx[i]] = knockdown[i] * scale(i, 1.0)
-        kd[target_idx[j]] = knockdown[j] * scale(j, 1.0)
-        conditions.append((combos[c], 1.0, scale(i, 1.0) * E[i] + scale(j, 1.0) * E[j] + interaction[c], kd))
+            kd[target_idx[i]] = knockdown[i] * scale(i, 1.0)
+            kd[target_idx[j]] = knockdown[j] * scale(j, 1.0)
+            conditions.append((combos[c], 1.0, scale(i, 1.0) * E[i] + scale(j, 1.0) * E[j] + interaction[c], kd))
     n_cond = len(conditions)
 
     # true log-means per condition x cell type (program state noise contributes exp(sd^2 |W_g|^2 / 2) to the mean)
@@ -500,6 +892,9 @@ def simulate(
         return f"{name}|{type_names[t]}" if dose_arr is None else f"{name}@{d:g}|{type_names[t]}"
 
     rows = [(c, t) for c in range(n_cond) for t in range(n_types)]
+    single_effects = E  # mechanistic: the singles' saturated activities
+    if mech is not None:
+        single_effects = np.array([mech.condition({p: 1.0})[0] for p in range(n_perturbations)]).reshape(E.shape)
     truth: dict = {
         "perturbations": perts,
         "combos": combos,
@@ -507,7 +902,7 @@ def simulate(
         "interaction_kind": kind,
         "cell_types": type_names,
         "program_loadings": W,
-        "single_effects": E,
+        "single_effects": single_effects,
         "target_knockdown": knockdown,
         "combo_interaction": interaction,
         "cell_type_response": M,
@@ -541,6 +936,24 @@ def simulate(
     if effects == "target_programs":
         truth["gene_graph"] = _program_graph(W, genes)
     truth["params"]["effects"] = effects
+    if mech is not None:
+        truth["params"]["interactions"] = interactions
+        truth["params"]["mechanism_mix"] = {m: float(mix[m]) for m in _MECHANISMS}
+        truth["mechanistic"] = {
+            "mechanisms": list(_MECHANISMS),
+            "flags": mech_flags.reshape(n_combos, len(_MECHANISMS)),
+            "program_capacity": mech.capacity,
+            "program_direction": direction,
+            "direct_effects": mech.direct,
+            "cascade_upstream": [perts[i] for i in np.flatnonzero(mech.regulator_of >= 0)],
+            "cascade_regulator": [perts[mech.regulator_of[i]] for i in np.flatnonzero(mech.regulator_of >= 0)],
+            "cascade_strength": mech.strength[mech.regulator_of >= 0],
+            "gate_programs": mech.gate_programs.astype(np.int64),
+            "gate_loadings": mech.gate_loadings,
+            "gate_threshold": _GATE_K,
+            "gate_hill": _GATE_N,
+            "network": _mechanistic_network(mech, W, genes, perts),
+        }
     adata.uns["vcell_simulation"] = truth
     if not protein:
         return adata
