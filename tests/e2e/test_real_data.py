@@ -30,7 +30,7 @@ def test_kang_cd4t_additive_beats_control(kang_path):
         )
         model = vcell.model.Baseline(t, method=method)
         model.train()
-        pred = model.predict(t, perturbation="IFNb", controls=cd4_ctrl)
+        pred = model.predict(t, perturbation="IFNb", controls=cd4_ctrl, space="log1p_cp10k")  # the truth's space
         assert pred.shape == (cd4_ctrl.sum(), adata.n_vars)
         scores[method] = (
             vcell.metrics.pearson_delta(pred, true, ctrl.mean(0)),
