@@ -29,7 +29,10 @@ Rows (each repeated ``--repeats`` times, interleaved: row 1..k, then again; ever
   collection is one dataset): annbatch's preshuffle with vcell's reader;
 * ``annbatch``: ``annbatch.Loader(batch_size, chunk_size=--annbatch-chunk-size, preload_nchunks=--annbatch-preload,
   shuffle=True, to="torch", return_index=True, preload_to_gpu=False)`` over the collection, zarrs codec pipeline (as
-  annbatch recommends on local disks), ``X`` only (``load_adata`` reads ``X`` as a ``sparse_dataset``);
+  annbatch recommends on local disks), ``X`` only (``load_adata`` reads ``X`` as a ``sparse_dataset``); its sparse
+  torch CSR batches densified with ``Tensor.to_dense()`` (annbatch's README densifies on the GPU: on a CPU, torch's
+  CSR-to-dense conversion is most of the loop);
+* ``annbatch/scipy``: the same with ``to=None`` (SciPy CSR batches) densified by SciPy (``toarray()``): the CPU path;
 * ``sketch/h5ad/window`` (not a vcell API: a measurement of a possible change): vcell's block order (blocks of
   ``batch_size`` consecutive cells permuted, windows of 32 blocks), but each window read once as 32 contiguous
   slices of the backed h5ad, permuted in memory and split into batches (what annbatch does with its preloaded
@@ -83,6 +86,7 @@ ROWS = (
     "vcell/zarr/full",
     "vcell/preshuffled/block",
     "annbatch",
+    "annbatch/scipy",
     "scvi/h5ad/full",
     "sketch/h5ad/window",
 )
@@ -187,6 +191,7 @@ def _open(spec: dict) -> tuple[Any, Any]:
             msg = f"skipped: annbatch not importable in {sys.executable} ({err})"
             raise _Skip(msg) from None
         import anndata as ad
+        import torch
         import zarr
 
         zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
@@ -197,7 +202,7 @@ def _open(spec: dict) -> tuple[Any, Any]:
             preload_nchunks=spec["annbatch_preload"],
             shuffle=True,
             rng=np.random.default_rng(spec["seed"]),
-            to="torch",
+            to=None if storage == "scipy" else "torch",
             return_index=True,
             preload_to_gpu=False,
         )
@@ -205,6 +210,8 @@ def _open(spec: dict) -> tuple[Any, Any]:
             annbatch.DatasetCollection(paths["collection"], mode="r"),
             load_adata=lambda g: ad.AnnData(X=ad.io.sparse_dataset(g["X"])),
         )
+        if storage == "scipy":  # scipy CSR batches, densified by scipy
+            return loader, lambda b: (torch.from_numpy(b["X"].toarray()), perm[b["index"]])
         return loader, lambda b: (b["X"].to_dense(), perm[b["index"]])
     if loader_kind == "sketch":
         import anndata as ad
@@ -278,6 +285,7 @@ def _mix(batches: list, n: int, batch_size: int) -> float:
 
 
 def child_loader(spec: dict, out: dict) -> None:
+    """One row: build its loader, iterate it, and fill ``out`` with the timings and shuffle measures."""
     import numpy as np
     import torch
 
@@ -400,6 +408,7 @@ def _du(path: Path) -> int:
 
 
 def child_main(spec: dict) -> None:
+    """A child process: one row or one preparation step; prints ``RESULT <json>``."""
     out: dict[str, Any] = {"status": "ok"}
     try:
         import logging
@@ -463,6 +472,7 @@ def warm(paths: list[Path]) -> None:
 
 
 def base_spec(args: argparse.Namespace, path: Path) -> dict:
+    """What every child of ``path`` needs from the command line."""
     return {
         "path": str(path),
         "cache": args.cache,
@@ -500,10 +510,11 @@ def prepare(args: argparse.Namespace, path: Path, n_obs: int) -> list[dict]:
 
 
 def _wants_annbatch(args: argparse.Namespace) -> bool:
-    return any(r in ("annbatch", "vcell/preshuffled/block") for r in args.rows)
+    return any(r.startswith("annbatch") or r == "vcell/preshuffled/block" for r in args.rows)
 
 
 def run_all(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Prepare every file, then run the rows, ``--repeats`` times interleaved; returns ``(runs, preparations)``."""
     import h5py
 
     runs, preps = [], []
@@ -542,7 +553,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 def _range(values, fmt: str) -> str:
     import numpy as np
 
-    v = np.asarray([x for x in values if x == x], dtype=float)
+    v = np.asarray([x for x in values if x == x], dtype=float)  # NaN != NaN
     if not len(v):
         return ""
     med = fmt.format(np.median(v))
@@ -550,6 +561,7 @@ def _range(values, fmt: str) -> str:
 
 
 def summary(runs: list[dict]):
+    """One line per (cells, row): medians and ranges over the repeats that ran."""
     import pandas as pd
 
     df = pd.DataFrame(runs)
@@ -558,7 +570,7 @@ def summary(runs: list[dict]):
     rows = []
     for (cells, row), g in df.groupby(["cells", "row"], sort=False):
         ok = g[g["status"] == "ok"]
-        if ok.empty:
+        if ok.empty:  # every repeat says the same (a skip) or the first failure
             rows.append({"cells": cells, "loader": row, "status": g["status"].iloc[0]})
             continue
         first = ok.iloc[0]
@@ -573,16 +585,19 @@ def summary(runs: list[dict]):
                 "peak RSS GB": _range(ok["peak_rss_gb"], "{:.2f}"),
                 "import RSS GB": _range(ok["import_rss_gb"], "{:.2f}"),
                 "setup s": _range(ok["setup_s"], "{:.2f}"),
-                "|r|": f"{ok['abs_r'].median():.3f}",
+                "drift": f"{ok['abs_r'].median():.3f}",
                 "mix": f"{ok['mix'].median():.2f}",
                 "sum ok": "yes" if ok["sum_ok"].all() else "NO",
                 "status": "ok" if len(ok) == len(g) else f"{len(ok)}/{len(g)} ok",
             }
         )
-    return pd.DataFrame(rows).fillna("")
+    cols = ["cells", "loader", "batches", "cells/s", "cells/CPU-s", "peak RSS GB", "import RSS GB", "setup s"]
+    cols += ["drift", "mix", "sum ok", "status"]
+    return pd.DataFrame(rows).reindex(columns=cols).fillna("")
 
 
 def prep_table(preps: list[dict]):
+    """One line per preparation step."""
     import pandas as pd
 
     rows = [
@@ -593,7 +608,7 @@ def prep_table(preps: list[dict]):
             "time s": f"{p['prep_s']:.1f}" if "prep_s" in p else "",
             "peak RSS GB": f"{p['peak_rss_gb']:.2f}" if "peak_rss_gb" in p else "",
             "on disk GB": f"{p['disk_gb']:.3f}" if "disk_gb" in p else "",
-            "datasets": str(p.get("datasets", "")),
+            "datasets": f"{int(p['datasets'])}" if p.get("datasets", float("nan")) == p.get("datasets") else "",
             "measured": "earlier run (cached)" if p.get("cached") else "this run",
         }
         for p in preps
@@ -602,6 +617,7 @@ def prep_table(preps: list[dict]):
 
 
 def markdown(df) -> str:
+    """A pipe table of ``df`` (strings, no tabulate needed)."""
     cols = list(df.columns)
     cells = [[str(v) for v in row] for row in df.itertuples(index=False)]
     width = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
@@ -614,6 +630,7 @@ def markdown(df) -> str:
 
 
 def machine() -> str:
+    """CPU model, cores, memory and Python version."""
     cpu = ""
     try:
         cpu = next(
@@ -628,6 +645,7 @@ def machine() -> str:
 
 
 def versions() -> str:
+    """Versions of the packages the rows use."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
@@ -640,28 +658,52 @@ def versions() -> str:
 
 
 def report(runs: list[dict], preps: list[dict], args: argparse.Namespace, total_s: float) -> None:
+    """Print the tables; write every run (csv), the preparation (csv), the run's context (json) and the tables (md)."""
     import pandas as pd
 
-    table, prep = markdown(summary(runs)), markdown(prep_table(preps))
-    print("\n" + table + "\n\n" + prep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "_".join(f"{int(r['cells']) // 1000}k" for r in {r["cells"]: r for r in runs}.values())
     pd.DataFrame(runs).to_csv(out / f"loaders_{tag}.csv", index=False)
     pd.DataFrame(preps).to_csv(out / f"loaders_{tag}_prep.csv", index=False)
-    cmd = " ".join(["python", "benchmarks/loaders.py", *sys.argv[1:]])
+    meta = {
+        "command": " ".join(["python", "benchmarks/loaders.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "versions": versions(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "total_min": round(total_s / 60, 1),
+        "annbatch": f"chunk_size={args.annbatch_chunk_size}, preload_nchunks={args.annbatch_preload}, "
+        f"collection dataset_size={args.annbatch_dataset_size}",
+    }
+    (out / f"loaders_{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_markdown(out, tag)
+
+
+def write_markdown(out: Path, tag: str) -> None:
+    """``loaders_<tag>.md`` from ``loaders_<tag>.csv``, ``_prep.csv`` and ``.json`` (also: ``--markdown TAG``)."""
+    import pandas as pd
+
+    runs = pd.read_csv(out / f"loaders_{tag}.csv").to_dict("records")
+    prep_csv = out / f"loaders_{tag}_prep.csv"
+    preps = pd.read_csv(prep_csv).to_dict("records") if prep_csv.stat().st_size > 1 else []
+    meta = json.loads((out / f"loaders_{tag}.json").read_text())
+    table, prep = markdown(summary(runs)), markdown(prep_table(preps))
+    print("\n" + table + "\n\n" + prep)
     md = [
         f"# Out-of-core loaders ({tag})",
         "",
-        f"`{cmd}`: {time.strftime('%Y-%m-%d %H:%M')}, {machine()}, {args.threads} threads, {args.repeats} "
-        f"repeat(s) per row (interleaved, each a fresh process; median [min-max]), total {total_s / 60:.1f} min. "
-        f"{versions()}. annbatch: chunk_size={args.annbatch_chunk_size}, preload_nchunks={args.annbatch_preload}, "
-        f"collection dataset_size={args.annbatch_dataset_size}. Files read once before the rows (warm page cache).",
+        f"`{meta['command']}`: {meta['date']}, {meta['machine']}, {meta['threads']} threads, {meta['repeats']} "
+        f"repeat(s) per row (interleaved, each a fresh process; median [min-max]), total {meta['total_min']} min. "
+        f"{meta['versions']}. annbatch: {meta['annbatch']}. Files read once before the rows (warm page cache).",
         "",
         table,
         "",
-        "Columns: see the docstring of `benchmarks/loaders.py` (`|r|`: |correlation| of batch number and file row, "
-        "0 = no drift; `mix`: distinct 1,000-row file segments per batch over a random batch's, 1 = full shuffle).",
+        "Columns (see the docstring of `benchmarks/loaders.py`): `drift`, the absolute correlation of batch number and "
+        "file row over all yielded cells (0: no drift through the file, 1: sequential); `mix`, distinct 1,000-row "
+        "file segments per batch over their expectation for a random batch (1: as mixed as full shuffling); `sum ok`, "
+        "the yielded values sum to the row sums of the reported cells.",
         "",
         "## Preparation",
         "",
@@ -669,10 +711,11 @@ def report(runs: list[dict], preps: list[dict], args: argparse.Namespace, total_
         "",
     ]
     (out / f"loaders_{tag}.md").write_text("\n".join(md), encoding="utf-8")
-    print(f"\nwrote {out / f'loaders_{tag}.md'} and .csv")
+    print(f"\nwrote {out / f'loaders_{tag}.md'} (and .csv, _prep.csv, .json)")
 
 
 def main() -> None:
+    """Command line (see the module docstring)."""
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child_main(json.loads(sys.argv[2]))
         return
@@ -700,7 +743,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loaders"))
     parser.add_argument("--tag", default="", help="output file suffix (default: the sizes)")
     parser.add_argument("--quick", action="store_true", help="10k cells, 50 batches, 1 repeat")
+    parser.add_argument("--markdown", metavar="TAG", help="only rewrite <out>/loaders_TAG.md from its csv and json")
     args = parser.parse_args()
+    if args.markdown:
+        write_markdown(Path(args.out), args.markdown)
+        return
     bad = sorted(set(args.rows) - set(ROWS))
     if bad:
         parser.error(f"unknown --rows {bad}; expected some of {list(ROWS)}")
