@@ -172,3 +172,19 @@ def test_take_rows() -> None:
     t = torch.arange(10.0)
     np.testing.assert_array_equal(take_rows(t, np.array([3, 1])).numpy(), [3.0, 1.0])
     np.testing.assert_array_equal(take_rows(np.arange(5), np.array([4])).numpy(), [4])
+
+
+def test_row_reader_gives_a_csr_one_index_type_without_copying_values():
+    """anndata's CSR (int64 indptr, int32 indices) is read through one index type: same rows, values shared."""
+    from vcell.data import RowReader
+
+    X = sparse.random(300, 40, density=0.3, format="csr", dtype=np.float32, random_state=0)
+    X.indptr = X.indptr.astype(np.int64)
+    assert X.indices.dtype == np.int32
+    reader = RowReader(X)
+    assert reader.X.indptr.dtype == reader.X.indices.dtype == np.int32
+    assert reader.X.data is X.data
+    assert reader.X.indices is X.indices
+    assert X.indptr.dtype == np.int64  # the user's matrix is left as it was
+    idx = np.random.default_rng(1).integers(0, 300, 64)
+    np.testing.assert_array_equal(reader(idx), X[idx].toarray())

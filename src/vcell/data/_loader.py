@@ -46,6 +46,20 @@ class Pairs:
         return len(self.targets)
 
 
+def _one_index_dtype(X: sparse.csr_matrix) -> sparse.csr_matrix:
+    """``X``, or a CSR sharing its values and column indices with ``indptr`` cast to the indices' type.
+
+    anndata reads a CSR with int64 ``indptr`` and int32 ``indices``; with mixed index types SciPy copies the whole
+    ``indices`` array on every row selection (measured: about 10x slower batches, ``benchmarks/loaders.py``). Only
+    ``indptr`` (one value per row) is copied, and only when the stored values fit the indices' type.
+    """
+    if X.indptr.dtype == X.indices.dtype or X.nnz >= np.iinfo(X.indices.dtype).max:
+        return X
+    out = sparse.csr_matrix(X.shape, dtype=X.dtype)  # empty; then the shared arrays and the cast indptr
+    out.data, out.indices, out.indptr = X.data, X.indices, X.indptr.astype(X.indices.dtype)
+    return out
+
+
 class RowReader:
     """Dense float32 rows of a cells x genes matrix, read on demand (nothing is densified whole).
 
@@ -77,6 +91,8 @@ class RowReader:
             kind = _source_kind(X)
             if kind == "sparse" and X.format != "csr":
                 X = sparse.csr_matrix(X)
+            if kind == "sparse":
+                X = _one_index_dtype(X)
             elif kind == "dense" and isinstance(X, np.matrix):
                 X = np.asarray(X)
             self.kind, self.X = kind, X
