@@ -1,22 +1,30 @@
 """Training throughput of vcell's CausalVAE vs scvi-tools' SCVI at equal sizes, on CPU (and GPU when present).
 
 Both models train on the same data with the same latent size, hidden width, number of hidden layers and batch size,
-for a fixed number of epochs (no early stopping), each holding out 10% of the cells for a validation pass per epoch
-(the defaults of both). Throughput = training cells x epochs / wall time of ``model.train()`` (set-up, validation and
-Lightning included, i.e. what a user waits for). The models run alternately ``--repeats`` times; the table gives the
-median (and best) of each, and the median CPU time (``cpu_s``, all threads; on a shared machine at one thread the
-figure least disturbed by other processes).
+for a fixed number of epochs (no early stopping), each holding out 10% of the cells, with the same likelihood
+(``--scvi-likelihood nb``, the default: CausalVAE's negative binomial; ``zinb`` is scvi-tools' own default).
+``--validation both`` (default): both run a validation pass every epoch. CausalVAE always does (validation ELBO and
+the counterfactual score early stopping watches); SCVI does only with early stopping, so it is given
+``check_val_every_n_epoch=1``. ``--validation none``: neither validates (CausalVAE with Lightning's
+``limit_val_batches=0``). Throughput = training cells x epochs / wall time of ``model.train()`` (set-up, validation and
+Lightning included, i.e. what a user waits for). Each repeat runs SCVI, then CausalVAE, so the two are measured
+under about the same load; the table gives the median (and best) of each and the median CPU time (``cpu_s``, all
+threads), and the last lines the ratio of every repeat's pair (wall-clock and CPU time) with its median and range.
+On a shared machine the CPU-time ratio at one thread is the figure least disturbed by other processes.
 
 Data: ``--data simulated`` (default; ``vcell.datasets.simulate``, ``--cells`` x ``--genes``, dense counts: ~1% zeros)
 or ``--data kang`` (the real Kang 2018 PBMC counts from ``../shared/data``, 1,975 cells x 6,998 genes, 95% zeros).
 
 FLOPs per cell are counted from the layer sizes: 2 x inputs x outputs per linear layer for the forward pass, as much
 again for the weight gradients, and again for the input gradients except in the first layer (whose input is data).
+SCVI computes its dropout head (a second gene-wide output layer) for every likelihood, but with ``nb`` nothing
+depends on it, so it runs forward only.
 The CPU's peak is measured with a 4096 x 4096 float32 matmul in torch with the same number of threads.
 ``--pure`` also times CausalVAE's module alone (forward, loss, backward, AdamW step in a plain loop over the same
 batches, no Lightning, validation or set-up): the ceiling the ``train()`` loop can approach.
 
-Usage: ``python benchmarks/causal_vae_speed.py [--threads 2] [--epochs 5] [--repeats 3] [--data simulated|kang]``
+Usage: ``python benchmarks/causal_vae_speed.py [--threads 2] [--epochs 5] [--repeats 3] [--data simulated|kang]
+[--validation both|none] [--scvi-likelihood nb|zinb] [--pure]``
 """
 
 from __future__ import annotations
@@ -59,9 +67,12 @@ def flops_causal_vae(G: int, H: int, L: int, n_adv_classes: list[int]) -> float:
     return linear_flops(layers)
 
 
-def flops_scvi(G: int, H: int, L: int) -> float:
+def flops_scvi(G: int, H: int, L: int, likelihood: str = "zinb") -> float:
     """Encoder G -> H -> (mean, var); decoder L -> H -> (scale, dropout logits), both G wide (scvi-tools computes the
-    dropout head for every likelihood); the library-size encoder does not run with the observed library size."""
+    dropout head for every likelihood; with ``nb`` the loss does not use it: forward only, 2 H G); the library-size
+    encoder does not run with the observed library size."""
+    if likelihood == "nb":
+        return linear_flops([(G, H), (H, L), (H, L), (L, H), (H, G)]) + 2.0 * H * G
     return linear_flops([(G, H), (H, L), (H, L), (L, H), (H, G), (H, G)])
 
 
@@ -94,9 +105,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each model (median reported)")
     parser.add_argument(
         "--scvi-likelihood",
-        default="zinb",
+        default="nb",
         choices=["zinb", "nb"],
-        help="SCVI's gene_likelihood (scvi-tools' default: zinb; CausalVAE's default is nb)",
+        help="SCVI's gene_likelihood (default nb: CausalVAE's likelihood; scvi-tools' own default is zinb)",
+    )
+    parser.add_argument(
+        "--validation",
+        default="both",
+        choices=["both", "none"],
+        help="both: a validation pass every epoch for both models (SCVI with check_val_every_n_epoch=1); none: neither",
     )
     parser.add_argument("--pure", action="store_true", help="also time CausalVAE's module in a plain torch loop")
     args = parser.parse_args()
@@ -121,7 +138,7 @@ def main() -> None:
         f"{args.data}: {adata.n_obs} cells x {G} genes ({100 * nonzero:.1f}% nonzero), n_hidden={H}, n_latent={L}, "
         f"1 hidden layer, batch {B}, {args.epochs} epochs, torch threads={torch.get_num_threads()}, "
         f"accelerator={args.accelerator}, SCVI gene_likelihood={args.scvi_likelihood!r}, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"validation={args.validation}, load average {os.getloadavg()[0]:.1f}"
     )
 
     def run_scvi() -> tuple[float, float]:
@@ -137,6 +154,7 @@ def main() -> None:
             early_stopping=False,
             train_size=0.9,
             enable_progress_bar=False,
+            **({"check_val_every_n_epoch": 1} if args.validation == "both" else {}),
         )
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -154,7 +172,10 @@ def main() -> None:
             devices=1,
             early_stopping=False,
             seed=0,
-            trainer_kwargs={"enable_progress_bar": False},
+            trainer_kwargs={
+                "enable_progress_bar": False,
+                **({"limit_val_batches": 0} if args.validation == "none" else {}),
+            },
         )
         return time.perf_counter() - t0, time.process_time() - c0, m
 
@@ -169,7 +190,7 @@ def main() -> None:
         times["CausalVAE"].append(dt)
         cpu["CausalVAE"].append(dc)
     n_classes = [len(model._conditions()), *(len(c) for c in model._categories)]
-    flops = {"SCVI": flops_scvi(G, H, L), "CausalVAE": flops_causal_vae(G, H, L, n_classes)}
+    flops = {"SCVI": flops_scvi(G, H, L, args.scvi_likelihood), "CausalVAE": flops_causal_vae(G, H, L, n_classes)}
     rates = {k: n_train * args.epochs / float(np.median(v)) for k, v in times.items()}
     peak = matmul_peak_gflops() if args.accelerator == "cpu" else np.nan
     if args.pure:
@@ -192,6 +213,14 @@ def main() -> None:
         f"CausalVAE / SCVI cells/s (medians): {rates['CausalVAE'] / rates['SCVI']:.2f}x wall-clock, "
         f"{cpu_ratio:.2f}x per CPU second"
     )
+    # each repeat runs SCVI then CausalVAE back to back: their ratio is measured under (about) the same load
+    paired = np.array(times["SCVI"][: args.repeats]) / np.array(times["CausalVAE"][: args.repeats])
+    paired_cpu = np.array(cpu["SCVI"][: args.repeats]) / np.array(cpu["CausalVAE"][: args.repeats])
+    print(
+        f"paired ratio per repeat (wall): {' '.join(f'{r:.2f}' for r in paired)}; median {np.median(paired):.2f}x, "
+        f"range {paired.min():.2f}-{paired.max():.2f}; per CPU second: median {np.median(paired_cpu):.2f}x, "
+        f"range {paired_cpu.min():.2f}-{paired_cpu.max():.2f}"
+    )
     if args.accelerator == "cpu":
         print(f"CPU matmul peak ({torch.get_num_threads()} threads, 4096^2 float32): {peak:.1f} GFLOP/s")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
@@ -202,7 +231,7 @@ def pure_loop_rate(model, batch_size: int, n_steps: int = 60) -> tuple[float, fl
     backward, fused AdamW step)."""
     import torch
 
-    from vcell.model._causal_vae import _rows
+    from vcell.data import take_rows
     from vcell.train._plan import _adamw_impl
 
     tensors = model._training_tensors(model.adata)
@@ -210,7 +239,7 @@ def pure_loop_rate(model, batch_size: int, n_steps: int = 60) -> tuple[float, fl
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, **_adamw_impl(module))
     rng = np.random.default_rng(0)
     batches = [
-        {k: _rows(v, np.sort(rng.choice(model.adata.n_obs, batch_size, replace=False))) for k, v in tensors.items()}
+        {k: take_rows(v, np.sort(rng.choice(model.adata.n_obs, batch_size, replace=False))) for k, v in tensors.items()}
         for _ in range(20)
     ]
 
