@@ -627,18 +627,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             out.append({"x": x, "p": p, "z0": z0, "cov": cov})
         return out
 
-    def _transport(
-        self,
-        source: dict[str, Any],
-        target: np.ndarray,
-        nodes: np.ndarray,
-        time: float | None,
-        *,
-        n_steps: int,
-        solver: str,
-        path: bool = False,
+    def _condition(
+        self, source: dict[str, Any], target: np.ndarray, nodes: np.ndarray, time: float | None
     ) -> torch.Tensor:
-        """Endpoints (all states with ``path``) of the flow of one chunk of :meth:`_flow_sources` under ``target``."""
+        """Condition vectors of the cells of one chunk of :meth:`_flow_sources` under ``target`` (an encoding)."""
         m = self.module
         n = len(source["z0"])
         device = source["z0"].device
@@ -652,7 +644,22 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             batch[TIME_COVARIATE_KEY] = torch.full((n,), float(time))
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            return m.transport(source["z0"], m.condition(batch), n_steps=int(n_steps), solver=solver, path=path)
+            return m.condition(batch)
+
+    def _transport(
+        self,
+        source: dict[str, Any],
+        target: np.ndarray,
+        nodes: np.ndarray,
+        time: float | None,
+        *,
+        n_steps: int,
+        solver: str,
+        path: bool = False,
+    ) -> torch.Tensor:
+        """Endpoints (all states with ``path``) of the flow of one chunk of :meth:`_flow_sources` under ``target``."""
+        c = self._condition(source, target, nodes, time)
+        return self.module.transport(source["z0"], c, n_steps=int(n_steps), solver=solver, path=path)
 
     def _flow(
         self,
@@ -716,7 +723,8 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         residual
             Add the decoded displacement to each cell's own expression (``None``: the model's ``residual``).
         batch_size
-            Cells per forward pass.
+            Cells per forward pass (rows of cells x perturbations: :func:`vcell.tl.predict_perturbation` integrates
+            the flows of as many perturbations of the same cells together as fit).
         modality
             ``"rna"`` (genes, log1p(CP10k)) or, for a model set up with ``protein_modality=``, ``"prot"``: proteins
             in log1p(counts per 1e4 of the protein library), decoded from the same flow (see the class docstring).
@@ -748,7 +756,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """Predictions of cells ``idx`` per modality in ``modalities`` (one flow for all), float32, clipped at 0."""
         targets = [(str(perturbation), *self._encode_query([str(perturbation)], float(dose)))]
         sources = self._flow_sources(adata, idx, batch_size)
-        return next(self._flows(sources, targets, time, n_steps, solver, residual, modalities))[1]
+        return next(self._flows(sources, targets, time, n_steps, solver, residual, modalities, batch_size))[1]
 
     def _flows(
         self,
@@ -759,30 +767,52 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         solver: str,
         residual: bool | None,
         modalities: Sequence[str],
+        batch_size: int = 2048,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """``(perturbation, {modality: prediction})`` per target ``(perturbation, encoding, nodes)``, in order.
 
-        The cells (``sources``, :meth:`_flow_sources`) are read and projected once for all targets.
+        The cells (``sources``, :meth:`_flow_sources`) are read and projected once for all targets. The flows of as
+        many targets as fit in ``batch_size`` rows (cells x targets; at least one target) are integrated together
+        (:meth:`FlowMatchingModule.flow`: stacked rows, each target's condition entering the first layer once); each
+        target's prediction is decoded only when it is yielded (one prediction in memory at a time).
         """
         residual = self.residual if residual is None else bool(residual)
         m = self.module
-        for name, target, nodes in targets:
-            out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
+        n_max = max((len(src["z0"]) for src in sources), default=1)
+        per_call = max(1, int(batch_size) // max(n_max, 1))
+        for start in range(0, len(targets), per_call):
+            block = targets[start : start + per_call]
+            ends: list[list[torch.Tensor]] = [[] for _ in block]  # per target: endpoints per source chunk
             for src in sources:
-                x, p, z0 = src["x"], src["p"], src["z0"]
-                z1 = self._transport(src, target, nodes, time, n_steps=n_steps, solver=solver)
+                z0 = src["z0"]
                 with torch.no_grad():
-                    if "rna" in out:
-                        pred = x + m.decode_delta(z1 - z0) if residual else m.decode(z1)
-                        out["rna"].append(pred.clamp(min=0).cpu().numpy())
-                    if "prot" in out:
-                        pred = m.decode_protein(z1)
-                        if residual:  # measured cells keep their own proteins; the others start from the reconstruction
-                            measured = torch.isfinite(p).all(dim=1, keepdim=True)
-                            own = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) + m.decode_protein_delta(z1 - z0)
-                            pred = torch.where(measured, own, pred)
-                        out["prot"].append(pred.clamp(min=0).cpu().numpy())
-            yield name, {mod: join_rows(v) for mod, v in out.items()}
+                    h = torch.cat([m.condition_bias(self._condition(src, t, nodes, time)) for _, t, nodes in block])
+                    z1 = m.flow(z0.repeat(len(block), 1), h, n_steps=int(n_steps), solver=solver)
+                for j, z in enumerate(z1.split(len(z0))):
+                    ends[j].append(z)
+            for (name, _, _), z1s in zip(block, ends, strict=True):
+                yield name, self._decoded(sources, z1s, residual, modalities)
+
+    def _decoded(
+        self, sources: list[dict[str, Any]], ends: list[torch.Tensor], residual: bool, modalities: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """``{modality: prediction}`` of the cells of ``sources`` from their flow endpoints ``ends`` (per chunk)."""
+        m = self.module
+        out: dict[str, list[np.ndarray]] = {mod: [] for mod in modalities}
+        for src, z1 in zip(sources, ends, strict=True):
+            x, p, z0 = src["x"], src["p"], src["z0"]
+            with torch.no_grad():
+                if "rna" in out:
+                    pred = m.decode_onto(x, z1 - z0) if residual else m.decode(z1)
+                    out["rna"].append(pred.clamp_(min=0).cpu().numpy())
+                if "prot" in out:
+                    pred = m.decode_protein(z1)
+                    if residual:  # measured cells keep their own proteins; the others start from the reconstruction
+                        measured = torch.isfinite(p).all(dim=1, keepdim=True)
+                        own = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) + m.decode_protein_delta(z1 - z0)
+                        pred = torch.where(measured, own, pred)
+                    out["prot"].append(pred.clamp(min=0).cpu().numpy())
+        return {mod: join_rows(v) for mod, v in out.items()}
 
     def _predict(
         self,
@@ -805,7 +835,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
 
         def run() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
             sources = self._flow_sources(adata, idx, batch_size)
-            yield from self._flows(sources, targets, time, n_steps, solver, residual, modalities)
+            yield from self._flows(sources, targets, time, n_steps, solver, residual, modalities, batch_size)
 
         return run()
 

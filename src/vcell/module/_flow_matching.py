@@ -18,6 +18,7 @@ RNA alone through the buffer ``rna_projection`` (``z = (x - mean_rna) @ rna_proj
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -368,6 +369,10 @@ class FlowMatchingModule(VCellModule):
         """Change in expression of a displacement ``dz`` in the standardised PCA space."""
         return dz * self.scale @ self._rna_components()
 
+    def decode_onto(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """``x + decode_delta(dz)`` as one fused product (:func:`torch.addmm`: no intermediate ``(n, n_genes)`` array)."""
+        return torch.addmm(x, dz * self.scale, self._rna_components())
+
     def _check_proteins(self) -> None:
         if not self.n_proteins:
             msg = "this FlowMatchingModule has no proteins (n_proteins=0)"
@@ -421,6 +426,53 @@ class FlowMatchingModule(VCellModule):
         mse = F.mse_loss(out["v"], out["u"])
         return LossOutput(loss=mse, terms={"flow_mse": mse.detach()})
 
+    # ------------------------------------------------------------------------- prediction
+    def condition_bias(self, c: torch.Tensor) -> torch.Tensor:
+        """The condition's part of the field's first layer: ``c @ W_c.T + b`` ``(n, n_hidden)``.
+
+        The first layer is linear in ``[z, sinusoidal(t), c]``: its pre-activation is ``z @ W_z.T + e(t) @ W_t.T + c
+        @ W_c.T + b``. A prediction computes the condition's part once per cell (not once per solver step) and the
+        flow time's once per step (not once per cell): see :meth:`flow`.
+        """
+        lin = self.field[0]
+        return F.linear(c, lin.weight[:, self.n_components + 2 * self.n_freqs :], lin.bias)
+
+    def time_bias(self, t: torch.Tensor) -> torch.Tensor:
+        """The flow time's part of the field's first layer, ``e(t) @ W_t.T`` ``(len(t), n_hidden)``, for times ``t``."""
+        d = self.n_components
+        return time_embedding(t.reshape(-1), self.n_freqs) @ self.field[0].weight[:, d : d + 2 * self.n_freqs].T
+
+    def _field_from_bias(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``v(z, t | c)`` from the first layer's condition and time parts ``a`` ``(n, n_hidden)``, overwritten.
+
+        Equal to :meth:`velocity` up to float rounding (the same sums, in another order), without building
+        ``[z, sinusoidal(t), c]`` per cell; the hidden activations are computed in place.
+        """
+        a = a.addmm_(z, self.field[0].weight[:, : self.n_components].T)
+        for layer in self.field[1:]:
+            a = F.silu(a, inplace=True) if isinstance(layer, nn.SiLU) else layer(a)
+        return a
+
+    @torch.no_grad()
+    def flow(
+        self, z0: torch.Tensor, h: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
+    ) -> torch.Tensor:
+        """:meth:`transport` of cells ``z0`` whose condition enters as ``h = condition_bias(c)`` ``(n, n_hidden)``.
+
+        The time part of the first layer is computed once per solver time for all cells; many conditions (e.g. the
+        same control cells under many perturbations) integrate in one call by stacking their rows.
+        """
+        n_steps, dt = _check_solver(solver, n_steps)
+        k = 2 if solver == "midpoint" else 1
+        times = [(i * dt + j * 0.5 * dt) for i in range(n_steps) for j in range(k)]
+        tb = self.time_bias(torch.tensor(times, dtype=z0.dtype, device=z0.device))
+        bias = dict(zip(times, tb, strict=True))
+
+        def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+            return self._field_from_bias(z, h + bias[t])
+
+        return integrate(velocity, z0, n_steps=n_steps, solver=solver, path=path)
+
     @torch.no_grad()
     def transport(
         self, z0: torch.Tensor, c: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
@@ -428,25 +480,48 @@ class FlowMatchingModule(VCellModule):
         """Integrate ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` with ``n_steps`` fixed steps.
 
         Returns the endpoints ``(n, n_components)``, or with ``path=True`` the states at every step
-        ``(n_steps + 1, n, n_components)``.
+        ``(n_steps + 1, n, n_components)``. Computed by :meth:`flow` (the condition's part of the first layer once,
+        the time's once per step).
         """
-        if solver not in SOLVERS:
-            msg = f"solver must be one of {SOLVERS}, got {solver!r}"
-            raise ValueError(msg)
-        if isinstance(n_steps, bool) or int(n_steps) < 1 or int(n_steps) != n_steps:
-            msg = f"n_steps must be a positive integer, got {n_steps!r}"
-            raise ValueError(msg)
-        n_steps = int(n_steps)
-        dt = 1.0 / n_steps
-        z = z0
-        states = [z]
-        for k in range(n_steps):
-            t = k * dt
-            if solver == "euler":
-                z = z + dt * self.velocity(z, t, c)
-            else:
-                z_mid = z + 0.5 * dt * self.velocity(z, t, c)
-                z = z + dt * self.velocity(z_mid, t + 0.5 * dt, c)
-            if path:
-                states.append(z)
-        return torch.stack(states) if path else z
+        _check_solver(solver, n_steps)
+        return self.flow(z0, self.condition_bias(c), n_steps=n_steps, solver=solver, path=path)
+
+
+def _check_solver(solver: str, n_steps: int) -> tuple[int, float]:
+    """``(n_steps, 1 / n_steps)``; ValueError for an unknown solver or a bad number of steps."""
+    if solver not in SOLVERS:
+        msg = f"solver must be one of {SOLVERS}, got {solver!r}"
+        raise ValueError(msg)
+    if isinstance(n_steps, bool) or int(n_steps) < 1 or int(n_steps) != n_steps:
+        msg = f"n_steps must be a positive integer, got {n_steps!r}"
+        raise ValueError(msg)
+    return int(n_steps), 1.0 / int(n_steps)
+
+
+def integrate(
+    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    n_steps: int = 20,
+    solver: str = "midpoint",
+    path: bool = False,
+) -> torch.Tensor:
+    """Integrate ``dz/dt = velocity(z, t)`` (``t`` a float) from ``t = 0`` to ``1`` in ``n_steps`` fixed steps.
+
+    ``solver``: ``"euler"`` or ``"midpoint"`` (evaluating ``velocity`` at ``t = k / n_steps`` and, for the midpoint,
+    ``(k + 1/2) / n_steps``). Returns the endpoints, or with ``path=True`` the states at every step
+    ``(n_steps + 1, *z0.shape)``.
+    """
+    n_steps, dt = _check_solver(solver, n_steps)
+    z = z0
+    states = [z]
+    for k in range(n_steps):
+        t = k * dt
+        if solver == "euler":
+            z = z + dt * velocity(z, t)
+        else:
+            z_mid = z + 0.5 * dt * velocity(z, t)
+            z = z + dt * velocity(z_mid, t + 0.5 * dt)
+        if path:
+            states.append(z)
+    return torch.stack(states) if path else z
