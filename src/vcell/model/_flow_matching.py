@@ -33,7 +33,13 @@ _PCA_MAX_CELLS = 50_000
 
 
 class _CoupledPairs:
-    """One pass of :func:`_pair_batches`: ``rng -> Pairs`` (a class, not a closure: picklable for DDP spawn)."""
+    """One pass of :func:`_pair_batches`: ``rng -> Pairs`` (a class, not a closure: picklable for DDP spawn).
+
+    The pass's random draws (each group's order, the controls drawn, Sinkhorn's draws) are made up front, in the
+    order of a pass coupled whole; each chunk's optimal-transport coupling is solved when the loader first needs it
+    (:class:`vcell.data.Pairs` ``parts``/``complete``), so a pass costs its draws up front and each batch only the
+    couplings it reaches.
+    """
 
     def __init__(
         self,
@@ -51,20 +57,59 @@ class _CoupledPairs:
 
     def __call__(self, rng: np.random.Generator) -> Pairs:
         src, tgt = [self.identity], [self.identity]
+        # parts: the identity pairs in chunks (nothing to solve), then one part per coupling chunk
+        starts = list(range(0, len(self.identity), self.coupling_size))
+        todo: list[np.ndarray | bool | None] = [None] * len(starts)  # per part: Sinkhorn draws, True (exact), None
+        offset = len(self.identity)
         for targets, controls in self.groups:
             targets = rng.permutation(targets)
             for chunk in np.array_split(targets, -(-len(targets) // self.coupling_size)):
                 sources = rng.choice(controls, size=len(chunk), replace=True)
+                solve: np.ndarray | bool | None = None
                 if self.coupling == "ot" and len(chunk) > 1:
-                    perm = ot_pairs(
-                        self.z[sources], self.z[chunk], exact_max=self.exact_max, epsilon=self.epsilon, rng=rng
-                    )
-                    sources = sources[perm]
+                    # ot_pairs(method="auto") draws len(chunk) uniforms from rng when it uses Sinkhorn: drawn here
+                    solve = True if len(chunk) <= self.exact_max else rng.random(len(chunk))
                 src.append(sources)
                 tgt.append(chunk)
+                starts.append(offset)
+                todo.append(solve)
+                offset += len(chunk)
         src, tgt = np.concatenate(src), np.concatenate(tgt)
         extras = {FLOW_TIME_KEY: rng.random(len(tgt)).astype(np.float32)} if self.fixed else {}
-        return Pairs(tgt, src, extras)
+        if not len(tgt):
+            return Pairs(tgt, src, extras)
+        return Pairs(tgt, src, extras, parts=np.asarray(starts), complete=_Coupling(self, src, tgt, starts, todo))
+
+
+class _Coupling:
+    """``complete(i)`` of a pass of :class:`_CoupledPairs`: part ``i``'s sources reordered by optimal transport."""
+
+    def __init__(
+        self,
+        pairs: _CoupledPairs,
+        src: np.ndarray,
+        tgt: np.ndarray,
+        starts: list[int],
+        todo: list[np.ndarray | bool | None],
+    ) -> None:
+        self.pairs, self.src, self.tgt, self.todo = pairs, src, tgt, todo
+        self.bounds = [*starts, len(tgt)]
+
+    def __call__(self, i: int) -> None:
+        solve = self.todo[i]
+        if solve is None:
+            return
+        a, b = self.bounds[i], self.bounds[i + 1]
+        p, sources = self.pairs, self.src[a:b]
+        perm = ot_pairs(
+            p.z[sources],
+            p.z[self.tgt[a:b]],
+            method="exact" if solve is True else "sinkhorn",
+            epsilon=p.epsilon,
+            uniforms=None if solve is True else solve,
+        )
+        self.src[a:b] = sources[perm]
+        self.todo[i] = None
 
 
 def _pair_batches(
@@ -398,13 +443,17 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         """
         m = self.module
         device = m.pca_components.device
-        zs = []
+        # written into one array allocated up front: small per-block results kept between the blocks' large
+        # temporaries fragment the heap (1M cells x 2,000 genes: +6 GB of resident memory, never given back)
+        out = torch.empty((len(idx), m.n_components), device=device)
+        start = 0
         for chunk in row_blocks(idx):
             x = torch.as_tensor(reader(chunk), device=device)
             P = self._cell_proteins(adata, chunk)
             with torch.no_grad():
-                zs.append(m.encode(x, None if P is None else torch.as_tensor(P, device=device)))
-        return torch.cat(zs) if zs else torch.zeros((0, m.n_components), device=device)
+                out[start : start + len(chunk)] = m.encode(x, None if P is None else torch.as_tensor(P, device=device))
+            start += len(chunk)
+        return out
 
     def _training_tensors(self, adata: AnnData) -> dict[str, torch.Tensor]:
         """Per-cell fields of the training batches (in memory): PCA coordinates, encodings, covariate codes, times."""
@@ -516,7 +565,10 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         shuffle
             Order of the pairs: ``"full"`` (a new permutation per epoch), ``"block"`` (permuted blocks of pairs with
             consecutive target cells, then pairs within windows) or ``"auto"`` (``"full"``: the pairs are read from
-            the cells' PCA coordinates, held in memory even for a backed AnnData).
+            the cells' PCA coordinates, held in memory even for a backed AnnData). Each chunk's coupling is solved
+            when a batch first needs it; an epoch of more than 65,536 pairs is permuted chunk by chunk and then
+            within windows of 65,536 pairs (:class:`vcell.data.CellBatches` ``window``), so that a step costs the
+            same at any number of cells (smaller epochs: one permutation, as before).
         {doc_checkpoint_path}
 
         Sets the following fields

@@ -109,6 +109,7 @@ def ot_pairs(
     exact_max: int = 512,
     epsilon: float = 0.05,
     rng: np.random.Generator | None = None,
+    uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Source row coupled with every target row by optimal transport on squared Euclidean cost.
 
@@ -128,6 +129,9 @@ def ot_pairs(
         Sinkhorn regularisation (relative to the mean cost).
     rng
         Generator of the Sinkhorn draws (``None``: seed 0).
+    uniforms
+        The Sinkhorn draws themselves (``m`` uniforms in ``[0, 1)``, e.g. drawn ahead of the coupling); then ``rng``
+        is not used.
 
     Returns
     -------
@@ -161,7 +165,13 @@ def ot_pairs(
         return out
     plan = sinkhorn_plan(cost, epsilon=epsilon)
     cum = np.cumsum(plan / np.maximum(plan.sum(0, keepdims=True), 1e-300), axis=0)
-    u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
+    if uniforms is not None:
+        u = np.asarray(uniforms, dtype=np.float64)
+        if u.shape != (len(x1),):
+            msg = f"uniforms must hold one draw per target ({len(x1)}), got shape {u.shape}"
+            raise ValueError(msg)
+    else:
+        u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
     return np.minimum((cum < u[None, :]).sum(0), len(x0) - 1).astype(np.int64)
 
 
