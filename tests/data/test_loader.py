@@ -247,3 +247,16 @@ def test_take_rows() -> None:
     t = torch.arange(10.0)
     np.testing.assert_array_equal(take_rows(t, np.array([3, 1])).numpy(), [3.0, 1.0])
     np.testing.assert_array_equal(take_rows(np.arange(5), np.array([4])).numpy(), [4])
+
+
+def test_lookup_rows_are_the_table_rows_of_the_codes() -> None:
+    table = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    codes = np.array([2, 0, 0, 1, 2])
+    field = loader.Lookup(table, codes)
+    assert len(field) == 5
+    np.testing.assert_array_equal(take_rows(field, np.array([4, 1, 3])).numpy(), [[4, 5], [0, 1], [2, 3]])
+    dl = CellBatches({"v": field, "i": np.arange(5)}, np.arange(5), batch_size=2, seed=0)
+    for b in dl:
+        np.testing.assert_array_equal(b["v"].numpy(), table[codes[b["i"].numpy()]].numpy())
+    with pytest.raises(ValueError, match="row numbers"):
+        loader.Lookup(table, np.array([0, 3]))

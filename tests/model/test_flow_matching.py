@@ -425,3 +425,20 @@ def test_lazily_coupled_pass_equals_the_pass_coupled_up_front(fixed):
         np.testing.assert_array_equal(pairs.sources, src)
         if fixed:
             np.testing.assert_array_equal(pairs.extras[FLOW_TIME_KEY], times)
+
+
+def test_training_encodings_are_held_as_distinct_rows():
+    """The per-cell encodings of the training batches: a Lookup of the distinct (label, dose) rows, same values."""
+    from vcell._constants import DOSE_COL, PERT_COL
+    from vcell.data import Lookup
+
+    adata = _sim()
+    rng = np.random.default_rng(0)
+    adata.obs[DOSE_COL] = rng.choice([0.5, 1.0, 2.0], size=adata.n_obs).astype(np.float32)
+    model = FlowMatching(adata, **FAST)
+    labels = adata.obs[PERT_COL].astype(str).to_numpy()
+    doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)
+    field = model._condition_lookup(labels, doses)
+    assert isinstance(field, Lookup)
+    assert len(field.table) <= 3 * len(set(labels)) < adata.n_obs
+    np.testing.assert_array_equal(field.table[field.codes].numpy(), model._encode(labels, doses))

@@ -155,10 +155,44 @@ class RowReader:
         return block.toarray() if sparse.issparse(block) else np.asarray(block)
 
 
+@dataclass
+class Lookup:
+    """A per-cell field of :class:`CellBatches` held as its distinct rows: cell ``i``'s value is ``table[codes[i]]``.
+
+    For values that many cells share (e.g. a perturbation's encoding): the memory of the distinct rows and one code
+    per cell instead of cells x width (1M cells x 2,000 perturbations in float32 would be 8 GB).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> take_rows(Lookup(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([1, 1, 0])), np.array([2, 0])).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+
+    table: Any
+    codes: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.codes = np.asarray(self.codes, dtype=np.int64)
+        if self.codes.ndim != 1 or (
+            self.codes.size and not 0 <= self.codes.min() <= self.codes.max() < len(self.table)
+        ):
+            msg = f"codes must be a 1-D array of row numbers of the table (0..{len(self.table) - 1})"
+            raise ValueError(msg)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
 def take_rows(value: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` of a per-cell field of :class:`CellBatches` (a :class:`RowReader`, tensor or array) as a tensor."""
+    """Rows ``idx`` of a per-cell field of :class:`CellBatches` as a tensor.
+
+    The field: a :class:`RowReader`, a :class:`Lookup`, a tensor or an array.
+    """
     import torch
 
+    if isinstance(value, Lookup):
+        return take_rows(value.table, value.codes[np.asarray(idx, dtype=np.int64)])
     if isinstance(value, RowReader):
         return torch.from_numpy(value(idx))
     if isinstance(value, torch.Tensor):
@@ -195,8 +229,8 @@ class CellBatches:
     Parameters
     ----------
     fields
-        Batch key -> per-cell values: a :class:`RowReader` (rows of a matrix), a torch tensor or a numpy array
-        (first axis = cells).
+        Batch key -> per-cell values: a :class:`RowReader` (rows of a matrix), a :class:`Lookup` (distinct rows and
+        a code per cell), a torch tensor or a numpy array (first axis = cells).
     cells
         Cell indices of every pass, or a function of a :class:`numpy.random.Generator` returning the pass's
         :class:`Pairs`.

@@ -13,7 +13,7 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
-from vcell.data import CellBatches, Pairs, RowReader, fit_pca_streamed
+from vcell.data import CellBatches, Lookup, Pairs, RowReader, fit_pca_streamed
 from vcell.module import FlowMatchingModule, ot_pairs
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import FLOW_TIME_KEY, SOLVERS, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY
@@ -113,7 +113,7 @@ class _Coupling:
 
 
 def _pair_batches(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor | Lookup],
     groups: list[tuple[np.ndarray, np.ndarray]],
     identity: np.ndarray,
     *,
@@ -455,8 +455,11 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
             start += len(chunk)
         return out
 
-    def _training_tensors(self, adata: AnnData) -> dict[str, torch.Tensor]:
-        """Per-cell fields of the training batches (in memory): PCA coordinates, encodings, covariate codes, times."""
+    def _training_tensors(self, adata: AnnData) -> dict[str, torch.Tensor | Lookup]:
+        """Per-cell fields of the training batches (in memory).
+
+        PCA coordinates, encodings (a :class:`~vcell.data.Lookup` of the distinct ones), covariate codes, times.
+        """
         idx = np.arange(adata.n_obs)
         device = self.module.pca_components.device
         self.module.to("cpu")  # after training on a GPU the module may still be there
@@ -468,12 +471,28 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
         tensors = {
             TARGET_KEY: z,
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: self._condition_lookup(labels, doses),
             REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
         }
         if self.time_key is not None:
             tensors[TIME_COVARIATE_KEY] = torch.as_tensor(self._times(adata), dtype=torch.float32)
         return tensors
+
+    def _condition_lookup(self, labels: np.ndarray, doses: np.ndarray | float) -> Lookup:
+        """Encodings of every cell's (label, dose) as a :class:`vcell.data.Lookup` of the distinct ones.
+
+        The same values as ``_encode(labels, doses)`` row for row, held as the distinct rows and a code per cell
+        (a dense cells x perturbations matrix grows with both: 1M cells x 100 perturbations is 0.4 GB).
+        """
+        doses = np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))
+        label_codes, label_values = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
+        dose_codes, dose_values = pd.factorize(doses, use_na_sentinel=False)
+        distinct, codes = np.unique(label_codes * len(dose_values) + dose_codes, return_inverse=True)
+        table = self._encode(
+            np.asarray(label_values, dtype=object)[distinct // len(dose_values)],
+            np.asarray(dose_values, dtype=np.float32)[distinct % len(dose_values)],
+        )
+        return Lookup(torch.as_tensor(table), codes.reshape(-1))
 
     def _groups(
         self, adata: AnnData, idx: np.ndarray, controls: np.ndarray
