@@ -106,7 +106,7 @@ def _transport_by_the_concatenated_field(m, z0, c, n_steps, solver):
 
 
 def _legacy_flow_matching(
-    model, adata, perturbation, controls, dose, modality="rna", *, n_steps=20, solver="midpoint", batch_size=2048
+    model, adata, perturbation, controls, dose, modality="rna", *, n_steps=5, solver="midpoint", batch_size=2048
 ):
     time = model._check_options(n_steps, solver, None)
     idx = model._control_indices(adata, controls)

@@ -38,6 +38,11 @@ from ._perturbation_encoders import (
 )
 
 SOLVERS = ("euler", "midpoint")
+#: default integrator of predictions: 5 midpoint steps (10 field evaluations per cell). On Kang 2018 transfer and a
+#: simulated screen its predictions were within 1.6% and 1.2% (RMS over cells and genes, relative to the predicted
+#: change; 2.4% and 2.2% at most) of 100 midpoint steps, the scores unchanged (benchmarks/flow_matching_solvers.py)
+DEFAULT_STEPS = 5
+DEFAULT_SOLVER = "midpoint"
 #: batch keys: source (control) and target (perturbed) coordinates, flow time, time covariate
 SOURCE_KEY = "x0"
 TARGET_KEY = "x1"
@@ -465,7 +470,13 @@ class FlowMatchingModule(VCellModule):
 
     @torch.no_grad()
     def flow(
-        self, z0: torch.Tensor, h: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
+        self,
+        z0: torch.Tensor,
+        h: torch.Tensor,
+        *,
+        n_steps: int = DEFAULT_STEPS,
+        solver: str = DEFAULT_SOLVER,
+        path: bool = False,
     ) -> torch.Tensor:
         """:meth:`transport` of cells ``z0`` whose condition enters as ``h = condition_bias(c)`` ``(n, n_hidden)``.
 
@@ -485,7 +496,13 @@ class FlowMatchingModule(VCellModule):
 
     @torch.no_grad()
     def transport(
-        self, z0: torch.Tensor, c: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
+        self,
+        z0: torch.Tensor,
+        c: torch.Tensor,
+        *,
+        n_steps: int = DEFAULT_STEPS,
+        solver: str = DEFAULT_SOLVER,
+        path: bool = False,
     ) -> torch.Tensor:
         """Integrate ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` with ``n_steps`` fixed steps.
 
@@ -512,8 +529,8 @@ def integrate(
     velocity: Callable[[torch.Tensor, float], torch.Tensor],
     z0: torch.Tensor,
     *,
-    n_steps: int = 20,
-    solver: str = "midpoint",
+    n_steps: int = DEFAULT_STEPS,
+    solver: str = DEFAULT_SOLVER,
     path: bool = False,
 ) -> torch.Tensor:
     """Integrate ``dz/dt = velocity(z, t)`` (``t`` a float) from ``t = 0`` to ``1`` in ``n_steps`` fixed steps.
