@@ -22,6 +22,25 @@ def _cost(x0: np.ndarray, x1: np.ndarray, src: np.ndarray) -> float:
     return float(((x0[src] - x1) ** 2).sum())
 
 
+def test_sinkhorn_by_scaling_equals_the_log_domain_iterations(rng):
+    """The float64 kernel scaling and the float32 log-domain iterations give the same plan; tiny eps: log domain."""
+    from vcell.module._flow_matching import _sinkhorn_log, _sinkhorn_scaling
+
+    x0, x1 = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) + 0.5
+    cost = ((x0[:, None] - x1[None]) ** 2).sum(-1)
+    eps = 0.05 * cost.mean()
+    fast, slow = _sinkhorn_scaling(cost, eps, 500, 1e-4), _sinkhorn_log(cost, eps, 500, 1e-4)
+    assert fast is not None
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5 * slow.max())
+    np.testing.assert_allclose(fast.sum(1), 1 / 300, rtol=1e-3)
+    np.testing.assert_allclose(fast.sum(0), 1 / 300, rtol=1e-9)
+    # a regularisation far below the costs' spread: the kernel underflows, sinkhorn_plan takes the log domain
+    assert _sinkhorn_scaling(cost, 1e-3 * cost.mean(), 500, 1e-4) is None
+    P = sinkhorn_plan(cost, epsilon=1e-3)
+    assert np.isfinite(P).all()
+    np.testing.assert_allclose(P.sum(0), 1 / 300, rtol=1e-3)  # float32 log domain
+
+
 def test_exact_coupling_hand_made_case():
     # sources 0, 10, 20; targets 21, 1, 9: the optimal assignment pairs each target with its nearest source
     x0 = np.array([[0.0], [10.0], [20.0]])

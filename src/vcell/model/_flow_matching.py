@@ -170,7 +170,7 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
     flow time ``t`` and the condition ``c``) is trained by conditional flow matching: for every (condition, dose,
     context) group of perturbed training cells, control cells of the same context are drawn with replacement, one
     per perturbed cell, and coupled to them by optimal transport on squared Euclidean cost
-    (:func:`vcell.module.ot_pairs`: exact assignment up to ``exact_max`` cells, log-domain Sinkhorn above, within
+    (:func:`vcell.module.ot_pairs`: exact assignment up to ``exact_max`` cells, entropic Sinkhorn above, within
     chunks of at most ``coupling_size`` cells), anew every epoch; ``v`` regresses ``z1 - z0`` at
     ``z_t = (1 - t) z0 + t z1``. ``coupling="random"`` pairs them at random instead (the mini-batch OT ablation).
     Control cells are also trained on as the identity map (condition without perturbation, zero displacement).

@@ -58,7 +58,13 @@ def _sq_dists(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
 
 
 def sinkhorn_plan(cost: np.ndarray, *, epsilon: float = 0.05, max_iter: int = 500, tol: float = 1e-4) -> np.ndarray:
-    """Entropic optimal-transport plan between uniform marginals (log-domain Sinkhorn, in torch).
+    """Entropic optimal-transport plan between uniform marginals (Sinkhorn).
+
+    The iterations scale the kernel ``K = exp(-cost / eps)`` in float64 (two matrix-vector products per iteration);
+    when ``K`` or the scalings leave float64's range (a regularisation small against the spread of the costs), the
+    same iterations run in the log domain (in torch, float32). Both are the same updates of the same potentials
+    (``f = log a - logsumexp(-cost / eps + g)``): their plans agree to float32 rounding, the scaling one about 10x
+    faster (a 850 x 850 plan of FlowMatching's coupling on PCA coordinates: 10 ms instead of 100 ms).
 
     Parameters
     ----------
@@ -83,20 +89,48 @@ def sinkhorn_plan(cost: np.ndarray, *, epsilon: float = 0.05, max_iter: int = 50
     array([[0.5, 0. ],
            [0. , 0.5]])
     """
-    C = torch.as_tensor(np.asarray(cost, dtype=np.float64))
-    if C.ndim != 2 or not C.numel() or not bool(torch.isfinite(C).all()):
-        msg = f"cost must be a finite, non-empty 2-D matrix, got shape {tuple(C.shape)}"
+    C = np.asarray(cost, dtype=np.float64)
+    if C.ndim != 2 or not C.size or not np.isfinite(C).all():
+        msg = f"cost must be a finite, non-empty 2-D matrix, got shape {C.shape}"
         raise ValueError(msg)
     if not epsilon > 0:
         msg = f"epsilon must be > 0, got {epsilon!r}"
         raise ValueError(msg)
-    n, m = C.shape
     eps = float(epsilon) * max(float(C.mean()), 1e-12)
-    K = (-C / eps).to(torch.float32)
+    plan = _sinkhorn_scaling(C, eps, int(max_iter), float(tol))
+    return plan if plan is not None else _sinkhorn_log(C, eps, int(max_iter), float(tol))
+
+
+def _sinkhorn_scaling(C: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray | None:
+    """Sinkhorn by kernel scaling in float64; ``None`` when a value leaves float64's range (then use the log domain)."""
+    n, m = C.shape
+    a, b = 1.0 / n, 1.0 / m
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        K = np.exp(-C / eps)
+        if not (K.sum(axis=1).min() > 1e-280 and K.sum(axis=0).min() > 1e-280):
+            return None  # a row or column underflows: its scaling would overflow
+        v = np.ones(m)
+        for it in range(max_iter):
+            u = a / (K @ v)
+            v = b / (K.T @ u)
+            if it % 5 == 4:  # columns are exact after the v update; check the rows every 5 iterations
+                rows = u * (K @ v)
+                if not np.isfinite(rows).all():
+                    return None
+                if float(np.abs(rows - a).sum()) < tol:
+                    break
+        plan = u[:, None] * K * v[None, :]
+    return plan if np.isfinite(plan).all() else None
+
+
+def _sinkhorn_log(C: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
+    """Sinkhorn in the log domain (torch, float32): stable for any regularisation."""
+    n, m = C.shape
+    K = torch.as_tensor(-C / eps).to(torch.float32)
     log_a, log_b = -math.log(n), -math.log(m)
     f = torch.zeros(n, dtype=torch.float32)
     g = torch.zeros(m, dtype=torch.float32)
-    for it in range(int(max_iter)):
+    for it in range(max_iter):
         f = log_a - torch.logsumexp(K + g[None, :], dim=1)
         g = log_b - torch.logsumexp(K + f[:, None], dim=0)
         if it % 5 == 4:  # columns are exact after the g update; check the rows every 5 iterations
