@@ -14,11 +14,11 @@ Columns: ``seconds`` (wall) and ``cpu_s`` (process CPU time, all threads) of one
 allocations; torch's own buffers are invisible to it); ``rss_extra_mb``: the rise of the process's peak resident
 memory (``VmHWM``, reset before the call) over its resident memory before it (freed heap trimmed first), which
 counts torch too;
-``output_mb``: the size of what the call returns or writes (float32 predictions). ``--flow-steps 20,8`` also times
-FlowMatching with ``predict_kwargs={"n_steps": 8}`` (``options`` column).
+``output_mb``: the size of what the call returns or writes (float32 predictions). ``--flow-steps 5,20`` also times
+FlowMatching with ``predict_kwargs={"n_steps": 20}`` (``options`` column; its default, 5 midpoint steps, has none).
 
 Usage: ``python benchmarks/predict_speed.py [--threads 2] [--models Baseline,CausalVAE,FlowMatching]
-[--perturbations 100] [--controls 1000] [--genes 2000] [--repeats 2] [--flow-steps 20] [--label after]
+[--perturbations 100] [--controls 1000] [--genes 2000] [--repeats 2] [--flow-steps 5] [--label after]
 [--out benchmarks/results/predict_speed]``
 """
 
@@ -154,8 +154,8 @@ def main() -> None:
     parser.add_argument("--modes", default="return_adata,layers")
     parser.add_argument(
         "--flow-steps",
-        default="20",
-        help="FlowMatching n_steps to time, comma-separated (20: its default; others through predict_kwargs)",
+        default="",
+        help="FlowMatching n_steps to time, comma-separated (default: its default; others through predict_kwargs)",
     )
     parser.add_argument("--out", default=None, help="directory for predict_speed.csv (default: print only)")
     parser.add_argument("--label", default="", help="value of the 'code' column (e.g. before/after)")
@@ -167,6 +167,7 @@ def main() -> None:
     import torch
 
     import vcell
+    from vcell.module._flow_matching import DEFAULT_STEPS
 
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -186,8 +187,9 @@ def main() -> None:
         ctrl_idx = np.flatnonzero(is_ctrl)[: args.controls]
         ctrl = full[ctrl_idx].copy()
         perts = [str(p) for p in model.vocab.atoms]
-        steps = [int(k) for k in args.flow_steps.split(",")] if name == "FlowMatching" else [20]
-        settings = [{} if k == 20 else {"n_steps": k} for k in steps]
+        chosen = [int(k) for k in args.flow_steps.split(",") if k.strip()] or [DEFAULT_STEPS]
+        steps = chosen if name == "FlowMatching" else [DEFAULT_STEPS]
+        settings = [{} if k == DEFAULT_STEPS else {"n_steps": k} for k in steps]
         for options, mode in [(o, m.strip()) for o in settings for m in args.modes.split(",") if m.strip()]:
             res = measure(model, full, ctrl, ctrl_idx, perts, mode, args.repeats, options)
             rows.append(

@@ -168,6 +168,81 @@ def test_block_shards_are_disjoint_and_cover(monkeypatch: pytest.MonkeyPatch, tm
     assert len(windows[0] & windows[1]) + len(windows[1] & windows[2]) < 3 * 64
 
 
+class _Lazy:
+    """A pass of 1,000 items in parts of 1-40 items; ``complete(i)`` writes each part's sources (target + 1000)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, rng: np.random.Generator) -> Pairs:
+        sizes = np.random.default_rng(7).integers(1, 41, size=200)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        starts = starts[starts < 1000]
+        targets = np.arange(1000)
+        sources = np.full(1000, -1)
+        self.calls.clear()
+        bounds = [*starts, 1000]
+
+        def complete(i: int) -> None:
+            self.calls.append(i)
+            sources[bounds[i] : bounds[i + 1]] = targets[bounds[i] : bounds[i + 1]] + 1000
+
+        return Pairs(targets, sources, parts=starts, complete=complete)
+
+
+def _eager(rng: np.random.Generator) -> Pairs:
+    return Pairs(np.arange(1000), np.arange(1000) + 1000)
+
+
+def test_lazy_parts_are_completed_once_before_their_items_are_read() -> None:
+    fields = {"i": np.arange(2000)}
+    lazy = _Lazy()
+    # a pass within the window: the same batches as the pass completed up front
+    dl = CellBatches(fields, lazy, batch_size=64, seed=3, source_fields={"s": "i"}, n_items=1000)
+    ref = CellBatches(fields, _eager, batch_size=64, seed=3, source_fields={"s": "i"}, n_items=1000)
+    got, want = list(dl), list(ref)
+    assert len(got) == len(want) == len(dl)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a["i"].numpy(), b["i"].numpy())
+        np.testing.assert_array_equal(a["s"].numpy(), b["s"].numpy())  # never -1: completed before being read
+    assert sorted(lazy.calls) == list(range(len(set(lazy.calls))))
+    assert len(lazy.calls) == len(set(lazy.calls))  # once per part per pass
+    with pytest.raises(ValueError, match="together"):
+        Pairs(np.arange(3), parts=np.array([0]))
+    with pytest.raises(ValueError, match="increasing"):
+        Pairs(np.arange(3), parts=np.array([0, 2, 1]), complete=lambda i: None)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_long_lazy_pass_is_read_window_by_window(world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts permuted, windows of 200 items (224: whole global batches): the first batch completes only its window."""
+    lazy = _Lazy()
+    dl = CellBatches({"i": np.arange(2000)}, lazy, batch_size=16, seed=1, source_fields={"s": "i"}, window=200)
+    dl._n = 1000
+    step = 16 * world
+    window = -(-200 // step) * step
+    shards, early = [], []
+    for rank in range(world):
+        monkeypatch.setattr(loader, "_world", lambda rank=rank: (rank, world))
+        dl.epoch = 0
+        batches = []
+        for b in dl:
+            np.testing.assert_array_equal(b["s"].numpy(), b["i"].numpy() + 1000)  # completed before being read
+            batches.append(b["i"].numpy())
+            if len(batches) == 1:
+                early.append(set(lazy.calls))
+        assert len(batches) == len(dl)
+        shards.append(batches)
+    items = np.concatenate([np.concatenate(s) for s in shards])
+    np.testing.assert_array_equal(np.sort(items), np.arange(1000))  # every item once over the processes
+    pairs = lazy(np.random.default_rng(0))
+    first_window = np.concatenate([np.concatenate([s[k] for s in shards]) for k in range(window // step)])
+    assert len(first_window) == window
+    in_window = set(pairs.part_of(first_window).tolist())
+    assert len(in_window) < len(pairs.parts) / 3
+    assert all(done <= in_window for done in early)  # the first batch needed only parts of the first window
+
+
 def test_take_rows() -> None:
     t = torch.arange(10.0)
     np.testing.assert_array_equal(take_rows(t, np.array([3, 1])).numpy(), [3.0, 1.0])
@@ -188,3 +263,16 @@ def test_row_reader_gives_a_csr_one_index_type_without_copying_values():
     assert X.indptr.dtype == np.int64  # the user's matrix is left as it was
     idx = np.random.default_rng(1).integers(0, 300, 64)
     np.testing.assert_array_equal(reader(idx), X[idx].toarray())
+
+
+def test_lookup_rows_are_the_table_rows_of_the_codes() -> None:
+    table = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    codes = np.array([2, 0, 0, 1, 2])
+    field = loader.Lookup(table, codes)
+    assert len(field) == 5
+    np.testing.assert_array_equal(take_rows(field, np.array([4, 1, 3])).numpy(), [[4, 5], [0, 1], [2, 3]])
+    dl = CellBatches({"v": field, "i": np.arange(5)}, np.arange(5), batch_size=2, seed=0)
+    for b in dl:
+        np.testing.assert_array_equal(b["v"].numpy(), table[codes[b["i"].numpy()]].numpy())
+    with pytest.raises(ValueError, match="row numbers"):
+        loader.Lookup(table, np.array([0, 3]))

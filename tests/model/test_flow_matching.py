@@ -381,3 +381,64 @@ def test_backed_sparse_input_trains_and_predicts(tmp_path):
         assert np.isfinite(pred).all()
     np.testing.assert_allclose(preds["backed"], preds["mem"], atol=1e-5)
     assert model.sample(perturbation=pert, n_cells=7, seed=0).shape == (7, mem.n_vars)
+
+
+def _eager_pass(z, groups, identity, coupling_size, exact_max, epsilon, fixed, rng):
+    """A pass as drawn before issue 19: every chunk coupled up front (``ot_pairs`` drawing from ``rng`` in turn)."""
+    from vcell.module import ot_pairs
+
+    src, tgt = [identity], [identity]
+    for targets, controls in groups:
+        targets = rng.permutation(targets)
+        for chunk in np.array_split(targets, -(-len(targets) // coupling_size)):
+            sources = rng.choice(controls, size=len(chunk), replace=True)
+            if len(chunk) > 1:
+                sources = sources[ot_pairs(z[sources], z[chunk], exact_max=exact_max, epsilon=epsilon, rng=rng)]
+            src.append(sources)
+            tgt.append(chunk)
+    src, tgt = np.concatenate(src), np.concatenate(tgt)
+    return src, tgt, (rng.random(len(tgt)).astype(np.float32) if fixed else None)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_lazily_coupled_pass_equals_the_pass_coupled_up_front(fixed):
+    """The pairs of a pass are the same whether its couplings are solved up front or lazily, in any order."""
+    from vcell.model._flow_matching import _CoupledPairs
+    from vcell.module._flow_matching import FLOW_TIME_KEY
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5)).astype(np.float32)
+    ctrl = np.arange(1000)
+    # exact chunks (<= 300 cells), Sinkhorn chunks (1,590 cells in chunks of 397-398), a one-cell group
+    groups = [(np.arange(1000, 1300), ctrl), (np.arange(1300, 1310), ctrl[:50]), (np.arange(1310, 2900), ctrl)]
+    groups.append((np.arange(2900, 2901), ctrl))
+    args = (z, groups, ctrl[:700], 512, 300, 0.05)
+    src, tgt, times = _eager_pass(*args, fixed, np.random.default_rng([3, 1]))
+    for order in ("forward", "random"):
+        pairs = _CoupledPairs(*args[:3], "ot", *args[3:], fixed)(np.random.default_rng([3, 1]))
+        assert len(pairs.parts) == 2 + 1 + 1 + 4 + 1  # identity (2 parts), 300, 10, 4 x ~398, 1
+        assert not np.array_equal(pairs.sources, src)  # not coupled yet
+        parts = range(len(pairs.parts)) if order == "forward" else np.random.default_rng(5).permutation(9)
+        for i in parts:
+            pairs.complete(int(i))
+        np.testing.assert_array_equal(pairs.targets, tgt)
+        np.testing.assert_array_equal(pairs.sources, src)
+        if fixed:
+            np.testing.assert_array_equal(pairs.extras[FLOW_TIME_KEY], times)
+
+
+def test_training_encodings_are_held_as_distinct_rows():
+    """The per-cell encodings of the training batches: a Lookup of the distinct (label, dose) rows, same values."""
+    from vcell._constants import DOSE_COL, PERT_COL
+    from vcell.data import Lookup
+
+    adata = _sim()
+    rng = np.random.default_rng(0)
+    adata.obs[DOSE_COL] = rng.choice([0.5, 1.0, 2.0], size=adata.n_obs).astype(np.float32)
+    model = FlowMatching(adata, **FAST)
+    labels = adata.obs[PERT_COL].astype(str).to_numpy()
+    doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32)
+    field = model._condition_lookup(labels, doses)
+    assert isinstance(field, Lookup)
+    assert len(field.table) <= 3 * len(set(labels)) < adata.n_obs
+    np.testing.assert_array_equal(field.table[field.codes].numpy(), model._encode(labels, doses))

@@ -91,8 +91,22 @@ def _legacy_causal_vae(
     return np.concatenate(out).astype(np.float32)
 
 
+def _transport_by_the_concatenated_field(m, z0, c, n_steps, solver):
+    """FlowMatching's integration before issue 19: the field on ``[z, sinusoidal(t), c]`` per cell and step."""
+    dt = 1.0 / n_steps
+    z = z0
+    for k in range(n_steps):
+        t = k * dt
+        if solver == "euler":
+            z = z + dt * m.velocity(z, t, c)
+        else:
+            z_mid = z + 0.5 * dt * m.velocity(z, t, c)
+            z = z + dt * m.velocity(z_mid, t + 0.5 * dt, c)
+    return z
+
+
 def _legacy_flow_matching(
-    model, adata, perturbation, controls, dose, modality="rna", *, n_steps=20, solver="midpoint", batch_size=2048
+    model, adata, perturbation, controls, dose, modality="rna", *, n_steps=5, solver="midpoint", batch_size=2048
 ):
     time = model._check_options(n_steps, solver, None)
     idx = model._control_indices(adata, controls)
@@ -117,7 +131,7 @@ def _legacy_flow_matching(
         p = None if P is None else torch.as_tensor(P, device=device)
         with torch.no_grad():
             z0 = m.encode(x, p)
-            z1 = m.transport(z0, m.condition(batch), n_steps=int(n_steps), solver=solver)
+            z1 = _transport_by_the_concatenated_field(m, z0, m.condition(batch), int(n_steps), solver)
             if modality == "rna":
                 pred = x + m.decode_delta(z1 - z0) if residual else m.decode(z1)
             else:
@@ -223,13 +237,13 @@ def _perturbations(model, data) -> list[str]:
     return [*seen, unseen, CONTROL]
 
 
-def _same(got: np.ndarray, ref: np.ndarray, *, exact: bool) -> None:
+def _same(got: np.ndarray, ref: np.ndarray, *, exact: bool, tol: float = 1e-6) -> None:
     assert got.dtype == np.float32
     assert got.shape == ref.shape
     if exact:
         np.testing.assert_array_equal(got, ref)
     else:
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("protein", [False, True], ids=["rna", "protein"])
@@ -240,7 +254,11 @@ def test_batched_predictions_equal_the_per_perturbation_code(name, protein):
     modalities = ("rna", "prot") if protein else ("rna",)
     for label, model in models.items():
         perts = _perturbations(model, data)
-        exact = label != "linear"
+        # FlowMatching: the reference integrates the field on [z, sinusoidal(t), c] per cell and step (the code before
+        # issue 19); predictions now add the condition's and the time's parts of the first layer separately and
+        # integrate several perturbations in one stack: the same numbers to float rounding
+        exact = label != "linear" and name != "FlowMatching"
+        tol = 1e-5 if name == "FlowMatching" else 1e-6
         for options in OPTIONS.get(name, [{}]):
             for modality in modalities:
                 ref = {p: LEGACY[name](model, rna, p, None, DOSE, modality, **options) for p in perts}
@@ -248,9 +266,9 @@ def test_batched_predictions_equal_the_per_perturbation_code(name, protein):
                 many = dict(model.predict_many(data, perturbations=perts, **kw, **options))
                 assert list(many) == perts
                 for p in perts:
-                    _same(many[p], ref[p], exact=exact)
+                    _same(many[p], ref[p], exact=exact, tol=tol)
                     one = model.predict(data, perturbation=p, **kw, **options)
-                    _same(one, ref[p], exact=exact)
+                    _same(one, ref[p], exact=exact, tol=tol)
         # through the tool: layers (RNA, and proteins in the protein modality) and return_adata, same numbers
         options = OPTIONS.get(name, [{}])[-1]
         work = md.MuData({k: v.copy() for k, v in data.mod.items()}) if protein else data.copy()
@@ -262,14 +280,14 @@ def test_batched_predictions_equal_the_per_perturbation_code(name, protein):
         out_rna = out["rna"] if protein else out
         for k, p in enumerate(perts):
             ref = LEGACY[name](model, rna, p, None, DOSE, "rna", **options)
-            _same(w_rna.layers[f"vcell_pred_{p}"][idx], ref, exact=exact)
+            _same(w_rna.layers[f"vcell_pred_{p}"][idx], ref, exact=exact, tol=tol)
             assert np.isnan(np.delete(w_rna.layers[f"vcell_pred_{p}"], idx, axis=0)).all()
-            _same(out_rna.X[k * len(idx) : (k + 1) * len(idx)], ref, exact=exact)
+            _same(out_rna.X[k * len(idx) : (k + 1) * len(idx)], ref, exact=exact, tol=tol)
             if protein:
                 ref_p = LEGACY[name](model, rna, p, None, DOSE, "prot", **options)
                 rows = work["prot"].obs_names.get_indexer(w_rna.obs_names[idx])
-                _same(work["prot"].layers[f"vcell_pred_{p}"][rows], ref_p, exact=exact)
-                _same(out["prot"].X[k * len(idx) : (k + 1) * len(idx)], ref_p, exact=exact)
+                _same(work["prot"].layers[f"vcell_pred_{p}"][rows], ref_p, exact=exact, tol=tol)
+                _same(out["prot"].X[k * len(idx) : (k + 1) * len(idx)], ref_p, exact=exact, tol=tol)
         assert w_rna.uns["vcell_pred"]["params"].get("predict_kwargs", {}) == options
         assert out_rna.X.flags["C_CONTIGUOUS"]
 

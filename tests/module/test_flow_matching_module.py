@@ -8,11 +8,37 @@ import torch
 
 from vcell._constants import REGISTRY_KEYS
 from vcell.module import FlowMatchingModule, ot_pairs, sinkhorn_plan
-from vcell.module._flow_matching import FLOW_TIME_KEY, SOURCE_KEY, TARGET_KEY, TIME_COVARIATE_KEY, time_embedding
+from vcell.module._flow_matching import (
+    FLOW_TIME_KEY,
+    SOURCE_KEY,
+    TARGET_KEY,
+    TIME_COVARIATE_KEY,
+    integrate,
+    time_embedding,
+)
 
 
 def _cost(x0: np.ndarray, x1: np.ndarray, src: np.ndarray) -> float:
     return float(((x0[src] - x1) ** 2).sum())
+
+
+def test_sinkhorn_by_scaling_equals_the_log_domain_iterations(rng):
+    """The float64 kernel scaling and the float32 log-domain iterations give the same plan; tiny eps: log domain."""
+    from vcell.module._flow_matching import _sinkhorn_log, _sinkhorn_scaling
+
+    x0, x1 = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) + 0.5
+    cost = ((x0[:, None] - x1[None]) ** 2).sum(-1)
+    eps = 0.05 * cost.mean()
+    fast, slow = _sinkhorn_scaling(cost, eps, 500, 1e-4), _sinkhorn_log(cost, eps, 500, 1e-4)
+    assert fast is not None
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5 * slow.max())
+    np.testing.assert_allclose(fast.sum(1), 1 / 300, rtol=1e-3)
+    np.testing.assert_allclose(fast.sum(0), 1 / 300, rtol=1e-9)
+    # a regularisation far below the costs' spread: the kernel underflows, sinkhorn_plan takes the log domain
+    assert _sinkhorn_scaling(cost, 1e-3 * cost.mean(), 500, 1e-4) is None
+    P = sinkhorn_plan(cost, epsilon=1e-3)
+    assert np.isfinite(P).all()
+    np.testing.assert_allclose(P.sum(0), 1 / 300, rtol=1e-3)  # float32 log domain
 
 
 def test_exact_coupling_hand_made_case():
@@ -164,21 +190,74 @@ def test_time_covariate_is_standardised():
 
 def test_solvers_on_a_linear_field():
     # with v(z, t) = z the exact flow is z0 * e; Euler gives (1 + h)^n, midpoint (1 + h + h^2 / 2)^n
-    m = _module()
-    m.velocity = lambda z, t, c: z
     z0 = torch.tensor([[1.0, -2.0, 0.5]])
     n = 4
     h = 1 / n
-    torch.testing.assert_close(m.transport(z0, None, n_steps=n, solver="euler"), z0 * (1 + h) ** n)
-    torch.testing.assert_close(m.transport(z0, None, n_steps=n, solver="midpoint"), z0 * (1 + h + h * h / 2) ** n)
-    path = m.transport(z0, None, n_steps=n, solver="euler", path=True)
+    seen = []
+
+    def field(z, t):
+        seen.append(t)
+        return z
+
+    torch.testing.assert_close(integrate(field, z0, n_steps=n, solver="euler"), z0 * (1 + h) ** n)
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+    seen.clear()
+    torch.testing.assert_close(integrate(field, z0, n_steps=n, solver="midpoint"), z0 * (1 + h + h * h / 2) ** n)
+    assert seen == [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
+    path = integrate(field, z0, n_steps=n, solver="euler", path=True)
     assert path.shape == (n + 1, 1, 3)
     torch.testing.assert_close(path[2], z0 * (1 + h) ** 2)
-    assert abs(float(m.transport(z0, None, n_steps=50)[0, 0]) - np.e) < 1e-3
+    assert abs(float(integrate(field, z0, n_steps=50)[0, 0]) - np.e) < 1e-3
+    m = _module()
     with pytest.raises(ValueError, match="solver"):
-        m.transport(z0, None, solver="rk4")
+        m.transport(torch.zeros(1, 3), None, solver="rk4")
     with pytest.raises(ValueError, match="n_steps"):
-        m.transport(z0, None, n_steps=0)
+        m.transport(torch.zeros(1, 3), None, n_steps=0)
+
+
+def _transport_by_the_concatenated_field(m, z0, c, n_steps, solver):
+    """The integration as it was before the first layer was split: ``velocity`` on ``[z, sinusoidal(t), c]``."""
+    dt = 1.0 / n_steps
+    z, states = z0, [z0]
+    for k in range(n_steps):
+        t = k * dt
+        if solver == "euler":
+            z = z + dt * m.velocity(z, t, c)
+        else:
+            z_mid = z + 0.5 * dt * m.velocity(z, t, c)
+            z = z + dt * m.velocity(z_mid, t + 0.5 * dt, c)
+        states.append(z)
+    return torch.stack(states)
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_transport_equals_the_field_on_concatenated_inputs(solver):
+    # the condition's part of the first layer computed once, the time's once per step: the same flow to rounding
+    m = _module(time_covariate=True, n_hidden=32, n_layers=3).eval()
+    with torch.no_grad():
+        m.field[-1].weight.normal_(0.0, 1.0)  # a field far from zero: paths that bend
+    n = 50
+    g = torch.Generator().manual_seed(1)
+    batch = _batch(
+        n,
+        **{
+            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.rand(n, 3, generator=g),
+            REGISTRY_KEYS.COVARIATES_KEY: torch.randint(0, 2, (n, 1), generator=g),
+            TIME_COVARIATE_KEY: torch.rand(n, generator=g),
+        },
+    )
+    z0 = torch.randn(n, 3, generator=g)
+    with torch.no_grad():
+        c = m.condition(batch)
+        ref = _transport_by_the_concatenated_field(m, z0, c, 7, solver)
+    assert float((ref[-1] - z0).abs().mean()) > 0.1  # the cells moved
+    torch.testing.assert_close(m.transport(z0, c, n_steps=7, solver=solver), ref[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.transport(z0, c, n_steps=7, solver=solver, path=True), ref, rtol=1e-5, atol=1e-5)
+    # two conditions stacked in one flow: each as if alone
+    c2 = m.condition({**batch, REGISTRY_KEYS.PERT_ENCODING_KEY: torch.rand(n, 3, generator=g)})
+    both = m.flow(torch.cat([z0, z0]), torch.cat([m.condition_bias(c), m.condition_bias(c2)]), n_steps=7, solver=solver)
+    torch.testing.assert_close(both[:n], m.transport(z0, c, n_steps=7, solver=solver), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both[n:], m.transport(z0, c2, n_steps=7, solver=solver), rtol=1e-6, atol=1e-6)
 
 
 def test_time_embedding_and_module_errors():

@@ -15,7 +15,7 @@ from ._chunked import (
     log1p_cp10k_block,
 )
 from ._datamodule import pair_controls
-from ._loader import CellBatches, Pairs, RowReader, take_rows
+from ._loader import CellBatches, Lookup, Pairs, RowReader, take_rows
 from ._registry import (
     context_labels,
     control_mask,
@@ -27,6 +27,7 @@ from ._vocab import PerturbationVocab
 
 __all__ = [
     "CellBatches",
+    "Lookup",
     "Pairs",
     "RowReader",
     "take_rows",

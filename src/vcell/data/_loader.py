@@ -14,6 +14,11 @@ within windows of ``window_blocks`` blocks, so that a backed matrix is read in c
 rows of a backed CSR h5ad cost about 70 us each, 20x a contiguous slice); ``"auto"`` picks ``"block"`` when a field
 is read from disk. The same seed gives the same batches for the same storage; a backed copy of the data is
 shuffled differently from the in-memory one (the same cells every pass, in another order).
+
+A pass may be completed lazily (:class:`Pairs` ``parts``/``complete``: e.g. FlowMatching's optimal-transport
+couplings, solved chunk by chunk as batches reach them). ``"full"`` shuffling of such a pass longer than ``window``
+items permutes its parts and then the items within windows of ``window`` items, so that every batch costs the same
+whatever the number of cells (a pass coupled whole would put all of it before the first batch).
 """
 
 from __future__ import annotations
@@ -36,14 +41,42 @@ class Pairs:
 
     ``targets``: one cell per item; ``sources``: optionally a paired cell per item (e.g. a matched control);
     ``extras``: per-item arrays, yielded as tensors under their keys.
+
+    ``parts`` and ``complete`` (optional, together) make a pass whose items are finished lazily: ``parts`` holds the
+    start offsets of consecutive parts of the items (``parts[0] == 0``; the last part runs to the end) and
+    ``complete(i)`` finishes part ``i`` in place (e.g. solves the optimal-transport coupling of its sources). It is
+    called once per part per pass, just before the first batch that holds one of its items, so a pass costs only
+    its draws up front and the work of each part as it is reached. ``complete`` must give the same result whatever
+    the order in which parts are completed (draw any randomness up front).
     """
 
     targets: np.ndarray
     sources: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    parts: np.ndarray | None = None
+    complete: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.parts is None) != (self.complete is None):
+            msg = "Pairs: parts and complete go together (pass both or neither)"
+            raise ValueError(msg)
+        if self.parts is not None:
+            self.parts = np.asarray(self.parts, dtype=np.int64)
+            if len(self.targets) and (
+                not len(self.parts)
+                or self.parts[0] != 0
+                or (np.diff(self.parts) <= 0).any()
+                or self.parts[-1] >= len(self.targets)
+            ):
+                msg = "Pairs: parts must be increasing start offsets of the items, the first one 0"
+                raise ValueError(msg)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def part_of(self, pos: np.ndarray) -> np.ndarray:
+        """Part of each item position ``pos`` (requires ``parts``)."""
+        return np.searchsorted(self.parts, pos, side="right") - 1
 
 
 def _one_index_dtype(X: sparse.csr_matrix) -> sparse.csr_matrix:
@@ -138,10 +171,44 @@ class RowReader:
         return block.toarray() if sparse.issparse(block) else np.asarray(block)
 
 
+@dataclass
+class Lookup:
+    """A per-cell field of :class:`CellBatches` held as its distinct rows: cell ``i``'s value is ``table[codes[i]]``.
+
+    For values that many cells share (e.g. a perturbation's encoding): the memory of the distinct rows and one code
+    per cell instead of cells x width (1M cells x 2,000 perturbations in float32 would be 8 GB).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> take_rows(Lookup(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([1, 1, 0])), np.array([2, 0])).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+
+    table: Any
+    codes: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.codes = np.asarray(self.codes, dtype=np.int64)
+        if self.codes.ndim != 1 or (
+            self.codes.size and not 0 <= self.codes.min() <= self.codes.max() < len(self.table)
+        ):
+            msg = f"codes must be a 1-D array of row numbers of the table (0..{len(self.table) - 1})"
+            raise ValueError(msg)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
 def take_rows(value: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` of a per-cell field of :class:`CellBatches` (a :class:`RowReader`, tensor or array) as a tensor."""
+    """Rows ``idx`` of a per-cell field of :class:`CellBatches` as a tensor.
+
+    The field: a :class:`RowReader`, a :class:`Lookup`, a tensor or an array.
+    """
     import torch
 
+    if isinstance(value, Lookup):
+        return take_rows(value.table, value.codes[np.asarray(idx, dtype=np.int64)])
     if isinstance(value, RowReader):
         return torch.from_numpy(value(idx))
     if isinstance(value, torch.Tensor):
@@ -178,8 +245,8 @@ class CellBatches:
     Parameters
     ----------
     fields
-        Batch key -> per-cell values: a :class:`RowReader` (rows of a matrix), a torch tensor or a numpy array
-        (first axis = cells).
+        Batch key -> per-cell values: a :class:`RowReader` (rows of a matrix), a :class:`Lookup` (distinct rows and
+        a code per cell), a torch tensor or a numpy array (first axis = cells).
     cells
         Cell indices of every pass, or a function of a :class:`numpy.random.Generator` returning the pass's
         :class:`Pairs`.
@@ -200,6 +267,12 @@ class CellBatches:
         Block shuffling: consecutive cells per block (default ``batch_size``), blocks per shuffled window.
     n_items
         Items per pass when ``cells`` is a function (else one pass is drawn to count them).
+    window
+        ``"full"`` shuffling of a pass with lazily completed parts (:class:`Pairs` ``parts``) longer than this many
+        items: its parts are permuted, the items taken in that order are cut into windows of ``window`` items
+        (rounded up to whole batches of all processes) and permuted within each window; so the first batches need
+        only the parts of the first window, and every batch costs the same whatever the size of the pass. A
+        shorter pass is permuted whole (as without parts).
     """
 
     def __init__(
@@ -216,6 +289,7 @@ class CellBatches:
         block_size: int | None = None,
         window_blocks: int = 32,
         n_items: int | None = None,
+        window: int = 65536,
     ) -> None:
         if int(batch_size) < 1:
             msg = f"batch_size must be a positive integer, got {batch_size}"
@@ -239,6 +313,7 @@ class CellBatches:
         self.shuffle = shuffle
         self.block_size = int(block_size or self.batch_size)
         self.window_blocks = max(1, int(window_blocks))
+        self.window = max(1, int(window))
         self._n = len(cells) if not callable(cells) else n_items
 
     # ------------------------------------------------------------------ passes
@@ -257,6 +332,8 @@ class CellBatches:
         rank, world = _world()
         if self.shuffle is False or self.fixed:
             order = np.arange(n)
+        elif self.shuffle == "full" and pairs.parts is not None and n > self.window:
+            order = self._window_order(pairs, rng, world)
         elif self.shuffle == "full":
             order = rng.permutation(n)
         else:
@@ -270,6 +347,20 @@ class CellBatches:
                 out.append(np.array_split(part, world)[rank])
             return out
         return [order[s : s + b] for s in range(0, n, b)]
+
+    def _window_order(self, pairs: Pairs, rng: np.random.Generator, world: int) -> np.ndarray:
+        """Parts permuted, then items permuted within windows of ``window`` items (whole global batches)."""
+        n, step = len(pairs), self.batch_size * world
+        starts = pairs.parts
+        sizes = np.diff(np.append(starts, n))
+        perm = rng.permutation(len(starts))
+        # the items of the parts in the order perm, without a Python loop over parts
+        offsets = np.repeat(starts[perm] - np.concatenate([[0], np.cumsum(sizes[perm])[:-1]]), sizes[perm])
+        seq = np.arange(n) + offsets
+        window = -(-self.window // step) * step
+        for s in range(0, n, window):
+            seq[s : s + window] = seq[s : s + window][rng.permutation(len(seq[s : s + window]))]
+        return seq
 
     def _block_order(self, pairs: Pairs, rng: np.random.Generator, rank: int, world: int) -> list[np.ndarray]:
         """Blocks of consecutive target cells, permuted; cells permuted within windows; windows dealt to processes."""
@@ -320,7 +411,13 @@ class CellBatches:
         import torch
 
         pairs, rng = self._pass()
+        done = None if pairs.parts is None else np.zeros(len(pairs.parts), dtype=bool)
         for pos in self._order(pairs, rng):
+            if done is not None:  # finish the parts this batch reads (lazily completed pairs)
+                need = np.unique(pairs.part_of(pos))
+                for i in need[~done[need]]:
+                    pairs.complete(int(i))
+                done[need] = True
             tgt = pairs.targets[pos]
             batch = {k: take_rows(v, tgt) for k, v in self.fields.items()}
             if self.source_fields:

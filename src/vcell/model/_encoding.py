@@ -226,8 +226,10 @@ class PerturbationInputs:
         Columns: the module's atoms, then (gene graph only) one per graph node never seen in training that the
         labels use; the second array holds those nodes' indices (empty without them).
         """
-        labels = [str(x) for x in labels]
-        unknown = sorted({a for lab in labels for a in _components(lab) if a not in self._atom_index})
+        # each distinct label parsed once (a training set of 1M cells has a few hundred), then expanded per cell
+        codes, distinct = pd.factorize(np.asarray([str(x) for x in labels], dtype=object), sort=False)
+        distinct = [str(x) for x in distinct]
+        unknown = sorted({a for lab in distinct for a in _components(lab) if a not in self._atom_index})
         graph = self._graph_nodes
         extra = [a for a in unknown if graph is not None and a in graph]
         unknown = [a for a in unknown if graph is None or a not in graph]
@@ -243,10 +245,11 @@ class PerturbationInputs:
             msg = f"perturbation(s) {unknown} were never seen in training and have no row in the perturbation_embedding"
             raise KeyError(msg)
         column = {**self._atom_index, **{a: len(self.atoms_) + i for i, a in enumerate(extra)}}
-        out = np.zeros((len(labels), len(column)), dtype=np.float32)
-        for i, lab in enumerate(labels):
+        table = np.zeros((len(distinct), len(column)), dtype=np.float32)
+        for i, lab in enumerate(distinct):
             for a in _components(lab):
-                out[i, column[a]] = 1.0
-        out *= np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))[:, None]
+                table[i, column[a]] = 1.0
+        out = table[codes] if len(codes) else np.zeros((0, len(column)), dtype=np.float32)
+        out *= np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(codes),))[:, None]
         nodes = graph.get_indexer(extra).astype(np.int64) if extra else np.zeros(0, dtype=np.int64)
         return out, nodes

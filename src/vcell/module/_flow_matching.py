@@ -18,6 +18,7 @@ RNA alone through the buffer ``rna_projection`` (``z = (x - mean_rna) @ rna_proj
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,11 @@ from ._perturbation_encoders import (
 )
 
 SOLVERS = ("euler", "midpoint")
+#: default integrator of predictions: 5 midpoint steps (10 field evaluations per cell). On Kang 2018 transfer and a
+#: simulated screen its predictions were within 1.6% and 1.2% (RMS over cells and genes, relative to the predicted
+#: change; 2.4% and 2.2% at most) of 100 midpoint steps, the scores unchanged (benchmarks/flow_matching_solvers.py)
+DEFAULT_STEPS = 5
+DEFAULT_SOLVER = "midpoint"
 #: batch keys: source (control) and target (perturbed) coordinates, flow time, time covariate
 SOURCE_KEY = "x0"
 TARGET_KEY = "x1"
@@ -52,7 +58,13 @@ def _sq_dists(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
 
 
 def sinkhorn_plan(cost: np.ndarray, *, epsilon: float = 0.05, max_iter: int = 500, tol: float = 1e-4) -> np.ndarray:
-    """Entropic optimal-transport plan between uniform marginals (log-domain Sinkhorn, in torch).
+    """Entropic optimal-transport plan between uniform marginals (Sinkhorn).
+
+    The iterations scale the kernel ``K = exp(-cost / eps)`` in float64 (two matrix-vector products per iteration);
+    when ``K`` or the scalings leave float64's range (a regularisation small against the spread of the costs), the
+    same iterations run in the log domain (in torch, float32). Both are the same updates of the same potentials
+    (``f = log a - logsumexp(-cost / eps + g)``): their plans agree to float32 rounding, the scaling one about 10x
+    faster (a 850 x 850 plan of FlowMatching's coupling on PCA coordinates: 10 ms instead of 100 ms).
 
     Parameters
     ----------
@@ -77,20 +89,48 @@ def sinkhorn_plan(cost: np.ndarray, *, epsilon: float = 0.05, max_iter: int = 50
     array([[0.5, 0. ],
            [0. , 0.5]])
     """
-    C = torch.as_tensor(np.asarray(cost, dtype=np.float64))
-    if C.ndim != 2 or not C.numel() or not bool(torch.isfinite(C).all()):
-        msg = f"cost must be a finite, non-empty 2-D matrix, got shape {tuple(C.shape)}"
+    C = np.asarray(cost, dtype=np.float64)
+    if C.ndim != 2 or not C.size or not np.isfinite(C).all():
+        msg = f"cost must be a finite, non-empty 2-D matrix, got shape {C.shape}"
         raise ValueError(msg)
     if not epsilon > 0:
         msg = f"epsilon must be > 0, got {epsilon!r}"
         raise ValueError(msg)
-    n, m = C.shape
     eps = float(epsilon) * max(float(C.mean()), 1e-12)
-    K = (-C / eps).to(torch.float32)
+    plan = _sinkhorn_scaling(C, eps, int(max_iter), float(tol))
+    return plan if plan is not None else _sinkhorn_log(C, eps, int(max_iter), float(tol))
+
+
+def _sinkhorn_scaling(C: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray | None:
+    """Sinkhorn by kernel scaling in float64; ``None`` when a value leaves float64's range (then use the log domain)."""
+    n, m = C.shape
+    a, b = 1.0 / n, 1.0 / m
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        K = np.exp(-C / eps)
+        if not (K.sum(axis=1).min() > 1e-280 and K.sum(axis=0).min() > 1e-280):
+            return None  # a row or column underflows: its scaling would overflow
+        v = np.ones(m)
+        for it in range(max_iter):
+            u = a / (K @ v)
+            v = b / (K.T @ u)
+            if it % 5 == 4:  # columns are exact after the v update; check the rows every 5 iterations
+                rows = u * (K @ v)
+                if not np.isfinite(rows).all():
+                    return None
+                if float(np.abs(rows - a).sum()) < tol:
+                    break
+        plan = u[:, None] * K * v[None, :]
+    return plan if np.isfinite(plan).all() else None
+
+
+def _sinkhorn_log(C: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
+    """Sinkhorn in the log domain (torch, float32): stable for any regularisation."""
+    n, m = C.shape
+    K = torch.as_tensor(-C / eps).to(torch.float32)
     log_a, log_b = -math.log(n), -math.log(m)
     f = torch.zeros(n, dtype=torch.float32)
     g = torch.zeros(m, dtype=torch.float32)
-    for it in range(int(max_iter)):
+    for it in range(max_iter):
         f = log_a - torch.logsumexp(K + g[None, :], dim=1)
         g = log_b - torch.logsumexp(K + f[:, None], dim=0)
         if it % 5 == 4:  # columns are exact after the g update; check the rows every 5 iterations
@@ -108,6 +148,7 @@ def ot_pairs(
     exact_max: int = 512,
     epsilon: float = 0.05,
     rng: np.random.Generator | None = None,
+    uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Source row coupled with every target row by optimal transport on squared Euclidean cost.
 
@@ -127,6 +168,9 @@ def ot_pairs(
         Sinkhorn regularisation (relative to the mean cost).
     rng
         Generator of the Sinkhorn draws (``None``: seed 0).
+    uniforms
+        The Sinkhorn draws themselves (``m`` uniforms in ``[0, 1)``, e.g. drawn ahead of the coupling); then ``rng``
+        is not used.
 
     Returns
     -------
@@ -160,7 +204,13 @@ def ot_pairs(
         return out
     plan = sinkhorn_plan(cost, epsilon=epsilon)
     cum = np.cumsum(plan / np.maximum(plan.sum(0, keepdims=True), 1e-300), axis=0)
-    u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
+    if uniforms is not None:
+        u = np.asarray(uniforms, dtype=np.float64)
+        if u.shape != (len(x1),):
+            msg = f"uniforms must hold one draw per target ({len(x1)}), got shape {u.shape}"
+            raise ValueError(msg)
+    else:
+        u = (np.random.default_rng(0) if rng is None else rng).random(len(x1))
     return np.minimum((cum < u[None, :]).sum(0), len(x0) - 1).astype(np.int64)
 
 
@@ -368,6 +418,10 @@ class FlowMatchingModule(VCellModule):
         """Change in expression of a displacement ``dz`` in the standardised PCA space."""
         return dz * self.scale @ self._rna_components()
 
+    def decode_onto(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """``x + decode_delta(dz)`` as one fused product (:func:`torch.addmm`: no intermediate ``(n, n_genes)`` array)."""
+        return torch.addmm(x, dz * self.scale, self._rna_components())
+
     def _check_proteins(self) -> None:
         if not self.n_proteins:
             msg = "this FlowMatchingModule has no proteins (n_proteins=0)"
@@ -421,32 +475,114 @@ class FlowMatchingModule(VCellModule):
         mse = F.mse_loss(out["v"], out["u"])
         return LossOutput(loss=mse, terms={"flow_mse": mse.detach()})
 
+    # ------------------------------------------------------------------------- prediction
+    def condition_bias(self, c: torch.Tensor) -> torch.Tensor:
+        """The condition's part of the field's first layer: ``c @ W_c.T + b`` ``(n, n_hidden)``.
+
+        The first layer is linear in ``[z, sinusoidal(t), c]``: its pre-activation is ``z @ W_z.T + e(t) @ W_t.T + c
+        @ W_c.T + b``. A prediction computes the condition's part once per cell (not once per solver step) and the
+        flow time's once per step (not once per cell): see :meth:`flow`.
+        """
+        lin = self.field[0]
+        return F.linear(c, lin.weight[:, self.n_components + 2 * self.n_freqs :], lin.bias)
+
+    def time_bias(self, t: torch.Tensor) -> torch.Tensor:
+        """The flow time's part of the field's first layer, ``e(t) @ W_t.T`` ``(len(t), n_hidden)``, for times ``t``."""
+        d = self.n_components
+        return time_embedding(t.reshape(-1), self.n_freqs) @ self.field[0].weight[:, d : d + 2 * self.n_freqs].T
+
+    def _field_from_bias(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``v(z, t | c)`` from the first layer's condition and time parts ``a`` ``(n, n_hidden)``, overwritten.
+
+        Equal to :meth:`velocity` up to float rounding (the same sums, in another order), without building
+        ``[z, sinusoidal(t), c]`` per cell; the hidden activations are computed in place.
+        """
+        a = a.addmm_(z, self.field[0].weight[:, : self.n_components].T)
+        for layer in self.field[1:]:
+            a = F.silu(a, inplace=True) if isinstance(layer, nn.SiLU) else layer(a)
+        return a
+
+    @torch.no_grad()
+    def flow(
+        self,
+        z0: torch.Tensor,
+        h: torch.Tensor,
+        *,
+        n_steps: int = DEFAULT_STEPS,
+        solver: str = DEFAULT_SOLVER,
+        path: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`transport` of cells ``z0`` whose condition enters as ``h = condition_bias(c)`` ``(n, n_hidden)``.
+
+        The time part of the first layer is computed once per solver time for all cells; many conditions (e.g. the
+        same control cells under many perturbations) integrate in one call by stacking their rows.
+        """
+        n_steps, dt = _check_solver(solver, n_steps)
+        k = 2 if solver == "midpoint" else 1
+        times = [(i * dt + j * 0.5 * dt) for i in range(n_steps) for j in range(k)]
+        tb = self.time_bias(torch.tensor(times, dtype=z0.dtype, device=z0.device))
+        bias = dict(zip(times, tb, strict=True))
+
+        def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+            return self._field_from_bias(z, h + bias[t])
+
+        return integrate(velocity, z0, n_steps=n_steps, solver=solver, path=path)
+
     @torch.no_grad()
     def transport(
-        self, z0: torch.Tensor, c: torch.Tensor, *, n_steps: int = 20, solver: str = "midpoint", path: bool = False
+        self,
+        z0: torch.Tensor,
+        c: torch.Tensor,
+        *,
+        n_steps: int = DEFAULT_STEPS,
+        solver: str = DEFAULT_SOLVER,
+        path: bool = False,
     ) -> torch.Tensor:
         """Integrate ``dz/dt = v(z, t | c)`` from ``t = 0`` to ``1`` with ``n_steps`` fixed steps.
 
         Returns the endpoints ``(n, n_components)``, or with ``path=True`` the states at every step
-        ``(n_steps + 1, n, n_components)``.
+        ``(n_steps + 1, n, n_components)``. Computed by :meth:`flow` (the condition's part of the first layer once,
+        the time's once per step).
         """
-        if solver not in SOLVERS:
-            msg = f"solver must be one of {SOLVERS}, got {solver!r}"
-            raise ValueError(msg)
-        if isinstance(n_steps, bool) or int(n_steps) < 1 or int(n_steps) != n_steps:
-            msg = f"n_steps must be a positive integer, got {n_steps!r}"
-            raise ValueError(msg)
-        n_steps = int(n_steps)
-        dt = 1.0 / n_steps
-        z = z0
-        states = [z]
-        for k in range(n_steps):
-            t = k * dt
-            if solver == "euler":
-                z = z + dt * self.velocity(z, t, c)
-            else:
-                z_mid = z + 0.5 * dt * self.velocity(z, t, c)
-                z = z + dt * self.velocity(z_mid, t + 0.5 * dt, c)
-            if path:
-                states.append(z)
-        return torch.stack(states) if path else z
+        _check_solver(solver, n_steps)
+        return self.flow(z0, self.condition_bias(c), n_steps=n_steps, solver=solver, path=path)
+
+
+def _check_solver(solver: str, n_steps: int) -> tuple[int, float]:
+    """``(n_steps, 1 / n_steps)``; ValueError for an unknown solver or a bad number of steps."""
+    if solver not in SOLVERS:
+        msg = f"solver must be one of {SOLVERS}, got {solver!r}"
+        raise ValueError(msg)
+    if isinstance(n_steps, bool) or int(n_steps) < 1 or int(n_steps) != n_steps:
+        msg = f"n_steps must be a positive integer, got {n_steps!r}"
+        raise ValueError(msg)
+    return int(n_steps), 1.0 / int(n_steps)
+
+
+def integrate(
+    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    n_steps: int = DEFAULT_STEPS,
+    solver: str = DEFAULT_SOLVER,
+    path: bool = False,
+) -> torch.Tensor:
+    """Integrate ``dz/dt = velocity(z, t)`` (``t`` a float) from ``t = 0`` to ``1`` in ``n_steps`` fixed steps.
+
+    ``solver``: ``"euler"`` or ``"midpoint"`` (evaluating ``velocity`` at ``t = k / n_steps`` and, for the midpoint,
+    ``(k + 1/2) / n_steps``). Returns the endpoints, or with ``path=True`` the states at every step
+    ``(n_steps + 1, *z0.shape)``.
+    """
+    n_steps, dt = _check_solver(solver, n_steps)
+    z = z0
+    states = [z]
+    for k in range(n_steps):
+        t = k * dt
+        if solver == "euler":
+            z = z + dt * velocity(z, t)
+        else:
+            z_mid = z + 0.5 * dt * velocity(z, t)
+            z = z + dt * velocity(z_mid, t + 0.5 * dt)
+        if path:
+            states.append(z)
+    return torch.stack(states) if path else z
