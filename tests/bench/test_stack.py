@@ -220,3 +220,33 @@ def test_ensemble_bad_inputs():
         Ensemble("linear")
     with pytest.raises(ValueError, match="at least one component"):
         convex_weights(np.zeros((3, 0)), np.zeros(3))
+
+
+def test_pearson_delta_objective(sim):
+    oracle = _Oracle("oracle", sim)
+    model = Stacked(base="additive", members=[oracle], objective="pearson_delta")
+    _run(sim, [model])
+    assert model.validation_["objective"] == "pearson_delta"
+    assert model.weights_["oracle"] > 0.9
+    noise = Stacked(
+        base="additive", members=[_Oracle("noise", sim, lambda c, t: True, truth=False)], objective="pearson_delta"
+    )
+    _run(sim, [noise])
+    assert noise.weights_["noise"] < 0.1
+    with pytest.raises(ValueError, match="objective must be one of"):
+        Stacked(base="additive", members=["linear"], objective="r2")
+
+
+def test_pearson_delta_weights_grid():
+    from vcell.bench import pearson_delta_weights
+
+    rng = np.random.default_rng(1)
+    ctrl = rng.normal(size=(3, 30))
+    truth = ctrl + rng.normal(size=(3, 30))
+    good = truth + 0.01 * rng.normal(size=(3, 30))
+    bad = ctrl + rng.normal(size=(3, 30))
+    w = pearson_delta_weights(np.stack([bad, good], axis=1), truth, ctrl)
+    assert w.tolist() == [0.0, 1.0]
+    # equal scores: the first component (the base) wins
+    w = pearson_delta_weights(np.stack([good, good], axis=1), truth, ctrl)
+    assert w.tolist() == [1.0, 0.0]

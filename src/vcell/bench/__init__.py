@@ -4,7 +4,7 @@ from ._export import export_cell_eval
 from ._leakage import check_leakage
 from ._run import BASELINES, BenchmarkResult, ModelSpec, PredictionRequest, Predictor, run, summarize
 from ._split import SPLIT_KINDS, split
-from ._stack import Ensemble, Stacked, convex_weights
+from ._stack import Ensemble, Stacked, convex_weights, pearson_delta_weights
 
 __all__ = [
     "SPLIT_KINDS",
@@ -17,6 +17,7 @@ __all__ = [
     "Stacked",
     "check_leakage",
     "convex_weights",
+    "pearson_delta_weights",
     "export_cell_eval",
     "run",
     "split",

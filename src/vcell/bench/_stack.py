@@ -22,7 +22,17 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
 from vcell._utils import get_matrix, is_count_matrix
 
-from ._run import BASELINES, ModelSpec, PredictionRequest, Predictor, _capped, _resolve_models, _shallow_copy
+from ._run import (
+    BASELINES,
+    ModelSpec,
+    PredictionRequest,
+    Predictor,
+    _capped,
+    _expression_rows,
+    _mean_rows,
+    _resolve_models,
+    _shallow_copy,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -31,6 +41,8 @@ if TYPE_CHECKING:
 RESPLIT_KINDS = ("unseen_cell_type", "unseen_dose")
 #: ways to choose the validation conditions
 VALIDATION_MODES = ("auto", "val", "resplit")
+#: what the weights optimise on the validation conditions
+OBJECTIVES = ("mse", "pearson_delta")
 
 
 def convex_weights(A: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -88,6 +100,50 @@ def convex_weights(A: np.ndarray, t: np.ndarray) -> np.ndarray:
     return best
 
 
+def _simplex_grid(k: int, step: float) -> np.ndarray:
+    """Every weight vector of ``k`` non-negative multiples of ``step`` summing to 1, the first weight's largest first.
+
+    So that among equal scores the one closest to the first component (the base) wins.
+    """
+    n = round(1 / step)
+    pts = [c for c in itertools.product(range(n, -1, -1), repeat=k) if sum(c) == n]
+    return np.array(pts, dtype=np.float64) / n
+
+
+def pearson_delta_weights(preds: np.ndarray, truth: np.ndarray, ctrl: np.ndarray, *, step: float = 0.05) -> np.ndarray:
+    """Convex weights maximising the mean Pearson correlation of predicted and true changes over conditions.
+
+    Parameters
+    ----------
+    preds
+        ``(n_conditions, n_components, n_genes)`` mean predictions.
+    truth
+        ``(n_conditions, n_genes)`` true means.
+    ctrl
+        ``(n_conditions, n_genes)`` control means the changes are taken from.
+    step
+        Grid step over the simplex (at most 4 components at the default).
+
+    Returns
+    -------
+    The weights; among equal scores, the one with the largest first weight.
+    """
+    k = preds.shape[1]
+    grid = _simplex_grid(k, step)
+    if len(grid) > 20_000:
+        msg = f"objective='pearson_delta' searches a grid: too many components ({k}) for step {step}"
+        raise ValueError(msg)
+    D = preds - ctrl[:, None, :]  # conditions x components x genes
+    T = truth - ctrl
+    comb = np.einsum("gk,ckn->gcn", grid, D)  # grid x conditions x genes
+    comb = comb - comb.mean(-1, keepdims=True)
+    Tc = T - T.mean(-1, keepdims=True)
+    num = (comb * Tc[None]).sum(-1)
+    den = np.sqrt((comb**2).sum(-1) * (Tc**2).sum(-1)[None])
+    r = np.divide(num, den, out=np.zeros_like(num), where=den > 0).mean(1)
+    return grid[int(np.argmax(r > r.max() - 1e-12))]
+
+
 def _fingerprint(data: AnnData, requests: list[PredictionRequest]) -> str:
     """Hash of the cells (names and split labels) and the requests: keys the member cache."""
     h = hashlib.sha1()
@@ -118,12 +174,16 @@ class _Combination:
         weights: Sequence[float] | None,
         cache: dict | None,
         fallback: np.ndarray,
+        objective: str = "mse",
     ) -> None:
         if not isinstance(name, str) or not name:
             msg = f"name must be a non-empty string, got {name!r}"
             raise ValueError(msg)
         if validation not in VALIDATION_MODES:
             msg = f"validation must be one of {VALIDATION_MODES}, got {validation!r}"
+            raise ValueError(msg)
+        if objective not in OBJECTIVES:
+            msg = f"objective must be one of {OBJECTIVES}, got {objective!r}"
             raise ValueError(msg)
         if isinstance(n_seeds, bool) or not isinstance(n_seeds, (int, np.integer)) or n_seeds < 1:
             msg = f"n_seeds must be a positive integer, got {n_seeds!r}"
@@ -160,6 +220,7 @@ class _Combination:
         self.max_val_controls = max_val_controls
         self.fixed_weights = weights
         self.cache = cache
+        self.objective = objective
         self._fallback = fallback
         self.weights_: dict[str, float] = {}
         self.validation_: dict[str, Any] = {}
@@ -278,6 +339,12 @@ class _Combination:
         transform = "log1p_cp10k" if is_count_matrix(X) else None
         means = group_means(X, group, transform=transform)
         truth = {g: means.loc[g].to_numpy(dtype=np.float64) for g in names}
+        if self.objective == "pearson_delta":  # the control mean each validation prediction starts from
+            Xi = get_matrix(inner, layer)
+            for r in requests:
+                truth[("ctrl", r.condition)] = _mean_rows(_expression_rows(Xi, r.controls, transform)).astype(
+                    np.float64
+                )
         return inner, keep_pos, requests, truth, mode
 
     def _fit_weights(
@@ -300,7 +367,7 @@ class _Combination:
             for c in self.components
         ]
         usable = [r.condition for r in requests if all(not isinstance(p[r.condition], str) for p in preds)]
-        info: dict[str, Any] = {"validation": mode, "n_val_conditions": len(usable)}
+        info: dict[str, Any] = {"validation": mode, "objective": self.objective, "n_val_conditions": len(usable)}
         if not usable:
             why = "; ".join(
                 f"{c.name}: {p[r.condition]}"
@@ -316,7 +383,12 @@ class _Combination:
             return self._fallback, info, (inner, keep_pos)
         t = np.concatenate([truth[g] for g in usable])
         A = np.column_stack([np.concatenate([p[g].mean(0, dtype=np.float64) for g in usable]) for p in preds])
-        w = convex_weights(A, t)
+        if self.objective == "mse":
+            w = convex_weights(A, t)
+        else:
+            P = np.stack([np.stack([p[g].mean(0, dtype=np.float64) for p in preds]) for g in usable])
+            C = np.stack([truth[("ctrl", g)] for g in usable])
+            w = pearson_delta_weights(P, np.stack([truth[g] for g in usable]), C)
         n = len(t)
         for c, col in zip(self.components, A.T, strict=True):
             info[f"val_mse:{c.name}"] = float(np.mean((t - col) ** 2))
@@ -446,6 +518,10 @@ class Stacked(_Combination):
         A dict shared between :class:`Stacked` / :class:`Ensemble` objects of one benchmark: a component's
         predictions are computed once per (name, stage, seed, cells, requests) and reused, so the same member is
         not retrained by every combination. Components with the same name must then be the same model.
+    objective
+        What the weights optimise over the validation conditions: ``"mse"`` (squared error of the mean prediction,
+        exact by :func:`convex_weights`) or ``"pearson_delta"`` (mean Pearson correlation of predicted and true
+        changes from the controls, :func:`pearson_delta_weights` on a 0.05 grid; at most 4 components).
 
     Attributes
     ----------
@@ -484,6 +560,7 @@ class Stacked(_Combination):
         max_val_controls: int | None = 500,
         weights: Sequence[float] | None = None,
         cache: dict | None = None,
+        objective: str = "mse",
     ) -> None:
         if isinstance(base, str) and base not in BASELINES:
             msg = f"unknown base {base!r}: use one of the baselines {BASELINES}, a ModelSpec or a Predictor"
@@ -507,6 +584,7 @@ class Stacked(_Combination):
             weights=weights,
             cache=cache,
             fallback=fallback,
+            objective=objective,
         )
         self.base = components[0]
         self.members = components[1:]
@@ -526,7 +604,7 @@ class Ensemble(_Combination):
     members
         At least two members: baseline or vcell model class names, :class:`ModelSpec` objects or predictors.
         A seed ensemble of one model: ``n_seeds``.
-    name, validation, refit, n_seeds, max_val_controls, cache
+    name, validation, refit, n_seeds, max_val_controls, cache, objective
         As in :class:`Stacked`.
     weights
         Fixed weights (one per member, normalised) instead of fitted ones.
@@ -557,6 +635,7 @@ class Ensemble(_Combination):
         max_val_controls: int | None = 500,
         weights: Sequence[float] | None = None,
         cache: dict | None = None,
+        objective: str = "mse",
     ) -> None:
         if isinstance(members, (str, Predictor)) or len(members) < 2:
             msg = "an Ensemble needs at least two members (model names, ModelSpec objects or predictors)"
@@ -572,5 +651,6 @@ class Ensemble(_Combination):
             weights=weights,
             cache=cache,
             fallback=np.full(len(components), 1.0 / len(components)),
+            objective=objective,
         )
         self.members = components
