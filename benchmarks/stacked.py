@@ -66,17 +66,21 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def combinations(base: str, members: dict, cache: dict) -> list:
+def combinations(base: str, members: dict, cache: dict, objective: str = "mse") -> list:
     """Base alone, each member alone, each member stacked on the base, all stacked, ensemble of the members."""
     names = list(members)
     models: list = [base]
     for n, spec in members.items():
         models.append(vcell.bench.Stacked(base, [spec], weights=[0, 1], name=n, cache=cache))
     for n, spec in members.items():
-        models.append(vcell.bench.Stacked(base, [spec], name=f"{base}+{n}", cache=cache))
+        models.append(vcell.bench.Stacked(base, [spec], name=f"{base}+{n}", cache=cache, objective=objective))
     if len(names) > 1:
-        models.append(vcell.bench.Stacked(base, list(members.values()), name=f"{base}+all", cache=cache))
-        models.append(vcell.bench.Ensemble(list(members.values()), name="ensemble(members)", cache=cache))
+        models.append(
+            vcell.bench.Stacked(base, list(members.values()), name=f"{base}+all", cache=cache, objective=objective)
+        )
+        models.append(
+            vcell.bench.Ensemble(list(members.values()), name="ensemble(members)", cache=cache, objective=objective)
+        )
     return models
 
 
@@ -104,7 +108,7 @@ def header(args: argparse.Namespace, t_start: float, load_start: float, extra: s
     return (
         f"Command: `python benchmarks/stacked.py {' '.join(args.argv)}`; 2 CPU cores shared with other jobs (load "
         f"average {load_start:.1f} at the start, {os.getloadavg()[1]:.1f} at the end; {args.threads} torch threads), "
-        f"{(time.perf_counter() - t_start) / 60:.1f} min wall. {extra} Cells: mean [95% t-interval] over seeds of the "
+        f"{(time.perf_counter() - t_start) / 60:.1f} min wall. Weights objective: {args.objective}. {extra} Cells: mean [95% t-interval] over seeds of the "
         "mean over held-out conditions. Weights: convex, fitted on validation conditions only (column `w <name>`; "
         "`n_val_conditions` = conditions that fitted them).\n\n"
     )
@@ -125,7 +129,7 @@ def papalexi(args: argparse.Namespace) -> str:
     )
     lin = vcell.bench.ModelSpec("linear", vcell.model.Baseline, {"method": "linear", "perturbation_embedding": emb})
     cache: dict = {}
-    models = combinations("mean", {"linear": lin, "CausalVAE": cvae}, cache)
+    models = combinations("mean", {"linear": lin, "CausalVAE": cvae}, cache, args.objective)
     order = [m if isinstance(m, str) else m.name for m in models]
     res = vcell.bench.run(
         adata,
@@ -174,7 +178,7 @@ def papalexi_genepert(args: argparse.Namespace) -> str:
         for k, e in embs.items()
     }
     cache: dict = {}
-    models = combinations("mean", members, cache)
+    models = combinations("mean", members, cache, args.objective)
     order = [m if isinstance(m, str) else m.name for m in models]
     res = vcell.bench.run(
         adata,
@@ -225,7 +229,7 @@ def combos(args: argparse.Namespace) -> str:
                 {**TRAIN, "max_epochs": args.epochs, **json.loads(args.train_kwargs)},
             )
             cache: dict = {}
-            models = combinations("additive", {"linear": "linear", "CausalVAE": cvae}, cache)
+            models = combinations("additive", {"linear": "linear", "CausalVAE": cvae}, cache, args.objective)
             order = [m if isinstance(m, str) else m.name for m in models]
             t0 = time.perf_counter()
             res = vcell.bench.run(
@@ -292,7 +296,7 @@ def kang(args: argparse.Namespace) -> str:
         {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
     )
     cache: dict = {}
-    models = combinations("additive", {"CausalVAE": cvae}, cache)
+    models = combinations("additive", {"CausalVAE": cvae}, cache, args.objective)
     order = [m if isinstance(m, str) else m.name for m in models]
     res = vcell.bench.run(
         adata,
@@ -325,6 +329,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="")
     parser.add_argument("--modes", default="random,mechanistic")
     parser.add_argument("--types", default="NK,FCGR3A+Mono,Dendritic")
+    parser.add_argument("--objective", default="mse", choices=["mse", "pearson_delta"], help="weights' objective")
     parser.add_argument("--split-kwargs", default="{}", help="JSON options of the split kind (e.g. val_frac)")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
