@@ -104,6 +104,17 @@ def metric_table(res: pd.DataFrame, metrics: list[str], order: list[str], group:
     return markdown(out.sort_values([*group, "model"]))
 
 
+def paired_table(res: pd.DataFrame, metrics: list[str], order: list[str], base: str) -> str:
+    """Per seed, model minus ``base`` (mean over held-out conditions), then mean [95% t-interval] over seeds."""
+    r = res[res["metric"].isin(metrics) & (res["error"].fillna("") == "")]
+    per_seed = r.groupby(["model", "metric", "seed"])["value"].mean().unstack("model")
+    diff = per_seed.sub(per_seed[base], axis=0).drop(columns=base)
+    out = diff.stack().rename("d").reset_index().groupby(["model", "metric"])["d"].apply(ci).unstack("metric")
+    out = out.reindex(columns=[m for m in metrics if m in out.columns]).reset_index()
+    out["model"] = pd.Categorical(out["model"], order, ordered=True)
+    return markdown(out.sort_values("model"))
+
+
 def header(args: argparse.Namespace, t_start: float, load_start: float, extra: str) -> str:
     return (
         f"Command: `python benchmarks/stacked.py {' '.join(args.argv)}`; 2 CPU cores shared with other jobs (load "
@@ -146,7 +157,8 @@ def papalexi(args: argparse.Namespace) -> str:
         f"(max_epochs={args.epochs}, early stopping)."
     )
     text = "## Papalexi unseen knock-outs\n\n" + header(args, args.t0, args.load0, extra)
-    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Fitted weights\n\n"
+    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Paired: model - mean, per seed\n\n"
+    text += paired_table(res.results, PAPALEXI_METRICS, order, "mean") + "\n\n### Fitted weights\n\n"
     text += weights_table(res.timings, ["seed"]) + "\n"
     return text
 
@@ -196,7 +208,8 @@ def papalexi_genepert(args: argparse.Namespace) -> str:
         "(`go_graph_jaccard_top20_human.csv.gz`), propagation and spectral (seed 0)."
     )
     text = "## Papalexi unseen knock-outs: GenePert-style linear members\n\n" + header(args, args.t0, args.load0, extra)
-    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Fitted weights\n\n"
+    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Paired: model - mean, per seed\n\n"
+    text += paired_table(res.results, PAPALEXI_METRICS, order, "mean") + "\n\n### Fitted weights\n\n"
     text += weights_table(res.timings, ["seed"]) + "\n"
     return text
 
@@ -331,8 +344,15 @@ def main() -> None:
     parser.add_argument("--types", default="NK,FCGR3A+Mono,Dendritic")
     parser.add_argument("--objective", default="mse", choices=["mse", "pearson_delta"], help="weights' objective")
     parser.add_argument("--split-kwargs", default="{}", help="JSON options of the split kind (e.g. val_frac)")
+    parser.add_argument("--paired-from", default="", help="only print the paired table (vs `mean`) of DIR/results.csv")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    if args.paired_from:
+        res = pd.read_csv(Path(args.paired_from) / "results.csv")
+        text = paired_table(res, PAPALEXI_METRICS, list(dict.fromkeys(res["model"])), "mean")
+        print(text)
+        (Path(args.paired_from) / "paired.md").write_text(text + "\n")
+        return
     defaults = {
         "papalexi": ("0,1,2", 200),
         "papalexi_genepert": ("0,1,2", 1),
