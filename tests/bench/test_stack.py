@@ -245,8 +245,8 @@ def test_pearson_delta_weights_grid():
     truth = ctrl + rng.normal(size=(3, 30))
     good = truth + 0.01 * rng.normal(size=(3, 30))
     bad = ctrl + rng.normal(size=(3, 30))
-    w = pearson_delta_weights(np.stack([bad, good], axis=1), truth, ctrl)
+    w = pearson_delta_weights(np.stack([bad, good], axis=1), truth, ctrl=ctrl)
     assert w.tolist() == [0.0, 1.0]
     # equal scores: the first component (the base) wins
-    w = pearson_delta_weights(np.stack([good, good], axis=1), truth, ctrl)
+    w = pearson_delta_weights(np.stack([good, good], axis=1), truth, ctrl=ctrl)
     assert w.tolist() == [1.0, 0.0]

@@ -110,7 +110,7 @@ def _simplex_grid(k: int, step: float) -> np.ndarray:
     return np.array(pts, dtype=np.float64) / n
 
 
-def pearson_delta_weights(preds: np.ndarray, truth: np.ndarray, ctrl: np.ndarray, *, step: float = 0.05) -> np.ndarray:
+def pearson_delta_weights(preds: np.ndarray, truth: np.ndarray, *, ctrl: np.ndarray, step: float = 0.05) -> np.ndarray:
     """Convex weights maximising the mean Pearson correlation of predicted and true changes over conditions.
 
     Parameters
@@ -127,6 +127,16 @@ def pearson_delta_weights(preds: np.ndarray, truth: np.ndarray, ctrl: np.ndarray
     Returns
     -------
     The weights; among equal scores, the one with the largest first weight.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ctrl = np.zeros((1, 4))
+    >>> truth = np.array([[1.0, 2.0, 3.0, 4.0]])
+    >>> noise = np.array([[1.0, -1.0, -1.0, 1.0]])  # uncorrelated with the true change
+    >>> preds = np.stack([noise, truth], axis=1)
+    >>> pearson_delta_weights(preds, truth, ctrl=ctrl).tolist()
+    [0.0, 1.0]
     """
     k = preds.shape[1]
     grid = _simplex_grid(k, step)
@@ -388,7 +398,7 @@ class _Combination:
         else:
             P = np.stack([np.stack([p[g].mean(0, dtype=np.float64) for p in preds]) for g in usable])
             C = np.stack([truth[("ctrl", g)] for g in usable])
-            w = pearson_delta_weights(P, np.stack([truth[g] for g in usable]), C)
+            w = pearson_delta_weights(P, np.stack([truth[g] for g in usable]), ctrl=C)
         n = len(t)
         for c, col in zip(self.components, A.T, strict=True):
             info[f"val_mse:{c.name}"] = float(np.mean((t - col) ** 2))
