@@ -326,3 +326,20 @@ def test_window_runs_read_only_what_they_need(matrix: np.ndarray, backed: ad.Ann
     np.testing.assert_array_equal(window(idx[::-1]), matrix[idx[::-1]])
     with pytest.raises(KeyError, match="window"):
         window(np.array([0]))
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_a_backed_reader_pickles_by_its_file(storage: str, tmp_path) -> None:
+    """``ddp_spawn`` pickles the loaders: a backed reader reopens its HDF5 matrix and reads the same rows."""
+    import pickle
+
+    X = sparse.random(50, 6, density=0.4, format="csr", dtype=np.float32, random_state=2)
+    path = tmp_path / "p.h5ad"
+    ad.AnnData(X if storage == "csr" else X.toarray()).write_h5ad(path)
+    reader = RowReader(ad.read_h5ad(path, backed="r").X, transform=np.log1p)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.kind == reader.kind
+    assert copy.backed
+    idx = np.array([49, 3, 3, 10])
+    np.testing.assert_array_equal(copy(idx), reader(idx))
+    np.testing.assert_allclose(copy(idx), np.log1p(X[idx].toarray()), rtol=1e-6)

@@ -140,6 +140,32 @@ class RowReader:
             self.kind, self.X = kind, X
         self.shape = tuple(int(s) for s in self.X.shape)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``strategy="ddp_spawn"`` pickles the loaders): a matrix of an HDF5 file by its file and path."""
+        state = dict(self.__dict__)
+        if self.backed:
+            import h5py
+
+            node = getattr(self.X, "group", self.X)  # anndata's sparse datasets: their group; else an h5py dataset
+            if not isinstance(node, h5py.Group | h5py.Dataset):
+                msg = (
+                    f"cannot pickle a reader of a backed {type(self.X).__name__} outside an HDF5 file; "
+                    'train with strategy="ddp" (processes started as scripts) instead of "ddp_spawn"'
+                )
+                raise TypeError(msg)
+            state["X"] = ("h5", node.file.filename, node.name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["X"], tuple):  # reopened read-only in this process
+            import h5py
+            from anndata.io import sparse_dataset
+
+            _, filename, name = state["X"]
+            node = h5py.File(filename, "r")[name]
+            state["X"] = sparse_dataset(node) if isinstance(node, h5py.Group) else node
+        self.__dict__.update(state)
+
     @property
     def backed(self) -> bool:
         """Whether rows are read from disk (then contiguous reads are much faster than random ones)."""
