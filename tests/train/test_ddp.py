@@ -107,9 +107,22 @@ def _saved_model_predicts(out: str, name: str) -> None:
     np.testing.assert_allclose(np.asarray(getattr(pred, "X", pred)), np.load(out + "_pred0.npy"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Callable, str], str]:
+    """The one-process run of a model (batch size 64), run once for this module's tests."""
+    folder, runs = tmp_path_factory.mktemp("one_process"), {}
+
+    def get(run_script: Callable, name: str) -> str:
+        if name not in runs:
+            runs[name] = _run(run_script, folder, name, 1, 64)
+        return runs[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_two_processes_match_one(run_script: Callable, tmp_path: Path, name: str) -> None:
-    one = _run(run_script, tmp_path, name, 1, 64)
+def test_two_processes_match_one(run_script: Callable, one_process: Callable, tmp_path: Path, name: str) -> None:
+    one = one_process(run_script, name)
     two = _run(run_script, tmp_path, name, 2, 32)
     _same_trajectory(one, two, name)
     # both processes hold the same weights after training, and the saved model predicts what they did
@@ -118,10 +131,10 @@ def test_two_processes_match_one(run_script: Callable, tmp_path: Path, name: str
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_spawned_processes_match_one(run_script: Callable, tmp_path: Path, name: str) -> None:
+def test_spawned_processes_match_one(run_script: Callable, one_process: Callable, tmp_path: Path, name: str) -> None:
     """``strategy="ddp_spawn"``: loaders, callbacks and plan are pickled to 2 started processes; the main process
     gets back the weights, the per-epoch history and the callbacks' state (the losses of one process)."""
-    one = _run(run_script, tmp_path, name, 1, 64)
+    one = one_process(run_script, name)
     two = _run(run_script, tmp_path, name, 2, 32, strategy="ddp_spawn")
     _same_trajectory(one, two, name)
     _saved_model_predicts(two, name)
