@@ -219,20 +219,20 @@ class RowReader:
         dense = hi - lo <= 4 * (stops - starts)  # runs read whole, as contiguous slices
         parts, rows, offset = [], np.empty(uniq.size, dtype=np.int64), 0
         if dense.any():
-            span = np.zeros(self.shape[0] + 1, dtype=np.int64)  # the dense runs' spans, as a mask of the rows
-            np.add.at(span, lo[dense], 1)
-            np.add.at(span, hi[dense], -1)
-            mask = np.cumsum(span[:-1]) > 0
-            at = np.concatenate([np.arange(a, b) for a, b in zip(starts[dense], stops[dense], strict=True)])
+            # the dense runs (sorted, disjoint: runs are more than _MAX_GAP rows apart), each read whole
+            for a, b, first, last in zip(starts[dense], stops[dense], lo[dense], hi[dense], strict=True):
+                rows[a:b] = offset + uniq[a:b] - first
+                offset += int(last - first)
             if self.kind == "backed_csr":  # one read (anndata reads each run of the mask as a slice)
+                mask = np.zeros(self.shape[0], dtype=bool)
+                for first, last in zip(lo[dense], hi[dense], strict=True):
+                    mask[first:last] = True
                 parts.append(_read_rows(self.X, self.kind, mask, self.shape[0], None))
             else:  # h5py/zarr/dask arrays: one slice per run
                 parts.extend(
                     _read_rows(self.X, self.kind, slice(int(a), int(b)), self.shape[0], None)
                     for a, b in zip(lo[dense], hi[dense], strict=True)
                 )
-            rows[at] = np.cumsum(mask)[uniq[at]] - 1
-            offset = int(mask.sum())
         if not dense.all():  # the other rows: one sorted read
             at = np.concatenate([np.arange(a, b) for a, b in zip(starts[~dense], stops[~dense], strict=True)])
             parts.append(_read_rows(self.X, self.kind, uniq[at], self.shape[0], None))
