@@ -22,7 +22,9 @@ Rows (each repeated ``--repeats`` times, interleaved: row 1..k, then again; ever
   the whole ``indices`` array on every batch;
 * ``vcell/h5ad/block``, ``vcell/h5ad/full``: the same over ``anndata.read_h5ad(path, backed="r").X`` (anndata's
   ``CSRDataset``), with block shuffling (blocks of ``batch_size`` consecutive cells, cells permuted within windows
-  of 32 blocks; what ``shuffle="auto"`` picks on disk) and with full shuffling;
+  of 32 blocks; what ``shuffle="auto"`` picks on disk; since issue 19's loader change each window is read once, its
+  blocks' runs of rows in one anndata read of a row mask, and its batches are served from memory) and with full
+  shuffling (every batch's rows read from the file);
 * ``vcell/zarr/block``, ``vcell/zarr/full``: the same over ``anndata.io.sparse_dataset`` of the converted zarr's ``X``
   (zarr-python's codec pipeline);
 * ``vcell/preshuffled/block``: vcell's block shuffling over the annbatch collection's single dataset (only when the
@@ -33,7 +35,8 @@ Rows (each repeated ``--repeats`` times, interleaved: row 1..k, then again; ever
   torch CSR batches densified with ``Tensor.to_dense()`` (annbatch's README densifies on the GPU: on a CPU, torch's
   CSR-to-dense conversion is most of the loop);
 * ``annbatch/scipy``: the same with ``to=None`` (SciPy CSR batches) densified by SciPy (``toarray()``): the CPU path;
-* ``sketch/h5ad/window`` (not a vcell API: a measurement of a possible change): vcell's block order (blocks of
+* ``sketch/h5ad/window`` (not a vcell API: the measurement that led to the change above, kept for comparison; one
+  anndata slice read per block instead of vcell's one read per window): vcell's block order (blocks of
   ``batch_size`` consecutive cells permuted, windows of 32 blocks), but each window read once as 32 contiguous
   slices of the backed h5ad, permuted in memory and split into batches (what annbatch does with its preloaded
   chunks), instead of reading every batch's 128 scattered rows (anndata reads those row by row);

@@ -15,7 +15,8 @@ process whose resident memory passes ``--rss-kill-gb`` or that runs past ``--tim
   model, and ``train`` for one epoch of at most ``--max-steps`` training steps (Lightning ``limit_train_batches``;
   validation capped at ``--val-batches`` batches; no early stopping). ``ResidualDiffusion(mean_model="additive")``;
   ``CellJEPA`` pretrains one epoch (same caps) first. ``ms/step``: training loop time per step (data reading
-  included); ``cells/s``: training items per second of that loop; ``epoch_s``: the estimated wall time of a full
+  included); ``cells/s``: training items per second of that loop (``cells_per_cpu_s``: per second of the process's
+  CPU time, less sensitive to other processes on a shared machine); ``epoch_s``: the estimated wall time of a full
   one-epoch ``train`` from the loaded AnnData (``setup_anndata`` + model + ``train``, the training loop scaled from
   the steps done to the steps of the epoch; validation as capped). The memory mode is skipped (and says so) when the
   CSR matrix in memory would exceed ``--memory-budget-gb``.
@@ -184,14 +185,22 @@ def _step_timer():
             except TypeError:
                 per_epoch = -1
             self.fits.append(
-                {"per_epoch": per_epoch, "steps": 0, "items": 0, "t0": time.perf_counter(), "t1": time.perf_counter()}
+                {
+                    "per_epoch": per_epoch,
+                    "steps": 0,
+                    "items": 0,
+                    "t0": time.perf_counter(),
+                    "t1": time.perf_counter(),
+                    "c0": time.process_time(),
+                    "c1": time.process_time(),
+                }
             )
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             fit = self.fits[-1]
             fit["steps"] += 1
             fit["items"] += _batch_len(batch)
-            fit["t1"] = time.perf_counter()
+            fit["t1"], fit["c1"] = time.perf_counter(), time.process_time()
 
     return StepTimer()
 
@@ -245,6 +254,7 @@ def child_train(spec: dict, out: dict) -> None:
     _train_model(spec["model"], adata, spec, timer)
     wall = time.perf_counter() - t0
     loops = [f["t1"] - f["t0"] for f in timer.fits]
+    cpu = sum(f["c1"] - f["c0"] for f in timer.fits)
     steps = sum(f["steps"] for f in timer.fits)
     full = sum(
         (f["t1"] - f["t0"]) * (f["per_epoch"] / f["steps"]) if f["steps"] and f["per_epoch"] > 0 else 0.0
@@ -257,6 +267,7 @@ def child_train(spec: dict, out: dict) -> None:
             "steps_per_epoch": sum(max(f["per_epoch"], 0) for f in timer.fits),
             "ms_per_step": 1000 * sum(loops) / steps if steps else None,
             "cells_per_s": sum(f["items"] for f in timer.fits) / sum(loops) if sum(loops) > 0 else None,
+            "cells_per_cpu_s": sum(f["items"] for f in timer.fits) / cpu if cpu > 0 else None,
             "epoch_s": wall - sum(loops) + full,
         }
     )
@@ -493,6 +504,7 @@ COLUMNS = [
     "steps",
     "ms_per_step",
     "cells_per_s",
+    "cells_per_cpu_s",
     "time_s",
     "epoch_s",
     "peak_rss_gb",
@@ -500,7 +512,17 @@ COLUMNS = [
 ]
 
 
-NUMERIC = {"cells", "load_s", "steps", "ms_per_step", "cells_per_s", "time_s", "epoch_s", "peak_rss_gb"}
+NUMERIC = {
+    "cells",
+    "load_s",
+    "steps",
+    "ms_per_step",
+    "cells_per_s",
+    "cells_per_cpu_s",
+    "time_s",
+    "epoch_s",
+    "peak_rss_gb",
+}
 
 
 def table(rows: list[dict]):
@@ -517,7 +539,8 @@ def _fmt(df):
     out = df[COLUMNS].copy()
     for col, digits in (("load_s", 1), ("ms_per_step", 1), ("time_s", 2), ("epoch_s", 1), ("peak_rss_gb", 2)):
         out[col] = out[col].map(lambda v, d=digits: "" if v is None or v != v else f"{v:.{d}f}")
-    out["cells_per_s"] = out["cells_per_s"].map(lambda v: "" if v is None or v != v else f"{v:,.0f}")
+    for col in ("cells_per_s", "cells_per_cpu_s"):
+        out[col] = out[col].map(lambda v: "" if v is None or v != v else f"{v:,.0f}")
     out["steps"] = out["steps"].map(lambda v: "" if v is None or v != v else f"{int(v)}")
     out["cells"] = out["cells"].map(lambda v: f"{int(v):,}")
     out["status"] = out["status"].map(lambda v: v if len(str(v)) <= 64 else str(v)[:61] + "...")  # CSV: in full
@@ -554,11 +577,18 @@ def checks(df, args: argparse.Namespace) -> list[str]:
         parts = []
         good = True
         for n in sorted(tr["cells"].unique()):
-            m = tr[(tr["model"] == model) & (tr["cells"] == n)].set_index("mode")["cells_per_s"]
+            sel = tr[(tr["model"] == model) & (tr["cells"] == n)].set_index("mode")
+            m = sel["cells_per_s"]
             if {"memory", "streamed"} <= set(m.index) and m["memory"]:
                 ratio = m["streamed"] / m["memory"]
                 good &= ratio >= args.throughput_target
-                parts.append(f"{n:,}: {ratio:.2f}")
+                c = sel["cells_per_cpu_s"] if "cells_per_cpu_s" in sel else None
+                per_cpu = (
+                    f" (per CPU-s {c['streamed'] / c['memory']:.2f})"
+                    if c is not None and c.notna().all() and c["memory"]
+                    else ""
+                )
+                parts.append(f"{n:,}: {ratio:.2f}{per_cpu}")
         if parts:
             verdict = "PASS" if good else "FAIL"
             lines.append(

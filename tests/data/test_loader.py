@@ -276,3 +276,70 @@ def test_lookup_rows_are_the_table_rows_of_the_codes() -> None:
         np.testing.assert_array_equal(b["v"].numpy(), table[codes[b["i"].numpy()]].numpy())
     with pytest.raises(ValueError, match="row numbers"):
         loader.Lookup(table, np.array([0, 3]))
+
+
+def _pairs_with_gaps(rng: np.random.Generator) -> Pairs:
+    """Targets: every cell but a gap of 120 rows and every 7th cell; sources: random cells anywhere."""
+    keep = np.setdiff1d(np.arange(1000), np.r_[np.arange(400, 520), np.arange(0, 1000, 7)])
+    return Pairs(keep, rng.choice(1000, size=len(keep)), {"e": np.arange(len(keep))})
+
+
+@pytest.mark.parametrize("storage", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_block_windows_read_once_give_the_batches_of_memory(
+    storage: str, world: int, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Backed block-shuffled batches (each window read once) hold the cells, sources and values of memory."""
+    n = 1000
+    X = sparse.random(n, 6, density=0.4, format="csr", dtype=np.float32, random_state=1)
+    path = tmp_path / "w.h5ad"
+    stored = {"csr": X, "csc": sparse.csc_matrix(X), "dense": X.toarray()}[storage]
+    ad.AnnData(stored).write_h5ad(path)
+    on_disk = ad.read_h5ad(path, backed="r").X
+
+    def batches(M, rank: int) -> list[dict]:
+        monkeypatch.setattr(loader, "_world", lambda: (rank, world))
+        fields = {"X": RowReader(M, transform=np.log1p), "i": np.arange(n)}
+        opts = {"batch_size": 16, "seed": 5, "window_blocks": 4, "shuffle": "block", "source_fields": {"s": "X"}}
+        return list(CellBatches(fields, _pairs_with_gaps, n_items=1, **opts))
+
+    reads = []
+    window_rows = RowReader._read_runs
+    monkeypatch.setattr(RowReader, "_read_runs", lambda self, uniq: reads.append(uniq.size) or window_rows(self, uniq))
+    monkeypatch.setattr(RowReader, "_read_backed", lambda self, idx: pytest.fail("a batch read from disk"))
+    for rank in range(world):
+        want, got = batches(X, rank), batches(on_disk, rank)
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-6)
+    assert len(reads) == -(-len(got) // 4) * world  # one read per window per process
+    assert max(reads) <= 2 * 4 * 16  # a window's targets and sources: bounded by the window, not the data
+
+
+def test_window_runs_read_only_what_they_need(matrix: np.ndarray, backed: ad.AnnData) -> None:
+    reader = RowReader(backed.X)
+    idx = np.r_[np.arange(10, 40), [299, 150, 12, 10], np.arange(200, 280, 9)]  # a run, scattered rows, repeats
+    window = reader.window(idx)
+    assert window.reader.X.shape[0] < 60  # 30 rows of the run and the 13 scattered ones: not their span
+    np.testing.assert_array_equal(window(idx[::-1]), matrix[idx[::-1]])
+    with pytest.raises(KeyError, match="window"):
+        window(np.array([0]))
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_a_backed_reader_pickles_by_its_file(storage: str, tmp_path) -> None:
+    """``ddp_spawn`` pickles the loaders: a backed reader reopens its HDF5 matrix and reads the same rows."""
+    import pickle
+
+    X = sparse.random(50, 6, density=0.4, format="csr", dtype=np.float32, random_state=2)
+    path = tmp_path / "p.h5ad"
+    ad.AnnData(X if storage == "csr" else X.toarray()).write_h5ad(path)
+    reader = RowReader(ad.read_h5ad(path, backed="r").X, transform=np.log1p)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.kind == reader.kind
+    assert copy.backed
+    idx = np.array([49, 3, 3, 10])
+    np.testing.assert_array_equal(copy(idx), reader(idx))
+    np.testing.assert_allclose(copy(idx), np.log1p(X[idx].toarray()), rtol=1e-6)

@@ -63,7 +63,11 @@ def _as_block(part: Any) -> Block:
 
 
 def _read_rows(X: Any, kind: str, rows: np.ndarray | slice, n_obs: int, chunk_elements: int | None) -> Block:
-    """Rows ``rows`` (a slice, or integer indices in any order) of ``X`` as one block."""
+    """Rows ``rows`` (a slice, integer indices in any order, or a boolean mask of the rows) of ``X`` as one block.
+
+    A mask of a backed CSR matrix is one read through anndata, which reads each run of consecutive rows of the mask
+    as one contiguous slice (and pays its per-call overhead once).
+    """
     if kind == "backed_csc":  # rows are the minor axis: read column blocks (CSC's major axis), keep these rows
         n_cols = X.shape[1]
         step = max(1, _chunk_rows(n_obs, chunk_elements))
@@ -75,6 +79,10 @@ def _read_rows(X: Any, kind: str, rows: np.ndarray | slice, n_obs: int, chunk_el
         return sparse.csr_matrix((X.data[lo:hi], X.indices[lo:hi], indptr), shape=(len(indptr) - 1, X.shape[1]))
     if isinstance(rows, slice) or kind in ("dense", "sparse"):
         return _as_block(X[rows])
+    if rows.dtype == bool:
+        if kind == "backed_csr":
+            return _as_block(X[rows])
+        rows = np.flatnonzero(rows)
     uniq, inverse = np.unique(rows, return_inverse=True)  # backed stores read increasing indices
     block = _as_block(X[uniq])
     return block if len(uniq) == len(rows) and np.array_equal(uniq, rows) else block[inverse]

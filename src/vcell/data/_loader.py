@@ -15,6 +15,13 @@ rows of a backed CSR h5ad cost about 70 us each, 20x a contiguous slice); ``"aut
 is read from disk. The same seed gives the same batches for the same storage; a backed copy of the data is
 shuffled differently from the in-memory one (the same cells every pass, in another order).
 
+Under ``"block"`` shuffling, every backed field is read once per window (:meth:`RowReader.window`): the window's
+target rows (and its source rows, for a field also read at the sources) in contiguous runs, one slice per run,
+held in memory as stored (CSR) while the window's batches are served from them. A batch of 128 cells drawn from 32
+blocks would otherwise be 32 scattered reads, and anndata reads integer-indexed rows of a backed matrix one at a
+time. The batches are those of the same order read batch by batch (the same cells, values and sources); memory
+holds one window per process, whatever the number of cells.
+
 A pass may be completed lazily (:class:`Pairs` ``parts``/``complete``: e.g. FlowMatching's optimal-transport
 couplings, solved chunk by chunk as batches reach them). ``"full"`` shuffling of such a pass longer than ``window``
 items permutes its parts and then the items within windows of ``window`` items, so that every batch costs the same
@@ -33,6 +40,8 @@ from scipy import sparse
 from ._chunked import _read_rows, _source_kind
 
 Shuffle = Literal["auto", "full", "block"] | bool
+#: a contiguous run of rows read for a window breaks where the next row read is more than this many rows away
+_MAX_GAP = 64
 
 
 @dataclass
@@ -131,6 +140,32 @@ class RowReader:
             self.kind, self.X = kind, X
         self.shape = tuple(int(s) for s in self.X.shape)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``strategy="ddp_spawn"`` pickles the loaders): a matrix of an HDF5 file by its file and path."""
+        state = dict(self.__dict__)
+        if self.backed:
+            import h5py
+
+            node = getattr(self.X, "group", self.X)  # anndata's sparse datasets: their group; else an h5py dataset
+            if not isinstance(node, h5py.Group | h5py.Dataset):
+                msg = (
+                    f"cannot pickle a reader of a backed {type(self.X).__name__} outside an HDF5 file; "
+                    'train with strategy="ddp" (processes started as scripts) instead of "ddp_spawn"'
+                )
+                raise TypeError(msg)
+            state["X"] = ("h5", node.file.filename, node.name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["X"], tuple):  # reopened read-only in this process
+            import h5py
+            from anndata.io import sparse_dataset
+
+            _, filename, name = state["X"]
+            node = h5py.File(filename, "r")[name]
+            state["X"] = sparse_dataset(node) if isinstance(node, h5py.Group) else node
+        self.__dict__.update(state)
+
     @property
     def backed(self) -> bool:
         """Whether rows are read from disk (then contiguous reads are much faster than random ones)."""
@@ -155,6 +190,61 @@ class RowReader:
         out = np.asarray(out, dtype=np.float32)
         return out if self.transform is None else np.asarray(self.transform(out), dtype=np.float32)
 
+    def window(self, idx: np.ndarray) -> _WindowRows:
+        """The rows ``idx`` (any order, repeats allowed) read once and held in memory, as a reader of those rows.
+
+        The distinct rows are read in contiguous runs (a run breaks where the next row is more than ``_MAX_GAP``
+        rows away): the runs of rows dense in their span (at least a quarter of it) whole, in one read of a backed
+        CSR matrix (a boolean mask of the rows: anndata reads each run as one contiguous slice, and its per-call
+        overhead is paid once), one slice per run of other storages; the other rows in one sorted read. Values stay as stored (CSR for a sparse matrix), so the window costs its
+        stored size (at most 4x its rows' values); rows are densified and transformed when read from it.
+        """
+        uniq = np.unique(np.asarray(idx, dtype=np.int64))
+        if not self.backed:
+            return _WindowRows(uniq, uniq, self)  # rows in memory already: read them as they are
+        block, rows = self._read_runs(uniq)
+        reader = RowReader.__new__(RowReader)  # an in-memory reader of the block (no conversion: it is read as-is)
+        reader.transform, reader.X, reader.shape = self.transform, block, (block.shape[0], self.shape[1])
+        reader.kind = "sparse" if sparse.issparse(block) else "dense"
+        return _WindowRows(uniq, rows, reader)
+
+    def _read_runs(self, uniq: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Rows ``uniq`` (sorted, distinct) of the backed matrix as one block, and the block row of each."""
+        if not uniq.size or self.kind == "backed_csc":  # CSC: one pass over the column blocks for all the rows
+            block = _read_rows(self.X, self.kind, uniq, self.shape[0], None)
+            return _one_index_dtype(block) if sparse.issparse(block) else np.asarray(block), np.arange(uniq.size)
+        breaks = np.flatnonzero(np.diff(uniq) > _MAX_GAP) + 1
+        starts, stops = np.r_[0, breaks], np.r_[breaks, uniq.size]
+        lo, hi = uniq[starts], uniq[stops - 1] + 1
+        dense = hi - lo <= 4 * (stops - starts)  # runs read whole, as contiguous slices
+        parts, rows, offset = [], np.empty(uniq.size, dtype=np.int64), 0
+        if dense.any():
+            # the dense runs (sorted, disjoint: runs are more than _MAX_GAP rows apart), each read whole
+            for a, b, first, last in zip(starts[dense], stops[dense], lo[dense], hi[dense], strict=True):
+                rows[a:b] = offset + uniq[a:b] - first
+                offset += int(last - first)
+            if self.kind == "backed_csr":  # one read (anndata reads each run of the mask as a slice)
+                mask = np.zeros(self.shape[0], dtype=bool)
+                for first, last in zip(lo[dense], hi[dense], strict=True):
+                    mask[first:last] = True
+                parts.append(_read_rows(self.X, self.kind, mask, self.shape[0], None))
+            else:  # h5py/zarr/dask arrays: one slice per run
+                parts.extend(
+                    _read_rows(self.X, self.kind, slice(int(a), int(b)), self.shape[0], None)
+                    for a, b in zip(lo[dense], hi[dense], strict=True)
+                )
+        if not dense.all():  # the other rows: one sorted read
+            at = np.concatenate([np.arange(a, b) for a, b in zip(starts[~dense], stops[~dense], strict=True)])
+            parts.append(_read_rows(self.X, self.kind, uniq[at], self.shape[0], None))
+            rows[at] = offset + np.arange(at.size)
+        if len(parts) == 1:
+            block = parts[0]
+        elif sparse.issparse(parts[0]):
+            block = sparse.vstack(parts, format="csr")
+        else:
+            block = np.concatenate([np.asarray(p) for p in parts])
+        return (_one_index_dtype(sparse.csr_matrix(block)) if sparse.issparse(block) else np.asarray(block)), rows
+
     def _read_backed(self, idx: np.ndarray) -> np.ndarray:
         """Rows of a backed matrix: one contiguous slice when the rows are dense in their span, else sorted reads."""
         if not idx.size:
@@ -169,6 +259,21 @@ class RowReader:
             rows = np.searchsorted(uniq, idx)
         block = block[rows]
         return block.toarray() if sparse.issparse(block) else np.asarray(block)
+
+
+class _WindowRows:
+    """Rows of a :class:`RowReader` held in memory (:meth:`RowReader.window`): row ``cells[j]`` is ``reader(rows[j])``."""
+
+    def __init__(self, cells: np.ndarray, rows: np.ndarray, reader: RowReader) -> None:
+        self.cells, self.rows, self.reader = cells, rows, reader
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        j = np.searchsorted(self.cells, idx)
+        if idx.size and (j.max() >= self.cells.size or not np.array_equal(self.cells[j], idx)):
+            msg = "rows requested outside the window read (a loader bug: every batch must be read from its window)"
+            raise KeyError(msg)
+        return self.reader(self.rows[j])
 
 
 @dataclass
@@ -209,7 +314,7 @@ def take_rows(value: Any, idx: np.ndarray) -> Any:
 
     if isinstance(value, Lookup):
         return take_rows(value.table, value.codes[np.asarray(idx, dtype=np.int64)])
-    if isinstance(value, RowReader):
+    if isinstance(value, (RowReader, _WindowRows)):
         return torch.from_numpy(value(idx))
     if isinstance(value, torch.Tensor):
         return value.index_select(0, torch.as_tensor(idx, device=value.device))  # several times faster than [idx]
@@ -326,8 +431,8 @@ class CellBatches:
         self._n = len(pairs)
         return pairs, rng
 
-    def _order(self, pairs: Pairs, rng: np.random.Generator) -> list[np.ndarray]:
-        """Positions (into the pass) of this process's batches."""
+    def _order(self, pairs: Pairs, rng: np.random.Generator) -> list[list[np.ndarray]]:
+        """Positions (into the pass) of this process's batches, grouped by window (block shuffling; else one each)."""
         n, b = len(pairs), self.batch_size
         rank, world = _world()
         if self.shuffle is False or self.fixed:
@@ -344,9 +449,9 @@ class CellBatches:
                 part = order[start : start + b * world]
                 if len(part) < world:  # pad the last one by wrapping: every process gets a step
                     part = np.resize(np.concatenate([part, order]), world)
-                out.append(np.array_split(part, world)[rank])
+                out.append([np.array_split(part, world)[rank]])
             return out
-        return [order[s : s + b] for s in range(0, n, b)]
+        return [[order[s : s + b]] for s in range(0, n, b)]
 
     def _window_order(self, pairs: Pairs, rng: np.random.Generator, world: int) -> np.ndarray:
         """Parts permuted, then items permuted within windows of ``window`` items (whole global batches)."""
@@ -362,7 +467,7 @@ class CellBatches:
             seq[s : s + window] = seq[s : s + window][rng.permutation(len(seq[s : s + window]))]
         return seq
 
-    def _block_order(self, pairs: Pairs, rng: np.random.Generator, rank: int, world: int) -> list[np.ndarray]:
+    def _block_order(self, pairs: Pairs, rng: np.random.Generator, rank: int, world: int) -> list[list[np.ndarray]]:
         """Blocks of consecutive target cells, permuted; cells permuted within windows; windows dealt to processes."""
         n, b = len(pairs), self.batch_size
         by_cell = np.argsort(pairs.targets, kind="stable")  # positions in file order
@@ -379,7 +484,7 @@ class CellBatches:
         for w in range(rank, n_windows, world):
             part = order[w * window : (w + 1) * window]
             part = part[rng.permutation(len(part))] if len(part) else part
-            out.extend(part[s : s + b] for s in range(0, len(part), b))
+            out.append([part[s : s + b] for s in range(0, len(part), b)])
         return out
 
     # ------------------------------------------------------------------ epochs
@@ -412,16 +517,32 @@ class CellBatches:
 
         pairs, rng = self._pass()
         done = None if pairs.parts is None else np.zeros(len(pairs.parts), dtype=bool)
-        for pos in self._order(pairs, rng):
-            if done is not None:  # finish the parts this batch reads (lazily completed pairs)
+
+        def complete(pos: np.ndarray) -> None:  # finish the parts these items read (lazily completed pairs)
+            if done is not None:
                 need = np.unique(pairs.part_of(pos))
                 for i in need[~done[need]]:
                     pairs.complete(int(i))
                 done[need] = True
-            tgt = pairs.targets[pos]
-            batch = {k: take_rows(v, tgt) for k, v in self.fields.items()}
-            if self.source_fields:
-                src = pairs.sources[pos]
-                batch.update({k: take_rows(self.fields[name], src) for k, name in self.source_fields.items()})
-            batch.update({k: torch.as_tensor(v[pos]) for k, v in pairs.extras.items()})
-            yield batch
+
+        backed = [k for k, v in self.fields.items() if isinstance(v, RowReader) and v.backed]
+        for window in self._order(pairs, rng):
+            fields = self.fields
+            if backed and self.shuffle == "block":  # read the window's rows of every backed field once, then batches
+                pos = np.concatenate(window)
+                complete(pos)
+                fields = dict(self.fields)
+                for k in backed:
+                    rows = [pairs.targets[pos]]
+                    if k in self.source_fields.values():
+                        rows.append(pairs.sources[pos])
+                    fields[k] = self.fields[k].window(np.concatenate(rows))
+            for pos in window:
+                complete(pos)
+                tgt = pairs.targets[pos]
+                batch = {k: take_rows(v, tgt) for k, v in fields.items()}
+                if self.source_fields:
+                    src = pairs.sources[pos]
+                    batch.update({k: take_rows(fields[name], src) for k, name in self.source_fields.items()})
+                batch.update({k: torch.as_tensor(v[pos]) for k, v in pairs.extras.items()})
+                yield batch

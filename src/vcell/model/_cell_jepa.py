@@ -76,17 +76,6 @@ def _cell_batches(
     )
 
 
-def _ema_callback() -> Any:
-    """Lightning callback: one EMA step of the target encoder after every optimizer step."""
-    import lightning
-
-    class _EMA(lightning.pytorch.callbacks.Callback):
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            pl_module.module.update_target()
-
-    return _EMA()
-
-
 def _history(plan: Any) -> dict[str, pd.DataFrame]:
     hist = pd.DataFrame(plan.history).set_index("epoch") if plan.history else pd.DataFrame()
     return {col: hist[[col]] for col in hist.columns}
@@ -511,7 +500,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         """
         import lightning
 
-        from vcell.train import TrainingPlan, fit
+        from vcell.train import TrainingPlan, as_callback, fit
+        from vcell.train._callbacks import TargetEMA
 
         self._check_train(
             max_epochs=max_epochs,
@@ -558,7 +548,7 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
             checkpoint_path=checkpoint_path,
             early_stopping=early_stopping and val_dl is not None,
             early_stopping_patience=early_stopping_patience,
-            callbacks=[_ema_callback()],
+            callbacks=[as_callback(TargetEMA())],
             trainer_kwargs=trainer_kwargs,
         )
         jepa.eval()

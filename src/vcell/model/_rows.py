@@ -7,6 +7,7 @@ block, so that no matrix is densified whole, whatever holds it (dense, CSR/CSC, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,7 +42,8 @@ def expression_reader(X: Any, *, counts: bool, name: str = "adata.X") -> RowRead
     reader = RowReader(X)
     if counts:
         scaled = reader.kind in ("sparse", "backed_csr", "backed_csc")
-        reader.transform = lambda rows: _log1p_cp10k_rows(rows, scaled=scaled, name=name)
+        # a partial, not a closure: picklable (``strategy="ddp_spawn"`` pickles the loaders)
+        reader.transform = functools.partial(_log1p_cp10k_rows, scaled=scaled, name=name)
     return reader
 
 

@@ -62,3 +62,11 @@ class CounterfactualValidation:
             return
         value = self.score(pl_module.module, pl_module.device)  # the same on every process (same weights, groups)
         pl_module.log("val_counterfactual_mse", value, prog_bar=True, sync_dist=trainer.world_size > 1)
+
+
+class TargetEMA:
+    """Lightning callback: one EMA step of a JEPA's target encoder after every optimizer step (CellJEPA)."""
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Move the target encoder towards the context encoder (``module.update_target``)."""
+        pl_module.module.update_target()

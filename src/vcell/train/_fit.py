@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from vcell._settings import settings
 
@@ -41,84 +48,127 @@ class BestWeights:
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()}
 
 
-def as_callback(obj: Any) -> Any:
-    """A :class:`lightning.pytorch.callbacks.Callback` forwarding its validation hooks to ``obj`` (lazy Lightning)."""
-    import lightning
+class _Forward(Callback):
+    """A Lightning callback forwarding its training-batch and validation hooks (and checkpoint state) to ``obj``."""
 
-    class _Forward(lightning.pytorch.callbacks.Callback):
-        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if hasattr(obj, "on_validation_epoch_end"):
-                obj.on_validation_epoch_end(trainer, pl_module)
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
 
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if hasattr(obj, "on_validation_end"):
-                obj.on_validation_end(trainer, pl_module)
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if hasattr(self.obj, "on_train_batch_end"):
+            self.obj.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-        @property
-        def state_key(self) -> str:  # one entry per wrapped object type in a checkpoint
-            return f"vcell_{type(obj).__name__}"
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if hasattr(self.obj, "on_validation_epoch_end"):
+            self.obj.on_validation_epoch_end(trainer, pl_module)
 
-        def state_dict(self) -> dict[str, Any]:
-            return obj.state_dict() if hasattr(obj, "state_dict") else {}
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if hasattr(self.obj, "on_validation_end"):
+            self.obj.on_validation_end(trainer, pl_module)
 
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            if state_dict and hasattr(obj, "load_state_dict"):
-                obj.load_state_dict(state_dict)
+    @property
+    def state_key(self) -> str:  # one entry per wrapped object type in a checkpoint
+        return f"vcell_{type(self.obj).__name__}"
 
-    return _Forward()
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict() if hasattr(self.obj, "state_dict") else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and hasattr(self.obj, "load_state_dict"):
+            self.obj.load_state_dict(state_dict)
 
 
-def _epoch_callback() -> Any:
+def as_callback(obj: Any) -> Callback:
+    """A :class:`lightning.pytorch.callbacks.Callback` forwarding its training-batch and validation hooks to ``obj``.
+
+    The callback is picklable when ``obj`` is (``strategy="ddp_spawn"`` pickles the callbacks).
+    """
+    return _Forward(obj)
+
+
+class _FinishEpoch(Callback):
     """First callback: sets the loader's epoch; the plan finishes its epoch before any checkpoint of it is written."""
-    import lightning
 
-    class FinishEpoch(lightning.pytorch.callbacks.Callback):
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            # the training batches of this epoch are drawn as this epoch's (a resumed run continues the sequence)
-            loader = trainer.train_dataloader
-            if callable(getattr(loader, "set_epoch", None)):
-                loader.set_epoch(int(trainer.current_epoch))
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # the training batches of this epoch are drawn as this epoch's (a resumed run continues the sequence)
+        loader = trainer.train_dataloader
+        if callable(getattr(loader, "set_epoch", None)):
+            loader.set_epoch(int(trainer.current_epoch))
 
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if hasattr(pl_module, "finish_train_epoch"):
-                pl_module.finish_train_epoch()
-
-    return FinishEpoch()
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if hasattr(pl_module, "finish_train_epoch"):
+            pl_module.finish_train_epoch()
 
 
-def _save_last_callback(path: Path) -> Any:
-    """Callback writing the whole training state to ``path`` after every epoch.
+class _SaveLast(Callback):
+    """Writes the whole training state to ``path`` after every epoch.
 
     The file is written aside, then renamed, so a run killed while writing leaves the previous checkpoint whole.
     """
-    import lightning
 
-    class SaveLast(lightning.pytorch.callbacks.Callback):
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(path.name + ".part")
-            trainer.save_checkpoint(part)
-            if trainer.is_global_zero:
-                part.replace(path)
-            trainer.strategy.barrier()
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
 
-    return SaveLast()
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_name(self.path.name + ".part")
+        trainer.save_checkpoint(part)
+        if trainer.is_global_zero:
+            part.replace(self.path)
+        trainer.strategy.barrier()
 
 
-def _safe_checkpoint_io() -> Any:
+class _SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reader with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read."""
-    import torch
-    from lightning.fabric.plugins.io import TorchCheckpointIO
 
-    class SafeCheckpointIO(TorchCheckpointIO):
-        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
-            try:
-                return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError) as err:  # truncated or foreign files
-                msg = f"cannot read the training checkpoint {str(path)!r}: {err}"
-                raise ValueError(msg) from err
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
+        import torch
 
-    return SafeCheckpointIO()
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as err:  # truncated or foreign files
+            msg = f"cannot read the training checkpoint {str(path)!r}: {err}"
+            raise ValueError(msg) from err
+
+
+class _ResultsLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher of spawned (or forked) processes, also returning what vcell reads after training.
+
+    Lightning sends the weights and the logged metrics of process 0 back to the main process; this also sends the
+    plan's per-epoch :attr:`~vcell.train.TrainingPlan.history` and the state of the callbacks that have one (the best
+    weights of early stopping), so a model trained with ``strategy="ddp_spawn"`` ends as with ``"ddp"``.
+    """
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        states = {i: cb.state_dict() for i, cb in enumerate(trainer.callbacks) if isinstance(cb, _Forward)}
+        # through a file, as Lightning sends the weights: the queue's pipe is read only once the processes have
+        # ended, so a large message (the best weights) would block the process writing it forever
+        path = Path(tempfile.mkdtemp()) / "vcell_results.pt"
+        torch.save({"history": getattr(trainer.lightning_module, "history", None), "callbacks": states}, path)
+        extra["vcell"] = str(path)
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        if "vcell" not in extra:
+            return
+        path = Path(extra["vcell"])
+        state = torch.load(path, weights_only=True)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        if state["history"] is not None:
+            trainer.lightning_module.history = state["history"]
+        for i, cb_state in state["callbacks"].items():
+            trainer.callbacks[i].load_state_dict(cb_state)
+
+
+class _ProcessesDDP(DDPStrategy):
+    """:class:`~lightning.pytorch.strategies.DDPStrategy` whose spawned processes send vcell's results back."""
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):
+            self._launcher = _ResultsLauncher(self, start_method=self._start_method)
 
 
 def fit(
@@ -160,6 +210,9 @@ def fit(
         process its own share of each epoch, and the logged epoch means are over all processes. The names ``"ddp"``,
         ``"ddp_spawn"`` and ``"ddp_notebook"`` become a :class:`~lightning.pytorch.strategies.DDPStrategy` that finds
         unused parameters (a step may not use all of a vcell module's); pass a strategy object to choose otherwise.
+        ``"ddp_spawn"`` pickles the plan, the loaders and the callbacks into the processes it starts (vcell's are
+        picklable; a backed matrix is reopened from its HDF5 file), and the main process gets back process 0's
+        weights, per-epoch history and callback state (early stopping's best weights).
     early_stopping
         Stop when ``plan.monitor`` has not improved for ``early_stopping_patience`` validations and keep the weights
         of its best epoch.
@@ -185,13 +238,11 @@ def fit(
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_notebook"):
         # vcell's modules hold parameters that a step may leave unused (adversaries, protein heads, unseen
         # perturbations' rows): DDP must look for them, or it stops with an error on the first step
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(
+        strategy = _ProcessesDDP(
             find_unused_parameters=True, start_method={"ddp": "popen", "ddp_spawn": "spawn"}.get(strategy, "fork")
         )
     best = BestWeights(plan.monitor)
-    cbs = [_epoch_callback(), *callbacks]
+    cbs = [_FinishEpoch(), *callbacks]
     if early_stopping:
         cbs.append(as_callback(best))
         cbs.append(lightning.pytorch.callbacks.EarlyStopping(monitor=plan.monitor, patience=early_stopping_patience))
@@ -221,8 +272,8 @@ def fit(
         if folder.exists() and not folder.is_dir():
             msg = f"checkpoint_path {str(folder)!r} is a file; pass a folder (vcell writes last.ckpt there)"
             raise ValueError(msg)
-        kwargs["callbacks"].append(_save_last_callback(folder / "last.ckpt"))
-        kwargs["plugins"] = [*list(kwargs.get("plugins") or []), _safe_checkpoint_io()]
+        kwargs["callbacks"].append(_SaveLast(folder / "last.ckpt"))
+        kwargs["plugins"] = [*list(kwargs.get("plugins") or []), _SafeCheckpointIO()]
         last = folder / "last.ckpt"
         resume = str(last) if last.exists() else None
     pl_logger = logging.getLogger("lightning.pytorch")
