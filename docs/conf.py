@@ -206,10 +206,28 @@ def _reexported_data_comment(app, what, name, obj, options, lines):
             return
 
 
+sys.path.insert(0, str(HERE))
+from _tutorial_links import rubric as _rubric  # noqa: E402
+from _tutorial_links import uses as _uses  # noqa: E402
+
+#: "pp.harmonize" -> tutorials that use it (docs/_tutorial_links.py)
+import vcell  # noqa: E402
+
+_TUTORIAL_USES = _uses(HERE.parent / "tutorials", by_name={"metrics": list(vcell.metrics.METRICS)})
+
+
+def _link_tutorials(app, docname, source):
+    """Append "Used in tutorials" (links to the tutorials that use it) to each API page of autosummary."""
+    if docname.startswith("generated/vcell."):
+        source[0] += _rubric(docname.removeprefix("generated/"), _TUTORIAL_USES)
+
+
 def setup(app):
-    """Local tweaks: member filter for autosummary/autodoc, prose "Returns" sections, comments of constants."""
+    """Local tweaks: member filter for autosummary/autodoc, prose "Returns" sections, comments of constants, links
+    from the API reference to the tutorials."""
     from sphinx.ext.napoleon.docstring import NumpyDocstring
 
     NumpyDocstring._parse_returns_section = _returns_as_text
     app.connect("autodoc-skip-member", _skip_foreign_members)
     app.connect("autodoc-process-docstring", _reexported_data_comment)
+    app.connect("source-read", _link_tutorials)
