@@ -60,6 +60,9 @@ napoleon_numpy_docstring = True
 # "Sets the following fields" holds a definition list (``adata.obs['key']`` then an indented description):
 # a generic section keeps it as written, under its own heading
 napoleon_custom_sections = ["Sets the following fields"]
+# an "Attributes" section becomes fields of the class (:ivar:), not attribute descriptions: the class template
+# (_templates/autosummary/class.rst) documents the attributes already, and two descriptions of one object warn
+napoleon_use_ivar = True
 # name annotations by their alias instead of expanding numpy's ArrayLike into a page-long Union
 autodoc_type_aliases = {"ArrayLike": "numpy.typing.ArrayLike"}
 typehints_defaults = "braces"
