@@ -177,3 +177,13 @@ def test_benchmark_splits_means_and_intervals_per_split():
         vcell.pl.benchmark_splits(res, metrics="mmd")
     with pytest.raises(KeyError, match="split"):
         vcell.pl.benchmark_splits(res.drop(columns="split"))
+
+
+def test_interaction_map_additive_prediction_ties_at_the_prevalence():
+    adata = _screen()
+    add = pd.DataFrame([[2, 2, 1, 1, 1, 1], [1, 1, 2, 2, 1, 1]], index=["A+B", "C+D"], columns=GENES, dtype=float)
+    noisy = add + np.array([[1e-7], [3e-7]]).astype(np.float32)  # float32 round-off of an additive predictor
+    fig = vcell.pl.interaction_map(adata, pred={"additive": noisy}, return_fig=True)
+    ax_bar = fig.axes[1]
+    np.testing.assert_array_equal(np.asarray(ax_bar.collections[0].get_offsets())[:, 0], [0.0, 0.0])
+    assert any("AUPRC 0.50" in t.get_text() for t in ax_bar.get_legend().get_texts())

@@ -201,9 +201,13 @@ def interaction_map(
 
     models = _as_models(pred, what="predicted mean expression per double, genes as columns")
     pred_scores = {}
+    # a predicted score within float round-off of 0 is 0: an additive predictor (float32 predictions against float64
+    # means) then ties every double and scores the prevalence, instead of an AUPRC of its rounding noise
+    tol = 1e-5 * max(float(np.abs(additive).max()), float(np.abs(observed).max()), 1e-12) * np.sqrt(additive.shape[1])
     for name, table in models.items():
         p = _aligned(table, doubles, adata.var_names, name=name, what="double(s)") - ctrl
-        pred_scores[name] = np.linalg.norm(p - additive, axis=1)
+        s = np.linalg.norm(p - additive, axis=1)
+        pred_scores[name] = np.where(s < tol, 0.0, s)
 
     if ax is None:
         plot = Plotter.grid(2, ncols=2, panel_size=(4.6, max(4.2, 0.16 * len(doubles) + 1.2)))
@@ -263,7 +267,7 @@ def interaction_map(
         prevalence + ("; markers: predicted |pred - additive|" if pred_scores else ""),
         fontsize=9,
     )
-    ax_bar.legend(handles=handles, fontsize=7, frameon=False, loc="lower right")
+    ax_bar.legend(handles=handles, fontsize=7, frameon=True, framealpha=0.85, loc="best")
     ax_bar.spines[["top", "right"]].set_visible(False)
     if ax is None:
         plot.fig.tight_layout()
