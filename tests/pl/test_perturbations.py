@@ -187,3 +187,34 @@ def test_interaction_map_additive_prediction_ties_at_the_prevalence():
     ax_bar = fig.axes[1]
     np.testing.assert_array_equal(np.asarray(ax_bar.collections[0].get_offsets())[:, 0], [0.0, 0.0])
     assert any("AUPRC 0.50" in t.get_text() for t in ax_bar.get_legend().get_texts())
+
+
+@pytest.mark.slow  # UMAP's numba compilation takes ~20 s in a fresh process
+def test_perturbation_embedding_umap_is_seeded():
+    rng = np.random.default_rng(0)
+    emb = pd.DataFrame(rng.normal(size=(12, 5)), index=[f"p{i}" for i in range(12)])
+    a = vcell.pl.perturbation_embedding(emb, method="umap", seed=1, labels=False, return_fig=True)
+    b = vcell.pl.perturbation_embedding(emb, method="umap", seed=1, labels=False, return_fig=True)
+    np.testing.assert_allclose(a.axes[0].collections[0].get_offsets(), b.axes[0].collections[0].get_offsets())
+    assert a.axes[0].get_xlabel() == "UMAP1"
+
+
+def test_perturbation_embedding_umap_passes_the_seed(monkeypatch: pytest.MonkeyPatch):
+    import scanpy as sc
+
+    seen = {}
+
+    def neighbors(adata, **kwargs):
+        seen["neighbors"] = kwargs["random_state"]
+
+    def umap(adata, **kwargs):
+        seen["umap"] = kwargs["random_state"]
+        adata.obsm["X_umap"] = np.asarray(adata.X)[:, :2]
+
+    monkeypatch.setattr(sc.pp, "neighbors", neighbors)
+    monkeypatch.setattr(sc.tl, "umap", umap)
+    monkeypatch.setattr(vcell.settings, "seed", 7)
+    emb = pd.DataFrame(np.arange(15.0).reshape(5, 3), index=list("ABCDE"))
+    fig = vcell.pl.perturbation_embedding(emb, method="umap", return_fig=True)
+    assert seen == {"neighbors": 7, "umap": 7}
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), emb.to_numpy()[:, :2])

@@ -441,7 +441,7 @@ def perturbation_embedding(
     method: Literal["pca", "umap"] = "pca",
     color: pd.Series | Mapping[str, object] | None = None,
     labels: bool | Sequence[str] = True,
-    seed: int = 0,
+    seed: int | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -473,7 +473,7 @@ def perturbation_embedding(
     labels
         Write perturbation names beside the points: ``True`` (all), ``False`` (none) or the names to write.
     seed
-        Seed of UMAP (PCA is deterministic).
+        Seed of UMAP (PCA is deterministic); ``None`` uses ``vcell.settings.seed``.
     ax
         Axes to draw into; ``None`` creates a new figure.
     {doc_show_save}
@@ -535,6 +535,9 @@ def perturbation_embedding(
         import anndata as ad
         import scanpy as sc
 
+        from vcell._utils import resolve_seed
+
+        seed = resolve_seed(seed)
         tmp = ad.AnnData(values.astype(np.float32))
         sc.pp.neighbors(tmp, n_neighbors=max(2, min(15, len(values) - 1)), use_rep="X", random_state=seed)
         sc.tl.umap(tmp, random_state=seed)
