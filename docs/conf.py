@@ -72,7 +72,9 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # VCELL_DOCS_EXECUTE=0 opts out (pages then show the code without outputs).
 _execute_notebooks = os.environ.get("VCELL_DOCS_EXECUTE", "1").strip().lower() not in {"0", "false", "no", "off"}
 nb_execution_mode = "cache" if _execute_notebooks else "off"
-nb_execution_timeout = 600  # seconds per cell
+# seconds per cell; each tutorial takes under 5 minutes on 2 idle CPU cores, a machine shared with other jobs may
+# need VCELL_DOCS_CELL_TIMEOUT=1800
+nb_execution_timeout = int(os.environ.get("VCELL_DOCS_CELL_TIMEOUT", "600"))
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True  # the traceback of a failing cell goes to the build log
 nb_merge_streams = True
