@@ -210,7 +210,7 @@ def interaction_map(
         pred_scores[name] = np.where(s < tol, 0.0, s)
 
     if ax is None:
-        plot = Plotter.grid(2, ncols=2, panel_size=(4.6, max(4.2, 0.16 * len(doubles) + 1.2)))
+        plot = Plotter.grid(2, ncols=2, panel_size=(4.6, max(4.2, 0.11 * len(doubles) + 1.2)))
     else:
         plot = Plotter.grid(2, ncols=2, panel_size=(4.6, 4.6), ax=ax)
     ax_sc, ax_bar = plot.axes
