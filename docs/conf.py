@@ -60,27 +60,73 @@ napoleon_numpy_docstring = True
 # "Sets the following fields" holds a definition list (``adata.obs['key']`` then an indented description):
 # a generic section keeps it as written, under its own heading
 napoleon_custom_sections = ["Sets the following fields"]
+# an "Attributes" section becomes fields of the class (:ivar:), not attribute descriptions: the class template
+# (_templates/autosummary/class.rst) documents the attributes already, and two descriptions of one object warn
+napoleon_use_ivar = True
 # name annotations by their alias instead of expanding numpy's ArrayLike into a page-long Union
 autodoc_type_aliases = {"ArrayLike": "numpy.typing.ArrayLike"}
 typehints_defaults = "braces"
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-# Tutorials are executed by tests/test_tutorials.py (pytest -m slow). The docs build executes them too on Read the
-# Docs (so the pages show outputs and figures) or with VCELL_DOCS_EXECUTE=1; other local builds show the code only.
-_execute_notebooks = os.environ.get("READTHEDOCS") == "True" or os.environ.get("VCELL_DOCS_EXECUTE") == "1"
+# Execution of the tutorials (docs/tutorials.md, "Building these docs"): every build executes them (myst-nb, cached
+# in docs/_build/.jupyter_cache, so an unchanged tutorial is not run again) and a cell that raises fails the build.
+# VCELL_DOCS_EXECUTE=0 opts out (pages then show the code without outputs).
+_execute_notebooks = os.environ.get("VCELL_DOCS_EXECUTE", "1").strip().lower() not in {"0", "false", "no", "off"}
 nb_execution_mode = "cache" if _execute_notebooks else "off"
-nb_execution_timeout = 600
+# seconds per cell; each tutorial takes under 5 minutes on 2 idle CPU cores, a machine shared with other jobs may
+# need VCELL_DOCS_CELL_TIMEOUT=1800
+nb_execution_timeout = int(os.environ.get("VCELL_DOCS_CELL_TIMEOUT", "600"))
 nb_execution_raise_on_error = True
+nb_execution_show_tb = True  # the traceback of a failing cell goes to the build log
 nb_merge_streams = True
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints"]
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-    "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
-    "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
-    "scvi": ("https://docs.scvi-tools.org/en/stable/", None),
-    "numpy": ("https://numpy.org/doc/stable/", None),
-    "pandas": ("https://pandas.pydata.org/pandas-docs/stable/", None),
-}
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "tutorials/.gitignore"]
+
+
+def _tutorial_data_dir() -> None:
+    """Point the tutorials' kernels at the real data (``VCELL_DATA``), unless the caller already set it.
+
+    Tutorials that read real files beyond the data bundled with vcell (prior-knowledge tables, Papalexi 2021) read
+    them from ``$VCELL_DATA``; the default is ``../shared/data`` next to the repository (where the project's data
+    live). The kernels myst-nb starts inherit this process's environment. The package itself never reads it.
+    """
+    default = (HERE.parent.parent / "shared" / "data").resolve()
+    if "VCELL_DATA" not in os.environ and default.is_dir():
+        os.environ["VCELL_DATA"] = str(default)
+
+
+_tutorial_data_dir()
+
+
+def _intersphinx_reachable() -> bool:
+    """Whether the intersphinx inventories can be fetched (a 3 s TCP probe of docs.python.org)."""
+    import socket
+
+    try:
+        socket.create_connection(("docs.python.org", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+# Links to the docs of Python, numpy, scanpy ... (intersphinx) need the network. VCELL_DOCS_INTERSPHINX=0 turns
+# them off, =1 forces them on; by default they are on when docs.python.org is reachable. Offline, the build then
+# has no warnings at all (-W passes): the references to those projects' objects render as plain text instead of
+# links (nitpicky stays off, so an unresolved reference to an outside object is not a warning).
+_intersphinx = os.environ.get("VCELL_DOCS_INTERSPHINX", "auto").strip().lower()
+if _intersphinx == "auto":
+    _intersphinx = "1" if _intersphinx_reachable() else "0"
+intersphinx_mapping = (
+    {
+        "python": ("https://docs.python.org/3", None),
+        "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+        "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+        "scvi": ("https://docs.scvi-tools.org/en/stable/", None),
+        "numpy": ("https://numpy.org/doc/stable/", None),
+        "pandas": ("https://pandas.pydata.org/pandas-docs/stable/", None),
+    }
+    if _intersphinx not in {"0", "false", "no", "off"}
+    else {}
+)
 html_theme = "sphinx_book_theme"
 html_title = "vcell"
 
@@ -165,10 +211,28 @@ def _reexported_data_comment(app, what, name, obj, options, lines):
             return
 
 
+sys.path.insert(0, str(HERE))
+from _tutorial_links import rubric as _rubric  # noqa: E402
+from _tutorial_links import uses as _uses  # noqa: E402
+
+#: "pp.harmonize" -> tutorials that use it (docs/_tutorial_links.py)
+import vcell  # noqa: E402
+
+_TUTORIAL_USES = _uses(HERE.parent / "tutorials", by_name={"metrics": list(vcell.metrics.METRICS)})
+
+
+def _link_tutorials(app, docname, source):
+    """Append "Used in tutorials" (links to the tutorials that use it) to each API page of autosummary."""
+    if docname.startswith("generated/vcell."):
+        source[0] += _rubric(docname.removeprefix("generated/"), _TUTORIAL_USES)
+
+
 def setup(app):
-    """Local tweaks: member filter for autosummary/autodoc, prose "Returns" sections, comments of constants."""
+    """Local tweaks: member filter for autosummary/autodoc, prose "Returns" sections, comments of constants, links
+    from the API reference to the tutorials."""
     from sphinx.ext.napoleon.docstring import NumpyDocstring
 
     NumpyDocstring._parse_returns_section = _returns_as_text
     app.connect("autodoc-skip-member", _skip_foreign_members)
     app.connect("autodoc-process-docstring", _reexported_data_comment)
+    app.connect("source-read", _link_tutorials)

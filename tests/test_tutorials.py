@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +14,11 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.md"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_tutorial_executes(path: Path, tmp_path: Path) -> None:
+def test_tutorial_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # real files beyond the bundled data come from $VCELL_DATA, as in the docs build (docs/conf.py, docs/tutorials.md)
+    shared = TUTORIALS.parents[1] / "shared" / "data"
+    if "VCELL_DATA" not in os.environ and shared.is_dir():
+        monkeypatch.setenv("VCELL_DATA", str(shared))
     jupytext = pytest.importorskip("jupytext", reason="executing tutorials needs jupytext (pip install jupytext)")
     nbclient = pytest.importorskip("nbclient", reason="executing tutorials needs nbclient (pip install nbclient)")
     pytest.importorskip("ipykernel", reason="executing tutorials needs ipykernel (pip install ipykernel)")
@@ -74,3 +79,119 @@ def test_api_reference_is_complete() -> None:
         if callable(getattr(getattr(vcell, sub), name)) and f"{sub}.{name}" not in listed
     ]
     assert not absent, f"public functions/classes missing from docs/api.md (add them to an autosummary table): {absent}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the API reference links each public name to the tutorials that use it (docs/_tutorial_links.py, docs/conf.py)
+# ---------------------------------------------------------------------------------------------------------------------
+#: public names of docs/api.md that no tutorial uses, each with why (a name that a tutorial starts using may stay
+#: here; the test below only fails for a name neither used nor listed)
+NOT_IN_TUTORIALS: dict[str, str] = {
+    **dict.fromkeys(
+        ["pp.ExpressionSpace", "pp.expression_space", "pp.set_expression_space"], "docs page 'Expression spaces'"
+    ),
+    **dict.fromkeys(
+        ["pp.canonical_label", "pp.is_combo", "pp.n_perturbations"], "label helpers (pp.harmonize uses them)"
+    ),
+    **dict.fromkeys(
+        ["model.CellJEPA", "model.FlowMatching", "model.ResidualDiffusion"],
+        "docs pages of the models; too slow to train within a tutorial's 5 minutes on 2 CPU cores",
+    ),
+    **dict.fromkeys(["model.PerturbationModel", "model.Capabilities"], "for model authors: docs 'Adding a model'"),
+    **dict.fromkeys(
+        ["metrics.perturbed_centroid_reference", "metrics.de_genes_fdr", "metrics.fit_pca", "metrics.pca_project"],
+        "building blocks of metrics.evaluate",
+    ),
+    **dict.fromkeys(
+        ["metrics.pds", "metrics.mae", "metrics.l2_top_expressed", "metrics.diversity", "metrics.direction_accuracy"],
+        "docs page 'Metrics'; bench.run computes them",
+    ),
+    **dict.fromkeys(
+        [
+            "tl.sample_perturbation",
+            "metrics.predictive_interval",
+            "metrics.interval_coverage",
+            "pl.uncertainty",
+            "metrics.pathway_agreement",
+            "priors.read_network",
+            "priors.read_gmt",
+            "priors.read_gene_graph",
+            "priors.go_graph",
+            "priors.graph_embedding",
+            "bench.Predictor",
+            "bench.PredictionRequest",
+            "bench.export_cell_eval",
+            "bench.summarize",
+            "bench.BenchmarkResult",
+            "bench.SPLIT_KINDS",
+            "bench.BASELINES",
+            "datasets.from_pertpy",
+            "datasets.rename_modalities",
+        ],
+        "planned tutorials of issue 22 (uncertainty, interpretability, prior knowledge, benchmark your model, pertpy)",
+    ),
+    **dict.fromkeys(["datasets.available", "datasets.load"], "the CLI's --data resolver; docs 'Quickstart'"),
+    **dict.fromkeys(
+        [
+            "data.setup_perturbation_anndata",
+            "data.vcell_state",
+            "data.registered_conditions",
+            "data.control_mask",
+            "data.context_labels",
+            "data.PerturbationVocab",
+            "data.Lookup",
+            "data.Pairs",
+            "data.RowReader",
+            "data.take_rows",
+            "data.pair_controls",
+            "data.iter_row_blocks",
+            "data.check_finite_nonnegative",
+            "data.is_count_matrix",
+            "data.check_expression",
+            "data.log1p_cp10k_block",
+            "data.group_sums",
+            "data.gene_mean_var",
+        ],
+        "data layer for model developers: docs 'Large screens' and 'Adding a model'",
+    ),
+}
+
+
+def _tutorial_links():
+    import importlib.util
+
+    path = API_MD.parent / "_tutorial_links.py"
+    spec = importlib.util.spec_from_file_location("_tutorial_links", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_api_entry_is_used_by_a_tutorial_or_listed():
+    """ "The API reference links each public function to the tutorial that uses it": no entry falls through."""
+    import vcell
+
+    links = _tutorial_links()
+    used = links.uses(TUTORIALS, by_name={"metrics": list(vcell.metrics.METRICS)})
+    entries = _api_entries()
+    uncovered = [e for e in entries if e not in used and e not in NOT_IN_TUTORIALS]
+    assert not uncovered, (
+        f"docs/api.md entries that no tutorial uses: {uncovered}; use them in a tutorial (as vcell.<sub>.<name>) "
+        "or add them to NOT_IN_TUTORIALS with the reason"
+    )
+    unknown = sorted(set(NOT_IN_TUTORIALS) - set(entries))
+    assert not unknown, f"NOT_IN_TUTORIALS lists names that docs/api.md does not: {unknown}"
+
+
+def test_tutorial_links_rubric(tmp_path: Path):
+    links = _tutorial_links()
+    (tmp_path / "a.md").write_text(
+        "```{code-cell} ipython3\nvcell.pp.harmonize(adata)\n```\nand {func}`vcell.pl.benchmark`\n"
+    )
+    (tmp_path / "b.md").write_text("vcell.model.Baseline.setup_anndata(x); metrics=['mmd']\n")
+    used = links.uses(tmp_path, by_name={"metrics": ["mmd", "mae"]})
+    assert used == {"pl.benchmark": ["a"], "pp.harmonize": ["a"], "model.Baseline": ["b"], "metrics.mmd": ["b"]}
+    text = links.rubric("vcell.pp.harmonize", used)
+    assert ".. rubric:: Used in tutorials" in text
+    assert ":doc:`/tutorials/a`" in text
+    assert links.rubric("vcell.pp.log_normalize", used) == ""

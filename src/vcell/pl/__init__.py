@@ -7,8 +7,18 @@ in an interactive matplotlib backend and when ``return_fig`` is false; ``return_
 
 from __future__ import annotations
 
-from ._benchmark import benchmark
+from ._benchmark import benchmark, benchmark_splits
+from ._perturbations import dose_response, interaction_map, perturbation_embedding
 from ._prediction import delta_heatmap, prediction_scatter
 from ._uncertainty import uncertainty
 
-__all__ = ["benchmark", "delta_heatmap", "prediction_scatter", "uncertainty"]
+__all__ = [
+    "benchmark",
+    "benchmark_splits",
+    "delta_heatmap",
+    "dose_response",
+    "interaction_map",
+    "perturbation_embedding",
+    "prediction_scatter",
+    "uncertainty",
+]

@@ -346,3 +346,180 @@ def benchmark(
         else:
             plot.fig.tight_layout()
     return plot.finish(show=show, save=save, return_fig=return_fig)
+
+
+_BASELINE_SHADES = ("0.15", "0.4", "0.6", "0.75")
+
+
+@doc_params(doc_show_save=doc_show_save)
+def benchmark_splits(
+    results: pd.DataFrame,
+    *,
+    metrics: str | Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    baselines: Sequence[str] = ("control", "mean", "additive", "linear"),
+    ncols: int = 1,
+    panel_size: tuple[float, float] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """Per-split benchmark view: for each metric, every model on every split, with a 95% interval over seeds.
+
+    Where :func:`benchmark` pools the splits, this keeps them apart: the x axis holds the splits (e.g. one per
+    held-out cell type), each model is a marker beside the others (baselines in grey shades and square markers),
+    at its mean over seeds (each seed the mean over the split's perturbations) with a 95% t-interval over the seeds
+    (none with one seed). The split-half ceiling of each split (the metric between two halves of its true cells),
+    when ``results`` has it, is a red dash. Models whose intervals do not overlap differ on that split.
+
+    Parameters
+    ----------
+    results
+        Tidy table of ``vcell.bench.run`` (``.results``): columns ``model``, ``split``, ``metric``, ``value``, and
+        usually ``seed`` (without it all rows count as one seed), optional ``ceiling``. Rows of the metric
+        ``"error"`` are left out.
+    metrics
+        Metric(s) to plot, one panel each; ``None``: every metric in ``results``.
+    models
+        Models to show, in this order; ``None``: the baselines present, then the other models.
+    baselines
+        Model names drawn as baselines (grey).
+    ncols
+        Panels per row.
+    panel_size
+        Width and height of a panel in inches; ``None`` scales the width with the number of splits.
+    ax
+        Axes to draw into: one per metric; ``None`` creates a new figure.
+    {doc_show_save}
+
+    Returns
+    -------
+    The figure when ``return_fig`` is true, else ``None``.
+
+    Raises
+    ------
+    KeyError
+        If a required column, a metric or a model is missing.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> import vcell
+    >>> results = pd.DataFrame(
+    ...     {
+    ...         "model": ["mean", "mean", "CausalVAE", "CausalVAE"] * 2,
+    ...         "split": ["B"] * 4 + ["NK"] * 4,
+    ...         "seed": [0, 1, 0, 1] * 2,
+    ...         "perturbation": "IFNb",
+    ...         "metric": "pearson_delta",
+    ...         "value": [0.7, 0.72, 0.8, 0.84, 0.6, 0.62, 0.5, 0.58],
+    ...     }
+    ... )
+    >>> fig = vcell.pl.benchmark_splits(results, return_fig=True)
+    >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    ['B', 'NK']
+    """
+    if not isinstance(results, pd.DataFrame):
+        msg = f"results must be a pandas DataFrame (the tidy table of vcell.bench.run), got {type(results).__name__}"
+        raise TypeError(msg)
+    check_columns(results, ["model", "split", "metric", "value"], what="results")
+    df = results.copy()
+    if "seed" not in df.columns:
+        df["seed"] = 0
+    for col in ("model", "split", "metric"):
+        df[col] = df[col].astype(str)
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df = df[df["metric"] != "error"]
+    available = list(pd.unique(df["metric"]))
+    metrics = available if metrics is None else [metrics] if isinstance(metrics, str) else list(metrics)
+    missing = [m for m in metrics if m not in available]
+    if missing:
+        msg = f"metrics {missing} not in results['metric']; available: {available}"
+        raise KeyError(msg)
+    if not metrics:
+        msg = "results hold no rows to plot"
+        raise ValueError(msg)
+    present = list(pd.unique(df["model"]))
+    if models is None:
+        base = [b for b in baselines if b in present]
+        models = base + [m for m in present if m not in base]
+    else:
+        models = list(models)
+        missing = [m for m in models if m not in present]
+        if missing:
+            msg = f"models {missing} not in results['model']; available: {present}"
+            raise KeyError(msg)
+    splits = list(pd.unique(df["split"]))
+    labels = short_split_labels(splits)
+    style = {}
+    n_base = 0
+    n_other = 0
+    for m in models:
+        if m in baselines:
+            style[m] = (_BASELINE_SHADES[n_base % len(_BASELINE_SHADES)], "s")
+            n_base += 1
+        else:
+            style[m] = (f"C{n_other % 10}", "o")
+            n_other += 1
+
+    if panel_size is None:
+        panel_size = (max(4.0, 1.2 + 0.35 * len(splits) * max(1, len(models) / 3)), 3.2)
+    plot = Plotter.grid(len(metrics), ncols=ncols, panel_size=panel_size, ax=ax)
+    width = 0.8 / max(len(models), 1)
+    offsets = {m: (i - (len(models) - 1) / 2) * width for i, m in enumerate(models)}
+    for ax_i, metric in zip(plot.axes, metrics, strict=True):
+        sub = df[(df["metric"] == metric) & df["model"].isin(models)]
+        per_seed = sub.groupby(["model", "split", "seed"], sort=False)["value"].mean().dropna().reset_index()
+        cells = {key: g["value"].to_numpy(dtype=float) for key, g in per_seed.groupby(["model", "split"], sort=False)}
+        for m in models:
+            color, marker = style[m]
+            xs, means, halves = [], [], []
+            for x, s in enumerate(splits):
+                if (m, s) not in cells:
+                    continue
+                vals = cells[(m, s)]
+                mean, half = _mean_ci(vals)
+                xs.append(x + offsets[m])
+                means.append(mean)
+                halves.append(half)
+            if xs:
+                ax_i.errorbar(
+                    np.asarray(xs, dtype=float),
+                    np.asarray(means, dtype=float),
+                    yerr=np.asarray(halves, dtype=float) if any(h > 0 for h in halves) else None,
+                    fmt=marker,
+                    ms=5,
+                    color=color,
+                    ecolor=color,
+                    elinewidth=1.0,
+                    capsize=2,
+                    label=m,
+                    zorder=3,
+                )
+        if "ceiling" in sub.columns:
+            ceil = pd.to_numeric(sub["ceiling"], errors="coerce").groupby(sub["split"]).mean().dropna()
+            for x, s in enumerate(splits):
+                if s in ceil.index:
+                    ax_i.hlines(ceil[s], x - 0.45, x + 0.45, colors="tab:red", linestyles="--", lw=1.2, zorder=2)
+        arrow = "↓" if lower_is_better(metric) else "↑"
+        ax_i.set_title(f"{metric} ({arrow} {better(metric)} is better)", fontsize=10)
+        ax_i.set_xticks(np.arange(len(splits)), labels=[labels[s] for s in splits], rotation=30, ha="right", fontsize=8)
+        ax_i.set_xlim(-0.6, len(splits) - 0.4)
+        ax_i.grid(axis="y", lw=0.4, color="0.9", zorder=0)
+        ax_i.set_axisbelow(True)
+        ax_i.spines[["top", "right"]].set_visible(False)
+    handles = [Line2D([], [], ls="", marker=style[m][1], color=style[m][0], label=m) for m in models]
+    if "ceiling" in df.columns and df["ceiling"].notna().any():
+        handles.append(Line2D([], [], ls="--", color="tab:red", label="split-half ceiling"))
+    plot.axes[0].legend(handles=handles, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if ax is None:
+        n_seeds = df["seed"].nunique()
+        plot.fig.suptitle(
+            f"per split: mean over {n_seeds} seed{'s' if n_seeds != 1 else ''}"
+            + (" ± 95% t-interval" if n_seeds > 1 else "")
+            + (f"; split kind {splits[0].split(':', 1)[0]}" if labels[splits[0]] != splits[0] else ""),
+            fontsize=9,
+        )
+        plot.fig.tight_layout()
+    return plot.finish(show=show, save=save, return_fig=return_fig)
