@@ -314,3 +314,14 @@ def test_pca_of_the_metrics_is_fitted_on_a_capped_seeded_subsample(monkeypatch):
     assert np.isfinite(res["value"]).all()
     vcell.bench.run(adata, seeds=[0], **kw)
     np.testing.assert_array_equal(rows_seen[2], rows_seen[1])  # seeded
+
+
+def test_run_on_data_the_user_already_split_leaves_their_split_alone() -> None:
+    """A user who ran bench.split to look at a split can still bench.run: bench splits its own copy."""
+    adata = vcell.datasets.simulate(n_cells=400, n_genes=30, n_perturbations=4, n_combos=4, seed=0)
+    vcell.pp.harmonize(adata, perturbation_key="perturbation", control="control")
+    vcell.bench.split(adata, kind="combo_half", seed=5)
+    before = adata.obs["vcell_split"].copy()
+    res = vcell.bench.run(adata, models=["additive"], splits=["combo_half"], seeds=[1], progress=False)
+    assert len(res.results)
+    assert adata.obs["vcell_split"].equals(before)

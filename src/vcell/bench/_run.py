@@ -602,7 +602,8 @@ def run(
     bar = tqdm(total=len(grid) * len(specs), disable=not show, desc="vcell benchmark")
     for (split_name, kind, opts), seed in grid:
         a = _shallow_copy(base)  # split writes obs/uns only
-        split(a, kind=kind, seed=seed, **opts)
+        # into bench's own copy: a split the user made (e.g. to look at it) is replaced there, never in ``adata``
+        split(a, kind=kind, seed=seed, overwrite=True, **opts)
         check_leakage(a)
         info = a.uns["vcell_split"]
         # conditions to predict: the held-out ones, or (random_cells: every condition trains) those with test cells
