@@ -254,7 +254,8 @@ def test_model_predictions_are_scored_from_one_block_without_a_stacked_copy(sim,
         ceiling=False,
         progress=False,
     )
-    assert len(evaluated) == 1 and blocks
+    assert len(evaluated) == 1
+    assert blocks
     assert np.shares_memory(evaluated[0], blocks[0])
     assert res.results["value"].notna().all()
     preds = {"a": np.ones((2, 3), np.float32), "b": np.zeros((1, 3), np.float32)}  # arrays of their own: copied
