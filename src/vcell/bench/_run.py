@@ -758,6 +758,9 @@ def run(
                     continue
                 preds[req.condition] = X
                 out[req.condition] = None  # the checked copy (or the same array) is what is kept
+            # nothing but preds may hold the predictions (a loop variable would keep this model's whole block alive
+            # through the next model's training and prediction)
+            X = P = None
             del out
             res = dict(getattr(spec, "last_resources", {}) or {})
             timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
