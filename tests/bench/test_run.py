@@ -225,6 +225,45 @@ def test_max_controls_caps_the_cells_a_prediction_starts_from():
         vcell.bench.run(adata, models=["control"], max_controls=0, **kw)
 
 
+def test_model_predictions_are_scored_from_one_block_without_a_stacked_copy(sim, monkeypatch):
+    """A ModelSpec writes each condition's prediction into its rows of one block; evaluate gets that block itself."""
+    from vcell.bench import _run
+    from vcell.metrics import _evaluate
+
+    blocks, evaluated = [], []
+    put = _run._PredictionBlock.put
+
+    def recording_put(self, condition, pred):
+        blocks.append(self.X)
+        return put(self, condition, pred)
+
+    def recording_evaluate(pred, true, control, **kw):
+        evaluated.append(pred.X)
+        return _evaluate.evaluate(pred, true, control, **kw)
+
+    monkeypatch.setattr(_run._PredictionBlock, "put", recording_put)
+    monkeypatch.setattr("vcell.metrics.evaluate", recording_evaluate)
+    res = vcell.bench.run(
+        sim,
+        models=["additive"],
+        splits=["combo_seen2"],
+        seeds=[0],
+        perturbation_key="perturbation",
+        control="control",
+        metrics=["pearson_delta"],
+        ceiling=False,
+        progress=False,
+    )
+    assert len(evaluated) == 1
+    assert blocks
+    assert np.shares_memory(evaluated[0], blocks[0])
+    assert res.results["value"].notna().all()
+    preds = {"a": np.ones((2, 3), np.float32), "b": np.zeros((1, 3), np.float32)}  # arrays of their own: copied
+    stacked = _run._stack_predictions(dict(preds), pd.Index(["g0", "g1", "g2"]))
+    np.testing.assert_array_equal(stacked.X, np.vstack(list(preds.values())))
+    assert not any(np.shares_memory(stacked.X, p) for p in preds.values())
+
+
 def test_run_on_a_backed_h5ad_keeps_training_cells_on_disk(sim, tmp_path, monkeypatch):
     """The predictors' training AnnData of a backed screen is backed too (written to TMPDIR, removed after)."""
     import tempfile

@@ -66,6 +66,27 @@ def test_context_labels_joint():
     assert context_labels(obs, []).tolist() == ["all", "all"]
 
 
+def test_context_labels_of_categorical_columns_share_one_string_per_context():
+    """Categorical columns: the labels of joining each cell's ``astype(str)`` values, one string object per context."""
+    from vcell.data._registry import _joined_labels
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {
+            "ct": pd.Categorical(rng.choice(["x", "y", "z"], 200)),
+            "dose": pd.Categorical(rng.choice([1.0, 2.5, np.nan], 200)),
+            "batch": pd.Categorical(rng.choice([3, 4], 200), categories=[4, 3, 9]),
+        }
+    )
+    for keys in (["ct"], ["ct", "dose"], ["batch", "dose", "ct"]):
+        fast = context_labels(obs, keys)
+        assert fast.dtype == object
+        np.testing.assert_array_equal(fast, _joined_labels(obs, keys))
+        assert len({id(v) for v in fast}) == len(set(fast))  # one object per distinct label, not one per cell
+    assert context_labels(obs, ["batch", "ct"])[:1].tolist() == [f"{obs['batch'][0]}|{obs['ct'][0]}"]
+    assert context_labels(obs.iloc[:0], ["ct", "dose"]).shape == (0,)
+
+
 def test_setup_anndata_registers_fields_and_documented_keys_only():
     adata = _toy()
     before_obs, before_uns = set(adata.obs.columns), set(adata.uns)

@@ -67,6 +67,24 @@ def test_mmd_identical_shifted_and_hand_computed(rng):
         mmd(X, X, bandwidths=())
 
 
+def test_median_scale_is_the_median_of_the_pooled_distances(rng):
+    """The pooled distances are the upper triangles of dxx and dyy and all of dxy; the median reorders a copy only."""
+    from vcell.metrics._common import sq_dists
+    from vcell.metrics._distribution import _median_scale
+
+    X, Y = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
+    dxx, dyy, dxy = sq_dists(X, X), sq_dists(Y, Y), sq_dists(X, Y)
+    before = [d.copy() for d in (dxx, dyy, dxy)]
+    pooled = np.concatenate([dxx[np.triu_indices(7, 1)], dyy[np.triu_indices(5, 1)], dxy.ravel()])
+    assert _median_scale(dxx, dyy, dxy) == np.median(pooled)
+    for d, b in zip((dxx, dyy, dxy), before, strict=True):
+        np.testing.assert_array_equal(d, b)
+    zeros = np.zeros((4, 4))  # median 0: the mean of the positive distances
+    d = np.zeros((4, 3))
+    d[0, 0] = 3.0
+    assert _median_scale(zeros, np.zeros((3, 3)), d) == 3.0
+
+
 def test_fit_pca_and_project(rng):
     X = rng.normal(size=(100, 8)) @ np.diag([5, 3, 1, 0.1, 0.1, 0.1, 0.1, 0.1])
     comps, mean = fit_pca(X, 3, seed=0)

@@ -158,8 +158,11 @@ class ModelSpec:
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out: dict[str, np.ndarray | str] = {}
+        # every condition's RNA prediction goes into its rows of one float32 block as it comes (run scores the block
+        # without stacking a copy), so the arrays a model returns are dropped one by one, never all held at once
+        block = _PredictionBlock(requests, (tr.mod["rna"] if protein else tr).n_vars)
         if self.output == "predict":  # requests sharing controls and dose: one batched predict_many
-            out.update(_predict_grouped(model, tr, requests, seed=seed, protein=bool(protein)))
+            out.update(_predict_grouped(model, tr, requests, seed=seed, protein=bool(protein), block=block))
         for req in requests:
             if req.condition in out:
                 continue
@@ -174,12 +177,12 @@ class ModelSpec:
                         space="model",  # the space the truth is scored in (log1p(CP10k) of counts)
                         **self.sample_kwargs,
                     )
-                    rna = np.asarray(cells.X)
+                    rna = block.put(req.condition, np.asarray(cells.X))
                     out[req.condition] = {"rna": rna, "prot": cells.obsm["protein"].to_numpy()} if protein else rna
                 else:
                     kw = {"perturbation": req.perturbation, "controls": req.controls, "dose": req.dose, "seed": seed}
                     kw["space"] = "model"  # unconverted: the space the truth is scored in (log1p(CP10k) of counts)
-                    rna = model.predict(tr, **kw)
+                    rna = block.put(req.condition, model.predict(tr, **kw))
                     out[req.condition] = (
                         {"rna": rna, "prot": model.predict(tr, **kw, modality="prot")} if protein else rna
                     )
@@ -189,13 +192,44 @@ class ModelSpec:
         return out
 
 
+class _PredictionBlock:
+    """One float32 ``(total controls, n_genes)`` matrix holding the RNA predictions of a model, requests in order.
+
+    :meth:`put` copies a condition's prediction into its rows and returns them (a view), so the model's own array is
+    dropped at once; :func:`_stack_predictions` then uses the block as it is when every request was predicted. A
+    prediction of another shape is returned as it is (:func:`run` reports the shape).
+    """
+
+    def __init__(self, requests: list[PredictionRequest], n_genes: int):
+        sizes = [np.asarray(r.controls).size for r in requests]
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        bounds = zip(requests, offsets[:-1], offsets[1:], strict=True)
+        self.rows = {r.condition: slice(int(a), int(b)) for r, a, b in bounds}
+        self.X = np.empty((int(offsets[-1]), n_genes), dtype=np.float32)
+
+    def put(self, condition: str, pred: Any) -> Any:
+        """``pred`` copied into the rows of ``condition`` (cast to float32 as :func:`_checked` casts), or as it is."""
+        rows = self.X[self.rows[condition]]
+        if not isinstance(pred, np.ndarray) or pred.shape != rows.shape:
+            return pred
+        rows[...] = pred
+        return rows
+
+
 def _predict_grouped(
-    model: Any, adata: AnnData, requests: list[PredictionRequest], *, seed: int, protein: bool
+    model: Any,
+    adata: AnnData,
+    requests: list[PredictionRequest],
+    *,
+    seed: int,
+    protein: bool,
+    block: _PredictionBlock | None = None,
 ) -> dict[str, Any]:
     """Predictions of the requests that share their control cells and dose with another, by ``model.predict_many``.
 
     The controls are read and encoded once per group (the same numbers as one ``predict`` per request). A group whose
     batched call raises is left out, so that the caller predicts its requests one by one and reports each error.
+    With ``block``, each RNA prediction is copied into its rows there as it comes (:meth:`_PredictionBlock.put`).
     """
     groups: dict[tuple, list[PredictionRequest]] = {}
     for req in requests:
@@ -208,8 +242,12 @@ def _predict_grouped(
         perts = [r.perturbation for r in reqs]
         kw = {"controls": reqs[0].controls, "dose": reqs[0].dose, "seed": seed}
         modalities = ("rna", "prot") if protein else ("rna",)
+        preds = []
         try:  # both modalities from one pass: the controls are read and encoded once
-            preds = [x for _, x in model._predict_many(adata, perts, modalities=modalities, **kw)]
+            for req, (_, x) in zip(reqs, model._predict_many(adata, perts, modalities=modalities, **kw), strict=True):
+                if block is not None:
+                    x = {**x, "rna": block.put(req.condition, x["rna"])}
+                preds.append(x)
         except (KeyError, ValueError):
             continue
         for req, pred in zip(reqs, preds, strict=True):
@@ -583,6 +621,7 @@ def run(
     from vcell.data._chunked import _source_kind
     from vcell.data._disk import backed_row_subset
     from vcell.metrics._de import ControlRanks
+    from vcell.metrics._evaluate import _share_control_ranks
 
     # expression of the metrics: log1p(CP10k) of counts, else the values; decided once on the whole matrix, then
     # every statistic and cell set is read from it in row blocks (sparse and backed matrices are never densified)
@@ -666,6 +705,7 @@ def run(
         # the truth of every held-out condition in one matrix (read once, never copied per condition)
         true_ad = _truth(X_src, cases, transform, a.var_names)
         ranks = ControlRanks(ctrl_ad.X)  # the control reference indexed once for every condition's DE test
+        _share_control_ranks(ctrl_ad, ranks)  # and for evaluate's (it would index the same cells again)
         de_genes = {h: vmetrics.top_de_genes(_true_rows(true_ad, c), ranks, n_top=20) for h, c in cases.items()}
         centroid = None  # Systema's reference, from the training cells (one more pass over them: only when scored)
         if metrics is None or {"pearson_delta_pert", "pearson_delta_top_de_pert"} & set(metrics):
@@ -719,6 +759,9 @@ def run(
                     continue
                 preds[req.condition] = X
                 out[req.condition] = None  # the checked copy (or the same array) is what is kept
+            # nothing but preds may hold the predictions (a loop variable would keep this model's whole block alive
+            # through the next model's training and prediction)
+            X = P = None
             del out
             res = dict(getattr(spec, "last_resources", {}) or {})
             timings.append({"model": spec.name, "split": split_name, "seed": seed, "total_s": total_s, **res})
@@ -854,22 +897,45 @@ def _true_rows(true: AnnData, case: dict) -> np.ndarray | sparse.csr_matrix:
 def _stack_predictions(preds: dict[str, np.ndarray], var_names: pd.Index) -> AnnData:
     """One AnnData of the predictions (labels in ``obs['perturbation']``), as :func:`_concat` of them builds it.
 
-    The arrays are copied into one preallocated float32 matrix and dropped from ``preds`` one by one, so at most one
-    condition's prediction exists twice.
+    When the arrays are the consecutive rows of one block (:class:`_PredictionBlock`), that block is the matrix, not
+    copied; otherwise they are copied into one preallocated float32 matrix and dropped from ``preds`` one by one.
     """
     import anndata as ad
 
     n = [len(X) for X in preds.values()]
-    X = np.empty((sum(n), len(var_names)), dtype=np.float32)
+    X = _rows_of_one_block(list(preds.values()))
+    copy = X is None
+    if copy:
+        X = np.empty((sum(n), len(var_names)), dtype=np.float32)
     labels, names, start = [], [], 0
     for k, h in enumerate(list(preds)):
         m = len(preds[h])
-        X[start : start + m] = preds.pop(h)
+        if copy:
+            X[start : start + m] = preds[h]
+        del preds[h]
         labels += [h] * m
         names += [f"c{i}-{k}" for i in range(m)]
         start += m
     obs = pd.DataFrame({"perturbation": pd.Categorical(labels)}, index=names)
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=var_names))
+
+
+def _rows_of_one_block(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """``arrays`` as one view, when they are consecutive rows of one float32 matrix from its first row; else ``None``.
+
+    That is a model's :class:`_PredictionBlock` when it predicted every request (or all but the last ones).
+    """
+    base = arrays[0].base if arrays else None
+    if not isinstance(base, np.ndarray) or base.ndim != 2 or base.dtype != np.float32 or not base.flags.c_contiguous:
+        return None
+    at = 0
+    for a in arrays:
+        if a.base is not base or a.dtype != base.dtype or a.ndim != 2 or a.shape[1] != base.shape[1]:
+            return None
+        if a.ctypes.data != base.ctypes.data + at * base.strides[0] or not a.flags.c_contiguous:
+            return None
+        at += a.shape[0]
+    return base[:at]
 
 
 def _checked(X: Any, shape: tuple[int, int], name: str, condition: str, *, finite: bool = False) -> np.ndarray:

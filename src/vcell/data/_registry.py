@@ -37,11 +37,33 @@ def context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray
     """
     if not context_keys:
         return np.full(len(obs), "all", dtype=object)
+    sizes = [len(obs[k].cat.categories) + 1 for k in context_keys if isinstance(obs[k].dtype, pd.CategoricalDtype)]
+    if len(sizes) == len(context_keys) and np.prod(np.asarray(sizes, dtype=float)) < 2**62:
+        return _categorical_context_labels(obs, context_keys)
+    return _joined_labels(obs, context_keys)
+
+
+def _joined_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray:
+    """Each cell's ``astype(str)`` labels of the context columns, joined by ``"|"``."""
     cols = [obs[k].astype(str).to_numpy() for k in context_keys]
     out = cols[0].astype(object)
     for c in cols[1:]:
         out = out + "|" + c
     return out
+
+
+def _categorical_context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray:
+    """:func:`_joined_labels` of categorical columns, each distinct label built once and shared by its cells.
+
+    The same values, without a new string object per cell and column (85 MB per million cells and column): the label
+    of each combination of categories present is built by :func:`_joined_labels` from the first cell holding it.
+    """
+    joint = np.zeros(len(obs), dtype=np.int64)
+    for k in context_keys:
+        codes = obs[k].cat.codes.to_numpy().astype(np.int64) + 1  # a missing value (-1) is a combination of its own
+        joint = joint * (len(obs[k].cat.categories) + 1) + codes
+    _, first, inverse = np.unique(joint, return_index=True, return_inverse=True)
+    return _joined_labels(obs.iloc[first], context_keys)[inverse.reshape(-1)]
 
 
 def setup_perturbation_anndata(

@@ -99,8 +99,13 @@ def sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     xx = np.einsum("ij,ij->i", X, X)
     yy = np.einsum("ij,ij->i", Y, Y)
     norms = xx[:, None] + yy[None, :]
-    D = norms - 2.0 * (X @ Y.T)
-    D[D <= (8.0 * (X.shape[1] + 2) * np.finfo(np.float64).eps) * norms] = 0.0
+    # in place (one n x m buffer besides norms): norms + (-2 x.y) and c * norms are norms - 2 x.y and c * norms exactly
+    D = X @ Y.T
+    D *= -2.0
+    D += norms
+    norms *= 8.0 * (X.shape[1] + 2) * np.finfo(np.float64).eps
+    D[D <= norms] = 0.0
+    del norms
     np.maximum(D, 0.0, out=D)
     if X is Y:
         np.fill_diagonal(D, 0.0)

@@ -192,20 +192,34 @@ def energy_distance(
     Xc, Yc = _prepare(X, Y, max_cells, seed)
     dxy, dxx, dyy = sq_dists(Xc, Yc), sq_dists(Xc, Xc), sq_dists(Yc, Yc)
     if not squared:
-        dxy, dxx, dyy = np.sqrt(dxy), np.sqrt(dxx), np.sqrt(dyy)
+        for D in (dxy, dxx, dyy):
+            np.sqrt(D, out=D)
     value = 2.0 * dxy.mean() - dxx.mean() - dyy.mean()
     return float(value) if np.isnan(value) else float(max(value, 0.0))
 
 
 def _median_scale(dxx: np.ndarray, dyy: np.ndarray, dxy: np.ndarray) -> float:
-    iu_x = np.triu_indices(dxx.shape[0], k=1)
-    iu_y = np.triu_indices(dyy.shape[0], k=1)
-    pooled = np.concatenate([dxx[iu_x], dyy[iu_y], dxy.ravel()])
-    scale = float(np.median(pooled)) if pooled.size else 0.0
+    """Median of the pooled distances (``dxx``'s and ``dyy``'s above the diagonal, all of ``dxy``); see :func:`mmd`."""
+    pooled = _pooled(dxx, dyy, dxy)
+    scale = float(np.median(pooled, overwrite_input=True)) if pooled.size else 0.0
     if scale <= 0:
+        pooled = _pooled(dxx, dyy, dxy)  # in its order again (the median reordered it): the same mean
         pos = pooled[pooled > 0]
         scale = float(pos.mean()) if pos.size else 1.0
     return scale
+
+
+def _pooled(dxx: np.ndarray, dyy: np.ndarray, dxy: np.ndarray) -> np.ndarray:
+    """``dxx`` and ``dyy`` above the diagonal (row by row), then ``dxy``: one array, without index arrays."""
+    nx, ny = dxx.shape[0], dyy.shape[0]
+    out = np.empty(nx * (nx - 1) // 2 + ny * (ny - 1) // 2 + dxy.size, dtype=np.result_type(dxx, dyy, dxy))
+    at = 0
+    for D in (dxx, dyy):
+        for i in range(D.shape[0] - 1):
+            out[at : at + D.shape[0] - i - 1] = D[i, i + 1 :]
+            at += D.shape[0] - i - 1
+    out[at:] = dxy.ravel()
+    return out
 
 
 def mmd(
@@ -256,10 +270,17 @@ def mmd(
     scale = _median_scale(dxx, dyy, dxy)
     # distances relative to the median first: -1 / (b * scale) overflows to -inf for a subnormal scale, and -inf * 0
     # is NaN (cells 1e-155 apart gave NaN, not the MMD of the same cells scaled up)
-    rxx, ryy, rxy = dxx / scale, dyy / scale, dxy / scale
+    for D in (dxx, dyy, dxy):  # in place, and one buffer for the kernels: no further n x n arrays
+        D /= scale
+    flat = np.empty(max(dxx.size, dyy.size, dxy.size), dtype=np.result_type(dxx, dyy, dxy))
     vals = []
     for b in bandwidths:
-        vals.append(np.exp(-rxx / b).mean() + np.exp(-ryy / b).mean() - 2.0 * np.exp(-rxy / b).mean())
+        means = []
+        for D in (dxx, dyy, dxy):
+            buf = flat[: D.size].reshape(D.shape)
+            np.divide(D, -b, out=buf)  # (-r) / b: the same value as -r / b
+            means.append(np.exp(buf, out=buf).mean())
+        vals.append(means[0] + means[1] - 2.0 * means[2])
     value = np.mean(vals)
     return float(value) if np.isnan(value) else float(max(value, 0.0))
 

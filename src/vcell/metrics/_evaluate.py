@@ -122,6 +122,15 @@ def _memoized(kind: str, key: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def _share_control_ranks(control: AnnData, ranks: ControlRanks) -> None:
+    """Have :func:`evaluate` reuse ``ranks``, the caller's index of ``control``'s cells, instead of building its own.
+
+    :func:`vcell.bench.run` indexes the control reference once for the top-DE genes; evaluate looks the index up by
+    the content of ``control.X`` (as it reads it), so it finds this one and never holds a second copy.
+    """
+    _memoized("ctrl_ranks", _digest(_expression(control, "control")), lambda: ranks)
+
+
 def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
     if metrics is None:
         return list(METRICS)

@@ -427,9 +427,12 @@ class Baseline(PerturbationModel):
             module = self.module.to("cpu")
             shift = module.shift(torch.as_tensor(np.repeat(enc, len(contexts), 0)), torch.as_tensor(contexts), emb)
             x = torch.as_tensor(X)
-            out = torch.clamp(
-                x + (shift[0] if len(contexts) == 1 else shift[torch.as_tensor(rows.reshape(-1))]), min=0.0
-            )
+            if len(contexts) == 1:
+                out = x + shift[0]
+            else:  # the cells' shifts gathered into the output, then added to in place: one cells x genes array
+                out = shift[torch.as_tensor(rows.reshape(-1))]
+                out = out.add_(x) if out.dtype == torch.result_type(out, x) else out + x
+            out.clamp_(min=0.0)
         return out.numpy()
 
     def _predict(
