@@ -51,7 +51,7 @@ class _CoupledPairs:
 
     def __init__(
         self,
-        z: np.ndarray,
+        z: torch.Tensor | np.ndarray,
         groups: list[tuple[np.ndarray, np.ndarray]],
         identity: np.ndarray,
         coupling: str,
@@ -60,8 +60,15 @@ class _CoupledPairs:
         epsilon: float,
         fixed: bool,
     ) -> None:
-        self.z, self.groups, self.identity, self.fixed = z, groups, identity, fixed
+        # the tensor, not a numpy view of it: "ddp_spawn" moves a pickled tensor's storage into shared memory, which
+        # would leave a view taken before pointing at freed memory (the couplings then read garbage)
+        self._z, self.groups, self.identity, self.fixed = z, groups, identity, fixed
         self.coupling, self.coupling_size, self.exact_max, self.epsilon = coupling, coupling_size, exact_max, epsilon
+
+    @property
+    def z(self) -> np.ndarray:
+        """The cells' coordinates, as a numpy view of the tensor's current storage."""
+        return self._z.numpy() if isinstance(self._z, torch.Tensor) else self._z
 
     def __call__(self, rng: np.random.Generator) -> Pairs:
         src, tgt = [self.identity], [self.identity]
@@ -109,9 +116,10 @@ class _Coupling:
             return
         a, b = self.bounds[i], self.bounds[i + 1]
         p, sources = self.pairs, self.src[a:b]
+        z = p.z
         perm = ot_pairs(
-            p.z[sources],
-            p.z[self.tgt[a:b]],
+            z[sources],
+            z[self.tgt[a:b]],
             method="exact" if solve is True else "sinkhorn",
             epsilon=p.epsilon,
             uniforms=None if solve is True else solve,
@@ -144,9 +152,7 @@ def _pair_batches(
     ``fixed=True`` (validation) draws the same pairs and flow times (``FLOW_TIME_KEY``) every pass.
     """
     identity = np.asarray(identity, dtype=np.int64)
-    cells = _CoupledPairs(
-        tensors[TARGET_KEY].numpy(), groups, identity, coupling, coupling_size, exact_max, epsilon, fixed
-    )
+    cells = _CoupledPairs(tensors[TARGET_KEY], groups, identity, coupling, coupling_size, exact_max, epsilon, fixed)
     return CellBatches(
         tensors,
         cells,
