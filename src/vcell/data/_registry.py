@@ -45,7 +45,8 @@ def context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray
 
 def _joined_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray:
     """Each cell's ``astype(str)`` labels of the context columns, joined by ``"|"``."""
-    cols = [obs[k].astype(str).to_numpy() for k in context_keys]
+    # a missing value reads "nan" on every pandas (pandas 3's astype(str) keeps it missing, pandas 2 writes "nan")
+    cols = [obs[k].astype(str).to_numpy(dtype=object, na_value="nan") for k in context_keys]
     out = cols[0].astype(object)
     for c in cols[1:]:
         out = out + "|" + c
