@@ -99,6 +99,16 @@ def pearson_delta(
     return float(np.clip(np.dot(dp, dt) / denom, -1.0, 1.0))
 
 
+def _mean_difference(
+    pred: ArrayLike | sparse.spmatrix, true: ArrayLike | sparse.spmatrix, genes: ArrayLike | None
+) -> np.ndarray:
+    """``(pred_mean - true_mean)[genes]``, one NaN when no gene is selected (the errors of :func:`mse_top_de`/:func:`mae`)."""
+    p, t = as_mean(pred, name="pred"), as_mean(true, name="true")
+    check_same_length(p, t, ("pred", "true"))
+    diff = select(p - t, genes)
+    return diff if diff.size else np.array([np.nan])
+
+
 def mse_top_de(
     pred: ArrayLike | sparse.spmatrix,
     true: ArrayLike | sparse.spmatrix,
@@ -127,12 +137,7 @@ def mse_top_de(
     >>> mse_top_de(np.array([1.0, 2.0, 0.0]), np.array([1.0, 0.0, 0.0]), genes=[0, 1])
     2.0
     """
-    p, t = as_mean(pred, name="pred"), as_mean(true, name="true")
-    check_same_length(p, t, ("pred", "true"))
-    diff = select(p - t, genes)
-    if diff.size == 0:
-        return float("nan")
-    return float(np.mean(diff**2))
+    return float(np.mean(_mean_difference(pred, true, genes) ** 2))
 
 
 def mae(
@@ -166,12 +171,7 @@ def mae(
     >>> mae(np.array([1.0, 2.0, 0.0]), np.array([1.0, 0.0, 1.0]))
     1.0
     """
-    p, t = as_mean(pred, name="pred"), as_mean(true, name="true")
-    check_same_length(p, t, ("pred", "true"))
-    diff = select(p - t, genes)
-    if diff.size == 0:
-        return float("nan")
-    return float(np.mean(np.abs(diff)))
+    return float(np.mean(np.abs(_mean_difference(pred, true, genes))))
 
 
 def mse_top_de_normalized(
