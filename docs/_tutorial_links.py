@@ -16,6 +16,16 @@ SUBPACKAGES = ("pp", "tl", "pl", "metrics", "bench", "datasets", "model", "data"
 _USE = re.compile(r"\bvcell\.(" + "|".join(SUBPACKAGES) + r")\.([A-Za-z_]\w*)")
 
 
+def reading_data(tutorials_dir: Path, env_var: str = "VCELL_DATA") -> list[str]:
+    """The tutorials (stems, sorted) that read real files from the folder named by ``env_var``.
+
+    A tutorial reads them when its text names the variable (``os.environ.get("VCELL_DATA", ...)``). Where that
+    folder is missing (e.g. on Read the Docs, which has no ``shared/data``), ``docs/conf.py`` leaves these tutorials
+    unexecuted and warns, instead of failing the whole build on their first cell.
+    """
+    return sorted(path.stem for path in tutorials_dir.glob("*.md") if env_var in path.read_text(encoding="utf-8"))
+
+
 def tutorial_title(path: Path) -> str:
     """The first Markdown heading of a tutorial (its title), else its file name."""
     for line in path.read_text(encoding="utf-8").splitlines():

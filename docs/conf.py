@@ -11,6 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))  # _tutorial_links.py
 
 # sphinx-autodoc-typehints 3.x calls an API deprecated in Sphinx 9 (a Python warning per page, not a docs problem)
 warnings.filterwarnings("ignore", message=r".*_RstSnippetParser\.set_application.*is deprecated")
@@ -95,6 +96,32 @@ def _tutorial_data_dir() -> None:
 
 
 _tutorial_data_dir()
+
+
+def _without_data() -> list[str]:
+    """Tutorials that read ``$VCELL_DATA`` when it names no folder: they are not executed (a warning says so at
+    ``builder-inited``), so a build without the real files (Read the Docs) still executes all the others."""
+    from _tutorial_links import reading_data
+
+    folder = os.environ.get("VCELL_DATA", "")
+    return [] if folder and Path(folder).is_dir() else reading_data(HERE.parent / "tutorials")
+
+
+_TUTORIALS_WITHOUT_DATA = _without_data() if _execute_notebooks else []
+nb_execution_excludepatterns = [f"tutorials/{name}.md" for name in _TUTORIALS_WITHOUT_DATA]
+
+
+def _warn_without_data(app) -> None:
+    if _TUTORIALS_WITHOUT_DATA:
+        from sphinx.util import logging
+
+        logging.getLogger("vcell.docs").warning(
+            "not executed (shown without outputs): %s; they read real files from $VCELL_DATA, which names no "
+            "folder (%r). Set VCELL_DATA to the folder holding prior_knowledge/ and the .h5ad files of "
+            "shared/data (docs/tutorials.md, 'Data the tutorials read').",
+            ", ".join(_TUTORIALS_WITHOUT_DATA),
+            os.environ.get("VCELL_DATA", ""),
+        )
 
 
 def _intersphinx_reachable() -> bool:
@@ -211,7 +238,6 @@ def _reexported_data_comment(app, what, name, obj, options, lines):
             return
 
 
-sys.path.insert(0, str(HERE))
 from _tutorial_links import rubric as _rubric  # noqa: E402
 from _tutorial_links import uses as _uses  # noqa: E402
 
@@ -236,3 +262,4 @@ def setup(app):
     app.connect("autodoc-skip-member", _skip_foreign_members)
     app.connect("autodoc-process-docstring", _reexported_data_comment)
     app.connect("source-read", _link_tutorials)
+    app.connect("builder-inited", _warn_without_data)

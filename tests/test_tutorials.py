@@ -186,3 +186,15 @@ def test_tutorial_links_rubric(tmp_path: Path):
     assert ".. rubric:: Used in tutorials" in text
     assert ":doc:`/tutorials/a`" in text
     assert links.rubric("vcell.pp.log_normalize", used) == ""
+
+
+def test_tutorials_reading_real_files_are_found(tmp_path: Path):
+    """The docs build leaves exactly the tutorials that read ``$VCELL_DATA`` unexecuted where it names no folder."""
+    links = _tutorial_links()
+    (tmp_path / "reads.md").write_text('DATA = Path(os.environ.get("VCELL_DATA", "../../shared/data"))\n')
+    (tmp_path / "bundled.md").write_text("adata = vcell.datasets.kang2018()\n")
+    assert links.reading_data(tmp_path) == ["reads"]
+    # the real tutorials: those that read the prior-knowledge tables or Papalexi, and not those on bundled data
+    readers = links.reading_data(TUTORIALS)
+    assert {"papalexi_unseen_knockouts", "drugs_doses", "interpretability"} <= set(readers)
+    assert "kang2018_celltype_transfer" not in readers
