@@ -12,8 +12,10 @@ under about the same load; the table gives the median (and best) of each and the
 threads), and the last lines the ratio of every repeat's pair (wall-clock and CPU time) with its median and range.
 On a shared machine the CPU-time ratio at one thread is the figure least disturbed by other processes.
 
-Data: ``--data simulated`` (default; ``vcell.datasets.simulate``, ``--cells`` x ``--genes``, dense counts: ~1% zeros)
-or ``--data kang`` (the real Kang 2018 PBMC counts from ``../shared/data``, 1,975 cells x 6,998 genes, 95% zeros).
+Data: ``--data simulated`` (default; ``vcell.datasets.simulate``, ``--cells`` x ``--genes``, dense counts: ~1% zeros),
+``--data kang`` (the real Kang 2018 PBMC counts from ``../shared/data``, 1,975 cells x 6,998 genes, 95% zeros), or
+``--data PATH.h5ad``: any counts with ``obs['perturbation']`` (``'control'``) and ``obs['cell_type']``, e.g. a file
+that ``benchmarks/scale.py`` generated (sparse negative-binomial counts, ~20% nonzero, ~700 UMI per cell).
 
 FLOPs per cell are counted from the layer sizes: 2 x inputs x outputs per linear layer for the forward pass, as much
 again for the weight gradients, and again for the input gradients except in the first layer (whose input is data).
@@ -23,7 +25,7 @@ The CPU's peak is measured with a 4096 x 4096 float32 matmul in torch with the s
 ``--pure`` also times CausalVAE's module alone (forward, loss, backward, AdamW step in a plain loop over the same
 batches, no Lightning, validation or set-up): the ceiling the ``train()`` loop can approach.
 
-Usage: ``python benchmarks/causal_vae_speed.py [--threads 2] [--epochs 5] [--repeats 3] [--data simulated|kang]
+Usage: ``python benchmarks/causal_vae_speed.py [--threads 2] [--epochs 5] [--repeats 3] [--data simulated|kang|PATH]
 [--validation both|none] [--scvi-likelihood nb|zinb] [--pure]``
 """
 
@@ -86,6 +88,13 @@ def load_data(args: argparse.Namespace):
             msg = f"--data kang needs {KANG}"
             raise SystemExit(msg)
         return ad.read_h5ad(KANG)
+    if args.data.endswith(".h5ad"):
+        adata = ad.read_h5ad(args.data)
+        missing = [k for k in ("perturbation", "cell_type") if k not in adata.obs]
+        if missing:
+            msg = f"--data {args.data}: obs lacks {missing} (needs 'perturbation' with 'control', and 'cell_type')"
+            raise SystemExit(msg)
+        return adata
     return vcell.datasets.simulate(
         n_cells=args.cells, n_genes=args.genes, n_perturbations=10, n_combos=10, cell_types=3, seed=0
     )
@@ -94,7 +103,12 @@ def load_data(args: argparse.Namespace):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", choices=["simulated", "kang"], default="simulated")
+    parser.add_argument(
+        "--data",
+        default="simulated",
+        help="simulated, kang, or an .h5ad of counts with obs 'perturbation' ('control') and 'cell_type' "
+        "(e.g. a file of benchmarks/scale.py: sparse NB counts, ~20%% nonzero)",
+    )
     parser.add_argument("--cells", type=int, default=10_000, help="simulated cells")
     parser.add_argument("--genes", type=int, default=2000, help="simulated genes")
     parser.add_argument("--epochs", type=int, default=5)
