@@ -126,21 +126,14 @@ def header(args: argparse.Namespace, t_start: float, load_start: float, extra: s
 
 
 # ------------------------------------------------------------------------------------------------- tasks
-def papalexi(args: argparse.Namespace) -> str:
-    from causal_vae_papalexi import go_embedding
-
+def _read_papalexi() -> tuple[ad.AnnData, list[str]]:
     adata = ad.read_h5ad(SHARED / "papalexi2021_eccite_thp1_rna299_sceptre.h5ad")
-    kos = sorted(set(adata.obs["perturbation"].astype(str)) - {"control"})
-    emb = go_embedding(kos, 10)
-    cvae = vcell.bench.ModelSpec(
-        "CausalVAE",
-        vcell.model.CausalVAE,
-        {"perturbation_embedding": emb, **json.loads(args.model_kwargs)},
-        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
-    )
-    lin = vcell.bench.ModelSpec("linear", vcell.model.Baseline, {"method": "linear", "perturbation_embedding": emb})
-    cache: dict = {}
-    models = combinations("mean", {"linear": lin, "CausalVAE": cvae}, cache, args.objective)
+    return adata, sorted(set(adata.obs["perturbation"].astype(str)) - {"control"})
+
+
+def _papalexi_report(args: argparse.Namespace, adata: ad.AnnData, members: dict, title: str, extra: str) -> str:
+    """``mean`` stacked with ``members`` (and their combinations) on ``unseen_perturbation``: run, save, report."""
+    models = combinations("mean", members, {}, args.objective)
     order = [m if isinstance(m, str) else m.name for m in models]
     res = vcell.bench.run(
         adata,
@@ -151,16 +144,30 @@ def papalexi(args: argparse.Namespace) -> str:
         progress=False,
     )
     res.to_csv(args.out_dir)
+    text = f"## {title}\n\n" + header(args, args.t0, args.load0, extra)
+    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Paired: model - mean, per seed\n\n"
+    text += paired_table(res.results, PAPALEXI_METRICS, order, "mean") + "\n\n### Fitted weights\n\n"
+    return text + weights_table(res.timings, ["seed"]) + "\n"
+
+
+def papalexi(args: argparse.Namespace) -> str:
+    from causal_vae_papalexi import go_embedding
+
+    adata, kos = _read_papalexi()
+    emb = go_embedding(kos, 10)
+    cvae = vcell.bench.ModelSpec(
+        "CausalVAE",
+        vcell.model.CausalVAE,
+        {"perturbation_embedding": emb, **json.loads(args.model_kwargs)},
+        {"max_epochs": args.epochs, "trainer_kwargs": {"enable_progress_bar": False}, **json.loads(args.train_kwargs)},
+    )
+    lin = vcell.bench.ModelSpec("linear", vcell.model.Baseline, {"method": "linear", "perturbation_embedding": emb})
     extra = (
         f"Papalexi 2021 ({adata.n_obs} cells x {adata.n_vars} genes, {len(kos)} knock-outs), `unseen_perturbation` "
         f"{args.split_kwargs}, seeds {args.seeds}; GO embedding (10 SVD dims) for `linear` and CausalVAE "
         f"(max_epochs={args.epochs}, early stopping)."
     )
-    text = "## Papalexi unseen knock-outs\n\n" + header(args, args.t0, args.load0, extra)
-    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Paired: model - mean, per seed\n\n"
-    text += paired_table(res.results, PAPALEXI_METRICS, order, "mean") + "\n\n### Fitted weights\n\n"
-    text += weights_table(res.timings, ["seed"]) + "\n"
-    return text
+    return _papalexi_report(args, adata, {"linear": lin, "CausalVAE": cvae}, "Papalexi unseen knock-outs", extra)
 
 
 def graph_embeddings(kos: list[str], dims: int, seed: int) -> dict[str, pd.DataFrame]:
@@ -180,8 +187,7 @@ def papalexi_genepert(args: argparse.Namespace) -> str:
     """GenePert-style members: ``linear`` on GO embeddings (annotation SVD, GO-graph propagation / spectral)."""
     from causal_vae_papalexi import go_embedding
 
-    adata = ad.read_h5ad(SHARED / "papalexi2021_eccite_thp1_rna299_sceptre.h5ad")
-    kos = sorted(set(adata.obs["perturbation"].astype(str)) - {"control"})
+    adata, kos = _read_papalexi()
     embs = {"svd": go_embedding(kos, 10), **graph_embeddings(kos, 10, seed=0)}
     members = {
         f"linear_{k}": vcell.bench.ModelSpec(
@@ -189,29 +195,14 @@ def papalexi_genepert(args: argparse.Namespace) -> str:
         )
         for k, e in embs.items()
     }
-    cache: dict = {}
-    models = combinations("mean", members, cache, args.objective)
-    order = [m if isinstance(m, str) else m.name for m in models]
-    res = vcell.bench.run(
-        adata,
-        models=models,
-        splits=[{"kind": "unseen_perturbation", **json.loads(args.split_kwargs)}],
-        seeds=args.seed_list,
-        metrics=PAPALEXI_METRICS,
-        progress=False,
-    )
-    res.to_csv(args.out_dir)
     extra = (
         f"Papalexi 2021, `unseen_perturbation` {args.split_kwargs}, seeds {args.seeds}; `linear` (Ahlmann-Eltze, "
         "10 components, ridge 0.1) on three 10-dimensional GO embeddings of the knock-outs: annotation SVD "
         "(`linear_svd`, as causal_vae_papalexi.py), and `vcell.priors.graph_embedding` of the GO Jaccard graph "
         "(`go_graph_jaccard_top20_human.csv.gz`), propagation and spectral (seed 0)."
     )
-    text = "## Papalexi unseen knock-outs: GenePert-style linear members\n\n" + header(args, args.t0, args.load0, extra)
-    text += metric_table(res.results, PAPALEXI_METRICS, order, ["split"]) + "\n\n### Paired: model - mean, per seed\n\n"
-    text += paired_table(res.results, PAPALEXI_METRICS, order, "mean") + "\n\n### Fitted weights\n\n"
-    text += weights_table(res.timings, ["seed"]) + "\n"
-    return text
+    title = "Papalexi unseen knock-outs: GenePert-style linear members"
+    return _papalexi_report(args, adata, members, title, extra)
 
 
 def combos(args: argparse.Namespace) -> str:
