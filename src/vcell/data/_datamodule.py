@@ -9,6 +9,8 @@ import numpy as np
 from vcell._settings import logger
 from vcell._utils import resolve_seed
 
+from ._loader import Pairs
+
 
 def pair_controls(
     contexts: Sequence[str] | np.ndarray,
@@ -61,3 +63,31 @@ def pair_controls(
     if missing:
         logger.info("contexts without control cells paired with controls of any context: %s", missing)
     return out
+
+
+class PooledPairs:
+    """One pass of (target, source) pairs: ``rng -> Pairs``, each target with a random cell of its pool.
+
+    The ``items`` of a :class:`~vcell.data.CellBatches` (CellJEPA's transition): ``identity`` cells paired with
+    themselves, then for every ``(targets, pool)`` of ``pairs`` each target with a cell of ``pool`` drawn with
+    replacement from ``rng``. A class of :mod:`vcell.data`, not a closure or a model's class: picklable, and a process
+    started by ``strategy="ddp_spawn"`` imports only :mod:`vcell.data` when it unpickles the loader.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = PooledPairs(np.array([0]), [(np.array([5, 6]), np.array([1]))])(np.random.default_rng(0))
+    >>> p.targets.tolist(), p.sources.tolist()
+    ([0, 5, 6], [0, 1, 1])
+    """
+
+    def __init__(self, identity: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.identity, self.pairs = identity, pairs
+
+    def __call__(self, rng: np.random.Generator) -> Pairs:
+        """The pass's pairs, drawn from ``rng``."""
+        src, tgt = [self.identity], [self.identity]
+        for targets, pool in self.pairs:
+            src.append(rng.choice(pool, size=len(targets), replace=True))
+            tgt.append(targets)
+        return Pairs(np.concatenate(tgt), np.concatenate(src))
