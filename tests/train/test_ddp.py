@@ -9,7 +9,9 @@ and float rounding: within ``RTOL`` relative.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,9 +132,17 @@ def test_two_processes_match_one(run_script: Callable, one_process: Callable, tm
     _saved_model_predicts(two, name)
 
 
-#: models checked under "ddp_spawn" (each start of a process imports torch again: CellJEPA's two fits and
-#: ResidualDiffusion are left to the "ddp" test above to keep this module's time down)
-SPAWNED = ["CausalVAE", "FlowMatching"]
+#: every learned model under "ddp_spawn". Each fit starts 2 processes, one after the other (Python's spawn writes the
+#: pickled loaders to a process while it imports what they name), and each imports torch and Lightning again and tears
+#: down an interpreter at its end: 10-20 s per fit beyond the training, on this 2-core machine under load. CellJEPA
+#: (2 fits: ~40 s with its 1-process run) and ResidualDiffusion (~25 s) are marked slow; the default run checks what
+#: their spawned processes unpickle (``test_spawned_payload_names_no_model_module``) and "ddp" above trains them
+SPAWNED = [
+    "CausalVAE",
+    "FlowMatching",
+    pytest.param("CellJEPA", marks=pytest.mark.slow),
+    pytest.param("ResidualDiffusion", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("name", SPAWNED)
@@ -143,3 +153,48 @@ def test_spawned_processes_match_one(run_script: Callable, one_process: Callable
     two = _run(run_script, tmp_path, name, 2, 32, strategy="ddp_spawn")
     _same_trajectory(one, two, name)
     _saved_model_predicts(two, name)
+
+
+class _Globals(pickle.Unpickler):
+    """Unpickler recording the module of every class and function a pickle names."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.modules: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> object:
+        self.modules.add(module)
+        return super().find_class(module, name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spawned_payload_names_no_model_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """What ``"ddp_spawn"`` pickles into every process it starts (plan, loaders, callbacks; each fit) names no class
+    or function of ``vcell.model`` or scvi-tools: unpickling it there imports ``vcell.train``, ``vcell.data`` and
+    ``vcell.module`` only (importing the models, with scvi-tools, costs seconds per process and fit)."""
+    import vcell
+    import vcell.train
+
+    real, seen, fits = vcell.train.fit, set(), []
+
+    def recording_fit(plan: object, train_dataloader: object, val_dataloader: object = None, **kwargs: object) -> int:
+        callbacks = list(kwargs.get("callbacks") or ())
+        unpickler = _Globals(pickle.dumps((plan, train_dataloader, val_dataloader, callbacks)))
+        unpickler.load()
+        seen.update(unpickler.modules)
+        fits.append(type(plan.module).__name__)
+        return real(plan, train_dataloader, val_dataloader, **kwargs)
+
+    monkeypatch.setattr(vcell.train, "fit", recording_fit)
+    adata = vcell.datasets.simulate(n_cells=160, n_genes=20, n_perturbations=4, n_combos=1, seed=0)
+    Cls = getattr(vcell.model, name)
+    Cls.setup_anndata(adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    init, train = MODELS[name]
+    model = Cls(adata, **init)
+    train = {**train, "pretrain_epochs": 1} if "pretrain_epochs" in train else train
+    model.train(
+        max_epochs=1, batch_size=32, accelerator="cpu", seed=0, trainer_kwargs={"enable_progress_bar": False}, **train
+    )
+    assert len(fits) == (2 if name == "CellJEPA" else 1), fits
+    assert "vcell.train._plan" in seen
+    assert not sorted(m for m in seen if m.split(".")[0] == "scvi" or m.startswith("vcell.model")), seen
