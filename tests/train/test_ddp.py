@@ -44,9 +44,9 @@ def main():
     Cls.setup_anndata(adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
     model = Cls(adata, **json.loads(sys.argv[5]))
     kw = {"strategy": strategy, "devices": devices} if devices > 1 else {"devices": 1}
+    train = {"max_epochs": 3, "early_stopping": False, **json.loads(sys.argv[6])}
     model.train(
-        max_epochs=3, batch_size=batch_size, accelerator="cpu", early_stopping=False, seed=3,
-        trainer_kwargs={"enable_progress_bar": False}, **kw, **json.loads(sys.argv[6]),
+        batch_size=batch_size, accelerator="cpu", seed=3, trainer_kwargs={"enable_progress_bar": False}, **kw, **train
     )
     # "ddp": every process runs on from here; "ddp_spawn": only the main process (not in a process group)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -57,7 +57,7 @@ def main():
     if rank == 0:
         hist = {k: v.iloc[:, 0].tolist() for k, v in model.history_.items()}
         with open(out + "_history.json", "w") as f:
-            json.dump(hist, f)
+            json.dump({**hist, "best_epoch": [int(model.best_epoch_)]}, f)
         model.save(out + "_model", overwrite=True)
 
 
@@ -198,3 +198,29 @@ def test_spawned_payload_names_no_model_module(monkeypatch: pytest.MonkeyPatch, 
     assert len(fits) == (2 if name == "CellJEPA" else 1), fits
     assert "vcell.train._plan" in seen
     assert not sorted(m for m in seen if m.split(".")[0] == "scvi" or m.startswith("vcell.model")), seen
+
+
+@pytest.mark.slow
+def test_spawned_early_stopping_restores_the_best_weights(run_script: Callable, tmp_path: Path) -> None:
+    """``"ddp_spawn"`` with early stopping: the main process gets back each fit's best weights (the callback state),
+    so CellJEPA (pretraining, then the transition, each stopped at its best validation epoch) ends with the weights,
+    history and predictions of ``"ddp"`` (~75 s: 2 runs, 4 spawned processes)."""
+    init = MODELS["CellJEPA"][0]
+    # a large learning rate: the validation losses go up and down, so the best epochs are not the last ones
+    train = {"pretrain_epochs": 8, "max_epochs": 8, "lr": 0.05, "early_stopping": True, "early_stopping_patience": 3}
+    outs = {}
+    for strategy in ("ddp", "ddp_spawn"):
+        outs[strategy] = out = str(tmp_path / strategy)
+        args = (out, "CellJEPA", "2", "32", json.dumps(init), json.dumps(train), strategy)
+        res = run_script(SCRIPT, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    hist = {k: json.loads(Path(o + "_history.json").read_text()) for k, o in outs.items()}
+    assert hist["ddp_spawn"].keys() == hist["ddp"].keys()
+    for key, values in hist["ddp"].items():  # measured: equal bit for bit
+        np.testing.assert_allclose(hist["ddp_spawn"][key], values, rtol=1e-6, err_msg=key)
+    pre, trans = hist["ddp"]["val_loss"], hist["ddp"]["transition_val_loss"]
+    assert np.argmin(pre) < len(pre) - 1  # pretraining's best weights are not its last ones
+    assert hist["ddp"]["best_epoch"] == [int(np.argmin(trans))]
+    assert hist["ddp"]["best_epoch"][0] < len(trans) - 1
+    pred = {k: np.load(o + "_pred0.npy") for k, o in outs.items()}
+    np.testing.assert_allclose(pred["ddp_spawn"], pred["ddp"], rtol=1e-6, atol=1e-7)
