@@ -403,7 +403,7 @@ def _eager_pass(z, groups, identity, coupling_size, exact_max, epsilon, fixed, r
 @pytest.mark.parametrize("fixed", [False, True])
 def test_lazily_coupled_pass_equals_the_pass_coupled_up_front(fixed):
     """The pairs of a pass are the same whether its couplings are solved up front or lazily, in any order."""
-    from vcell.model._flow_matching import _CoupledPairs
+    from vcell.data._datamodule import CoupledPairs
     from vcell.module._flow_matching import FLOW_TIME_KEY
 
     rng = np.random.default_rng(0)
@@ -415,7 +415,7 @@ def test_lazily_coupled_pass_equals_the_pass_coupled_up_front(fixed):
     args = (z, groups, ctrl[:700], 512, 300, 0.05)
     src, tgt, times = _eager_pass(*args, fixed, np.random.default_rng([3, 1]))
     for order in ("forward", "random"):
-        pairs = _CoupledPairs(*args[:3], "ot", *args[3:], fixed)(np.random.default_rng([3, 1]))
+        pairs = CoupledPairs(*args[:3], "ot", *args[3:], fixed)(np.random.default_rng([3, 1]))
         assert len(pairs.parts) == 2 + 1 + 1 + 4 + 1  # identity (2 parts), 300, 10, 4 x ~398, 1
         assert not np.array_equal(pairs.sources, src)  # not coupled yet
         parts = range(len(pairs.parts)) if order == "forward" else np.random.default_rng(5).permutation(9)

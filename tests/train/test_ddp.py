@@ -9,7 +9,9 @@ and float rounding: within ``RTOL`` relative.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,9 +44,9 @@ def main():
     Cls.setup_anndata(adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
     model = Cls(adata, **json.loads(sys.argv[5]))
     kw = {"strategy": strategy, "devices": devices} if devices > 1 else {"devices": 1}
+    train = {"max_epochs": 3, "early_stopping": False, **json.loads(sys.argv[6])}
     model.train(
-        max_epochs=3, batch_size=batch_size, accelerator="cpu", early_stopping=False, seed=3,
-        trainer_kwargs={"enable_progress_bar": False}, **kw, **json.loads(sys.argv[6]),
+        batch_size=batch_size, accelerator="cpu", seed=3, trainer_kwargs={"enable_progress_bar": False}, **kw, **train
     )
     # "ddp": every process runs on from here; "ddp_spawn": only the main process (not in a process group)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -55,7 +57,7 @@ def main():
     if rank == 0:
         hist = {k: v.iloc[:, 0].tolist() for k, v in model.history_.items()}
         with open(out + "_history.json", "w") as f:
-            json.dump(hist, f)
+            json.dump({**hist, "best_epoch": [int(model.best_epoch_)]}, f)
         model.save(out + "_model", overwrite=True)
 
 
@@ -130,9 +132,17 @@ def test_two_processes_match_one(run_script: Callable, one_process: Callable, tm
     _saved_model_predicts(two, name)
 
 
-#: models checked under "ddp_spawn" (each start of a process imports torch again: CellJEPA's two fits and
-#: ResidualDiffusion are left to the "ddp" test above to keep this module's time down)
-SPAWNED = ["CausalVAE", "FlowMatching"]
+#: every learned model under "ddp_spawn". Each fit starts 2 processes, one after the other (Python's spawn writes the
+#: pickled loaders to a process while it imports what they name), and each imports torch and Lightning again and tears
+#: down an interpreter at its end: 10-20 s per fit beyond the training, on this 2-core machine under load. CellJEPA
+#: (2 fits: ~40 s with its 1-process run) and ResidualDiffusion (~25 s) are marked slow; the default run checks what
+#: their spawned processes unpickle (``test_spawned_payload_names_no_model_module``) and "ddp" above trains them
+SPAWNED = [
+    "CausalVAE",
+    "FlowMatching",
+    pytest.param("CellJEPA", marks=pytest.mark.slow),
+    pytest.param("ResidualDiffusion", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("name", SPAWNED)
@@ -143,3 +153,74 @@ def test_spawned_processes_match_one(run_script: Callable, one_process: Callable
     two = _run(run_script, tmp_path, name, 2, 32, strategy="ddp_spawn")
     _same_trajectory(one, two, name)
     _saved_model_predicts(two, name)
+
+
+class _Globals(pickle.Unpickler):
+    """Unpickler recording the module of every class and function a pickle names."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.modules: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> object:
+        self.modules.add(module)
+        return super().find_class(module, name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spawned_payload_names_no_model_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """What ``"ddp_spawn"`` pickles into every process it starts (plan, loaders, callbacks; each fit) names no class
+    or function of ``vcell.model`` or scvi-tools: unpickling it there imports ``vcell.train``, ``vcell.data`` and
+    ``vcell.module`` only (importing the models, with scvi-tools, costs seconds per process and fit)."""
+    import vcell
+    import vcell.train
+
+    real, seen, fits = vcell.train.fit, set(), []
+
+    def recording_fit(plan: object, train_dataloader: object, val_dataloader: object = None, **kwargs: object) -> int:
+        callbacks = list(kwargs.get("callbacks") or ())
+        unpickler = _Globals(pickle.dumps((plan, train_dataloader, val_dataloader, callbacks)))
+        unpickler.load()
+        seen.update(unpickler.modules)
+        fits.append(type(plan.module).__name__)
+        return real(plan, train_dataloader, val_dataloader, **kwargs)
+
+    monkeypatch.setattr(vcell.train, "fit", recording_fit)
+    adata = vcell.datasets.simulate(n_cells=160, n_genes=20, n_perturbations=4, n_combos=1, seed=0)
+    Cls = getattr(vcell.model, name)
+    Cls.setup_anndata(adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    init, train = MODELS[name]
+    model = Cls(adata, **init)
+    train = {**train, "pretrain_epochs": 1} if "pretrain_epochs" in train else train
+    model.train(
+        max_epochs=1, batch_size=32, accelerator="cpu", seed=0, trainer_kwargs={"enable_progress_bar": False}, **train
+    )
+    assert len(fits) == (2 if name == "CellJEPA" else 1), fits
+    assert "vcell.train._plan" in seen
+    assert not sorted(m for m in seen if m.split(".")[0] == "scvi" or m.startswith("vcell.model")), seen
+
+
+@pytest.mark.slow
+def test_spawned_early_stopping_restores_the_best_weights(run_script: Callable, tmp_path: Path) -> None:
+    """``"ddp_spawn"`` with early stopping: the main process gets back each fit's best weights (the callback state),
+    so CellJEPA (pretraining, then the transition, each stopped at its best validation epoch) ends with the weights,
+    history and predictions of ``"ddp"`` (~75 s: 2 runs, 4 spawned processes)."""
+    init = MODELS["CellJEPA"][0]
+    # a large learning rate: the validation losses go up and down, so the best epochs are not the last ones
+    train = {"pretrain_epochs": 8, "max_epochs": 8, "lr": 0.05, "early_stopping": True, "early_stopping_patience": 3}
+    outs = {}
+    for strategy in ("ddp", "ddp_spawn"):
+        outs[strategy] = out = str(tmp_path / strategy)
+        args = (out, "CellJEPA", "2", "32", json.dumps(init), json.dumps(train), strategy)
+        res = run_script(SCRIPT, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    hist = {k: json.loads(Path(o + "_history.json").read_text()) for k, o in outs.items()}
+    assert hist["ddp_spawn"].keys() == hist["ddp"].keys()
+    for key, values in hist["ddp"].items():  # measured: equal bit for bit
+        np.testing.assert_allclose(hist["ddp_spawn"][key], values, rtol=1e-6, err_msg=key)
+    pre, trans = hist["ddp"]["val_loss"], hist["ddp"]["transition_val_loss"]
+    assert np.argmin(pre) < len(pre) - 1  # pretraining's best weights are not its last ones
+    assert hist["ddp"]["best_epoch"] == [int(np.argmin(trans))]
+    assert hist["ddp"]["best_epoch"][0] < len(trans) - 1
+    pred = {k: np.load(o + "_pred0.npy") for k, o in outs.items()}
+    np.testing.assert_allclose(pred["ddp_spawn"], pred["ddp"], rtol=1e-6, atol=1e-7)

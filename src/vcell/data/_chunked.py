@@ -179,6 +179,30 @@ def log1p_cp10k_block(block: Block, *, target_sum: float = 1e4) -> Block:
     return np.log1p(B / totals * target_sum).astype(np.float32)
 
 
+def log1p_cp10k_rows(rows: np.ndarray, *, scaled: bool, name: str) -> np.ndarray:
+    """log1p(CP10k) of dense count rows, float32, with the arithmetic of :func:`vcell._utils.log1p_cp10k`.
+
+    The rows are checked first (finite, non-negative; ``name`` names the matrix in the error). ``scaled``: each value
+    times ``1e4 / total`` (that function's sparse path) rather than ``value / total * 1e4`` (its dense path), so that
+    rows read from a sparse (or dense) matrix get the same bits as the whole-matrix transform. The row transform of a
+    model's :class:`~vcell.data.RowReader` (``vcell.model._rows.expression_reader``): it lives here so that a process
+    started by ``strategy="ddp_spawn"`` imports only :mod:`vcell.data` when it unpickles a loader.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> out = log1p_cp10k_rows(np.array([[1.0, 3.0]]), scaled=True, name="X")
+    >>> out.dtype, [round(float(v), 4) for v in out[0]]
+    (dtype('float32'), [7.8244, 8.9228])
+    """
+    check_finite_nonnegative(rows, name=name)
+    B = np.asarray(rows, dtype=np.float64)
+    totals = B.sum(axis=1, keepdims=True)
+    totals[totals == 0] = 1.0
+    B = B * (1e4 / totals) if scaled else B / totals * 1e4
+    return np.log1p(B).astype(np.float32)
+
+
 def _transform(block: Block, transform: Transform, target_sum: float) -> Block:
     if transform is None:
         return block

@@ -15,7 +15,8 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_dose, resolve_seed
-from vcell.data import CellBatches, Pairs, RowReader
+from vcell.data import CellBatches, RowReader
+from vcell.data._datamodule import PooledPairs
 from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cosine_error, retrieval_ranks
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, SOURCE_Z_KEY, TARGET_Z_KEY
@@ -31,20 +32,6 @@ if TYPE_CHECKING:
 POLICIES = ("random", "coexpression")
 #: cells used to cluster genes by co-expression (a seeded subsample beyond)
 _COEXPRESSION_MAX_CELLS = 20_000
-
-
-class _PooledPairs:
-    """One pass of :func:`_cell_batches` with pairs: ``rng -> Pairs`` (a class, not a closure: picklable for DDP)."""
-
-    def __init__(self, identity: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self.identity, self.pairs = identity, pairs
-
-    def __call__(self, rng: np.random.Generator) -> Pairs:
-        src, tgt = [self.identity], [self.identity]
-        for targets, pool in self.pairs:
-            src.append(rng.choice(pool, size=len(targets), replace=True))
-            tgt.append(targets)
-        return Pairs(np.concatenate(tgt), np.concatenate(src))
 
 
 def _cell_batches(
@@ -72,7 +59,7 @@ def _cell_batches(
 
     n_items = len(idx) + sum(len(t) for t, _ in pairs)
     return CellBatches(
-        fields, _PooledPairs(idx, pairs), source_fields={SOURCE_Z_KEY: TARGET_Z_KEY}, n_items=n_items, **opts
+        fields, PooledPairs(idx, pairs), source_fields={SOURCE_Z_KEY: TARGET_Z_KEY}, n_items=n_items, **opts
     )
 
 

@@ -13,13 +13,13 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_obs_keys, resolve_seed
-from vcell.data import CellBatches, Lookup, Pairs, RowReader, fit_pca_streamed
-from vcell.module import FlowMatchingModule, ot_pairs
+from vcell.data import CellBatches, Lookup, RowReader, fit_pca_streamed
+from vcell.data._datamodule import CoupledPairs
+from vcell.module import FlowMatchingModule
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._flow_matching import (
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
-    FLOW_TIME_KEY,
     SOLVERS,
     SOURCE_KEY,
     TARGET_KEY,
@@ -38,94 +38,6 @@ if TYPE_CHECKING:
 COUPLINGS = ("ot", "random")
 #: the PCA is fitted on at most this many cells (a seeded subsample beyond)
 _PCA_MAX_CELLS = 50_000
-
-
-class _CoupledPairs:
-    """One pass of :func:`_pair_batches`: ``rng -> Pairs`` (a class, not a closure: picklable for DDP spawn).
-
-    The pass's random draws (each group's order, the controls drawn, Sinkhorn's draws) are made up front, in the
-    order of a pass coupled whole; each chunk's optimal-transport coupling is solved when the loader first needs it
-    (:class:`vcell.data.Pairs` ``parts``/``complete``), so a pass costs its draws up front and each batch only the
-    couplings it reaches.
-    """
-
-    def __init__(
-        self,
-        z: torch.Tensor | np.ndarray,
-        groups: list[tuple[np.ndarray, np.ndarray]],
-        identity: np.ndarray,
-        coupling: str,
-        coupling_size: int,
-        exact_max: int,
-        epsilon: float,
-        fixed: bool,
-    ) -> None:
-        # the tensor, not a numpy view of it: "ddp_spawn" moves a pickled tensor's storage into shared memory, which
-        # would leave a view taken before pointing at freed memory (the couplings then read garbage)
-        self._z, self.groups, self.identity, self.fixed = z, groups, identity, fixed
-        self.coupling, self.coupling_size, self.exact_max, self.epsilon = coupling, coupling_size, exact_max, epsilon
-
-    @property
-    def z(self) -> np.ndarray:
-        """The cells' coordinates, as a numpy view of the tensor's current storage."""
-        return self._z.numpy() if isinstance(self._z, torch.Tensor) else self._z
-
-    def __call__(self, rng: np.random.Generator) -> Pairs:
-        src, tgt = [self.identity], [self.identity]
-        # parts: the identity pairs in chunks (nothing to solve), then one part per coupling chunk
-        starts = list(range(0, len(self.identity), self.coupling_size))
-        todo: list[np.ndarray | bool | None] = [None] * len(starts)  # per part: Sinkhorn draws, True (exact), None
-        offset = len(self.identity)
-        for targets, controls in self.groups:
-            targets = rng.permutation(targets)
-            for chunk in np.array_split(targets, -(-len(targets) // self.coupling_size)):
-                sources = rng.choice(controls, size=len(chunk), replace=True)
-                solve: np.ndarray | bool | None = None
-                if self.coupling == "ot" and len(chunk) > 1:
-                    # ot_pairs(method="auto") draws len(chunk) uniforms from rng when it uses Sinkhorn: drawn here
-                    solve = True if len(chunk) <= self.exact_max else rng.random(len(chunk))
-                src.append(sources)
-                tgt.append(chunk)
-                starts.append(offset)
-                todo.append(solve)
-                offset += len(chunk)
-        src, tgt = np.concatenate(src), np.concatenate(tgt)
-        extras = {FLOW_TIME_KEY: rng.random(len(tgt)).astype(np.float32)} if self.fixed else {}
-        if not len(tgt):
-            return Pairs(tgt, src, extras)
-        return Pairs(tgt, src, extras, parts=np.asarray(starts), complete=_Coupling(self, src, tgt, starts, todo))
-
-
-class _Coupling:
-    """``complete(i)`` of a pass of :class:`_CoupledPairs`: part ``i``'s sources reordered by optimal transport."""
-
-    def __init__(
-        self,
-        pairs: _CoupledPairs,
-        src: np.ndarray,
-        tgt: np.ndarray,
-        starts: list[int],
-        todo: list[np.ndarray | bool | None],
-    ) -> None:
-        self.pairs, self.src, self.tgt, self.todo = pairs, src, tgt, todo
-        self.bounds = [*starts, len(tgt)]
-
-    def __call__(self, i: int) -> None:
-        solve = self.todo[i]
-        if solve is None:
-            return
-        a, b = self.bounds[i], self.bounds[i + 1]
-        p, sources = self.pairs, self.src[a:b]
-        z = p.z
-        perm = ot_pairs(
-            z[sources],
-            z[self.tgt[a:b]],
-            method="exact" if solve is True else "sinkhorn",
-            epsilon=p.epsilon,
-            uniforms=None if solve is True else solve,
-        )
-        self.src[a:b] = sources[perm]
-        self.todo[i] = None
 
 
 def _pair_batches(
@@ -152,7 +64,7 @@ def _pair_batches(
     ``fixed=True`` (validation) draws the same pairs and flow times (``FLOW_TIME_KEY``) every pass.
     """
     identity = np.asarray(identity, dtype=np.int64)
-    cells = _CoupledPairs(tensors[TARGET_KEY], groups, identity, coupling, coupling_size, exact_max, epsilon, fixed)
+    cells = CoupledPairs(tensors[TARGET_KEY], groups, identity, coupling, coupling_size, exact_max, epsilon, fixed)
     return CellBatches(
         tensors,
         cells,

@@ -13,24 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from vcell.data import RowReader, check_finite_nonnegative
+from vcell.data import RowReader
+from vcell.data._chunked import log1p_cp10k_rows
 
 #: cells read at once when a per-cell output is computed over many cells
 ROW_BLOCK = 4096
-
-
-def _log1p_cp10k_rows(rows: np.ndarray, *, scaled: bool, name: str) -> np.ndarray:
-    """log1p(CP10k) of dense count rows, float32, with the arithmetic of :func:`vcell._utils.log1p_cp10k`.
-
-    ``scaled``: each value times ``1e4 / total`` (that function's sparse path) rather than ``value / total * 1e4`` (its
-    dense path), so that rows read from a sparse (or dense) matrix get the same bits as the whole-matrix transform.
-    """
-    check_finite_nonnegative(rows, name=name)
-    B = np.asarray(rows, dtype=np.float64)
-    totals = B.sum(axis=1, keepdims=True)
-    totals[totals == 0] = 1.0
-    B = B * (1e4 / totals) if scaled else B / totals * 1e4
-    return np.log1p(B).astype(np.float32)
 
 
 def expression_reader(X: Any, *, counts: bool, name: str = "adata.X") -> RowReader:
@@ -42,8 +29,9 @@ def expression_reader(X: Any, *, counts: bool, name: str = "adata.X") -> RowRead
     reader = RowReader(X)
     if counts:
         scaled = reader.kind in ("sparse", "backed_csr", "backed_csc")
-        # a partial, not a closure: picklable (``strategy="ddp_spawn"`` pickles the loaders)
-        reader.transform = functools.partial(_log1p_cp10k_rows, scaled=scaled, name=name)
+        # a partial of a function of vcell.data, not a closure: picklable (``strategy="ddp_spawn"`` pickles the
+        # loaders), and a process unpickling it imports vcell.data only, not the models (scvi-tools: seconds per process)
+        reader.transform = functools.partial(log1p_cp10k_rows, scaled=scaled, name=name)
     return reader
 
 
