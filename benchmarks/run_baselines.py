@@ -49,6 +49,27 @@ SHARED = REPO.parent / "shared" / "data"
 KANG_FILE = "kang2018_pbmc_ifnb_small.h5ad"
 PAPALEXI_FILE = "papalexi2021_eccite_thp1_rna299_sceptre.h5ad"
 BASELINES = ("control", "mean", "additive", "linear")
+
+#: docs/benchmarks.md's section on the fifth baseline, not in the tables (markdown lines)
+INTERACTION_SECTION = [
+    "## Beyond the four: the `interaction` baseline",
+    "",
+    '`Baseline(method="interaction")` (not in the tables below, which keep the four baselines of `BENCHMARK.md`) is a',
+    "classical genetic-interaction model for double perturbations (Norman et al. 2019 fit `c1 dA + c2 dB + c3 dA ⊙ dB` per",
+    "pair, `dA`, `dB` the singles' mean shifts from control). For an *unseen* double the pair's own coefficients are",
+    "unknown, so one set shared by all pairs and genes is fitted by ridge regression on the *training* doubles' mean",
+    "shifts:",
+    "",
+    "`d(A+B) = c1 (dA + dB) + c3 dA ⊙ dB + c4 median(dA, dB, 0)`,",
+    "",
+    "where `median(dA, dB, 0)` is `sign · min(|dA|, |dB|)` for a gene both singles move the same way and 0 otherwise",
+    "(saturation when `c4 < 0`). The ridge shrinks towards `additive` (`c1 = 1`, `c3 = c4 = 0`) with a penalty relative to",
+    "each feature's scale, chosen by leave-one-double-out cross-validation on the training doubles from a grid that includes",
+    "infinity (= `additive`). Singles are predicted as by `additive`, and a double whose singles were not both seen as",
+    "singles cannot be predicted, as with `additive`. With no training double (fewer than two when the ridge is chosen by",
+    "cross-validation) it falls back to `additive` for every double and warns. On simulated doubles, alone and stacked on",
+    "`additive`: [Stacked models](stacked.md) and `benchmarks/results/stacked/combos_interaction/report.md`.",
+]
 N_HVG = 2000
 KANG_TYPES = ("B", "CD4T", "CD8T", "CD14+Mono", "Dendritic", "FCGR3A+Mono", "NK")
 SIM_SPLITS = ("combo_seen0", "combo_seen1", "combo_seen2", "combo_half")
@@ -882,6 +903,8 @@ def write_report(
         "perturbations' shifts; for an unseen cell type, the equal-weight mean of the other types' shifts) and "
         "`linear` (Ahlmann-Eltze's `Y ~ G W Pᵀ + b`, 10 components, ridge 0.1). These are the numbers a model has "
         "to beat.",
+        "",
+        *INTERACTION_SECTION,
         "",
         "## Protocol",
         "",

@@ -11,8 +11,10 @@ Tasks:
 * ``papalexi``: Papalexi 2021 unseen knock-outs (``unseen_perturbation``), base ``mean``, members ``linear`` and
   CausalVAE with the GO embedding of ``causal_vae_papalexi.py`` (``--epochs``, default 200 as there).
 * ``combos``: ``simulate(effects="target_programs", interactions=MODE)`` for MODE in random / mechanistic (as in
-  ``combos_mechanistic.py``), ``combo_half`` and ``combo_seen2``, base ``additive``, members ``linear`` and CausalVAE
-  with the ground-truth gene graph (``--epochs``, default 25; batch 512, lr 3e-3 as there).
+  ``combos_mechanistic.py``), ``combo_half`` and ``combo_seen2``, base ``additive``, members ``linear``,
+  ``interaction`` (``Baseline(method="interaction")``: shared genetic-interaction coefficients fitted on the training
+  doubles) and CausalVAE with the ground-truth gene graph (``--epochs``, default 25; batch 512, lr 3e-3 as there;
+  ``--no-causal-vae`` leaves it out).
 * ``papalexi_genepert``: the same split, base ``mean``, GenePert-style members: ``linear`` on three GO embeddings
   of the knock-outs (annotation SVD; ``vcell.priors.graph_embedding`` of the GO Jaccard graph, propagation and
   spectral).
@@ -20,7 +22,7 @@ Tasks:
   (``--epochs``), as in ``causal_vae_kang.py``.
 
 Usage: ``python benchmarks/stacked.py --task papalexi|combos|kang [--seeds 0,1,2] [--epochs N] [--threads 1]
-[--out benchmarks/results/stacked/TASK] [--split-kwargs '{"val_frac": 0.25}']``
+[--out benchmarks/results/stacked/TASK] [--split-kwargs '{"val_frac": 0.25}'] [--no-causal-vae]``
 """
 
 from __future__ import annotations
@@ -205,10 +207,44 @@ def papalexi_genepert(args: argparse.Namespace) -> str:
     return _papalexi_report(args, adata, members, title, extra)
 
 
+def interaction_fits(adata: ad.AnnData, splits: list, seed: int) -> list[dict]:
+    """Per split: ``Baseline(method="interaction")`` refitted on the train+val cells, as ``bench.run`` fits it.
+
+    Its fitted coefficients, ridge and number of training doubles (the benchmark's fits are not kept by ``run``).
+    """
+    import warnings
+
+    rows = []
+    for spec in splits:
+        kind, opts = (
+            (spec, {}) if isinstance(spec, str) else (spec["kind"], {k: v for k, v in spec.items() if k != "kind"})
+        )
+        a = adata.copy()
+        vcell.pp.harmonize(a, perturbation_key="perturbation", control="control")
+        vcell.bench.split(a, kind=kind, seed=seed, overwrite=True, **opts)
+        train = a[a.obs["vcell_split"].isin(["train", "val"]).to_numpy()].copy()
+        train.uns.pop("vcell_simulation", None)
+        vcell.model.Baseline.setup_anndata(train, perturbation_key="vcell_perturbation", control="control")
+        m = vcell.model.Baseline(train, method="interaction")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.train()
+        rows.append(
+            {
+                "split": kind,
+                "seed": seed,
+                "n_train_doubles": m.n_interaction_doubles_,
+                "ridge": m.interaction_ridge_,
+                **{f"c_{k}": round(v, 3) for k, v in m.interaction_coef_.items()},
+            }
+        )
+    return rows
+
+
 def combos(args: argparse.Namespace) -> str:
     from combos_mechanistic import TRAIN, per_seed
 
-    frames, timings, results = [], [], []
+    frames, timings, results, fits = [], [], [], []
     order: list[str] = []
     split_kwargs = json.loads(args.split_kwargs)
     splits = [{"kind": "combo_half", **split_kwargs}, "combo_seen2"]
@@ -233,7 +269,10 @@ def combos(args: argparse.Namespace) -> str:
                 {**TRAIN, "max_epochs": args.epochs, **json.loads(args.train_kwargs)},
             )
             cache: dict = {}
-            models = combinations("additive", {"linear": "linear", "CausalVAE": cvae}, cache, args.objective)
+            members = {"linear": "linear", "interaction": "interaction", "CausalVAE": cvae}
+            if args.no_causal_vae:
+                del members["CausalVAE"]
+            models = combinations("additive", members, cache, args.objective)
             order = [m if isinstance(m, str) else m.name for m in models]
             t0 = time.perf_counter()
             res = vcell.bench.run(
@@ -247,6 +286,7 @@ def combos(args: argparse.Namespace) -> str:
             )
             print(f"{mode} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             frames.append(per_seed(res, labels, mode))
+            fits += [{"mode": mode, **r} for r in interaction_fits(adata, splits, seed)]
             timings.append(res.timings.assign(mode=mode))
             results.append(res.results.assign(mode=mode))
     df = pd.concat(frames, ignore_index=True)
@@ -278,13 +318,26 @@ def combos(args: argparse.Namespace) -> str:
     extra = (
         f"`simulate(n_cells=2600, n_genes=100, n_perturbations=16, n_combos=48, frac_epistatic=0.3, "
         f"effects='target_programs', interactions=MODE, seed=SEED)`, seeds {args.seeds}, splits combo_half "
-        f"{args.split_kwargs} and combo_seen2; CausalVAE with the ground-truth gene graph, max_epochs={args.epochs}, "
-        f"batch_size={TRAIN['batch_size']}, lr={TRAIN['lr']}. L2 = sqrt(20 x mse_top_de) of the mean prediction on "
+        f"{args.split_kwargs} and combo_seen2; "
+        + (
+            "no CausalVAE (`--no-causal-vae`). "
+            if args.no_causal_vae
+            else f"CausalVAE with the ground-truth gene graph, max_epochs={args.epochs}, "
+            f"batch_size={TRAIN['batch_size']}, lr={TRAIN['lr']}. "
+        )
+        + "`interaction`: `Baseline(method='interaction')`, ridge by leave-one-double-out cross-validation on the "
+        "training doubles. L2 = sqrt(20 x mse_top_de) of the mean prediction on "
         "each double's top-20 DE genes, averaged over the held-out doubles of that kind, as a per-seed ratio to "
         "`additive`."
     )
     text = "## Simulated doubles\n\n" + header(args, args.t0, args.load0, extra) + "\n".join(lines)
     text += "\n### Fitted weights\n\n" + weights_table(tim, ["mode", "split", "seed"]) + "\n"
+    text += (
+        "\n### `interaction` fits (train+val cells; `c_sum`, `c_product`, `c_saturation`: coefficients of "
+        "dA + dB, dA ⊙ dB and the same-sign min-magnitude term; additive = 1, 0, 0)\n\n"
+        + markdown(pd.DataFrame(fits))
+        + "\n"
+    )
     return text
 
 
@@ -335,6 +388,7 @@ def main() -> None:
     parser.add_argument("--types", default="NK,FCGR3A+Mono,Dendritic")
     parser.add_argument("--objective", default="mse", choices=["mse", "pearson_delta"], help="weights' objective")
     parser.add_argument("--split-kwargs", default="{}", help="JSON options of the split kind (e.g. val_frac)")
+    parser.add_argument("--no-causal-vae", action="store_true", help="combos: leave the CausalVAE member out")
     parser.add_argument("--paired-from", default="", help="only print the paired table (vs `mean`) of DIR/results.csv")
     args = parser.parse_args()
     args.argv = sys.argv[1:]

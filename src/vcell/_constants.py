@@ -29,3 +29,6 @@ class _REGISTRY_KEYS:
 
 
 REGISTRY_KEYS = _REGISTRY_KEYS()
+
+#: every ``vcell.model.Baseline`` method (``vcell.bench.BASELINES``: the four shown in every report)
+BASELINE_METHODS = ("control", "mean", "additive", "linear", "interaction")

@@ -250,3 +250,19 @@ def test_pearson_delta_weights_grid():
     # equal scores: the first component (the base) wins
     w = pearson_delta_weights(np.stack([good, good], axis=1), truth, ctrl=ctrl)
     assert w.tolist() == [1.0, 0.0]
+
+
+def test_interaction_baseline_by_name_alone_and_stacked_on_additive(sim):
+    """``"interaction"`` (not among the four report baselines) is accepted by name, alone and as a member."""
+    assert "interaction" not in vcell.bench.BASELINES
+    stacked = Stacked("additive", ["interaction"], name="additive+interaction", weights=[0, 1])
+    ls = vcell.bench.ModelSpec(
+        "interaction_ls", vcell.model.Baseline, {"method": "interaction", "interaction_ridge": 0}
+    )
+    res = _run(sim, ["additive", "interaction", stacked, ls])
+    assert set(res.results["model"]) == {"additive", "interaction", "additive+interaction", "interaction_ls"}
+    assert (res.results["error"].fillna("") == "").all()
+    # weights [0, 1]: the stacked model is the member, fitted on the same cells
+    np.testing.assert_allclose(_values(res, "additive+interaction"), _values(res, "interaction"), rtol=1e-5, atol=1e-6)
+    # random interactions here: cross-validation may keep additive, but least squares moves away from it
+    assert not np.allclose(_values(res, "interaction_ls"), _values(res, "additive"))

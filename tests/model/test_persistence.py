@@ -70,6 +70,7 @@ def _extra_configs(adata) -> dict[str, tuple[str, dict]]:
         "FlowMatching[table]": ("FlowMatching", {"perturbation_embedding": table}),
         "CellJEPA[graph,modules]": ("CellJEPA", {"gene_graph": graph, "modules": {"m1": genes[:10], "m2": genes[10:]}}),
         "Baseline[linear,table]": ("Baseline", {"method": "linear", "perturbation_embedding": table}),
+        "Baseline[interaction]": ("Baseline", {"method": "interaction", "interaction_ridge": 0.1}),
         "ResidualDiffusion[CausalVAE,vae]": (
             "ResidualDiffusion",
             {"mean_model": "CausalVAE", "mean_model_kwargs": {"n_latent": 4, "n_hidden": 16}, "space": "vae"},

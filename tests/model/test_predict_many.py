@@ -36,7 +36,7 @@ def _legacy_baseline(model, adata, perturbation, controls, dose, modality="rna")
     ctx = np.array([ctx_index.get(c, -1) for c in model._contexts(adata)[idx]], dtype=np.int64)
     if perturbation == CONTROL:
         return X[:, part]
-    if model.method == "additive":
+    if model.method in ("additive", "interaction"):
         enc = model.vocab.encode([perturbation], dose)
     else:
         enc = np.full((1, model.vocab.n_atoms), dose / max(model.vocab.n_atoms, 1), dtype=np.float32)
@@ -196,7 +196,7 @@ def _fit(name: str, protein: bool):
     cls.setup_anndata(data, **setup, **({"protein_modality": "prot"} if protein else {}))
     fit = {"max_epochs": 1, "seed": 0, "accelerator": "cpu", "trainer_kwargs": QUIET}
     if name == "Baseline":
-        models = {m: cls(data, method=m) for m in ("additive", "linear", "mean", "control")}
+        models = {m: cls(data, method=m) for m in ("additive", "linear", "mean", "control", "interaction")}
         for model in models.values():
             model.train()
         return data, models

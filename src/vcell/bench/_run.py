@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from vcell._constants import CONTROL, DOSE_COL, PERT_COL
+from vcell._constants import BASELINE_METHODS, CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger, settings
 from vcell._utils import check_finite_nonnegative, check_obs_keys, get_matrix, is_count_matrix, mudata_no_pull
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-#: the baselines shown in every report
+#: the baselines shown in every report (any name of ``vcell.module.BASELINE_METHODS`` is accepted as a model)
 BASELINES = ("control", "mean", "additive", "linear")
 
 
@@ -301,13 +301,13 @@ def _resolve_models(models: Sequence[str | Predictor] | Mapping[str, Any]) -> li
     for m in models:
         if not isinstance(m, str) and isinstance(m, Predictor):
             specs.append(m)
-        elif m in BASELINES:
+        elif isinstance(m, str) and m in BASELINE_METHODS:  # the four shown in reports, and "interaction"
             specs.append(ModelSpec(m, vmodel.Baseline, {"method": m}))
         elif isinstance(m, str) and m in model_classes():
             specs.append(ModelSpec(m, model_classes()[m]))
         else:
             msg = (
-                f"unknown model {m!r}: use one of the baselines {BASELINES}, a vcell.model class name, "
+                f"unknown model {m!r}: use one of the baselines {BASELINE_METHODS}, a vcell.model class name, "
                 "a ModelSpec or a Predictor"
             )
             raise ValueError(msg)

@@ -23,7 +23,7 @@ from vcell._settings import logger
 from vcell._utils import get_matrix, is_count_matrix
 
 from ._run import (
-    BASELINES,
+    BASELINE_METHODS,
     ModelSpec,
     PredictionRequest,
     Predictor,
@@ -572,8 +572,8 @@ class Stacked(_Combination):
         cache: dict | None = None,
         objective: str = "mse",
     ) -> None:
-        if isinstance(base, str) and base not in BASELINES:
-            msg = f"unknown base {base!r}: use one of the baselines {BASELINES}, a ModelSpec or a Predictor"
+        if isinstance(base, str) and base not in BASELINE_METHODS:
+            msg = f"unknown base {base!r}: use one of the baselines {BASELINE_METHODS}, a ModelSpec or a Predictor"
             raise ValueError(msg)
         if not isinstance(base, str) and not isinstance(base, Predictor):
             msg = f"base must be a baseline name, a ModelSpec or a Predictor, got {type(base).__name__}"

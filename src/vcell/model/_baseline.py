@@ -1,7 +1,8 @@
-"""The four baselines every vcell report shows: control, mean, additive, linear (BENCHMARK.md)."""
+"""Closed-form baselines: control, mean, additive, linear (BENCHMARK.md) and interaction (fitted on training doubles)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,7 +14,7 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL
 from vcell._settings import logger
 from vcell._utils import group_means
 from vcell.data._vocab import _components
-from vcell.module import BASELINE_METHODS, BaselineModule
+from vcell.module import BASELINE_METHODS, INTERACTION_FEATURES, BaselineModule, fit_interaction
 
 from ._base import Capabilities, PerturbationModel, check_hyperparameters
 
@@ -40,6 +41,20 @@ class Baseline(PerturbationModel):
       perturbed genes (``"gene"``), the training conditions' principal-component scores (``"training"``,
       seen singles only), or a given table (index = single perturbations). Combinations sum their singles'
       embeddings.
+    * ``interaction``: a genetic-interaction model in the spirit of Norman et al. 2019 (Science), whose double
+      ``A+B`` responds ``c1 dA + c2 dB + c3 dA ⊙ dB`` (``dA``, ``dB`` the singles' shifts, per gene). For an unseen
+      double the pair's own coefficients are unknown, so one set shared by all pairs and genes is fitted on the
+      *training* doubles' mean shifts: ``c1 (dA + dB) + c3 dA ⊙ dB + c4 median(dA, dB, 0)``, where
+      ``median(dA, dB, 0)`` is ``sign * min(|dA|, |dB|)`` for a gene both singles move the same way and 0 otherwise
+      (saturation when ``c4 < 0``, synergy when ``c4 > 0``). ``dA``, ``dB`` are ``additive``'s per-context shifts
+      (scaled by dose); a combination of more than two singles sums the pair terms over its pairs. The fit is a ridge
+      regression of each training double's residual from additivity on these three features, shrunk towards
+      ``additive`` (``c1 = 1, c3 = c4 = 0``) by a penalty relative to each feature's scale, chosen by
+      leave-one-double-out cross-validation on the training doubles (:func:`vcell.module.fit_interaction`; the grid
+      includes infinity, i.e. ``additive`` itself). Singles are predicted as by ``additive``, and so is every
+      combination when training has no double (fewer than two with ``interaction_ridge=None``): a
+      :class:`UserWarning` says so. Fitted values: ``interaction_coef_`` (``{"sum": c1, "product": c3,
+      "saturation": c4}``), ``interaction_ridge_``, ``interaction_cv_`` and ``n_interaction_doubles_``.
 
     Parameters
     ----------
@@ -47,7 +62,7 @@ class Baseline(PerturbationModel):
         Data registered with :meth:`setup_anndata`; the model is fitted on all its cells but those with
         ``obs['vcell_split'] == 'test'`` (:func:`vcell.bench.split`), as every vcell model.
     method
-        One of ``"control"``, ``"mean"``, ``"additive"``, ``"linear"``.
+        One of ``"control"``, ``"mean"``, ``"additive"``, ``"linear"``, ``"interaction"``.
     n_components
         ``K`` of the linear baseline (capped by the number of training conditions).
     ridge
@@ -55,6 +70,9 @@ class Baseline(PerturbationModel):
     perturbation_embedding
         ``"auto"`` (``"gene"`` when every single perturbation is a measured gene, else ``"training"``),
         ``"gene"``, ``"training"``, or a :class:`pandas.DataFrame` indexed by single perturbation.
+    interaction_ridge
+        Ridge penalty of the ``interaction`` baseline, relative to each feature's sum of squares (``0``: least
+        squares); ``None`` chooses it by leave-one-double-out cross-validation on the training doubles.
 
     Notes
     -----
@@ -94,8 +112,11 @@ class Baseline(PerturbationModel):
         n_components: int = 10,
         ridge: float = 0.1,
         perturbation_embedding: EmbeddingSpec = "auto",
+        interaction_ridge: float | None = None,
     ) -> None:
-        check_hyperparameters(n_components=(n_components, "int>=1"), ridge=(ridge, ">=0"))
+        check_hyperparameters(
+            n_components=(n_components, "int>=1"), ridge=(ridge, ">=0"), interaction_ridge=(interaction_ridge, ">=0")
+        )
         super().__init__(adata, registry=registry)
         if method not in BASELINE_METHODS:
             msg = f"method must be one of {BASELINE_METHODS}, got {method!r}"
@@ -105,6 +126,7 @@ class Baseline(PerturbationModel):
             raise ValueError(msg)
         self.method = method
         self.ridge = float(ridge)
+        self.interaction_ridge = None if interaction_ridge is None else float(interaction_ridge)
         self.perturbation_embedding = perturbation_embedding
         n_genes = self.summary_stats["n_vars"] + len(self.protein_names_)  # features: genes, then proteins
         self.contexts_: list[str] = []
@@ -156,11 +178,17 @@ class Baseline(PerturbationModel):
             }
             if self.method == "linear":
                 groups["linear"] = (np.where(pert, cond, None), per_dose)
+            if self.method == "interaction":  # combinations' mean shifts, per context and dose (not per dose unit)
+                is_combo = pert & ~is_single
+                key = cond.astype(object) + "\t" + ctx.astype(object) + "\t" + dose.astype(str).astype(object)
+                groups["interaction"] = (np.where(is_combo, key, None), None)
             means = self._shift_means(adata, ctx, is_ctrl, groups)
             self.module.mean_shift.copy_(torch.as_tensor(np.nan_to_num(means["mean"].to_numpy()[0])))
             self._fit_additive(means["additive"].fillna(0.0))  # proteins no cell measured: no change
             if self.method == "linear":
                 self._fit_linear(means["linear"].fillna(0.0))
+            if self.method == "interaction":
+                self._fit_interaction(means["interaction"].fillna(0.0))
         else:
             logger.info("no perturbed cells in the training data: every baseline predicts no change")
         self.module.eval()
@@ -242,6 +270,63 @@ class Baseline(PerturbationModel):
         self.module.atom_shift.copy_(torch.as_tensor(shifts))
         self.module.atom_seen.copy_(torch.as_tensor(seen))
 
+    def _fit_interaction(self, means: pd.DataFrame) -> None:
+        """Coefficients of the ``interaction`` baseline from the training combinations' mean shifts ``means``.
+
+        ``means`` is indexed by condition, tab, context, tab, dose. Each combination whose singles were all seen as
+        singles contributes its residual from additivity and its pair features (:meth:`BaselineModule.pair_features`,
+        from the singles' training shifts) as sufficient statistics per condition; :func:`vcell.module.fit_interaction`
+        fits the shared coefficients. Without usable combinations the model is ``additive`` (with a warning).
+        """
+        seen = set(self.atoms_seen_as_single_)
+        ctx_index = {c: i for i, c in enumerate(self.contexts_)}
+        usable = []
+        for i, key in enumerate(means.index.astype(str)):
+            c, context, d = key.split("\t")
+            if all(a in seen for a in _components(c)):
+                usable.append((i, c, ctx_index[context], float(d)))
+        conditions = sorted({c for _, c, _, _ in usable})
+        self.n_interaction_doubles_ = len(conditions)
+        self.interaction_cv_: dict[float, float] = {}
+        self.interaction_ridge_: float | None = None
+        self.module.gi_coef.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        need = 1 if self.interaction_ridge is not None else 2
+        if len(conditions) < need:
+            msg = (
+                f"Baseline('interaction'): {len(conditions)} training combination(s) with every single seen (needs "
+                f"{need}{'' if self.interaction_ridge is not None else ' to choose the ridge by cross-validation'}); "
+                "falling back to the additive baseline for every combination"
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            self._set_interaction_coef()
+            return
+        n_feat = len(INTERACTION_FEATURES)
+        xtx, xty, yty = (
+            np.zeros((len(conditions), n_feat, n_feat)),
+            np.zeros((len(conditions), n_feat)),
+            np.zeros(len(conditions)),
+        )
+        row_of = {c: j for j, c in enumerate(conditions)}
+        Y = means.to_numpy(dtype=np.float64)
+        with torch.no_grad():
+            module = self.module.to("cpu")
+            for i, c, k, d in usable:  # one row per combination, context and dose: features x genes, small
+                enc = torch.as_tensor(self.vocab.encode([c], d))
+                s, product, saturation, _ = module.pair_features(enc, torch.tensor([k]))
+                X = torch.stack([s[0], product[0], saturation[0]], 1).numpy().astype(np.float64)  # genes x 3
+                r = Y[i] - X[:, 0]
+                j = row_of[c]
+                xtx[j] += X.T @ X
+                xty[j] += X.T @ r
+                yty[j] += r @ r
+        beta, lam, cv = fit_interaction(xtx, xty, yty, ridge=self.interaction_ridge)
+        self.interaction_ridge_, self.interaction_cv_ = lam, cv
+        self.module.gi_coef.copy_(torch.as_tensor(beta + np.array([1.0, 0.0, 0.0])))
+        self._set_interaction_coef()
+
+    def _set_interaction_coef(self) -> None:
+        self.interaction_coef_ = dict(zip(INTERACTION_FEATURES, self.module.gi_coef.tolist(), strict=True))
+
     def _embedding_mode(self) -> str | pd.DataFrame:
         spec = self.perturbation_embedding
         if isinstance(spec, pd.DataFrame) or spec != "auto":
@@ -310,12 +395,10 @@ class Baseline(PerturbationModel):
             self._linear_embedding(perturbation)  # raises for a component without an embedding
             return
         self.vocab.check([perturbation], what=f"Baseline({self.method!r})")
-        if self.method == "additive":
+        if self.method in ("additive", "interaction"):
             missing = [a for a in parts if a not in set(getattr(self, "atoms_seen_as_single_", self.vocab.atoms))]
             if missing:
-                msg = (
-                    f"additive baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
-                )
+                msg = f"{self.method} baseline needs every component of {perturbation!r} seen as a single; not seen: {missing}"
                 raise KeyError(msg)
 
     def _linear_embedding(self, perturbation: str) -> np.ndarray:
@@ -413,7 +496,7 @@ class Baseline(PerturbationModel):
         """
         if perturbation == CONTROL:
             return X.copy()
-        if self.method == "additive":
+        if self.method in ("additive", "interaction"):
             enc = self.vocab.encode([perturbation], dose)
         else:  # the other baselines do not read the code: any non-zero code means "perturbed"
             enc = np.full((1, self.vocab.n_atoms), dose / max(self.vocab.n_atoms, 1), dtype=np.float32)

@@ -1,7 +1,7 @@
 """Pure-torch modules (no AnnData): every module takes a dict of tensors keyed by ``REGISTRY_KEYS``."""
 
 from ._base import VCellModule
-from ._baseline import BASELINE_METHODS, BaselineModule
+from ._baseline import BASELINE_METHODS, INTERACTION_FEATURES, BaselineModule, fit_interaction
 from ._causal_vae import CausalVAEModule
 from ._flow_matching import FlowMatchingModule, ot_pairs, sinkhorn_plan
 from ._jepa import (
@@ -25,7 +25,14 @@ from ._perturbation_encoders import (
 from ._residual_diffusion import ResidualDiffusionModule
 from ._structured import PathwayDecoder, gene_programs, regulatory_edges, regulatory_penalty
 
-__all__ = ["VCellModule", "BaselineModule", "BASELINE_METHODS", "CausalVAEModule"]
+__all__ = [
+    "VCellModule",
+    "BaselineModule",
+    "BASELINE_METHODS",
+    "INTERACTION_FEATURES",
+    "fit_interaction",
+    "CausalVAEModule",
+]
 __all__ += ["PathwayDecoder", "gene_programs", "regulatory_edges", "regulatory_penalty"]
 __all__ += ["AtomOperators", "OneHotOperators", "TableOperators", "GeneGraphOperators"]
 __all__ += ["DoseResponse", "PairInteractions", "PerturbationEncoder"]
