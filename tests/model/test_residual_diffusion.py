@@ -347,3 +347,30 @@ def test_train_memory_stays_far_below_the_dense_matrix():
     dense = n * g * 8
     assert peak < 0.5 * dense, f"peak {peak / 2**20:.1f} MiB"
     assert model.tail_.shape == (4000, g)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+@pytest.mark.parametrize("mean_model", ["additive", "CausalVAE"])
+def test_condition_means_read_controls_once_and_equal_one_call_per_condition(mean_model, chunk_rows, monkeypatch):
+    """Training's condition means (all conditions of a context and dose from one read of its controls) equal the
+    mean model's mean counterfactual per condition, in one chunk of controls and in several (16 rows)."""
+    from vcell.model import _residual_diffusion
+
+    adata = _sparse_screen()
+    kw = {} if mean_model == "additive" else {"mean_train_kwargs": {"max_epochs": 1, "trainer_kwargs": QUIET}}
+    ResidualDiffusion.setup_anndata(
+        adata, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"]
+    )
+    model = ResidualDiffusion(adata, mean_model=mean_model, n_components=5, n_hidden=16, n_layers=1)
+    model.train(max_epochs=1, seed=0, accelerator="cpu", trainer_kwargs=QUIET, **kw)
+    perts = sorted(set(adata.obs["perturbation"].astype(str)) - {"control"})
+    controls = np.flatnonzero((adata.obs["perturbation"] == "control").to_numpy())
+    if chunk_rows is not None:
+        monkeypatch.setattr(_residual_diffusion, "_MIN_PREDICT_ROWS", chunk_rows)
+        monkeypatch.setattr(vcell.settings, "chunk_elements", chunk_rows * adata.n_vars)
+        assert len(controls) > 2 * chunk_rows
+    batched = model._predicted_means(adata, perts, 1.0, controls)
+    single = [model._predicted_mean(adata, p, 1.0, controls) for p in perts]
+    assert len(batched) == len(perts) > 1
+    for p, a, b in zip(perts, batched, single, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=p)

@@ -339,6 +339,31 @@ class ResidualDiffusion(PerturbationModel):
             n += len(pred)
         return total / n if n else None
 
+    def _predicted_means(
+        self, adata: AnnData, perturbations: list[str], dose: float, controls: np.ndarray
+    ) -> list[np.ndarray]:
+        """:meth:`_predicted_mean` (RNA) of several perturbations from the same ``controls``, in their order.
+
+        The same numbers as one :meth:`_predicted_mean` call per perturbation, but the mean model reads (and encodes)
+        each chunk of controls once for all of them (its ``predict_many``): training needs a mean per condition and
+        context, and reading the context's controls once per condition made this cost conditions x controls reads.
+        """
+        controls = np.asarray(controls)
+        step = max(_MIN_PREDICT_ROWS, settings.chunk_elements // max(len(self.var_names_), 1))
+        totals: list[np.ndarray | None] = [None] * len(perturbations)
+        for start in range(0, len(controls), step):
+            part = controls[start : start + step]
+            stream = self.mean_model.predict_many(adata, perturbations=perturbations, controls=part, dose=dose)
+            for i, (_, pred) in enumerate(stream):
+                pred = np.asarray(pred, dtype=np.float64)
+                if len(controls) <= step:  # one chunk: numpy's mean of it, as _predicted_mean
+                    totals[i] = pred.mean(0)
+                else:
+                    totals[i] = pred.sum(0) if totals[i] is None else totals[i] + pred.sum(0)
+        if len(controls) <= step:
+            return totals
+        return [t / len(controls) for t in totals]
+
     def _condition_protein_mean(
         self, adata: AnnData, perturbation: str, dose: float, controls: np.ndarray
     ) -> np.ndarray:
@@ -610,9 +635,24 @@ class ResidualDiffusion(PerturbationModel):
         )
         means, pmeans, latents = [], [], []
         source = "predict" if self.mean_from_ == "auto" else self.mean_from_
+        predicted: dict[tuple, np.ndarray] = {}
+        if source == "predict":  # the conditions of one context and dose from one read of its controls
+            batches: dict[tuple, list[str]] = {}
+            for p, d, k in groups:
+                if p != CONTROL:
+                    batches.setdefault((k, d), []).append(p)
+            for (k, d), perts in batches.items():
+                controls = ctrl_of[k] if len(ctrl_of[k]) else cells[is_ctrl]
+                for p, mean in zip(perts, self._predicted_means(adata, perts, d, controls), strict=True):
+                    predicted[p, d, k] = mean
         for p, d, k in groups:
             controls = ctrl_of[k] if len(ctrl_of[k]) else cells[is_ctrl]
-            means.append(ctrl_means[k] if p == CONTROL else self._condition_mean(adata, p, d, controls, source))
+            if p == CONTROL:
+                means.append(ctrl_means[k])
+            else:
+                means.append(
+                    predicted[p, d, k] if source == "predict" else self._condition_mean(adata, p, d, controls, source)
+                )
             if self.protein_names_:
                 pmeans.append(self._condition_protein_mean(adata, p, d, controls))
             if self.space == "vae":
