@@ -282,7 +282,7 @@ class Lookup:
 
     For values that many cells share (e.g. a perturbation's encoding): the memory of the distinct rows and one code
     per cell instead of cells x width (1M cells x 2,000 perturbations in float32 would be 8 GB). The codes are held
-    in the narrowest signed integer type that numbers the table's rows (one byte per cell up to 127 rows).
+    in the narrowest signed integer type that numbers the table's rows (one byte per cell up to 128 rows).
 
     Examples
     --------
@@ -306,7 +306,7 @@ class Lookup:
 
 
 def index_dtype(n: int) -> type[np.signedinteger]:
-    """The narrowest signed integer type holding ``0..n - 1`` (int8 up to 127, ..., int64).
+    """The narrowest signed integer type holding ``0..n - 1`` (int8 up to n = 128, ..., int64).
 
     Examples
     --------

@@ -447,7 +447,7 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         """Per-cell fields of the training batches: a few bytes per cell besides the rows read per batch.
 
         Encodings, condition codes and covariate codes are :class:`vcell.data.Lookup` fields (their distinct rows and
-        a one-byte code per cell for up to 127 distinct rows), batched as the dense tensors they stand for.
+        a one-byte code per cell for up to 128 distinct rows), batched as the dense tensors they stand for.
         """
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # rows read per batch: never densified whole
         labels = adata.obs[PERT_COL]

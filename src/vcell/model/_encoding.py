@@ -106,7 +106,7 @@ class PerturbationInputs:
         """:meth:`_covariate_codes` of every cell as a :class:`vcell.data.Lookup` of the distinct rows of codes.
 
         The same rows (int64) as ``_covariate_codes(adata, np.arange(adata.n_obs))``, held as the distinct
-        combinations and a code per cell (one byte per cell for up to 127 combinations instead of 8 bytes per
+        combinations and a code per cell (one byte per cell for up to 128 combinations instead of 8 bytes per
         covariate).
         """
         import torch
