@@ -278,6 +278,18 @@ def test_lookup_rows_are_the_table_rows_of_the_codes() -> None:
         loader.Lookup(table, np.array([0, 3]))
 
 
+@pytest.mark.parametrize(("rows", "dtype"), [(3, np.int8), (128, np.int8), (129, np.int16), (40_000, np.int32)])
+def test_lookup_codes_take_the_narrowest_type(rows, dtype) -> None:
+    """One byte per cell up to 128 distinct rows (int64 codes were 8); batches read int64 table rows as before."""
+    table = torch.arange(rows)
+    codes = np.array([rows - 1, 0, rows // 2], dtype=np.int64)
+    field = loader.Lookup(table, codes)
+    assert field.codes.dtype == dtype
+    out = take_rows(field, np.array([2, 0]))
+    assert out.dtype == torch.long
+    np.testing.assert_array_equal(out.numpy(), [rows // 2, rows - 1])
+
+
 def _pairs_with_gaps(rng: np.random.Generator) -> Pairs:
     """Targets: every cell but a gap of 120 rows and every 7th cell; sources: random cells anywhere."""
     keep = np.setdiff1d(np.arange(1000), np.r_[np.arange(400, 520), np.arange(0, 1000, 7)])

@@ -281,7 +281,8 @@ class Lookup:
     """A per-cell field of :class:`CellBatches` held as its distinct rows: cell ``i``'s value is ``table[codes[i]]``.
 
     For values that many cells share (e.g. a perturbation's encoding): the memory of the distinct rows and one code
-    per cell instead of cells x width (1M cells x 2,000 perturbations in float32 would be 8 GB).
+    per cell instead of cells x width (1M cells x 2,000 perturbations in float32 would be 8 GB). The codes are held
+    in the narrowest signed integer type that numbers the table's rows (one byte per cell up to 128 rows).
 
     Examples
     --------
@@ -294,15 +295,28 @@ class Lookup:
     codes: np.ndarray
 
     def __post_init__(self) -> None:
-        self.codes = np.asarray(self.codes, dtype=np.int64)
-        if self.codes.ndim != 1 or (
-            self.codes.size and not 0 <= self.codes.min() <= self.codes.max() < len(self.table)
-        ):
+        codes = np.asarray(self.codes)
+        if codes.ndim != 1 or (codes.size and not 0 <= codes.min() <= codes.max() < len(self.table)):
             msg = f"codes must be a 1-D array of row numbers of the table (0..{len(self.table) - 1})"
             raise ValueError(msg)
+        self.codes = codes.astype(index_dtype(len(self.table)), copy=False)
 
     def __len__(self) -> int:
         return len(self.codes)
+
+
+def index_dtype(n: int) -> type[np.signedinteger]:
+    """The narrowest signed integer type holding ``0..n - 1`` (int8 up to n = 128, ..., int64).
+
+    Examples
+    --------
+    >>> index_dtype(100), index_dtype(1_000_000)
+    (<class 'numpy.int8'>, <class 'numpy.int32'>)
+    """
+    for dtype in (np.int8, np.int16, np.int32):
+        if n - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
 
 
 def take_rows(value: Any, idx: np.ndarray) -> Any:
@@ -313,7 +327,7 @@ def take_rows(value: Any, idx: np.ndarray) -> Any:
     import torch
 
     if isinstance(value, Lookup):
-        return take_rows(value.table, value.codes[np.asarray(idx, dtype=np.int64)])
+        return take_rows(value.table, value.codes[np.asarray(idx, dtype=np.int64)].astype(np.int64))
     if isinstance(value, (RowReader, _WindowRows)):
         return torch.from_numpy(value(idx))
     if isinstance(value, torch.Tensor):

@@ -14,7 +14,7 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_dose, get_matrix, log1p_cp10k, resolve_seed
-from vcell.data import CellBatches, RowReader, iter_row_blocks, take_rows
+from vcell.data import CellBatches, Lookup, RowReader, iter_row_blocks, take_rows
 from vcell.data._vocab import _components
 from vcell.module import CausalVAEModule, gene_programs, regulatory_edges
 from vcell.module._causal_vae import (
@@ -443,23 +443,32 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         labels = canon[PERT_COL].astype(str).to_numpy()[idx]
         return self._encode_query(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
 
-    def _own_encoding(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
-        canon = self._canonical_obs(adata, required=False)
-        if canon is None:
-            return np.zeros((len(idx), len(self.atoms_)), dtype=np.float32)
-        labels = canon[PERT_COL].astype(str).to_numpy()[idx]
-        return self._encode(labels, canon[DOSE_COL].to_numpy(dtype=np.float32)[idx])
-
     def _training_tensors(self, adata: AnnData) -> dict[str, Any]:
+        """Per-cell fields of the training batches: a few bytes per cell besides the rows read per batch.
+
+        Encodings, condition codes and covariate codes are :class:`vcell.data.Lookup` fields (their distinct rows and
+        a one-byte code per cell for up to 128 distinct rows), batched as the dense tensors they stand for.
+        """
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # rows read per batch: never densified whole
-        all_idx = np.arange(adata.n_obs)
-        codes = pd.Index(self._conditions()).get_indexer(adata.obs[PERT_COL].astype(str).to_numpy())
+        labels = adata.obs[PERT_COL]
+        doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
+        conditions = self._conditions()
+        if isinstance(labels.dtype, pd.CategoricalDtype) and not labels.isna().any():  # codes of the categories
+            lookup = pd.Index(conditions).get_indexer([str(c) for c in labels.cat.categories])
+            codes = lookup[labels.cat.codes.to_numpy()] if len(lookup) else np.zeros(len(labels), dtype=np.int64)
+        else:
+            codes = pd.Index(conditions).get_indexer(labels.astype(str).to_numpy())
+        if codes.size and codes.min() < 0:
+            unknown = sorted(set(labels.astype(str).to_numpy()[codes < 0]))[:5]
+            msg = f"obs[{PERT_COL!r}] holds conditions that were not registered: {unknown}; run setup_anndata again"
+            raise KeyError(msg)
         tensors = {
             REGISTRY_KEYS.X_KEY: RowReader(X),
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._own_encoding(adata, all_idx)),
-            REGISTRY_KEYS.PERT_KEY: torch.as_tensor(codes, dtype=torch.long),
-            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: self._condition_lookup(labels, doses),
+            REGISTRY_KEYS.PERT_KEY: Lookup(torch.arange(max(len(conditions), 1)), codes),
+            REGISTRY_KEYS.COVARIATES_KEY: self._covariate_lookup(adata),
         }
+        del codes
         if self.module.counts and self.module.likelihood != "gaussian":
             tensors[LOG_X_FACTORIAL_KEY] = torch.as_tensor(_log_factorial_sums(X), dtype=torch.float32)
         if self.protein_names_:

@@ -15,8 +15,9 @@ from vcell._constants import CONTROL, DOSE_COL, PERT_COL, REGISTRY_KEYS
 from vcell._docs import doc_checkpoint_path, doc_params
 from vcell._settings import logger
 from vcell._utils import check_dose, resolve_seed
-from vcell.data import CellBatches, RowReader
+from vcell.data import CellBatches, Lookup, RowReader, control_mask
 from vcell.data._datamodule import PooledPairs
+from vcell.data._loader import index_dtype
 from vcell.module import CellJEPAModule, JEPAModule, LatentTransitionModule, cosine_error, retrieval_ranks
 from vcell.module._causal_vae import EXTRA_NODES_KEY
 from vcell.module._jepa import ENCODERS, MASK_KEY, OBJECTIVES, PROTEIN_LOG_KEY, SOURCE_Z_KEY, TARGET_Z_KEY
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 POLICIES = ("random", "coexpression")
 #: cells used to cluster genes by co-expression (a seeded subsample beyond)
 _COEXPRESSION_MAX_CELLS = 20_000
+#: rows of random numbers drawn at a time for the validation masks
+_MASK_ROWS = 65_536
 
 
 def _cell_batches(
@@ -61,6 +64,34 @@ def _cell_batches(
     return CellBatches(
         fields, PooledPairs(idx, pairs), source_fields={SOURCE_Z_KEY: TARGET_Z_KEY}, n_items=n_items, **opts
     )
+
+
+def _validation_masks(jepa: JEPAModule, n_obs: int, val_idx: np.ndarray, seed: int, proteins: bool) -> Lookup:
+    """The fixed token masks of the validation cells ``val_idx``, as a :class:`vcell.data.Lookup` by cell.
+
+    Each cell's mask hides ``round(mask_ratio * n_modules)`` module tokens (at least 1, at most all but 1), drawn from
+    one ``torch.rand(n_obs, n_modules)`` seeded by ``seed`` (then ``torch.rand(n_obs, 1)`` for the protein token),
+    drawn in row blocks: the same numbers as one draw of every cell (torch's CPU generator fills them in order), with
+    only the validation cells' masks kept (the others' cells hold code 0 and are never read).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k = min(max(round(jepa.mask_ratio * jepa.n_modules), 1), jepa.n_modules - 1)
+    cells = np.sort(np.asarray(val_idx, dtype=np.int64))  # the rows of the masks, in cell order
+
+    def kept(width: int) -> list[torch.Tensor]:  # the next torch.rand(n_obs, width), block by block, cells' rows
+        out = []
+        for start in range(0, n_obs, _MASK_ROWS):
+            stop = min(start + _MASK_ROWS, n_obs)
+            rows = cells[np.searchsorted(cells, start) : np.searchsorted(cells, stop)] - start
+            out.append(torch.rand(stop - start, width, generator=gen)[torch.as_tensor(rows)])
+        return out
+
+    masks = torch.cat([draw.argsort(dim=1) < k for draw in kept(jepa.n_modules)])
+    if proteins:
+        masks = torch.cat([masks, torch.cat(kept(1)) < jepa.mask_ratio], dim=1)
+    codes = np.zeros(n_obs, dtype=index_dtype(max(len(cells), 1)))
+    codes[cells] = np.arange(len(cells))
+    return Lookup(masks, codes)
 
 
 def _history(plan: Any) -> dict[str, pd.DataFrame]:
@@ -391,11 +422,15 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         Rows are read by ``reader`` (by default from ``adata``'s matrix); only the embeddings are kept.
         """
         reader = model_reader(self, adata) if reader is None else reader
-        parts = [
-            self._embed(reader(chunk), batch_size, proteins=self._cell_proteins(adata, chunk))
-            for chunk in row_blocks(idx, batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.module.jepa.n_latent), dtype=np.float32)
+        # written into one array allocated up front: no list of parts and concatenated copy (2x the embeddings)
+        out = np.empty((len(idx), self.module.jepa.n_latent), dtype=np.float32)
+        start = 0
+        for chunk in row_blocks(idx, batch_size):
+            out[start : start + len(chunk)] = self._embed(
+                reader(chunk), batch_size, proteins=self._cell_proteins(adata, chunk)
+            )
+            start += len(chunk)
+        return out
 
     def _embed(self, X: np.ndarray, batch_size: int = 4096, *, proteins: np.ndarray | None = None) -> np.ndarray:
         jepa = self.module.jepa.eval()
@@ -515,12 +550,10 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         train_dl = _cell_batches(cells, train_idx, batch_size=batch_size, seed=seed, shuffle=shuffle)
         val_dl = None
         if len(val_idx) >= 2:
-            gen = torch.Generator().manual_seed(seed)
-            k = min(max(round(jepa.mask_ratio * jepa.n_modules), 1), jepa.n_modules - 1)
-            masks = torch.rand(adata.n_obs, jepa.n_modules, generator=gen).argsort(dim=1) < k
-            if self.protein_names_:
-                masks = torch.cat([masks, torch.rand(adata.n_obs, 1, generator=gen) < jepa.mask_ratio], dim=1)
-            tensors = {**cells, MASK_KEY: masks}
+            tensors = {
+                **cells,
+                MASK_KEY: _validation_masks(jepa, adata.n_obs, val_idx, seed, bool(self.protein_names_)),
+            }
             val_dl = _cell_batches(tensors, val_idx, batch_size=max(batch_size, 1024), seed=seed, fixed=True)
         plan = TrainingPlan(jepa, lr=lr, weight_decay=weight_decay, monitor="val_loss")
         fit(
@@ -650,8 +683,8 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
                     trans.protein_decoder[-1].bias.copy_(self.module.jepa.protein_mean)
         adata = self.adata
         train_idx, val_idx = self._split(adata, validation_fraction, seed)
-        labels = adata.obs[PERT_COL].astype(str).to_numpy()
-        controls = train_idx[labels[train_idx] == CONTROL]
+        is_control = control_mask(adata)  # one byte per cell (no label string per cell kept while training)
+        controls = train_idx[is_control[train_idx]]
         if not controls.size:
             msg = f"CellJEPA needs control cells (obs[{PERT_COL!r}] == {CONTROL!r}) among the training cells"
             raise ValueError(msg)
@@ -668,25 +701,27 @@ class CellJEPA(PerturbationInputs, PerturbationModel):
         tensors = {
             TARGET_Z_KEY: z,
             REGISTRY_KEYS.X_KEY: reader,
-            REGISTRY_KEYS.PERT_ENCODING_KEY: torch.as_tensor(self._encode(labels, doses)),
-            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, all_idx)),
+            REGISTRY_KEYS.PERT_ENCODING_KEY: self._condition_lookup(adata.obs[PERT_COL], doses),
+            REGISTRY_KEYS.COVARIATES_KEY: self._covariate_lookup(adata),
         }
         if P is not None:
             tensors[PROTEIN_LOG_KEY] = torch.as_tensor(P)
-        ctx = self._contexts(adata)
+        # each cell's context as a code of its sorted label (the order of np.unique of the labels)
+        names, ctx = np.unique(self._contexts(adata), return_inverse=True)
+        ctx = ctx.reshape(-1).astype(index_dtype(max(len(names), 1)))
 
         def pairs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-            target = idx[labels[idx] != CONTROL]
+            target = idx[~is_control[idx]]
             out, lacking = [], set()
             for c in np.unique(ctx[target]):
                 pool = controls[ctx[controls] == c]
                 if not pool.size:
-                    lacking.add(str(c))
+                    lacking.add(str(names[c]))
                     pool = controls
                 out.append((target[ctx[target] == c], pool))
             if lacking:
                 logger.warning("CellJEPA: no control cells in context(s) %s; they use all controls", sorted(lacking))
-            return idx[labels[idx] == CONTROL], out
+            return idx[is_control[idx]], out
 
         t_ident, t_pairs = pairs(train_idx)
         train_dl = _cell_batches(tensors, t_ident, batch_size=batch_size, seed=seed, pairs=t_pairs, shuffle=shuffle)

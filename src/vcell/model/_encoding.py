@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
+    from vcell.data import Lookup
+
 
 def _edge_frame(spec: Any, what: str, weight: str, *, accepted: str, fmt: str) -> pd.DataFrame:
     """``source``, ``target`` (str) and ``weight`` (float64, default 1) columns of an edge table or dict of columns.
@@ -99,6 +101,52 @@ class PerturbationInputs:
                 raise KeyError(msg)
             out[:, k] = codes
         return out
+
+    def _covariate_lookup(self, adata: AnnData) -> Lookup:
+        """:meth:`_covariate_codes` of every cell as a :class:`vcell.data.Lookup` of the distinct rows of codes.
+
+        The same rows (int64) as ``_covariate_codes(adata, np.arange(adata.n_obs))``, held as the distinct
+        combinations and a code per cell (one byte per cell for up to 128 combinations instead of 8 bytes per
+        covariate).
+        """
+        import torch
+
+        from vcell.data import Lookup
+
+        codes = self._covariate_codes(adata, np.arange(adata.n_obs))
+        if not codes.shape[1]:  # no covariates: one empty row shared by every cell
+            return Lookup(torch.as_tensor(np.zeros((1, 0), dtype=np.int64)), np.zeros(adata.n_obs, dtype=np.int8))
+        table, inverse = np.unique(codes, axis=0, return_inverse=True)
+        return Lookup(torch.as_tensor(table), inverse.reshape(-1))
+
+    def _condition_lookup(self, labels: Any, doses: np.ndarray | float) -> Lookup:
+        """Encodings of every cell's (label, dose) as a :class:`vcell.data.Lookup` of the distinct ones.
+
+        The same values as ``_encode(labels, doses)`` row for row, held as the distinct rows and a code per cell
+        (a dense cells x perturbations matrix grows with both: 1M cells x 100 perturbations is 0.4 GB). ``labels``:
+        one per cell, an array or a categorical Series (then read through its codes, no string per cell).
+        """
+        import torch
+
+        from vcell.data import Lookup
+
+        if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
+            label_codes = labels.cat.codes.to_numpy()
+            label_values = np.asarray([str(c) for c in labels.cat.categories], dtype=object)
+            if label_codes.size and label_codes.min() < 0:  # a missing label: as its text, like astype(str)
+                label_codes, label_values = pd.factorize(labels.astype(str).to_numpy(), use_na_sentinel=False)
+        else:
+            label_codes, label_values = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
+        doses = np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(label_codes),))
+        dose_codes, dose_values = pd.factorize(doses, use_na_sentinel=False)
+        pair = label_codes.astype(np.int64) * len(dose_values) + dose_codes
+        distinct, codes = np.unique(pair, return_inverse=True)
+        del pair, dose_codes
+        table = self._encode(
+            np.asarray(label_values, dtype=object)[distinct // len(dose_values)],
+            np.asarray(dose_values, dtype=np.float32)[distinct % len(dose_values)],
+        )
+        return Lookup(torch.as_tensor(table), codes.reshape(-1))
 
     def _embedding_table(self, adata: AnnData | None, spec: str | pd.DataFrame | None) -> pd.DataFrame | None:
         if spec is None:

@@ -399,27 +399,11 @@ class FlowMatching(PerturbationInputs, PerturbationModel):
         tensors = {
             TARGET_KEY: z,
             REGISTRY_KEYS.PERT_ENCODING_KEY: self._condition_lookup(labels, doses),
-            REGISTRY_KEYS.COVARIATES_KEY: torch.as_tensor(self._covariate_codes(adata, idx)),
+            REGISTRY_KEYS.COVARIATES_KEY: self._covariate_lookup(adata),
         }
         if self.time_key is not None:
             tensors[TIME_COVARIATE_KEY] = torch.as_tensor(self._times(adata), dtype=torch.float32)
         return tensors
-
-    def _condition_lookup(self, labels: np.ndarray, doses: np.ndarray | float) -> Lookup:
-        """Encodings of every cell's (label, dose) as a :class:`vcell.data.Lookup` of the distinct ones.
-
-        The same values as ``_encode(labels, doses)`` row for row, held as the distinct rows and a code per cell
-        (a dense cells x perturbations matrix grows with both: 1M cells x 100 perturbations is 0.4 GB).
-        """
-        doses = np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(labels),))
-        label_codes, label_values = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
-        dose_codes, dose_values = pd.factorize(doses, use_na_sentinel=False)
-        distinct, codes = np.unique(label_codes * len(dose_values) + dose_codes, return_inverse=True)
-        table = self._encode(
-            np.asarray(label_values, dtype=object)[distinct // len(dose_values)],
-            np.asarray(dose_values, dtype=np.float32)[distinct % len(dose_values)],
-        )
-        return Lookup(torch.as_tensor(table), codes.reshape(-1))
 
     def _groups(
         self, adata: AnnData, idx: np.ndarray, controls: np.ndarray

@@ -592,7 +592,7 @@ class ResidualDiffusion(PerturbationModel):
         """
         import lightning
 
-        from vcell.data import CellBatches
+        from vcell.data import CellBatches, Lookup
         from vcell.train import TrainingPlan, fit
 
         self._check_train(
@@ -705,11 +705,15 @@ class ResidualDiffusion(PerturbationModel):
         coords = self._fit_residuals(blocks(), Rp, group_of, Z, Y, keep)
         self.tail_context_ = ctx[keep].astype(str)
         self._fit_conditions(M)
-        cond = self._project_condition(M)[present][group_of]
+        cond = self._project_condition(M)[present]  # one row per condition group
         if partner is not None:
-            cond = np.concatenate([cond, coords[partner]], axis=1)
+            cond = torch.as_tensor(np.concatenate([cond[group_of], coords[partner]], axis=1))
+        else:  # the group's row for every cell: its distinct rows and a code per cell
+            cond = Lookup(torch.as_tensor(cond), group_of)
+        # per-cell setup arrays not needed while training (a few hundred bytes per cell at most)
+        del pert, dose, ctx, is_ctrl, partner, ctrl_of, groups, fit_rows
 
-        tensors = {RESIDUAL_KEY: torch.as_tensor(coords, dtype=torch.float32), CONDITION_KEY: torch.as_tensor(cond)}
+        tensors = {RESIDUAL_KEY: torch.as_tensor(coords, dtype=torch.float32), CONDITION_KEY: cond}
         order = rng.permutation(len(cells))
         n_val = int(round(validation_fraction * len(cells))) if len(cells) >= 20 else 0
         train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
@@ -860,7 +864,8 @@ class ResidualDiffusion(PerturbationModel):
             tail[lo:hi] = R[keep[lo:hi] - start]
         if pca:
             self.coord_scale_ = np.maximum(Y.std(0), 1e-6)
-            coords = Y / self.coord_scale_
+            Y /= self.coord_scale_  # in place: the same values as Y / scale, without a second float64 copy
+            coords = Y
         self.tail_ = tail
         self.tail_std_ = np.sqrt(t_moments.var()).astype(np.float32)
         self.residual_variance_explained_ = float(1.0 - t_moments.var().sum() / max(r_moments.var().sum(), 1e-12))
