@@ -61,12 +61,12 @@ def _traced(fn) -> tuple[int, int, object]:
 
 
 def test_causal_vae_training_state_is_a_few_bytes_per_cell(tmp_path, monkeypatch):
-    """Setup, model and training tensors of 4N vs N backed cells: < 100 bytes more held per cell, < 200 at the peak.
+    """Setup, model and training tensors of 4N vs N backed cells: < 160 bytes more held per cell, < 200 at the peak.
 
     Measured here (20 genes, 60 perturbations, row blocks of 256 cells as 2,000 genes have by default): about 60
-    bytes per cell held (the obs columns harmonize writes, pandas' hash table of the cell names that scvi-tools'
-    registration builds, anndata's row pointers, 3 one-byte codes), 130 at the peak; before, 310 held (the dense
-    encodings alone: 60 x 4 bytes per cell).
+    bytes per cell held on pandas 2 and 117 on pandas 3 (the obs columns harmonize writes, pandas' hash table of the
+    cell names that scvi-tools' registration builds, anndata's row pointers, 3 one-byte codes), 130 at the peak;
+    before, 310 held (the dense encodings alone: 60 x 4 bytes per cell), which the bound still catches.
     """
     monkeypatch.setattr(vcell.settings, "chunk_elements", 20 * 256)  # blocks bounded as at 2,000 genes
 
@@ -81,7 +81,7 @@ def test_causal_vae_training_state_is_a_few_bytes_per_cell(tmp_path, monkeypatch
     held_s, peak_s, _ = _traced(lambda: state(data[0]))
     held_l, peak_l, (model, tensors) = _traced(lambda: state(data[1]))
     held, peak = (held_l - held_s) / (large - small), (peak_l - peak_s) / (large - small)
-    assert held < 100, f"{held:.0f} bytes per cell held by setup + model + training tensors"
+    assert held < 160, f"{held:.0f} bytes per cell held by setup + model + training tensors"
     assert peak < 200, f"{peak:.0f} bytes per cell at the peak of setup + model + training tensors"
     # the fields are the values of the dense ones they replace
     adata = model.adata
