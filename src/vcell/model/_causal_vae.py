@@ -29,7 +29,7 @@ from vcell.train._callbacks import CounterfactualValidation
 
 from ._adapt import AdaptMixin
 from ._base import Capabilities, PerturbationModel, check_hyperparameters, check_options, sample_obs
-from ._encoding import PerturbationInputs, _as_anndata, _edge_frame
+from ._encoding import PerturbationInputs, _as_anndata, _edge_frame, label_codes_of
 from ._protein import with_sampled_proteins
 from ._rows import join_rows
 
@@ -453,11 +453,8 @@ class CausalVAE(AdaptMixin, PerturbationInputs, PerturbationModel):
         labels = adata.obs[PERT_COL]
         doses = adata.obs[DOSE_COL].to_numpy(dtype=np.float32) if DOSE_COL in adata.obs else 1.0
         conditions = self._conditions()
-        if isinstance(labels.dtype, pd.CategoricalDtype) and not labels.isna().any():  # codes of the categories
-            lookup = pd.Index(conditions).get_indexer([str(c) for c in labels.cat.categories])
-            codes = lookup[labels.cat.codes.to_numpy()] if len(lookup) else np.zeros(len(labels), dtype=np.int64)
-        else:
-            codes = pd.Index(conditions).get_indexer(labels.astype(str).to_numpy())
+        label_codes, label_values = label_codes_of(labels)  # a categorical's codes: no string per cell
+        codes = pd.Index(conditions).get_indexer(label_values)[label_codes]
         if codes.size and codes.min() < 0:
             unknown = sorted(set(labels.astype(str).to_numpy()[codes < 0]))[:5]
             msg = f"obs[{PERT_COL!r}] holds conditions that were not registered: {unknown}; run setup_anndata again"

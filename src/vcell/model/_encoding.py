@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from vcell.data import Lookup
 
 
+def label_codes_of(labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, values)`` of per-cell labels: ``values[codes[i]]`` is cell ``i``'s label as text.
+
+    A categorical Series is read through its codes (no string per cell); any other Series, and a categorical one
+    with a missing value, is factorised as ``astype(str)`` writes it; an array or list as it is.
+    """
+    if isinstance(labels, pd.Series):
+        if isinstance(labels.dtype, pd.CategoricalDtype):
+            codes = labels.cat.codes.to_numpy()
+            if not (codes.size and codes.min() < 0):
+                return codes, np.asarray([str(c) for c in labels.cat.categories], dtype=object)
+        labels = labels.astype(str).to_numpy()
+    return pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
+
+
 def _edge_frame(spec: Any, what: str, weight: str, *, accepted: str, fmt: str) -> pd.DataFrame:
     """``source``, ``target`` (str) and ``weight`` (float64, default 1) columns of an edge table or dict of columns.
 
@@ -130,13 +145,7 @@ class PerturbationInputs:
 
         from vcell.data import Lookup
 
-        if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
-            label_codes = labels.cat.codes.to_numpy()
-            label_values = np.asarray([str(c) for c in labels.cat.categories], dtype=object)
-            if label_codes.size and label_codes.min() < 0:  # a missing label: as its text, like astype(str)
-                label_codes, label_values = pd.factorize(labels.astype(str).to_numpy(), use_na_sentinel=False)
-        else:
-            label_codes, label_values = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
+        label_codes, label_values = label_codes_of(labels)
         doses = np.broadcast_to(np.asarray(doses, dtype=np.float32), (len(label_codes),))
         dose_codes, dose_values = pd.factorize(doses, use_na_sentinel=False)
         pair = label_codes.astype(np.int64) * len(dose_values) + dose_codes
